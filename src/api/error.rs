@@ -1,0 +1,105 @@
+//! One error shape for every response: `{"error": {"code", "message"}}`.
+//!
+//! Operations return [`ApiError`]; errors raised by poem itself (bad
+//! parameters, missing token, unknown route) are turned into the same shape
+//! by [`to_json_error`], installed around the whole app.
+
+use poem::http::StatusCode;
+use poem::{IntoResponse, Response};
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, Object};
+
+use crate::store::StoreError;
+
+/// What went wrong, for people and programs.
+#[derive(Object, Debug, Clone)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable: `not_found`, `bad_request`, `unauthorized`, …
+    pub code: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+/// The body of every error response.
+#[derive(Object, Debug, Clone)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+impl ErrorBody {
+    pub fn new(code: &str, message: impl Into<String>) -> Json<Self> {
+        Json(Self {
+            error: ErrorDetail {
+                code: code.to_owned(),
+                message: message.into(),
+            },
+        })
+    }
+}
+
+/// Errors an admin operation may answer with.
+#[derive(ApiResponse, Debug)]
+pub enum ApiError {
+    /// A parameter is malformed.
+    #[oai(status = 400)]
+    BadRequest(Json<ErrorBody>),
+    /// The admin token is missing or wrong.
+    #[oai(status = 401)]
+    Unauthorized(Json<ErrorBody>),
+    /// No such object.
+    #[oai(status = 404)]
+    NotFound(Json<ErrorBody>),
+    /// The database is unreachable; retry later.
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>),
+}
+
+impl ApiError {
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::BadRequest(ErrorBody::new("bad_request", message))
+    }
+
+    pub fn not_found(what: &str, id: &str) -> Self {
+        Self::NotFound(ErrorBody::new(
+            "not_found",
+            format!("no {what} with id `{id}`"),
+        ))
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        tracing::error!(error = %e, "admin API store error");
+        Self::Unavailable(ErrorBody::new(
+            "store_unavailable",
+            "the database could not be read; retry later",
+        ))
+    }
+}
+
+/// Turns any poem error into the common JSON shape.
+pub async fn to_json_error(err: poem::Error) -> Response {
+    let status = err.status();
+    let (code, message) = match status {
+        StatusCode::UNAUTHORIZED => (
+            "unauthorized",
+            "missing or wrong admin token: send `Authorization: Bearer <token>` with the value of \
+             SWITCHBOARD_ADMIN_TOKEN (printed at startup when it is generated)"
+                .to_owned(),
+        ),
+        StatusCode::NOT_FOUND => ("not_found", "no such route".to_owned()),
+        StatusCode::METHOD_NOT_ALLOWED => ("method_not_allowed", err.to_string()),
+        StatusCode::BAD_REQUEST => ("bad_request", err.to_string()),
+        StatusCode::PAYLOAD_TOO_LARGE => ("payload_too_large", err.to_string()),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ("unsupported_media_type", err.to_string()),
+        s if s.is_server_error() => {
+            tracing::error!(error = %err, "request failed");
+            (
+                "internal_error",
+                "internal error; see the server log".to_owned(),
+            )
+        }
+        _ => ("error", err.to_string()),
+    };
+    (status, ErrorBody::new(code, message)).into_response()
+}

@@ -1,0 +1,210 @@
+//! The command line: `serve`, `migrate`, `sign`, `openapi`, `rebuild-projections`.
+//! Every option can also be given as an environment variable (shown in `--help`).
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{DEFAULT_DATABASE_URL, DEFAULT_LISTEN, Settings};
+use crate::webhook::signature::{self, SignedParts, SigningKeys};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "switchboard",
+    version,
+    about = "Self-hosted backend for Operator agent webhooks: verifies every delivery, stores it once, runs your workflows.",
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the webhook receiver, the admin API and the workers (applies pending migrations first).
+    Serve(ServeArgs),
+    /// Apply pending database migrations and exit.
+    Migrate(DatabaseArgs),
+    /// Print the three Operator headers (or a curl command) for a body file, to try the endpoint by hand.
+    Sign(SignArgs),
+    /// Print the admin API's OpenAPI spec (JSON) on stdout.
+    Openapi,
+    /// Refold the conversation projections from the event log.
+    RebuildProjections(DatabaseArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DatabaseArgs {
+    /// Where events are stored: sqlite://FILE (created if missing) or postgres://USER@HOST/DB.
+    #[arg(long, env = "SWITCHBOARD_DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
+    pub database_url: String,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+
+    /// Address to listen on.
+    #[arg(long, env = "SWITCHBOARD_LISTEN", default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+
+    /// The webhook URL exactly as registered in Operator's dashboard (it is part of what is signed).
+    /// Unset: rebuilt from each request's scheme and host (X-Forwarded-Proto/Host honoured) and path.
+    #[arg(long, env = "SWITCHBOARD_PUBLIC_URL")]
+    pub public_url: Option<String>,
+
+    /// Operator's webhook signing key (Developers → Webhooks); several, comma-separated, during rotation.
+    #[arg(long, env = "SWITCHBOARD_SIGNING_KEYS", hide_env_values = true)]
+    pub signing_keys: Option<String>,
+
+    /// Bearer token for /api/v1. Unset: a random one is generated and printed once at startup.
+    #[arg(long, env = "SWITCHBOARD_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// Directory of workflow YAML files.
+    #[arg(long, env = "SWITCHBOARD_WORKFLOWS", default_value = "./workflows")]
+    pub workflows: PathBuf,
+
+    /// How far X-Timestamp may be in the past or the future (e.g. 30s, 2m).
+    #[arg(long, env = "SWITCHBOARD_TIMESTAMP_TOLERANCE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub timestamp_tolerance: Duration,
+
+    /// Largest webhook body accepted, in bytes (larger: 413).
+    #[arg(long, env = "SWITCHBOARD_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// On SIGTERM, how long in-flight requests may take before the process exits.
+    #[arg(long, env = "SWITCHBOARD_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SignArgs {
+    /// The body file to sign, byte for byte ("-" reads stdin).
+    pub file: PathBuf,
+
+    /// Signing key (the first of SWITCHBOARD_SIGNING_KEYS is used).
+    #[arg(long, env = "SWITCHBOARD_SIGNING_KEYS", hide_env_values = true)]
+    pub key: Option<String>,
+
+    /// The URL to sign: the webhook URL as registered in Operator.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_PUBLIC_URL",
+        default_value = "http://127.0.0.1:8080/webhooks/operator"
+    )]
+    pub url: String,
+
+    /// X-Idempotency-Key to use (default: a new random UUID).
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+
+    /// X-Timestamp to use, Unix seconds (default: now).
+    #[arg(long)]
+    pub timestamp: Option<i64>,
+
+    /// Print a complete curl command instead of the three headers.
+    #[arg(long)]
+    pub curl: bool,
+}
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Migrate(args) => migrate(&args).await,
+        Command::Sign(args) => sign(&args),
+        Command::Openapi => {
+            println!("{}", crate::api::spec_json());
+            Ok(())
+        }
+        Command::RebuildProjections(args) => rebuild(&args).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let settings = Settings::from_args(args)?;
+    let app = crate::startup::Application::build(settings).await?;
+    app.run_until_stopped().await
+}
+
+async fn migrate(args: &DatabaseArgs) -> anyhow::Result<()> {
+    let store = crate::store::connect(&args.database_url).await?;
+    store.migrate().await?;
+    println!(
+        "migrations applied to {}",
+        crate::store::redact_url(&args.database_url)
+    );
+    Ok(())
+}
+
+async fn rebuild(args: &DatabaseArgs) -> anyhow::Result<()> {
+    let store = crate::store::connect(&args.database_url).await?;
+    store.migrate().await?;
+    let n = store.rebuild_projections().await?;
+    println!("projections rebuilt from {n} events");
+    Ok(())
+}
+
+fn sign(args: &SignArgs) -> anyhow::Result<()> {
+    let keys = args
+        .key
+        .as_deref()
+        .and_then(SigningKeys::parse)
+        .ok_or_else(|| {
+            anyhow::anyhow!("no signing key: pass --key or set SWITCHBOARD_SIGNING_KEYS")
+        })?;
+    let body = if args.file.as_os_str() == "-" {
+        let mut buf = Vec::new();
+        std::io::stdin().read_to_end(&mut buf)?;
+        buf
+    } else {
+        std::fs::read(&args.file)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", args.file.display()))?
+    };
+    let timestamp = args
+        .timestamp
+        .unwrap_or_else(|| chrono::Utc::now().timestamp())
+        .to_string();
+    let idempotency_key = args
+        .idempotency_key
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let parts = SignedParts {
+        url: &args.url,
+        idempotency_key: &idempotency_key,
+        timestamp: &timestamp,
+        body: &body,
+    };
+    let sig = signature::sign(keys.primary(), &parts);
+    if args.curl {
+        let file = if args.file.as_os_str() == "-" {
+            "-".to_owned()
+        } else {
+            args.file.display().to_string()
+        };
+        println!(
+            "curl -sS -X POST '{}' -H 'Content-Type: application/json' -H 'X-Timestamp: {timestamp}' \
+             -H 'X-Idempotency-Key: {idempotency_key}' -H 'X-Signature: {sig}' --data-binary @'{file}'",
+            args.url
+        );
+    } else {
+        println!("X-Timestamp: {timestamp}");
+        println!("X-Idempotency-Key: {idempotency_key}");
+        println!("X-Signature: {sig}");
+    }
+    Ok(())
+}

@@ -1,0 +1,175 @@
+//! Wiring: opens the store, applies migrations, starts the appender, builds
+//! the routes and binds the listener. Tests build an [`Application`] on port 0
+//! exactly as `switchboard serve` does.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use poem::listener::{Acceptor, Listener, TcpAcceptor, TcpListener};
+use poem::middleware::{AddData, Tracing};
+use poem::{Endpoint, EndpointExt, Route, Server, post};
+
+use crate::api::{self, AdminToken};
+use crate::config::Settings;
+use crate::store::appender::Appender;
+use crate::store::{self, EventStore};
+use crate::webhook::ingest::{self, IngestState, WEBHOOK_PATH};
+use crate::workflow::WorkflowSet;
+
+/// A bound, ready-to-run server.
+pub struct Application {
+    acceptor: TcpAcceptor,
+    local_addr: SocketAddr,
+    app: poem::endpoint::BoxEndpoint<'static>,
+    settings: Settings,
+    store: Arc<dyn EventStore>,
+}
+
+/// All routes: the webhook, the admin API with its docs, the health probes.
+pub fn routes(
+    store: Arc<dyn EventStore>,
+    ingest: Arc<IngestState>,
+    admin_token: AdminToken,
+) -> impl Endpoint<Output = poem::Response> {
+    let service = api::service();
+    let docs = service.swagger_ui();
+    let spec = service.spec_endpoint();
+    Route::new()
+        .at(
+            WEBHOOK_PATH,
+            post(ingest::receive).with(AddData::new(ingest)),
+        )
+        .nest("/docs", docs)
+        .at("/openapi.json", spec)
+        .nest("/", service)
+        .with(AddData::new(store))
+        .with(AddData::new(admin_token))
+        .with(Tracing)
+        .catch_all_error(api::error::to_json_error)
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let store = store::connect(&settings.database_url)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot open the database {}",
+                    store::redact_url(&settings.database_url)
+                )
+            })?;
+        store
+            .migrate()
+            .await
+            .context("cannot apply database migrations")?;
+        let workflows = WorkflowSet::load(&settings.workflows_dir)?;
+        tracing::info!(
+            dir = %workflows.dir.display(),
+            files = workflows.files.len(),
+            "workflow files found"
+        );
+        let appender = Appender::spawn(store.clone());
+        let ingest = Arc::new(IngestState {
+            keys: settings.signing_keys.clone(),
+            public_url: settings.public_url.clone(),
+            tolerance: settings.tolerance,
+            max_body_bytes: settings.max_body_bytes,
+            appender,
+        });
+        let acceptor = TcpListener::bind(settings.listen)
+            .into_acceptor()
+            .await
+            .with_context(|| format!("cannot listen on {}", settings.listen))?;
+        let local_addr = acceptor
+            .local_addr()
+            .first()
+            .and_then(|a| a.as_socket_addr().copied())
+            .context("listener has no address")?;
+        let app = routes(store.clone(), ingest, settings.admin_token.clone()).boxed();
+        Ok(Self {
+            acceptor,
+            local_addr,
+            app,
+            settings,
+            store,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn store(&self) -> Arc<dyn EventStore> {
+        self.store.clone()
+    }
+
+    /// Serves until SIGINT/SIGTERM, then lets in-flight requests finish within the grace period.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        self.announce();
+        Server::new_with_acceptor(self.acceptor)
+            .run_with_graceful_shutdown(
+                self.app,
+                shutdown_signal(),
+                Some(self.settings.shutdown_grace),
+            )
+            .await?;
+        tracing::info!("stopped");
+        Ok(())
+    }
+
+    /// Serves until the future is dropped (tests).
+    pub async fn run(self) -> std::io::Result<()> {
+        Server::new_with_acceptor(self.acceptor).run(self.app).await
+    }
+
+    fn announce(&self) {
+        let s = &self.settings;
+        tracing::info!(
+            listen = %self.local_addr,
+            database = %store::redact_url(&s.database_url),
+            backend = self.store.backend().name(),
+            signing_keys = s.signing_keys.len(),
+            "switchboard {} listening; webhooks at http://{}{WEBHOOK_PATH}",
+            env!("CARGO_PKG_VERSION"),
+            self.local_addr,
+        );
+        match &s.public_url {
+            Some(url) => {
+                tracing::info!(signed_url = %url, "verifying signatures against SWITCHBOARD_PUBLIC_URL")
+            }
+            None => tracing::info!(
+                "SWITCHBOARD_PUBLIC_URL is not set: verifying signatures against the URL each request arrived at \
+                 (scheme and host from X-Forwarded-Proto/X-Forwarded-Host when present, plus the path); \
+                 set it to the URL registered in Operator when behind a proxy"
+            ),
+        }
+        if s.admin_token_generated {
+            // Printed once, on stderr, outside the log pipeline: this is the only place it appears.
+            eprintln!(
+                "\nSWITCHBOARD_ADMIN_TOKEN was not set; generated admin token for this run:\n\n    {}\n\n\
+                 Use it as `Authorization: Bearer <token>` for /api/v1 and in the /docs Authorize dialog.\n\
+                 Set SWITCHBOARD_ADMIN_TOKEN to keep one across restarts.\n",
+                s.admin_token.expose()
+            );
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+    tracing::info!("shutdown requested; finishing in-flight requests");
+}

@@ -1,0 +1,80 @@
+//! Group commit: one task owns all appends of this process and writes
+//! whatever deliveries are waiting as one transaction, so concurrent
+//! webhooks share one commit (one fsync) while each is acknowledged only
+//! after that commit.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::{AppendOutcome, EventStore, NewEvent, StoreError};
+
+/// Most deliveries written in one transaction.
+pub const MAX_BATCH: usize = 256;
+
+type Reply = oneshot::Sender<Result<AppendOutcome, StoreError>>;
+
+/// A handle to the append task; cheap to clone.
+#[derive(Clone)]
+pub struct Appender {
+    tx: mpsc::Sender<(NewEvent, Reply)>,
+}
+
+impl Appender {
+    /// Starts the append task on the current runtime. It ends when every handle is dropped.
+    pub fn spawn(store: Arc<dyn EventStore>) -> Self {
+        let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
+        tokio::spawn(run(store, rx));
+        Self { tx }
+    }
+
+    /// Appends one delivery; returns once it is durably committed (or refused as a duplicate).
+    pub async fn append(&self, event: NewEvent) -> Result<AppendOutcome, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send((event, reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+async fn run(store: Arc<dyn EventStore>, mut rx: mpsc::Receiver<(NewEvent, Reply)>) {
+    let mut events = Vec::with_capacity(MAX_BATCH);
+    let mut replies = Vec::with_capacity(MAX_BATCH);
+    while let Some((event, reply)) = rx.recv().await {
+        events.push(event);
+        replies.push(reply);
+        while events.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok((event, reply)) => {
+                    events.push(event);
+                    replies.push(reply);
+                }
+                Err(_) => break,
+            }
+        }
+        match store.append_batch(&events).await {
+            Ok(outcomes) => {
+                for (reply, outcome) in replies.drain(..).zip(outcomes) {
+                    let _ = reply.send(Ok(outcome));
+                }
+            }
+            Err(err) if events.len() == 1 => {
+                let _ = replies.pop().expect("one reply").send(Err(err));
+            }
+            Err(err) => {
+                // One bad delivery must not fail its neighbours: retry them one by one.
+                tracing::warn!(error = %err, batch = events.len(), "batch append failed; retrying one by one");
+                for (event, reply) in events.iter().zip(replies.drain(..)) {
+                    let result = store
+                        .append_batch(std::slice::from_ref(event))
+                        .await
+                        .map(|mut o| o.remove(0));
+                    let _ = reply.send(result);
+                }
+            }
+        }
+        events.clear();
+    }
+}

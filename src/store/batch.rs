@@ -1,0 +1,160 @@
+//! The part of an append that is the same on every database: deciding, for
+//! a batch, which deliveries are new and which repeat a stored (or an
+//! earlier, same-batch) delivery; numbering the new ones; and folding them
+//! into the conversation projections.
+
+use std::collections::HashMap;
+
+use super::model::{AppendOutcome, DuplicateOf, EventRef, NewEvent};
+use super::projection::ConversationState;
+
+/// Stored events that share an envelope id or a (recent) idempotency key with the batch.
+#[derive(Default)]
+pub(crate) struct Existing {
+    pub by_event_id: HashMap<String, EventRef>,
+    pub by_key: HashMap<String, EventRef>,
+}
+
+/// One event the batch will insert.
+pub(crate) struct Insert<'a> {
+    pub event: &'a NewEvent,
+    pub seq: i64,
+    pub stream_version: Option<i64>,
+}
+
+/// What to write for a batch.
+pub(crate) struct Plan<'a> {
+    pub inserts: Vec<Insert<'a>>,
+    pub outcomes: Vec<AppendOutcome>,
+    /// Projections touched by the batch, after applying it.
+    pub conversations: HashMap<String, ConversationState>,
+}
+
+/// Plans a batch. `last_seq` is the highest stored sequence; `conversations`
+/// holds the stored projections of the conversations in the batch.
+pub(crate) fn plan<'a>(
+    batch: &'a [NewEvent],
+    mut existing: Existing,
+    last_seq: i64,
+    mut conversations: HashMap<String, ConversationState>,
+) -> Plan<'a> {
+    let mut next_seq = last_seq + 1;
+    let mut inserts = Vec::new();
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for event in batch {
+        let key = event.idempotency_key.as_str();
+        let id = event.envelope.id.as_str();
+        if let Some(original) = existing.by_key.get(key) {
+            outcomes.push(AppendOutcome::Duplicate {
+                original: original.clone(),
+                of: DuplicateOf::IdempotencyKey,
+            });
+            continue;
+        }
+        if let Some(original) = existing.by_event_id.get(id) {
+            outcomes.push(AppendOutcome::Duplicate {
+                original: original.clone(),
+                of: DuplicateOf::EventId,
+            });
+            continue;
+        }
+        let seq = next_seq;
+        next_seq += 1;
+        let stream_version = event.envelope.conversation_id.as_ref().map(|conv| {
+            let state = conversations
+                .entry(conv.to_string())
+                .or_insert_with(|| ConversationState::new(conv.as_str()));
+            state.apply(seq, &event.envelope, event.received_at);
+            state.event_count
+        });
+        let reference = EventRef {
+            seq,
+            event_id: id.to_owned(),
+            event_type: event.envelope.event_type.clone(),
+        };
+        existing.by_key.insert(key.to_owned(), reference.clone());
+        existing
+            .by_event_id
+            .insert(id.to_owned(), reference.clone());
+        outcomes.push(AppendOutcome::Appended {
+            event: reference,
+            stream_version,
+        });
+        inserts.push(Insert {
+            event,
+            seq,
+            stream_version,
+        });
+    }
+    conversations.retain(|_, state| state.last_seq > last_seq);
+    Plan {
+        inserts,
+        outcomes,
+        conversations,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::IdempotencyKey;
+    use crate::store::model::Verification;
+    use crate::webhook::envelope::Envelope;
+
+    fn new_event(id: &str, key: &str) -> NewEvent {
+        let body = format!(
+            r#"{{"id":"{id}","conversation_id":"conv_1","payload":{{"type":"conversation.ended","status":"completed"}}}}"#
+        );
+        NewEvent {
+            envelope: Envelope::parse(body.as_bytes()).unwrap(),
+            idempotency_key: IdempotencyKey::parse(key).unwrap(),
+            raw_body: body.into_bytes(),
+            verification: Verification {
+                signed_url: "u".into(),
+                timestamp: "1".into(),
+                signature: "s".into(),
+            },
+            received_at: chrono::Utc::now(),
+        }
+    }
+
+    #[test]
+    fn numbers_new_events_and_folds_duplicates_within_the_batch() {
+        let batch = vec![
+            new_event("ev_a", "k1"),
+            new_event("ev_a", "k1"), // same delivery, retried concurrently
+            new_event("ev_a", "k2"), // same event, new key
+            new_event("ev_b", "k3"),
+        ];
+        let plan = plan(&batch, Existing::default(), 41, HashMap::new());
+        assert_eq!(plan.inserts.len(), 2);
+        assert_eq!(plan.inserts[0].seq, 42);
+        assert_eq!(plan.inserts[1].seq, 43);
+        assert_eq!(plan.inserts[1].stream_version, Some(2));
+        assert!(matches!(
+            &plan.outcomes[1],
+            AppendOutcome::Duplicate { original, of: DuplicateOf::IdempotencyKey } if original.seq == 42
+        ));
+        assert!(matches!(
+            &plan.outcomes[2],
+            AppendOutcome::Duplicate { original, of: DuplicateOf::EventId } if original.seq == 42
+        ));
+        assert_eq!(plan.conversations["conv_1"].event_count, 2);
+    }
+
+    #[test]
+    fn stored_duplicates_write_nothing() {
+        let batch = vec![new_event("ev_a", "k1")];
+        let mut existing = Existing::default();
+        let stored = EventRef {
+            seq: 7,
+            event_id: "ev_a".into(),
+            event_type: "conversation.ended".into(),
+        };
+        existing.by_event_id.insert("ev_a".into(), stored.clone());
+        let plan = plan(&batch, existing, 9, HashMap::new());
+        assert!(plan.inserts.is_empty());
+        assert!(plan.conversations.is_empty());
+        assert_eq!(plan.outcomes[0].event(), &stored);
+    }
+}

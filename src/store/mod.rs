@@ -1,0 +1,154 @@
+//! The append-only event store: one trait, one implementation per database.
+//!
+//! Every verified delivery becomes one row in `events`, at the next place of
+//! a single global sequence (gap-free and in commit order, so a reader that
+//! pages by sequence never misses a row) and of its conversation's stream.
+//! The schema refuses UPDATE and DELETE on `events`. The `conversations`
+//! table is a projection ([`projection`]) maintained in the same transaction
+//! and rebuildable from the log.
+//!
+//! Writes go through the [`appender::Appender`], which batches concurrent
+//! deliveries into one transaction (group commit): one fsync acknowledges
+//! many webhooks without weakening durability.
+
+pub mod appender;
+mod batch;
+pub mod model;
+pub mod postgres;
+pub mod projection;
+mod sql;
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+pub use model::*;
+use projection::ConversationState;
+
+/// Which database backs the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("unsupported database URL `{0}`: use sqlite://PATH or postgres://USER@HOST/DB")]
+    UnsupportedUrl(String),
+    #[error("the store is shutting down")]
+    Closed,
+}
+
+/// The event log and its projections. Implemented by [`sqlite::SqliteStore`]
+/// and [`postgres::PostgresStore`]; both behave the same.
+#[async_trait]
+pub trait EventStore: Send + Sync + 'static {
+    fn backend(&self) -> Backend;
+
+    /// Applies pending schema migrations.
+    async fn migrate(&self) -> Result<(), StoreError>;
+
+    /// Appends a batch in one transaction, deduplicating by envelope id (forever)
+    /// and by idempotency key (within [`IDEMPOTENCY_WINDOW`]), also within the batch.
+    /// Returns one outcome per input, in order. All or nothing.
+    async fn append_batch(&self, batch: &[NewEvent]) -> Result<Vec<AppendOutcome>, StoreError>;
+
+    /// One event with its raw body, by envelope id.
+    async fn get_event(&self, event_id: &str) -> Result<Option<StoredEventWithBody>, StoreError>;
+
+    /// Events matching `query`, ordered by sequence.
+    async fn list_events(&self, query: &EventQuery) -> Result<Vec<StoredEvent>, StoreError>;
+
+    /// Raw bodies of one conversation's events, in log order, up to `as_of` (inclusive).
+    async fn conversation_log(
+        &self,
+        conversation_id: &str,
+        as_of: Option<i64>,
+    ) -> Result<Vec<StoredEventWithBody>, StoreError>;
+
+    /// The stored projection of one conversation.
+    async fn conversation(
+        &self,
+        conversation_id: &str,
+    ) -> Result<Option<ConversationState>, StoreError>;
+
+    /// Drops the projections and folds the whole log again. Returns the number of events read.
+    async fn rebuild_projections(&self) -> Result<u64, StoreError>;
+
+    /// Checks the database answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Opens the store a URL names: `sqlite://…` or `postgres://…` / `postgresql://…`.
+pub async fn connect(url: &str) -> Result<Arc<dyn EventStore>, StoreError> {
+    if url.starts_with("sqlite:") {
+        Ok(Arc::new(sqlite::SqliteStore::connect(url).await?))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(postgres::PostgresStore::connect(url).await?))
+    } else {
+        Err(StoreError::UnsupportedUrl(redact_url(url)))
+    }
+}
+
+/// The URL with any password replaced, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Folds a conversation's log, up to `as_of`, into its state.
+pub async fn conversation_as_of(
+    store: &dyn EventStore,
+    conversation_id: &str,
+    as_of: Option<i64>,
+) -> Result<Option<ConversationState>, StoreError> {
+    let log = store.conversation_log(conversation_id, as_of).await?;
+    if log.is_empty() {
+        return Ok(None);
+    }
+    let mut state = ConversationState::new(conversation_id);
+    for item in &log {
+        let envelope = crate::webhook::envelope::Envelope::parse(&item.raw_body)
+            .map_err(|e| StoreError::Corrupt(format!("event {}: {e}", item.event.event_id)))?;
+        state.apply(item.event.seq, &envelope, item.event.received_at);
+    }
+    Ok(Some(state))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redacts_passwords_only() {
+        assert_eq!(
+            super::redact_url("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(super::redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(super::redact_url("sqlite://x.db"), "sqlite://x.db");
+    }
+}

@@ -1,0 +1,119 @@
+//! The records the event store takes and gives back.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::domain::IdempotencyKey;
+use crate::webhook::envelope::Envelope;
+
+/// How long a repeated `X-Idempotency-Key` counts as a retry of the same
+/// delivery. Operator retries within 5 minutes and never reuses a key within
+/// 24 hours; the envelope `id` deduplicates forever.
+pub const IDEMPOTENCY_WINDOW: chrono::TimeDelta = chrono::TimeDelta::hours(24);
+
+/// The headers a delivery was verified with, kept as evidence.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Verification {
+    /// The URL the signature was checked against.
+    pub signed_url: String,
+    /// `X-Timestamp` as received.
+    pub timestamp: String,
+    /// `X-Signature` as received (a MAC, not a secret).
+    pub signature: String,
+}
+
+/// A verified delivery, ready to append.
+#[derive(Clone, Debug)]
+pub struct NewEvent {
+    pub envelope: Envelope,
+    pub idempotency_key: IdempotencyKey,
+    pub raw_body: Vec<u8>,
+    pub verification: Verification,
+    pub received_at: DateTime<Utc>,
+}
+
+/// A short reference to a stored event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventRef {
+    pub seq: i64,
+    pub event_id: String,
+    pub event_type: String,
+}
+
+/// What identified a delivery as already stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DuplicateOf {
+    IdempotencyKey,
+    EventId,
+}
+
+/// The result of appending one delivery.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AppendOutcome {
+    /// Stored now, at this place in the global log and in its conversation's stream.
+    Appended {
+        event: EventRef,
+        stream_version: Option<i64>,
+    },
+    /// Already stored: the original is returned, nothing was written.
+    Duplicate { original: EventRef, of: DuplicateOf },
+}
+
+impl AppendOutcome {
+    /// The event the delivery is (or was first) stored as.
+    pub fn event(&self) -> &EventRef {
+        match self {
+            AppendOutcome::Appended { event, .. } => event,
+            AppendOutcome::Duplicate { original, .. } => original,
+        }
+    }
+
+    pub fn is_duplicate(&self) -> bool {
+        matches!(self, AppendOutcome::Duplicate { .. })
+    }
+}
+
+/// One stored event, without its body.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredEvent {
+    pub seq: i64,
+    pub event_id: String,
+    pub idempotency_key: String,
+    pub event_type: String,
+    pub conversation_id: Option<String>,
+    pub stream_version: Option<i64>,
+    pub agent_id: Option<String>,
+    pub livemode: Option<bool>,
+    pub created_at: Option<String>,
+    pub received_at: DateTime<Utc>,
+    pub verification: Verification,
+}
+
+/// A stored event with its raw body, byte for byte as received.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredEventWithBody {
+    pub event: StoredEvent,
+    pub raw_body: Vec<u8>,
+}
+
+/// Reading direction for lists over the global sequence.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Order {
+    #[default]
+    NewestFirst,
+    OldestFirst,
+}
+
+/// Filters and keyset pagination for listing events.
+#[derive(Clone, Debug, Default)]
+pub struct EventQuery {
+    pub event_type: Option<String>,
+    pub conversation_id: Option<String>,
+    pub agent_id: Option<String>,
+    pub received_after: Option<DateTime<Utc>>,
+    pub received_before: Option<DateTime<Utc>>,
+    /// Only events strictly after (oldest-first) or before (newest-first) this sequence.
+    pub cursor: Option<i64>,
+    pub order: Order,
+    pub limit: u32,
+}

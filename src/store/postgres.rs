@@ -1,0 +1,77 @@
+//! The event store on PostgreSQL, for more than one machine: several
+//! Switchboard instances may share the database.
+//!
+//! Each append transaction first takes a transaction-scoped advisory lock,
+//! so sequence numbers are assigned in commit order across instances and a
+//! reader paging by sequence never sees a gap that fills in later. Group
+//! commit (see [`super::appender`]) amortises the lock and the fsync.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+
+use super::sql::{append_in_tx, impl_event_store, rebuild_in_tx};
+use super::{AppendOutcome, Backend, NewEvent, StoreError};
+
+/// The advisory lock key that serialises appends to the log.
+const APPEND_LOCK: i64 = 0x5357_4244_0001; // "SWBD" 1
+
+pub struct PostgresStore {
+    reader: PgPool,
+}
+
+fn migrator() -> sqlx::migrate::Migrator {
+    let mut migrator = sqlx::migrate!("./migrations/postgres");
+    migrator.dangerous_set_table_name("switchboard_migrations");
+    migrator
+}
+
+impl PostgresStore {
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let options = PgConnectOptions::from_str(url)?.application_name("switchboard");
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await?;
+        Ok(Self { reader: pool })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.reader
+    }
+}
+
+impl_event_store!(PostgresStore, sqlx::Postgres, {
+    fn backend(&self) -> Backend {
+        Backend::Postgres
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        migrator().run(&self.reader).await?;
+        Ok(())
+    }
+
+    async fn append_batch(&self, batch: &[NewEvent]) -> Result<Vec<AppendOutcome>, StoreError> {
+        let mut tx = self.reader.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(APPEND_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        let outcomes = append_in_tx!(sqlx::Postgres, &mut tx, batch);
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+
+    async fn rebuild_projections(&self) -> Result<u64, StoreError> {
+        let mut tx = self.reader.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(APPEND_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        let read = rebuild_in_tx!(sqlx::Postgres, &mut tx);
+        tx.commit().await?;
+        Ok(read)
+    }
+});

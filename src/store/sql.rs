@@ -1,0 +1,467 @@
+//! SQL shared by both backends. The statements are the same text on SQLite
+//! and PostgreSQL; [`QueryBuilder`] supplies each dialect's placeholders.
+//! The backend modules only add what really differs (locking, connection
+//! setup, migrations).
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use sqlx::{Database, Encode, QueryBuilder, Type, types::Json};
+
+use super::batch::{Existing, Plan};
+use super::model::{EventQuery, EventRef, NewEvent, Order, StoredEvent, Verification};
+use super::projection::ConversationState;
+
+/// The columns of [`EventRow`], in order.
+pub(crate) const EVENT_COLUMNS: &str = "seq, event_id, idempotency_key, event_type, conversation_id, \
+     stream_version, agent_id, livemode, created_at, received_at, signed_url, x_timestamp, x_signature";
+
+pub(crate) const LAST_SEQ: &str = "SELECT COALESCE(MAX(seq), 0) FROM events";
+
+/// An `events` row without its body.
+#[derive(sqlx::FromRow)]
+pub(crate) struct EventRow {
+    seq: i64,
+    event_id: String,
+    idempotency_key: String,
+    event_type: String,
+    conversation_id: Option<String>,
+    stream_version: Option<i64>,
+    agent_id: Option<String>,
+    livemode: Option<bool>,
+    created_at: Option<String>,
+    received_at: DateTime<Utc>,
+    signed_url: String,
+    x_timestamp: String,
+    x_signature: String,
+}
+
+impl From<EventRow> for StoredEvent {
+    fn from(r: EventRow) -> Self {
+        StoredEvent {
+            seq: r.seq,
+            event_id: r.event_id,
+            idempotency_key: r.idempotency_key,
+            event_type: r.event_type,
+            conversation_id: r.conversation_id,
+            stream_version: r.stream_version,
+            agent_id: r.agent_id,
+            livemode: r.livemode,
+            created_at: r.created_at,
+            received_at: r.received_at,
+            verification: Verification {
+                signed_url: r.signed_url,
+                timestamp: r.x_timestamp,
+                signature: r.x_signature,
+            },
+        }
+    }
+}
+
+/// An `events` row with its body.
+#[derive(sqlx::FromRow)]
+pub(crate) struct EventRowWithBody {
+    #[sqlx(flatten)]
+    event: EventRow,
+    raw_body: Vec<u8>,
+}
+
+impl From<EventRowWithBody> for super::model::StoredEventWithBody {
+    fn from(r: EventRowWithBody) -> Self {
+        Self {
+            event: r.event.into(),
+            raw_body: r.raw_body,
+        }
+    }
+}
+
+/// A stored event that may collide with a batch.
+#[derive(sqlx::FromRow)]
+pub(crate) struct CandidateRow {
+    seq: i64,
+    event_id: String,
+    event_type: String,
+    idempotency_key: String,
+    received_at: DateTime<Utc>,
+}
+
+/// Selects stored events sharing an envelope id, or a key within the window, with the batch.
+pub(crate) fn candidates<DB: Database>(
+    batch: &[NewEvent],
+    key_cutoff: DateTime<Utc>,
+) -> QueryBuilder<DB>
+where
+    for<'t> &'t str: Encode<'t, DB> + Type<DB>,
+    for<'t> DateTime<Utc>: Encode<'t, DB> + Type<DB>,
+{
+    let mut qb = QueryBuilder::new(
+        "SELECT seq, event_id, event_type, idempotency_key, received_at FROM events WHERE event_id IN (",
+    );
+    let mut ids = qb.separated(", ");
+    for e in batch {
+        ids.push_bind(e.envelope.id.as_str());
+    }
+    qb.push(") OR (idempotency_key IN (");
+    let mut keys = qb.separated(", ");
+    for e in batch {
+        keys.push_bind(e.idempotency_key.as_str());
+    }
+    qb.push(") AND received_at >= ");
+    qb.push_bind(key_cutoff);
+    qb.push(")");
+    qb
+}
+
+/// Sorts candidate rows into what they collide on.
+pub(crate) fn existing(
+    batch: &[NewEvent],
+    rows: Vec<CandidateRow>,
+    key_cutoff: DateTime<Utc>,
+) -> Existing {
+    let ids: HashSet<&str> = batch.iter().map(|e| e.envelope.id.as_str()).collect();
+    let keys: HashSet<&str> = batch.iter().map(|e| e.idempotency_key.as_str()).collect();
+    let mut existing = Existing::default();
+    for row in rows {
+        let reference = EventRef {
+            seq: row.seq,
+            event_id: row.event_id.clone(),
+            event_type: row.event_type,
+        };
+        if keys.contains(row.idempotency_key.as_str()) && row.received_at >= key_cutoff {
+            existing
+                .by_key
+                .insert(row.idempotency_key, reference.clone());
+        }
+        if ids.contains(row.event_id.as_str()) {
+            existing.by_event_id.insert(row.event_id, reference);
+        }
+    }
+    existing
+}
+
+/// Selects the stored projections of the conversations in a batch, or `None` if it has none.
+pub(crate) fn conversations_of<DB: Database>(batch: &[NewEvent]) -> Option<QueryBuilder<DB>>
+where
+    for<'t> &'t str: Encode<'t, DB> + Type<DB>,
+{
+    let ids: HashSet<&str> = batch
+        .iter()
+        .filter_map(|e| e.envelope.conversation_id.as_ref().map(|c| c.as_str()))
+        .collect();
+    if ids.is_empty() {
+        return None;
+    }
+    let mut qb = QueryBuilder::new("SELECT state FROM conversations WHERE conversation_id IN (");
+    let mut sep = qb.separated(", ");
+    for id in ids {
+        sep.push_bind(id);
+    }
+    qb.push(")");
+    Some(qb)
+}
+
+/// Indexes loaded projections by conversation id.
+pub(crate) fn by_conversation(
+    states: Vec<Json<ConversationState>>,
+) -> HashMap<String, ConversationState> {
+    states
+        .into_iter()
+        .map(|Json(s)| (s.conversation_id.clone(), s))
+        .collect()
+}
+
+/// Inserts the new events of a plan, or `None` if there are none.
+pub(crate) fn insert_events<DB: Database>(plan: &Plan<'_>) -> Option<QueryBuilder<DB>>
+where
+    for<'t> &'t str: Encode<'t, DB> + Type<DB>,
+    for<'t> i64: Encode<'t, DB> + Type<DB>,
+    for<'t> Option<i64>: Encode<'t, DB> + Type<DB>,
+    for<'t> Option<&'t str>: Encode<'t, DB> + Type<DB>,
+    for<'t> Option<bool>: Encode<'t, DB> + Type<DB>,
+    for<'t> DateTime<Utc>: Encode<'t, DB> + Type<DB>,
+    for<'t> &'t [u8]: Encode<'t, DB> + Type<DB>,
+{
+    if plan.inserts.is_empty() {
+        return None;
+    }
+    let mut qb = QueryBuilder::new(format!("INSERT INTO events ({EVENT_COLUMNS}, raw_body) "));
+    qb.push_values(&plan.inserts, |mut row, insert| {
+        let e = insert.event;
+        let env = &e.envelope;
+        row.push_bind(insert.seq)
+            .push_bind(env.id.as_str())
+            .push_bind(e.idempotency_key.as_str())
+            .push_bind(env.event_type.as_str())
+            .push_bind(env.conversation_id.as_ref().map(|c| c.as_str()))
+            .push_bind(insert.stream_version)
+            .push_bind(env.agent_id.as_ref().map(|a| a.as_str()))
+            .push_bind(env.livemode)
+            .push_bind(env.created_at.as_deref())
+            .push_bind(e.received_at)
+            .push_bind(e.verification.signed_url.as_str())
+            .push_bind(e.verification.timestamp.as_str())
+            .push_bind(e.verification.signature.as_str())
+            .push_bind(e.raw_body.as_slice());
+    });
+    Some(qb)
+}
+
+/// Writes projections (insert or replace), or `None` if there are none.
+pub(crate) fn upsert_conversations<'a, DB: Database>(
+    states: impl IntoIterator<Item = &'a ConversationState>,
+) -> Option<QueryBuilder<DB>>
+where
+    for<'t> &'t str: Encode<'t, DB> + Type<DB>,
+    for<'t> i64: Encode<'t, DB> + Type<DB>,
+    for<'t> Option<&'t str>: Encode<'t, DB> + Type<DB>,
+    for<'t> Option<DateTime<Utc>>: Encode<'t, DB> + Type<DB>,
+    for<'t> Json<&'t ConversationState>: Encode<'t, DB> + Type<DB>,
+{
+    let mut states = states.into_iter().peekable();
+    states.peek()?;
+    let mut qb = QueryBuilder::new(
+        "INSERT INTO conversations (conversation_id, agent_id, status, last_seq, last_received_at, state) ",
+    );
+    qb.push_values(states, |mut row, s| {
+        row.push_bind(s.conversation_id.as_str())
+            .push_bind(s.agent_id.as_deref())
+            .push_bind(s.status.as_deref())
+            .push_bind(s.last_seq)
+            .push_bind(s.last_received_at)
+            .push_bind(Json(s));
+    });
+    qb.push(
+        " ON CONFLICT (conversation_id) DO UPDATE SET agent_id = excluded.agent_id, \
+         status = excluded.status, last_seq = excluded.last_seq, \
+         last_received_at = excluded.last_received_at, state = excluded.state",
+    );
+    Some(qb)
+}
+
+/// Lists events by filter, keyset-paginated on the sequence.
+pub(crate) fn list_events<DB: Database>(q: &EventQuery) -> QueryBuilder<DB>
+where
+    for<'t> &'t str: Encode<'t, DB> + Type<DB>,
+    for<'t> i64: Encode<'t, DB> + Type<DB>,
+    for<'t> DateTime<Utc>: Encode<'t, DB> + Type<DB>,
+{
+    let mut qb = QueryBuilder::new(format!("SELECT {EVENT_COLUMNS} FROM events WHERE 1 = 1"));
+    if let Some(t) = &q.event_type {
+        qb.push(" AND event_type = ").push_bind(t.as_str());
+    }
+    if let Some(c) = &q.conversation_id {
+        qb.push(" AND conversation_id = ").push_bind(c.as_str());
+    }
+    if let Some(a) = &q.agent_id {
+        qb.push(" AND agent_id = ").push_bind(a.as_str());
+    }
+    if let Some(t) = q.received_after {
+        qb.push(" AND received_at > ").push_bind(t);
+    }
+    if let Some(t) = q.received_before {
+        qb.push(" AND received_at < ").push_bind(t);
+    }
+    let (cmp, dir) = match q.order {
+        Order::NewestFirst => ("<", "DESC"),
+        Order::OldestFirst => (">", "ASC"),
+    };
+    if let Some(cursor) = q.cursor {
+        qb.push(format!(" AND seq {cmp} ")).push_bind(cursor);
+    }
+    qb.push(format!(" ORDER BY seq {dir} LIMIT "))
+        .push_bind(i64::from(q.limit.max(1)));
+    qb
+}
+
+/// One conversation's events with bodies, in log order, up to `as_of`.
+pub(crate) fn conversation_log<DB: Database>(
+    conversation_id: &str,
+    as_of: Option<i64>,
+) -> QueryBuilder<DB>
+where
+    for<'t> &'t str: Encode<'t, DB> + Type<DB>,
+    for<'t> i64: Encode<'t, DB> + Type<DB>,
+{
+    let mut qb = QueryBuilder::new(format!(
+        "SELECT {EVENT_COLUMNS}, raw_body FROM events WHERE conversation_id = "
+    ));
+    qb.push_bind(conversation_id);
+    if let Some(seq) = as_of {
+        qb.push(" AND seq <= ").push_bind(seq);
+    }
+    qb.push(" ORDER BY seq ASC");
+    qb
+}
+
+/// Reads the log in pages, for rebuilding projections.
+pub(crate) fn log_page<DB: Database>(after_seq: i64, limit: i64) -> QueryBuilder<DB>
+where
+    for<'t> i64: Encode<'t, DB> + Type<DB>,
+{
+    let mut qb = QueryBuilder::new(format!(
+        "SELECT {EVENT_COLUMNS}, raw_body FROM events WHERE conversation_id IS NOT NULL AND seq > "
+    ));
+    qb.push_bind(after_seq)
+        .push(" ORDER BY seq ASC LIMIT ")
+        .push_bind(limit);
+    qb
+}
+
+/// The append flow, the same on both backends once the transaction is open
+/// and the log is locked: find collisions, plan, insert, update projections.
+/// A macro rather than a generic function because sqlx's executor bounds
+/// over a generic database are heavier than the code they would share.
+macro_rules! append_in_tx {
+    ($db:ty, $tx:expr, $batch:expr) => {{
+        use sqlx::types::Json;
+        use $crate::store::{batch, projection::ConversationState, sql};
+        let tx = $tx;
+        let batch = $batch;
+        let cutoff = chrono::Utc::now() - $crate::store::IDEMPOTENCY_WINDOW;
+        let last_seq: i64 = sqlx::query_scalar(sql::LAST_SEQ)
+            .fetch_one(&mut **tx)
+            .await?;
+        let rows = sql::candidates::<$db>(batch, cutoff)
+            .build_query_as::<sql::CandidateRow>()
+            .fetch_all(&mut **tx)
+            .await?;
+        let existing = sql::existing(batch, rows, cutoff);
+        let states = match sql::conversations_of::<$db>(batch) {
+            Some(mut qb) => sql::by_conversation(
+                qb.build_query_scalar::<Json<ConversationState>>()
+                    .fetch_all(&mut **tx)
+                    .await?,
+            ),
+            None => Default::default(),
+        };
+        let plan = batch::plan(batch, existing, last_seq, states);
+        if let Some(mut qb) = sql::insert_events::<$db>(&plan) {
+            qb.build().execute(&mut **tx).await?;
+        }
+        if let Some(mut qb) = sql::upsert_conversations::<$db>(plan.conversations.values()) {
+            qb.build().execute(&mut **tx).await?;
+        }
+        plan.outcomes
+    }};
+}
+pub(crate) use append_in_tx;
+
+/// Implements [`super::EventStore`] for a backend: the read methods are the
+/// same on both (they read through `self.reader`); the backend supplies the
+/// rest (`backend`, `migrate`, `append_batch`, `rebuild_projections`).
+macro_rules! impl_event_store {
+    ($store:ty, $db:ty, { $($specific:tt)* }) => {
+        #[async_trait::async_trait]
+        impl $crate::store::EventStore for $store {
+        $($specific)*
+
+        async fn get_event(
+            &self,
+            event_id: &str,
+        ) -> Result<Option<$crate::store::StoredEventWithBody>, $crate::store::StoreError> {
+            let sql = format!(
+                "SELECT {}, raw_body FROM events WHERE event_id = $1",
+                $crate::store::sql::EVENT_COLUMNS
+            );
+            let row: Option<$crate::store::sql::EventRowWithBody> =
+                sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                    .bind(event_id)
+                    .fetch_optional(&self.reader)
+                    .await?;
+            Ok(row.map(Into::into))
+        }
+
+        async fn list_events(
+            &self,
+            query: &$crate::store::EventQuery,
+        ) -> Result<Vec<$crate::store::StoredEvent>, $crate::store::StoreError> {
+            let rows = $crate::store::sql::list_events::<$db>(query)
+                .build_query_as::<$crate::store::sql::EventRow>()
+                .fetch_all(&self.reader)
+                .await?;
+            Ok(rows.into_iter().map(Into::into).collect())
+        }
+
+        async fn conversation_log(
+            &self,
+            conversation_id: &str,
+            as_of: Option<i64>,
+        ) -> Result<Vec<$crate::store::StoredEventWithBody>, $crate::store::StoreError> {
+            let rows = $crate::store::sql::conversation_log::<$db>(conversation_id, as_of)
+                .build_query_as::<$crate::store::sql::EventRowWithBody>()
+                .fetch_all(&self.reader)
+                .await?;
+            Ok(rows.into_iter().map(Into::into).collect())
+        }
+
+        async fn conversation(
+            &self,
+            conversation_id: &str,
+        ) -> Result<Option<$crate::store::projection::ConversationState>, $crate::store::StoreError> {
+            let state: Option<sqlx::types::Json<$crate::store::projection::ConversationState>> =
+                sqlx::query_scalar("SELECT state FROM conversations WHERE conversation_id = $1")
+                    .bind(conversation_id)
+                    .fetch_optional(&self.reader)
+                    .await?;
+            Ok(state.map(|s| s.0))
+        }
+
+        async fn ping(&self) -> Result<(), $crate::store::StoreError> {
+            sqlx::query("SELECT 1").execute(&self.reader).await?;
+            Ok(())
+        }
+        }
+    };
+}
+pub(crate) use impl_event_store;
+
+/// Folds the whole log into fresh projections inside `$tx` (projections
+/// deleted first). Evaluates to the number of events read.
+macro_rules! rebuild_in_tx {
+    ($db:ty, $tx:expr) => {{
+        use std::collections::HashMap;
+        use $crate::store::{projection::ConversationState, sql};
+        let tx = $tx;
+        sqlx::query("DELETE FROM conversations")
+            .execute(&mut **tx)
+            .await?;
+        let mut states: HashMap<String, ConversationState> = HashMap::new();
+        let mut after = 0i64;
+        let mut read = 0u64;
+        loop {
+            let page: Vec<sql::EventRowWithBody> = sql::log_page::<$db>(after, 1000)
+                .build_query_as()
+                .fetch_all(&mut **tx)
+                .await?;
+            if page.is_empty() {
+                break;
+            }
+            for row in page {
+                let item: $crate::store::StoredEventWithBody = row.into();
+                after = item.event.seq;
+                read += 1;
+                let envelope =
+                    $crate::webhook::envelope::Envelope::parse(&item.raw_body).map_err(|e| {
+                        $crate::store::StoreError::Corrupt(format!(
+                            "event {}: {e}",
+                            item.event.event_id
+                        ))
+                    })?;
+                if let Some(conv) = &item.event.conversation_id {
+                    states
+                        .entry(conv.clone())
+                        .or_insert_with(|| ConversationState::new(conv.as_str()))
+                        .apply(item.event.seq, &envelope, item.event.received_at);
+                }
+            }
+        }
+        let all: Vec<&ConversationState> = states.values().collect();
+        for chunk in all.chunks(500) {
+            if let Some(mut qb) = sql::upsert_conversations::<$db>(chunk.iter().copied()) {
+                qb.build().execute(&mut **tx).await?;
+            }
+        }
+        read
+    }};
+}
+pub(crate) use rebuild_in_tx;

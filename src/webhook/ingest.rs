@@ -1,0 +1,177 @@
+//! `POST /webhooks/operator`: read the raw body, verify, parse, append, acknowledge.
+//!
+//! The order is Operator's: headers and signature first (401), then the
+//! envelope (400), then the store. A delivery is acknowledged (200) only
+//! once it is committed; a repeated delivery gets the first answer again.
+//! When the store cannot commit, the answer is 503 so that Operator retries.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use poem::http::{HeaderMap, StatusCode, header};
+use poem::web::Data;
+use poem::{Body, Request, Response, handler};
+use serde_json::json;
+
+use super::envelope::{Envelope, EventKind};
+use super::signature::{
+    self, DeliveryHeaders, IDEMPOTENCY_KEY_HEADER, SIGNATURE_HEADER, SigningKeys, TIMESTAMP_HEADER,
+    Tolerance,
+};
+use crate::domain::IdempotencyKey;
+use crate::store::appender::Appender;
+use crate::store::{AppendOutcome, EventRef, NewEvent, Verification};
+
+/// Path Operator posts to.
+pub const WEBHOOK_PATH: &str = "/webhooks/operator";
+
+/// What the receiver needs, shared by every request.
+pub struct IngestState {
+    pub keys: SigningKeys,
+    /// The URL registered in Operator; `None` rebuilds it from each request.
+    pub public_url: Option<String>,
+    pub tolerance: Tolerance,
+    pub max_body_bytes: usize,
+    pub appender: Appender,
+}
+
+/// A short JSON error: `{"error": {"code", "message"}}`, the shape of every error we send.
+pub fn error_response(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    Response::builder()
+        .status(status)
+        .content_type("application/json")
+        .body(json!({"error": {"code": code, "message": message.into()}}).to_string())
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// The URL Operator signed: the configured one, or scheme://host/path of this
+/// request (X-Forwarded-Proto / X-Forwarded-Host honoured), without the query.
+pub fn signed_url(req: &Request, configured: Option<&str>) -> String {
+    if let Some(url) = configured {
+        return url.to_owned();
+    }
+    let headers = req.headers();
+    let first = |name: &str| {
+        header_str(headers, name)
+            .and_then(|v| v.split(',').next())
+            .map(str::trim)
+    };
+    let scheme = first("x-forwarded-proto").unwrap_or_else(|| req.scheme().as_str());
+    let host = first("x-forwarded-host")
+        .or_else(|| header_str(headers, header::HOST.as_str()))
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+        .unwrap_or("localhost");
+    format!("{scheme}://{host}{}", req.uri().path())
+}
+
+/// The acknowledgement body: derived from the stored event only, so every
+/// retry of a delivery gets the same bytes.
+fn acknowledgement(event: &EventRef) -> String {
+    if event.event_type == EventKind::SETUP {
+        // Until setup rules answer (see the setup workflows), the smallest valid answer.
+        json!({"context": {}}).to_string()
+    } else {
+        json!({"event_id": event.event_id, "sequence": event.seq}).to_string()
+    }
+}
+
+#[handler]
+pub async fn receive(req: &Request, body: Body, Data(state): Data<&Arc<IngestState>>) -> Response {
+    let body = match body.into_bytes_limit(state.max_body_bytes).await {
+        Ok(b) => b,
+        Err(poem::error::ReadBodyError::PayloadTooLarge) => {
+            return error_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("body is larger than {} bytes", state.max_body_bytes),
+            );
+        }
+        Err(e) => return error_response(StatusCode::BAD_REQUEST, "unreadable_body", e.to_string()),
+    };
+    let url = signed_url(req, state.public_url.as_deref());
+    let headers = req.headers();
+    let delivery = DeliveryHeaders {
+        timestamp: header_str(headers, TIMESTAMP_HEADER),
+        idempotency_key: header_str(headers, IDEMPOTENCY_KEY_HEADER),
+        signature: header_str(headers, SIGNATURE_HEADER),
+    };
+    if let Err(e) = signature::verify_delivery(
+        &state.keys,
+        &url,
+        delivery,
+        &body,
+        Utc::now().timestamp(),
+        state.tolerance,
+    ) {
+        tracing::warn!(reason = e.code(), signed_url = %url, "webhook refused: {e}");
+        return error_response(StatusCode::UNAUTHORIZED, e.code(), e.to_string());
+    }
+    let envelope = match Envelope::parse(&body) {
+        Ok(env) => env,
+        Err(e) => {
+            tracing::warn!("webhook refused: {e}");
+            let code = match e {
+                super::envelope::EnvelopeError::InvalidJson(_) => "invalid_json",
+                super::envelope::EnvelopeError::NotAnEnvelope(_) => "not_an_envelope",
+            };
+            return error_response(StatusCode::BAD_REQUEST, code, e.to_string());
+        }
+    };
+    let idempotency_key = match IdempotencyKey::parse(delivery.idempotency_key.unwrap_or_default())
+    {
+        Ok(k) => k,
+        Err(e) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "invalid_idempotency_key",
+                format!("X-Idempotency-Key {e}"),
+            );
+        }
+    };
+    let event = NewEvent {
+        envelope,
+        idempotency_key,
+        raw_body: body.to_vec(),
+        verification: Verification {
+            signed_url: url,
+            timestamp: delivery.timestamp.unwrap_or_default().to_owned(),
+            signature: delivery.signature.unwrap_or_default().to_owned(),
+        },
+        received_at: Utc::now(),
+    };
+    match state.appender.append(event).await {
+        Ok(outcome) => {
+            let duplicate = outcome.is_duplicate();
+            let stored = outcome.event();
+            if let AppendOutcome::Duplicate { of, .. } = &outcome {
+                tracing::info!(event_id = %stored.event_id, seq = stored.seq, duplicate_of = ?of, "duplicate delivery acknowledged");
+            } else {
+                tracing::debug!(event_id = %stored.event_id, seq = stored.seq, event_type = %stored.event_type, "event stored");
+            }
+            Response::builder()
+                .status(StatusCode::OK)
+                .content_type("application/json")
+                .header(
+                    "x-switchboard-duplicate",
+                    if duplicate { "true" } else { "false" },
+                )
+                .body(acknowledgement(stored))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "could not store webhook; answering 503 so Operator retries");
+            let mut resp = error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "the event could not be stored; retry later",
+            );
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                poem::http::HeaderValue::from_static("1"),
+            );
+            resp
+        }
+    }
+}
