@@ -79,6 +79,10 @@ impl From<StoreError> for ApiError {
 
 /// Turns any poem error into the common JSON shape.
 pub async fn to_json_error(err: poem::Error) -> Response {
+    if err.is_from_response() {
+        // An operation's own error response (already in this shape): keep it.
+        return err.into_response();
+    }
     let status = err.status();
     let (code, message) = match status {
         StatusCode::UNAUTHORIZED => (

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use chrono::Utc;
+use chrono::{SubsecRound, Utc};
 use poem::http::{HeaderMap, StatusCode, header};
 use poem::web::Data;
 use poem::{Body, Request, Response, handler};
@@ -140,7 +140,8 @@ pub async fn receive(req: &Request, body: Body, Data(state): Data<&Arc<IngestSta
             timestamp: delivery.timestamp.unwrap_or_default().to_owned(),
             signature: delivery.signature.unwrap_or_default().to_owned(),
         },
-        received_at: Utc::now(),
+        // Microseconds: what both databases keep, so a re-read equals what was written.
+        received_at: Utc::now().trunc_subsecs(6),
     };
     match state.appender.append(event).await {
         Ok(outcome) => {
