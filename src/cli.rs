@@ -32,6 +32,8 @@ pub enum Command {
     Migrate(DatabaseArgs),
     /// Print the three Operator headers (or a curl command) for a body file, to try the endpoint by hand.
     Sign(SignArgs),
+    /// Check workflow files: every error with file, line and column; exit status 1 on errors.
+    Validate(ValidateArgs),
     /// Print the admin API's OpenAPI spec (JSON) on stdout.
     Openapi,
     /// Refold the conversation projections from the event log.
@@ -85,6 +87,13 @@ pub struct ServeArgs {
 }
 
 #[derive(Args, Debug, Clone)]
+pub struct ValidateArgs {
+    /// The workflow directory (default: SWITCHBOARD_WORKFLOWS, else ./workflows).
+    #[arg(env = "SWITCHBOARD_WORKFLOWS", default_value = "./workflows")]
+    pub dir: PathBuf,
+}
+
+#[derive(Args, Debug, Clone)]
 pub struct SignArgs {
     /// The body file to sign, byte for byte ("-" reads stdin).
     pub file: PathBuf,
@@ -120,6 +129,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Serve(args) => serve(args).await,
         Command::Migrate(args) => migrate(&args).await,
         Command::Sign(args) => sign(&args),
+        Command::Validate(args) => return validate(&args),
         Command::Openapi => {
             println!("{}", crate::api::spec_json());
             Ok(())
@@ -157,6 +167,37 @@ async fn rebuild(args: &DatabaseArgs) -> anyhow::Result<()> {
     let n = store.rebuild_projections().await?;
     println!("projections rebuilt from {n} events");
     Ok(())
+}
+
+fn validate(args: &ValidateArgs) -> ExitCode {
+    use crate::workflow::{WorkflowSet, diagnostic::render_all};
+    if !args.dir.is_dir() {
+        eprintln!(
+            "error: {} is not a directory of workflow files",
+            args.dir.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    match WorkflowSet::load(&args.dir) {
+        Ok(set) => {
+            if !set.warnings.is_empty() {
+                eprint!("{}", render_all(&set.warnings));
+            }
+            for w in &set.workflows {
+                println!("ok: {} ({}, on {})", w.name, w.file.display(), w.event);
+            }
+            println!(
+                "{} workflow(s) valid in {}",
+                set.workflows.len(),
+                args.dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(diagnostics) => {
+            eprint!("{}", render_all(&diagnostics));
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn sign(args: &SignArgs) -> anyhow::Result<()> {

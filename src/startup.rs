@@ -63,11 +63,20 @@ impl Application {
             .migrate()
             .await
             .context("cannot apply database migrations")?;
-        let workflows = WorkflowSet::load(&settings.workflows_dir)?;
+        let workflows = WorkflowSet::load(&settings.workflows_dir).map_err(|diagnostics| {
+            anyhow::anyhow!(
+                "the workflows in {} are invalid (`switchboard validate` shows the same):\n\n{}",
+                settings.workflows_dir.display(),
+                crate::workflow::diagnostic::render_all(&diagnostics)
+            )
+        })?;
+        for w in &workflows.warnings {
+            tracing::warn!("{}", w.to_string().trim_end());
+        }
         tracing::info!(
             dir = %workflows.dir.display(),
-            files = workflows.files.len(),
-            "workflow files found"
+            workflows = workflows.workflows.len(),
+            "workflows loaded"
         );
         let appender = Appender::spawn(store.clone());
         let ingest = Arc::new(IngestState {

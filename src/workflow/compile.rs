@@ -1,0 +1,645 @@
+//! From a parsed [`WorkflowFile`] to a checked [`Workflow`]: every rule of
+//! the format is enforced here, each failure as a [`Diagnostic`] pointing at
+//! the value at fault.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use regex::Regex;
+use serde_json::Value;
+use serde_saphyr::{Location, Spanned};
+
+/// A 1-based position in the file.
+#[derive(Clone, Copy, Debug)]
+struct Pos {
+    line: usize,
+    column: usize,
+}
+
+fn pos(l: &Location) -> Pos {
+    Pos {
+        line: l.line() as usize,
+        column: l.column() as usize,
+    }
+}
+
+use super::diagnostic::{Diagnostic, Severity};
+use super::format::{HttpSpec, StepSpec, WorkflowFile};
+use super::template;
+use super::{Backoff, BodySpec, HttpAction, RetryPolicy, Step, Trigger, Workflow};
+use crate::webhook::envelope::{ENDED_STATUSES, EventKind};
+
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_DEADLINE: Duration = Duration::from_secs(2);
+
+struct Checker<'a> {
+    file: &'a Path,
+    source: &'a str,
+    out: Vec<Diagnostic>,
+}
+
+impl Checker<'_> {
+    fn at(&mut self, loc: Pos, severity: Severity, message: impl Into<String>) -> &mut Diagnostic {
+        let d = Diagnostic::new(
+            severity,
+            self.file,
+            self.source,
+            loc.line,
+            loc.column,
+            message,
+        );
+        self.out.push(d);
+        self.out.last_mut().expect("just pushed")
+    }
+
+    fn error(&mut self, loc: Pos, message: impl Into<String>) -> &mut Diagnostic {
+        self.at(loc, Severity::Error, message)
+    }
+
+    fn duration(
+        &mut self,
+        spec: &Option<Spanned<String>>,
+        field: &str,
+        default: Duration,
+    ) -> Duration {
+        let Some(s) = spec else { return default };
+        match humantime::parse_duration(s.value.trim()) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                self.error(
+                    pos(&s.referenced),
+                    format!("`{field}` must be longer than zero"),
+                );
+                default
+            }
+            Err(e) => {
+                self.error(
+                    pos(&s.referenced),
+                    format!("`{field}`: `{}` is not a duration ({e})", s.value),
+                )
+                .help = Some("write a number and a unit: 500ms, 10s, 5m, 1h".into());
+                default
+            }
+        }
+    }
+
+    fn expression(&mut self, spec: &Spanned<String>, field: &str) {
+        if let Err(e) = template::check_expression(&spec.value) {
+            self.error(
+                pos(&spec.referenced),
+                format!("`{field}` does not compile: {}", e.message),
+            )
+            .help = Some(
+                "expressions use minijinja syntax, e.g. event.payload.status == \"completed\""
+                    .into(),
+            );
+        }
+    }
+
+    fn template(&mut self, text: &str, loc: Pos, field: &str, refs: &Refs<'_>) {
+        if let Err(e) = template::check_template(text) {
+            self.error(loc, format!("`{field}` does not compile: {}", e.message))
+                .help = Some("templates use minijinja syntax: {{ event.conversation_id }}".into());
+            return;
+        }
+        self.references(text, loc, field, refs);
+    }
+
+    /// Checks `steps.X` names an earlier step and `secrets.X` a declared secret.
+    fn references(&mut self, text: &str, loc: Pos, field: &str, refs: &Refs<'_>) {
+        for (kind, name) in referenced_names(text) {
+            match kind {
+                "steps" if !refs.earlier_steps.contains(name) => {
+                    let msg = if refs.all_steps.contains(name) {
+                        format!(
+                            "`{field}` uses steps.{name}, which runs later; a step can only read steps before it"
+                        )
+                    } else {
+                        format!("`{field}` uses steps.{name}, but no step has id `{name}`")
+                    };
+                    self.error(loc, msg);
+                }
+                "secrets" if !refs.secrets.contains(name) => {
+                    self.error(
+                        loc,
+                        format!("`{field}` uses secrets.{name}, which is not declared"),
+                    )
+                    .help = Some(format!("add `{name}` to the workflow's `secrets:` list"));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Locates a string inside the file, for values whose position the parser does not keep.
+    fn find(&self, near: Pos, needle: &str) -> Pos {
+        let start_line = near.line.max(1);
+        for (i, line) in self.source.lines().enumerate().skip(start_line - 1) {
+            if let Some(col) = line.find(needle) {
+                return Pos {
+                    line: i + 1,
+                    column: line[..col].chars().count() + 1,
+                };
+            }
+        }
+        near
+    }
+}
+
+struct Refs<'a> {
+    earlier_steps: HashSet<&'a str>,
+    all_steps: &'a HashSet<&'a str>,
+    secrets: &'a HashSet<&'a str>,
+}
+
+fn reference_pattern() -> &'static Regex {
+    static RE: OnceLock<Regex> = OnceLock::new();
+    RE.get_or_init(|| {
+        Regex::new(r#"\b(steps|secrets)(?:\.([A-Za-z_][A-Za-z0-9_]*)|\[\s*["']([^"']+)["']\s*\])"#)
+            .expect("valid regex")
+    })
+}
+
+/// `(steps|secrets, name)` for every reference in a template or expression.
+pub fn referenced_names(text: &str) -> Vec<(&str, &str)> {
+    reference_pattern()
+        .captures_iter(text)
+        .filter_map(|c| {
+            let kind = c.get(1)?.as_str();
+            let name = c.get(2).or_else(|| c.get(3))?.as_str();
+            Some((kind, name))
+        })
+        .collect()
+}
+
+fn parse_error(file: &Path, source: &str, e: &serde_saphyr::Error) -> Diagnostic {
+    let (line, column) = e
+        .location()
+        .map(|l| (l.line() as usize, l.column() as usize))
+        .unwrap_or((0, 0));
+    // The parser's message may carry its own position and snippet; keep its first line.
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or("invalid YAML");
+    static PREFIX: OnceLock<Regex> = OnceLock::new();
+    let prefix = PREFIX
+        .get_or_init(|| Regex::new(r"^(error: )?(line \d+ column \d+: )?").expect("valid regex"));
+    let first = prefix.replace(first, "").into_owned();
+    let mut d = Diagnostic::new(Severity::Error, file, source, line, column, first);
+    if text.contains("unknown field") {
+        d.help = Some(
+            "the keys a workflow may use are listed in README \"Workflows\" and workflows/workflow.schema.json".into(),
+        );
+    }
+    d
+}
+
+/// Parses and checks one workflow file. On success returns the workflow and its warnings;
+/// otherwise every diagnostic (errors and warnings).
+pub fn compile(file: &Path, source: &str) -> Result<(Workflow, Vec<Diagnostic>), Vec<Diagnostic>> {
+    let spec: WorkflowFile =
+        serde_saphyr::from_str(source).map_err(|e| vec![parse_error(file, source, &e)])?;
+    let mut c = Checker {
+        file,
+        source,
+        out: Vec::new(),
+    };
+    let workflow = check(&mut c, spec);
+    if c.out.iter().any(Diagnostic::is_error) {
+        Err(c.out)
+    } else {
+        Ok((workflow, c.out))
+    }
+}
+
+fn check(c: &mut Checker<'_>, spec: WorkflowFile) -> Workflow {
+    let name = match &spec.name {
+        Some(n) if n.value.trim().is_empty() => {
+            c.error(pos(&n.referenced), "`name` must not be empty");
+            String::new()
+        }
+        Some(n) => n.value.trim().to_owned(),
+        None => c
+            .file
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    };
+    let event = spec.on.event.value.trim().to_owned();
+    let is_setup = event == EventKind::SETUP;
+    let trigger = check_trigger(c, &spec, &event);
+
+    if let Some(w) = &spec.when {
+        c.expression(w, "when");
+    }
+    let mut secrets = HashSet::new();
+    for s in &spec.secrets {
+        if !secrets.insert(s.value.as_str()) {
+            c.at(
+                pos(&s.referenced),
+                Severity::Warning,
+                format!("secret `{}` is declared twice", s.value),
+            );
+        }
+        if std::env::var_os(&s.value).is_none() {
+            c.at(
+                pos(&s.referenced),
+                Severity::Warning,
+                format!(
+                    "secret `{}` is declared but the environment variable {} is not set here",
+                    s.value, s.value
+                ),
+            )
+            .help = Some(
+                "steps that read it will fail until it is set in the server's environment".into(),
+            );
+        }
+    }
+    let all_steps: HashSet<&str> = spec.steps.iter().map(|s| s.id.value.as_str()).collect();
+    let mut seen = HashSet::new();
+    let mut steps = Vec::new();
+    for step in &spec.steps {
+        let id = step.id.value.trim();
+        if id.is_empty() {
+            c.error(pos(&step.id.referenced), "step `id` must not be empty");
+        } else if !seen.insert(id) {
+            c.error(
+                pos(&step.id.referenced),
+                format!("step id `{id}` is used twice"),
+            )
+            .help = Some("give every step of a workflow its own id".into());
+        }
+        let refs = Refs {
+            earlier_steps: seen.iter().copied().filter(|s| *s != id).collect(),
+            all_steps: &all_steps,
+            secrets: &secrets,
+        };
+        steps.push(check_step(c, step, &refs, is_setup));
+    }
+    let deadline = c.duration(&spec.deadline, "deadline", DEFAULT_DEADLINE);
+    let refs_all = Refs {
+        earlier_steps: all_steps.clone(),
+        all_steps: &all_steps,
+        secrets: &secrets,
+    };
+    for (field, value) in [("respond", &spec.respond), ("fallback", &spec.fallback)] {
+        let Some(v) = value else { continue };
+        if !is_setup {
+            c.error(
+                pos(&v.referenced),
+                format!("`{field}` is only for `on: {{event: conversation.setup}}` workflows"),
+            )
+            .help = Some("other events are answered at once; use steps to act on them".into());
+            continue;
+        }
+        check_answer(c, field, v, &refs_all);
+    }
+    if let Some(d) = &spec.deadline {
+        if !is_setup {
+            c.at(
+                pos(&d.referenced),
+                Severity::Warning,
+                "`deadline` only applies to conversation.setup workflows",
+            );
+        }
+        for (step, spec_step) in steps.iter().zip(&spec.steps) {
+            if step.timeout >= deadline {
+                let loc = spec_step
+                    .timeout
+                    .as_ref()
+                    .map(|t| pos(&t.referenced))
+                    .unwrap_or(pos(&spec_step.id.referenced));
+                c.at(
+                    loc,
+                    Severity::Warning,
+                    format!(
+                        "step `{}` may take {} but the deadline is {}: the fallback answers before it can finish",
+                        step.id,
+                        humantime::format_duration(step.timeout),
+                        humantime::format_duration(deadline)
+                    ),
+                );
+            }
+        }
+    }
+    let mut secret_names: Vec<String> = spec.secrets.iter().map(|s| s.value.clone()).collect();
+    secret_names.dedup();
+    Workflow {
+        name,
+        description: spec.description,
+        file: c.file.to_owned(),
+        event,
+        trigger,
+        when: spec.when.map(|w| w.value),
+        secrets: secret_names,
+        steps,
+        deadline,
+        respond: spec.respond.map(|r| r.value),
+        fallback: spec.fallback.map(|f| f.value),
+        source: c.source.to_owned(),
+    }
+}
+
+fn check_trigger(c: &mut Checker<'_>, spec: &WorkflowFile, event: &str) -> Trigger {
+    let on = &spec.on;
+    if event.is_empty() {
+        c.error(
+            pos(&on.event.referenced),
+            "`on.event` must name an event type",
+        );
+    }
+    let known = [
+        EventKind::SETUP,
+        EventKind::ENDED,
+        EventKind::CUSTOM_FIELDS_UPDATED,
+    ];
+    if !event.is_empty() && !known.contains(&event) {
+        c.at(
+            pos(&on.event.referenced),
+            Severity::Warning,
+            format!(
+                "`{event}` is not an event type Operator is known to send ({})",
+                known.join(", ")
+            ),
+        );
+    }
+    if let Some(s) = &on.status
+        && event != EventKind::ENDED
+    {
+        c.error(
+            pos(&s.referenced),
+            "`on.status` only applies to conversation.ended",
+        );
+    }
+    if event != EventKind::CUSTOM_FIELDS_UPDATED {
+        if let Some(f) = &on.field {
+            c.error(
+                pos(&f.referenced),
+                "`on.field` only applies to conversation.custom_fields.updated",
+            );
+        }
+        if on.from.is_some() || on.to.is_some() {
+            let loc = c.find(
+                pos(&on.event.referenced),
+                if on.from.is_some() { "from:" } else { "to:" },
+            );
+            c.error(
+                loc,
+                "`on.from` / `on.to` only apply to conversation.custom_fields.updated",
+            );
+        }
+    }
+    match event {
+        EventKind::ENDED => {
+            let statuses = on.status.as_ref().map(|s| s.value.clone().into_vec());
+            if let (Some(list), Some(s)) = (&statuses, &on.status) {
+                for st in list {
+                    if !ENDED_STATUSES.contains(&st.as_str()) {
+                        c.error(
+                            pos(&s.referenced),
+                            format!("`{st}` is not a conversation.ended status"),
+                        )
+                        .help = Some(format!("use one or more of: {}", ENDED_STATUSES.join(", ")));
+                    }
+                }
+                if list.is_empty() {
+                    c.error(
+                        pos(&s.referenced),
+                        "`on.status` is an empty list: the workflow could never run",
+                    );
+                }
+            }
+            Trigger::Ended { statuses }
+        }
+        EventKind::CUSTOM_FIELDS_UPDATED => {
+            let field = match &on.field {
+                Some(f) if !f.value.trim().is_empty() => f.value.trim().to_owned(),
+                _ => {
+                    c.error(pos(&on.event.referenced), "conversation.custom_fields.updated needs `on.field`: the custom field to watch")
+                        .help = Some("add `field: <name>` under `on:`".into());
+                    String::new()
+                }
+            };
+            let list = |v: &Option<Value>| {
+                v.as_ref().map(|v| match v {
+                    Value::Array(items) => items.clone(),
+                    other => vec![other.clone()],
+                })
+            };
+            Trigger::FieldChanged {
+                field,
+                from: list(&on.from),
+                to: list(&on.to),
+            }
+        }
+        EventKind::SETUP => Trigger::Setup,
+        other => Trigger::Event(other.to_owned()),
+    }
+}
+
+fn check_answer(c: &mut Checker<'_>, field: &str, v: &Spanned<Value>, refs: &Refs<'_>) {
+    match &v.value {
+        Value::Object(map) => {
+            for key in map.keys() {
+                if key != "context" && key != "override_config" {
+                    let loc = c.find(pos(&v.referenced), key);
+                    c.error(
+                        loc,
+                        format!("`{field}.{key}` is not part of a setup answer"),
+                    )
+                    .help = Some(
+                        "a setup answer has `context` and optionally `override_config`".into(),
+                    );
+                }
+            }
+            for key in ["context", "override_config"] {
+                if let Some(inner) = map.get(key)
+                    && !inner.is_object()
+                {
+                    let loc = c.find(pos(&v.referenced), key);
+                    c.error(loc, format!("`{field}.{key}` must be a mapping"));
+                }
+            }
+            let mut strings = Vec::new();
+            template::strings_in(&v.value, &mut strings);
+            for s in strings {
+                let loc = c.find(pos(&v.referenced), s.lines().next().unwrap_or(&s));
+                c.template(&s, loc, field, refs);
+            }
+        }
+        _ => {
+            c.error(
+                pos(&v.referenced),
+                format!("`{field}` must be a mapping with `context`"),
+            );
+        }
+    }
+}
+
+fn check_step(c: &mut Checker<'_>, step: &StepSpec, refs: &Refs<'_>, is_setup: bool) -> Step {
+    let id = step.id.value.trim().to_owned();
+    if let Some(cond) = &step.condition {
+        c.expression(cond, "if");
+        c.references(&cond.value, pos(&cond.referenced), "if", refs);
+    }
+    let http = check_http(c, &step.http, refs);
+    let timeout = c.duration(&step.timeout, "timeout", DEFAULT_TIMEOUT);
+    let retry = match &step.retry {
+        None => RetryPolicy::default(),
+        Some(r) => {
+            let mut policy = RetryPolicy::default();
+            if let Some(m) = &r.max_attempts {
+                if m.value == 0 {
+                    c.error(
+                        pos(&m.referenced),
+                        "`retry.max_attempts` counts the first attempt: it must be at least 1",
+                    );
+                }
+                policy.max_attempts = m.value.max(1);
+            }
+            if let Some(b) = &r.backoff {
+                policy.backoff = match b.value.as_str() {
+                    "exponential" => Backoff::Exponential,
+                    "fixed" => Backoff::Fixed,
+                    other => {
+                        c.error(
+                            pos(&b.referenced),
+                            format!("`retry.backoff` is `{other}`; use `exponential` or `fixed`"),
+                        );
+                        Backoff::Exponential
+                    }
+                };
+            }
+            policy.initial_delay = c.duration(
+                &r.initial_delay,
+                "retry.initial_delay",
+                policy.initial_delay,
+            );
+            policy.max_delay = c.duration(&r.max_delay, "retry.max_delay", policy.max_delay);
+            if policy.initial_delay > policy.max_delay {
+                let loc = r
+                    .max_delay
+                    .as_ref()
+                    .map(|d| pos(&d.referenced))
+                    .unwrap_or(pos(&step.id.referenced));
+                c.error(
+                    loc,
+                    "`retry.max_delay` is shorter than `retry.initial_delay`",
+                );
+            }
+            policy
+        }
+    };
+    let cache = step
+        .cache
+        .as_ref()
+        .map(|_| c.duration(&step.cache, "cache", Duration::ZERO));
+    if let Some(cache_spec) = &step.cache
+        && !is_setup
+    {
+        c.at(
+            pos(&cache_spec.referenced),
+            Severity::Warning,
+            "`cache` only applies to conversation.setup lookups",
+        );
+    }
+    Step {
+        id,
+        condition: step.condition.as_ref().map(|c| c.value.clone()),
+        http,
+        timeout,
+        retry,
+        cache,
+    }
+}
+
+fn check_http(c: &mut Checker<'_>, http: &HttpSpec, refs: &Refs<'_>) -> HttpAction {
+    let method = match &http.method {
+        None => "POST".to_owned(),
+        Some(m) => {
+            let upper = m.value.trim().to_ascii_uppercase();
+            if !["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+                .contains(&upper.as_str())
+            {
+                c.error(
+                    pos(&m.referenced),
+                    format!("`http.method` `{}` is not an HTTP method", m.value),
+                )
+                .help = Some("use GET, POST, PUT, PATCH or DELETE".into());
+            }
+            upper
+        }
+    };
+    c.template(&http.url.value, pos(&http.url.referenced), "http.url", refs);
+    let url_literal = http.url.value.trim_start();
+    if !url_literal.starts_with("http://")
+        && !url_literal.starts_with("https://")
+        && !url_literal.starts_with("{{")
+    {
+        c.error(
+            pos(&http.url.referenced),
+            "`http.url` must start with http:// or https://",
+        );
+    }
+    for (k, v) in &http.headers {
+        c.template(
+            &v.value,
+            pos(&v.referenced),
+            &format!("http.headers.{k}"),
+            refs,
+        );
+    }
+    for (k, v) in &http.query {
+        c.template(
+            &v.value,
+            pos(&v.referenced),
+            &format!("http.query.{k}"),
+            refs,
+        );
+    }
+    let body = match (&http.json, &http.body) {
+        (Some(_), Some(b)) => {
+            c.error(
+                pos(&b.referenced),
+                "a step has either `http.json` or `http.body`, not both",
+            );
+            BodySpec::None
+        }
+        (Some(j), None) => {
+            let mut strings = Vec::new();
+            template::strings_in(&j.value, &mut strings);
+            for s in strings {
+                let loc = c.find(pos(&j.referenced), s.lines().next().unwrap_or(&s));
+                c.template(&s, loc, "http.json", refs);
+            }
+            BodySpec::Json(j.value.clone())
+        }
+        (None, Some(b)) => {
+            c.template(&b.value, pos(&b.referenced), "http.body", refs);
+            BodySpec::Text {
+                template: b.value.clone(),
+                content_type: http
+                    .content_type
+                    .clone()
+                    .unwrap_or_else(|| "text/plain; charset=utf-8".into()),
+            }
+        }
+        (None, None) => BodySpec::None,
+    };
+    HttpAction {
+        method,
+        url: http.url.value.clone(),
+        headers: http
+            .headers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.value.clone()))
+            .collect(),
+        query: http
+            .query
+            .iter()
+            .map(|(k, v)| (k.clone(), v.value.clone()))
+            .collect(),
+        body,
+    }
+}
