@@ -81,6 +81,10 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHBOARD_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
 
+    /// Workflow runs executed at once by this process.
+    #[arg(long, env = "SWITCHBOARD_WORKER_CONCURRENCY", default_value_t = 32)]
+    pub worker_concurrency: usize,
+
     /// On SIGTERM, how long in-flight requests may take before the process exits.
     #[arg(long, env = "SWITCHBOARD_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,

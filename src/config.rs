@@ -30,6 +30,8 @@ pub struct Settings {
     pub tolerance: Tolerance,
     pub max_body_bytes: usize,
     pub shutdown_grace: Duration,
+    /// Runs executed at once by this process's workers.
+    pub worker_concurrency: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +97,7 @@ impl Settings {
             },
             max_body_bytes: args.max_body_bytes,
             shutdown_grace: args.shutdown_grace,
+            worker_concurrency: args.worker_concurrency.max(1),
         })
     }
 }

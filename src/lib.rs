@@ -9,6 +9,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod domain;
+pub mod engine;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

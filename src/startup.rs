@@ -12,13 +12,17 @@ use poem::{Endpoint, EndpointExt, Route, Server, post};
 
 use crate::api::{self, AdminToken};
 use crate::config::Settings;
+use crate::engine::Engine;
 use crate::store::appender::Appender;
 use crate::store::{self, EventStore};
 use crate::webhook::ingest::{self, IngestState, WEBHOOK_PATH};
 use crate::workflow::WorkflowSet;
+use crate::workflow::registry::Registry;
+use tokio::sync::Notify;
 
 /// A bound, ready-to-run server.
 pub struct Application {
+    workers: Vec<tokio::task::JoinHandle<()>>,
     acceptor: TcpAcceptor,
     local_addr: SocketAddr,
     app: poem::endpoint::BoxEndpoint<'static>,
@@ -29,6 +33,8 @@ pub struct Application {
 /// All routes: the webhook, the admin API with its docs, the health probes.
 pub fn routes(
     store: Arc<dyn EventStore>,
+    registry: Arc<Registry>,
+    wake: Arc<Notify>,
     ingest: Arc<IngestState>,
     admin_token: AdminToken,
 ) -> impl Endpoint<Output = poem::Response> {
@@ -44,6 +50,8 @@ pub fn routes(
         .at("/openapi.json", spec)
         .nest("/", service)
         .with(AddData::new(store))
+        .with(AddData::new(registry))
+        .with(AddData::new(wake))
         .with(AddData::new(admin_token))
         .with(Tracing)
         .catch_all_error(api::error::to_json_error)
@@ -78,7 +86,19 @@ impl Application {
             workflows = workflows.workflows.len(),
             "workflows loaded"
         );
-        let appender = Appender::spawn(store.clone());
+        let registry = Arc::new(Registry::new(workflows));
+        let wake = Arc::new(Notify::new());
+        let appender = Appender::spawn(store.clone(), registry.clone(), wake.clone());
+        let engine = Arc::new(Engine::new(
+            store.clone(),
+            registry.clone(),
+            wake.clone(),
+            settings.worker_concurrency,
+        ));
+        let workers = vec![
+            engine.clone().spawn(),
+            spawn_listener(&settings.database_url, wake.clone()),
+        ];
         let ingest = Arc::new(IngestState {
             keys: settings.signing_keys.clone(),
             public_url: settings.public_url.clone(),
@@ -95,8 +115,16 @@ impl Application {
             .first()
             .and_then(|a| a.as_socket_addr().copied())
             .context("listener has no address")?;
-        let app = routes(store.clone(), ingest, settings.admin_token.clone()).boxed();
+        let app = routes(
+            store.clone(),
+            registry,
+            wake,
+            ingest,
+            settings.admin_token.clone(),
+        )
+        .boxed();
         Ok(Self {
+            workers,
             acceptor,
             local_addr,
             app,
@@ -116,6 +144,7 @@ impl Application {
     /// Serves until SIGINT/SIGTERM, then lets in-flight requests finish within the grace period.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         self.announce();
+        let _workers = AbortOnDrop(self.workers);
         Server::new_with_acceptor(self.acceptor)
             .run_with_graceful_shutdown(
                 self.app,
@@ -127,8 +156,9 @@ impl Application {
         Ok(())
     }
 
-    /// Serves until the future is dropped (tests).
+    /// Serves until the future is dropped (tests); the workers stop with it.
     pub async fn run(self) -> std::io::Result<()> {
+        let _workers = AbortOnDrop(self.workers);
         Server::new_with_acceptor(self.acceptor).run(self.app).await
     }
 
@@ -181,4 +211,40 @@ async fn shutdown_signal() {
         let _ = ctrl_c.await;
     }
     tracing::info!("shutdown requested; finishing in-flight requests");
+}
+
+/// Aborts background tasks when dropped.
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for h in &self.0 {
+            h.abort();
+        }
+    }
+}
+
+/// On PostgreSQL, wakes the workers when another instance creates runs.
+pub fn spawn_listener(database_url: &str, wake: Arc<Notify>) -> tokio::task::JoinHandle<()> {
+    let url = database_url.to_owned();
+    tokio::spawn(async move {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return;
+        }
+        loop {
+            match sqlx::postgres::PgListener::connect(&url).await {
+                Ok(mut listener) => {
+                    if let Err(e) = listener.listen(store::postgres::RUNS_CHANNEL).await {
+                        tracing::warn!(error = %e, "LISTEN failed; relying on polling");
+                    } else {
+                        while listener.recv().await.is_ok() {
+                            wake.notify_one();
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "cannot LISTEN for new runs yet"),
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+    })
 }

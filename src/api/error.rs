@@ -49,6 +49,9 @@ pub enum ApiError {
     /// No such object.
     #[oai(status = 404)]
     NotFound(Json<ErrorBody>),
+    /// The request conflicts with the object's state.
+    #[oai(status = 409)]
+    Conflict(Json<ErrorBody>),
     /// The database is unreachable; retry later.
     #[oai(status = 503)]
     Unavailable(Json<ErrorBody>),
@@ -64,6 +67,12 @@ impl ApiError {
             "not_found",
             format!("no {what} with id `{id}`"),
         ))
+    }
+}
+
+impl ApiError {
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::Conflict(ErrorBody::new("conflict", message))
     }
 }
 

@@ -6,18 +6,20 @@ pub mod auth;
 pub mod error;
 pub mod events;
 pub mod health;
+pub mod runs;
 
 use poem_openapi::OpenApiService;
 
 pub use auth::AdminToken;
 
 /// Every operation of the API, in spec order.
-pub type Apis = (health::HealthApi, events::EventsApi);
+pub type Apis = (health::HealthApi, events::EventsApi, runs::RunsApi);
 
-/// The OpenAPI service; routes need `Arc<dyn EventStore>` and [`AdminToken`] as request data.
+/// The OpenAPI service; routes need `Arc<dyn EventStore>`, `Arc<Registry>`, the workers' wake
+/// `Arc<Notify>` and [`AdminToken`] as request data.
 pub fn service() -> OpenApiService<Apis, ()> {
     OpenApiService::new(
-        (health::HealthApi, events::EventsApi),
+        (health::HealthApi, events::EventsApi, runs::RunsApi),
         "Switchboard",
         env!("CARGO_PKG_VERSION"),
     )

@@ -5,9 +5,9 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 
-use super::{AppendOutcome, EventStore, NewEvent, StoreError};
+use super::{AppendOutcome, Dispatcher, EventStore, NewEvent, StoreError};
 
 /// Most deliveries written in one transaction.
 pub const MAX_BATCH: usize = 256;
@@ -22,9 +22,15 @@ pub struct Appender {
 
 impl Appender {
     /// Starts the append task on the current runtime. It ends when every handle is dropped.
-    pub fn spawn(store: Arc<dyn EventStore>) -> Self {
+    /// `dispatcher` decides which workflows each new event starts; `wake` is notified
+    /// after a commit that created runs, so workers pick them up at once.
+    pub fn spawn(
+        store: Arc<dyn EventStore>,
+        dispatcher: Arc<dyn Dispatcher>,
+        wake: Arc<Notify>,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
-        tokio::spawn(run(store, rx));
+        tokio::spawn(run(store, dispatcher, wake, rx));
         Self { tx }
     }
 
@@ -39,7 +45,12 @@ impl Appender {
     }
 }
 
-async fn run(store: Arc<dyn EventStore>, mut rx: mpsc::Receiver<(NewEvent, Reply)>) {
+async fn run(
+    store: Arc<dyn EventStore>,
+    dispatcher: Arc<dyn Dispatcher>,
+    wake: Arc<Notify>,
+    mut rx: mpsc::Receiver<(NewEvent, Reply)>,
+) {
     let mut events = Vec::with_capacity(MAX_BATCH);
     let mut replies = Vec::with_capacity(MAX_BATCH);
     while let Some((event, reply)) = rx.recv().await {
@@ -54,8 +65,11 @@ async fn run(store: Arc<dyn EventStore>, mut rx: mpsc::Receiver<(NewEvent, Reply
                 Err(_) => break,
             }
         }
-        match store.append_batch(&events).await {
-            Ok(outcomes) => {
+        match store.append_batch(&events, dispatcher.as_ref()).await {
+            Ok((outcomes, runs)) => {
+                if runs > 0 {
+                    wake.notify_one();
+                }
                 for (reply, outcome) in replies.drain(..).zip(outcomes) {
                     let _ = reply.send(Ok(outcome));
                 }
@@ -68,9 +82,14 @@ async fn run(store: Arc<dyn EventStore>, mut rx: mpsc::Receiver<(NewEvent, Reply
                 tracing::warn!(error = %err, batch = events.len(), "batch append failed; retrying one by one");
                 for (event, reply) in events.iter().zip(replies.drain(..)) {
                     let result = store
-                        .append_batch(std::slice::from_ref(event))
+                        .append_batch(std::slice::from_ref(event), dispatcher.as_ref())
                         .await
-                        .map(|mut o| o.remove(0));
+                        .map(|(mut o, runs)| {
+                            if runs > 0 {
+                                wake.notify_one();
+                            }
+                            o.remove(0)
+                        });
                     let _ = reply.send(result);
                 }
             }

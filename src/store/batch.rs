@@ -5,7 +5,9 @@
 
 use std::collections::HashMap;
 
-use super::model::{AppendOutcome, DuplicateOf, EventRef, NewEvent};
+use super::model::{
+    AppendOutcome, Dispatcher, DuplicateOf, EventRef, MatchRecord, NewEvent, NewRun,
+};
 use super::projection::ConversationState;
 
 /// Stored events that share an envelope id or a (recent) idempotency key with the batch.
@@ -28,6 +30,10 @@ pub(crate) struct Plan<'a> {
     pub outcomes: Vec<AppendOutcome>,
     /// Projections touched by the batch, after applying it.
     pub conversations: HashMap<String, ConversationState>,
+    /// Every workflow's verdict on every new event.
+    pub decisions: Vec<MatchRecord>,
+    /// The runs the new events start.
+    pub runs: Vec<NewRun>,
 }
 
 /// Plans a batch. `last_seq` is the highest stored sequence; `conversations`
@@ -37,9 +43,12 @@ pub(crate) fn plan<'a>(
     mut existing: Existing,
     last_seq: i64,
     mut conversations: HashMap<String, ConversationState>,
+    dispatcher: &dyn Dispatcher,
 ) -> Plan<'a> {
     let mut next_seq = last_seq + 1;
     let mut inserts = Vec::new();
+    let mut decisions = Vec::new();
+    let mut runs = Vec::new();
     let mut outcomes = Vec::with_capacity(batch.len());
     for event in batch {
         let key = event.idempotency_key.as_str();
@@ -60,13 +69,43 @@ pub(crate) fn plan<'a>(
         }
         let seq = next_seq;
         next_seq += 1;
+        let mut before = None;
         let stream_version = event.envelope.conversation_id.as_ref().map(|conv| {
             let state = conversations
                 .entry(conv.to_string())
                 .or_insert_with(|| ConversationState::new(conv.as_str()));
+            before = Some(state.clone());
             state.apply(seq, &event.envelope, event.received_at);
             state.event_count
         });
+        let after = event
+            .envelope
+            .conversation_id
+            .as_ref()
+            .and_then(|c| conversations.get(c.as_str()));
+        for d in dispatcher.dispatch(event, before.as_ref(), after) {
+            if d.matched {
+                runs.push(NewRun {
+                    run_id: format!("run_{}", uuid::Uuid::new_v4().simple()),
+                    workflow: d.workflow.clone(),
+                    event_seq: seq,
+                    event_id: id.to_owned(),
+                    conversation_id: event
+                        .envelope
+                        .conversation_id
+                        .as_ref()
+                        .map(|c| c.to_string()),
+                    context: d.context.unwrap_or_default(),
+                    created_at: event.received_at,
+                });
+            }
+            decisions.push(MatchRecord {
+                event_seq: seq,
+                workflow: d.workflow,
+                matched: d.matched,
+                reason: d.reason,
+            });
+        }
         let reference = EventRef {
             seq,
             event_id: id.to_owned(),
@@ -91,6 +130,8 @@ pub(crate) fn plan<'a>(
         inserts,
         outcomes,
         conversations,
+        decisions,
+        runs,
     }
 }
 
@@ -98,7 +139,7 @@ pub(crate) fn plan<'a>(
 mod tests {
     use super::*;
     use crate::domain::IdempotencyKey;
-    use crate::store::model::Verification;
+    use crate::store::model::{NoWorkflows, Verification};
     use crate::webhook::envelope::Envelope;
 
     fn new_event(id: &str, key: &str) -> NewEvent {
@@ -126,7 +167,13 @@ mod tests {
             new_event("ev_a", "k2"), // same event, new key
             new_event("ev_b", "k3"),
         ];
-        let plan = plan(&batch, Existing::default(), 41, HashMap::new());
+        let plan = plan(
+            &batch,
+            Existing::default(),
+            41,
+            HashMap::new(),
+            &NoWorkflows,
+        );
         assert_eq!(plan.inserts.len(), 2);
         assert_eq!(plan.inserts[0].seq, 42);
         assert_eq!(plan.inserts[1].seq, 43);
@@ -152,7 +199,7 @@ mod tests {
             event_type: "conversation.ended".into(),
         };
         existing.by_event_id.insert("ev_a".into(), stored.clone());
-        let plan = plan(&batch, existing, 9, HashMap::new());
+        let plan = plan(&batch, existing, 9, HashMap::new(), &NoWorkflows);
         assert!(plan.inserts.is_empty());
         assert!(plan.conversations.is_empty());
         assert_eq!(plan.outcomes[0].event(), &stored);

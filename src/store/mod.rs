@@ -16,6 +16,8 @@ mod batch;
 pub mod model;
 pub mod postgres;
 pub mod projection;
+pub mod runs;
+mod runs_sql;
 mod sql;
 pub mod sqlite;
 
@@ -59,7 +61,7 @@ pub enum StoreError {
 /// The event log and its projections. Implemented by [`sqlite::SqliteStore`]
 /// and [`postgres::PostgresStore`]; both behave the same.
 #[async_trait]
-pub trait EventStore: Send + Sync + 'static {
+pub trait EventStore: runs::RunStore + Send + Sync + 'static {
     fn backend(&self) -> Backend;
 
     /// Applies pending schema migrations.
@@ -67,8 +69,14 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// Appends a batch in one transaction, deduplicating by envelope id (forever)
     /// and by idempotency key (within [`IDEMPOTENCY_WINDOW`]), also within the batch.
-    /// Returns one outcome per input, in order. All or nothing.
-    async fn append_batch(&self, batch: &[NewEvent]) -> Result<Vec<AppendOutcome>, StoreError>;
+    /// In the same transaction, records `dispatcher`'s verdict on every new event
+    /// and creates the runs it starts (the outbox: no event is committed without them).
+    /// Returns one outcome per input, in order, and the number of runs created. All or nothing.
+    async fn append_batch(
+        &self,
+        batch: &[NewEvent],
+        dispatcher: &dyn Dispatcher,
+    ) -> Result<(Vec<AppendOutcome>, usize), StoreError>;
 
     /// One event with its raw body, by envelope id.
     async fn get_event(&self, event_id: &str) -> Result<Option<StoredEventWithBody>, StoreError>;

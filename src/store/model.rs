@@ -117,3 +117,60 @@ pub struct EventQuery {
     pub order: Order,
     pub limit: u32,
 }
+
+/// Why a workflow did or did not match an event, recorded with the event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MatchRecord {
+    pub event_seq: i64,
+    pub workflow: String,
+    pub matched: bool,
+    pub reason: Option<String>,
+}
+
+/// A run to create with the event that caused it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewRun {
+    pub run_id: String,
+    pub workflow: String,
+    pub event_seq: i64,
+    pub event_id: String,
+    pub conversation_id: Option<String>,
+    /// `{event, conversation}` as of the event: what the run's templates read.
+    pub context: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+}
+
+/// One workflow's verdict on one new event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DispatchDecision {
+    pub workflow: String,
+    pub matched: bool,
+    pub reason: Option<String>,
+    /// For matched workflows: the run's template context.
+    pub context: Option<serde_json::Value>,
+}
+
+/// Decides, inside the append transaction, which workflows an event starts.
+/// Implemented by the workflow registry; the store only records the verdicts.
+pub trait Dispatcher: Send + Sync {
+    fn dispatch(
+        &self,
+        event: &NewEvent,
+        before: Option<&super::projection::ConversationState>,
+        after: Option<&super::projection::ConversationState>,
+    ) -> Vec<DispatchDecision>;
+}
+
+/// No workflows: every event is only stored.
+pub struct NoWorkflows;
+
+impl Dispatcher for NoWorkflows {
+    fn dispatch(
+        &self,
+        _: &NewEvent,
+        _: Option<&super::projection::ConversationState>,
+        _: Option<&super::projection::ConversationState>,
+    ) -> Vec<DispatchDecision> {
+        Vec::new()
+    }
+}

@@ -11,14 +11,21 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
+use super::runs_sql::impl_run_store;
 use super::sql::{append_in_tx, impl_event_store, rebuild_in_tx};
-use super::{AppendOutcome, Backend, NewEvent, StoreError};
+use super::{AppendOutcome, Backend, Dispatcher, NewEvent, StoreError};
 
 /// The advisory lock key that serialises appends to the log.
 const APPEND_LOCK: i64 = 0x5357_4244_0001; // "SWBD" 1
 
+/// The channel workers LISTEN on; notified (at commit) when runs are created.
+pub const RUNS_CHANNEL: &str = "switchboard_runs";
+const NOTIFY_RUNS: &str = "SELECT pg_notify('switchboard_runs', '')";
+
 pub struct PostgresStore {
     reader: PgPool,
+    /// The same pool: PostgreSQL needs no separate writer.
+    writer: PgPool,
 }
 
 fn migrator() -> sqlx::migrate::Migrator {
@@ -35,7 +42,10 @@ impl PostgresStore {
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(options)
             .await?;
-        Ok(Self { reader: pool })
+        Ok(Self {
+            writer: pool.clone(),
+            reader: pool,
+        })
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -53,13 +63,23 @@ impl_event_store!(PostgresStore, sqlx::Postgres, {
         Ok(())
     }
 
-    async fn append_batch(&self, batch: &[NewEvent]) -> Result<Vec<AppendOutcome>, StoreError> {
+    async fn append_batch(
+        &self,
+        batch: &[NewEvent],
+        dispatcher: &dyn Dispatcher,
+    ) -> Result<(Vec<AppendOutcome>, usize), StoreError> {
         let mut tx = self.reader.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(APPEND_LOCK)
             .execute(&mut *tx)
             .await?;
-        let outcomes = append_in_tx!(sqlx::Postgres, &mut tx, batch);
+        let outcomes = append_in_tx!(
+            sqlx::Postgres,
+            &mut tx,
+            batch,
+            dispatcher,
+            Some(NOTIFY_RUNS)
+        );
         tx.commit().await?;
         Ok(outcomes)
     }
@@ -75,3 +95,5 @@ impl_event_store!(PostgresStore, sqlx::Postgres, {
         Ok(read)
     }
 });
+
+impl_run_store!(PostgresStore, sqlx::Postgres, "FOR UPDATE SKIP LOCKED");

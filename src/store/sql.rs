@@ -238,6 +238,63 @@ where
     Some(qb)
 }
 
+/// Records match decisions, or `None` if there are none.
+pub(crate) fn insert_decisions<DB: Database>(
+    decisions: &[super::model::MatchRecord],
+) -> Option<QueryBuilder<DB>>
+where
+    for<'t> &'t str: Encode<'t, DB> + Type<DB>,
+    for<'t> i64: Encode<'t, DB> + Type<DB>,
+    for<'t> bool: Encode<'t, DB> + Type<DB>,
+    for<'t> Option<&'t str>: Encode<'t, DB> + Type<DB>,
+{
+    if decisions.is_empty() {
+        return None;
+    }
+    let mut qb =
+        QueryBuilder::new("INSERT INTO match_decisions (event_seq, workflow, matched, reason) ");
+    qb.push_values(decisions, |mut row, d| {
+        row.push_bind(d.event_seq)
+            .push_bind(d.workflow.as_str())
+            .push_bind(d.matched)
+            .push_bind(d.reason.as_deref());
+    });
+    Some(qb)
+}
+
+/// Creates runs (scheduled now), or `None` if there are none.
+pub(crate) fn insert_runs<DB: Database>(runs: &[super::model::NewRun]) -> Option<QueryBuilder<DB>>
+where
+    for<'t> &'t str: Encode<'t, DB> + Type<DB>,
+    for<'t> i64: Encode<'t, DB> + Type<DB>,
+    for<'t> Option<&'t str>: Encode<'t, DB> + Type<DB>,
+    for<'t> DateTime<Utc>: Encode<'t, DB> + Type<DB>,
+    for<'t> Json<&'t serde_json::Value>: Encode<'t, DB> + Type<DB>,
+{
+    if runs.is_empty() {
+        return None;
+    }
+    let mut qb = QueryBuilder::new(
+        "INSERT INTO runs (run_id, workflow, event_seq, event_id, conversation_id, status, next_attempt_at, \
+         context, step_results, created_at, updated_at) ",
+    );
+    qb.push_values(runs, |mut row, r| {
+        row.push_bind(r.run_id.as_str())
+            .push_bind(r.workflow.as_str())
+            .push_bind(r.event_seq)
+            .push_bind(r.event_id.as_str())
+            .push_bind(r.conversation_id.as_deref())
+            .push_bind("scheduled")
+            .push_bind(r.created_at)
+            .push_bind(Json(&r.context))
+            .push("'{}'")
+            .push_bind(r.created_at)
+            .push_bind(r.created_at);
+    });
+    qb.push(" ON CONFLICT DO NOTHING");
+    Some(qb)
+}
+
 /// Lists events by filter, keyset-paginated on the sequence.
 pub(crate) fn list_events<DB: Database>(q: &EventQuery) -> QueryBuilder<DB>
 where
@@ -312,7 +369,7 @@ where
 /// A macro rather than a generic function because sqlx's executor bounds
 /// over a generic database are heavier than the code they would share.
 macro_rules! append_in_tx {
-    ($db:ty, $tx:expr, $batch:expr) => {{
+    ($db:ty, $tx:expr, $batch:expr, $dispatcher:expr, $notify:expr) => {{
         use sqlx::types::Json;
         use $crate::store::{batch, projection::ConversationState, sql};
         let tx = $tx;
@@ -334,14 +391,24 @@ macro_rules! append_in_tx {
             ),
             None => Default::default(),
         };
-        let plan = batch::plan(batch, existing, last_seq, states);
+        let plan = batch::plan(batch, existing, last_seq, states, $dispatcher);
         if let Some(mut qb) = sql::insert_events::<$db>(&plan) {
             qb.build().execute(&mut **tx).await?;
         }
         if let Some(mut qb) = sql::upsert_conversations::<$db>(plan.conversations.values()) {
             qb.build().execute(&mut **tx).await?;
         }
-        plan.outcomes
+        if let Some(mut qb) = sql::insert_decisions::<$db>(&plan.decisions) {
+            qb.build().execute(&mut **tx).await?;
+        }
+        if let Some(mut qb) = sql::insert_runs::<$db>(&plan.runs) {
+            qb.build().execute(&mut **tx).await?;
+            let notify: Option<&str> = $notify;
+            if let Some(notify) = notify {
+                sqlx::query(notify).execute(&mut **tx).await?;
+            }
+        }
+        (plan.outcomes, plan.runs.len())
     }};
 }
 pub(crate) use append_in_tx;

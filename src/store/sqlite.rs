@@ -13,8 +13,9 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
+use super::runs_sql::impl_run_store;
 use super::sql::{append_in_tx, impl_event_store, rebuild_in_tx};
-use super::{AppendOutcome, Backend, NewEvent, StoreError};
+use super::{AppendOutcome, Backend, Dispatcher, NewEvent, StoreError};
 
 pub struct SqliteStore {
     writer: SqlitePool,
@@ -68,9 +69,13 @@ impl_event_store!(SqliteStore, sqlx::Sqlite, {
         Ok(())
     }
 
-    async fn append_batch(&self, batch: &[NewEvent]) -> Result<Vec<AppendOutcome>, StoreError> {
+    async fn append_batch(
+        &self,
+        batch: &[NewEvent],
+        dispatcher: &dyn Dispatcher,
+    ) -> Result<(Vec<AppendOutcome>, usize), StoreError> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let outcomes = append_in_tx!(sqlx::Sqlite, &mut tx, batch);
+        let outcomes = append_in_tx!(sqlx::Sqlite, &mut tx, batch, dispatcher, None);
         tx.commit().await?;
         Ok(outcomes)
     }
@@ -82,3 +87,5 @@ impl_event_store!(SqliteStore, sqlx::Sqlite, {
         Ok(read)
     }
 });
+
+impl_run_store!(SqliteStore, sqlx::Sqlite, "");

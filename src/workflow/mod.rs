@@ -10,6 +10,7 @@ pub mod compile;
 pub mod diagnostic;
 pub mod format;
 pub mod matching;
+pub mod registry;
 pub mod template;
 
 use std::collections::HashMap;

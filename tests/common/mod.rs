@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod sink;
+
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -178,6 +180,7 @@ pub fn settings(db: &TestDb) -> Settings {
         tolerance: Tolerance::default(),
         max_body_bytes: 1024 * 1024,
         shutdown_grace: Duration::from_secs(1),
+        worker_concurrency: 8,
     }
 }
 
@@ -225,7 +228,59 @@ pub fn client() -> reqwest::Client {
     reqwest::Client::builder().build().unwrap()
 }
 
+/// A directory of workflow files for one test.
+pub fn workflow_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    dir
+}
+
 impl TestApp {
+    /// A server whose workflows are these files.
+    pub async fn with_workflows(db: &TestDb, files: &[(&str, &str)]) -> (Self, tempfile::TempDir) {
+        let dir = workflow_dir(files);
+        let mut s = settings(db);
+        s.workflows_dir = dir.path().to_owned();
+        (Self::spawn_with(s).await, dir)
+    }
+
+    /// Waits until every run is final (or panics after `secs`); returns them.
+    pub async fn wait_runs_final(
+        &self,
+        expected: usize,
+        secs: u64,
+    ) -> Vec<switchboard::store::runs::Run> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            let runs = self
+                .store
+                .list_runs(&switchboard::store::runs::RunQuery {
+                    limit: 1000,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            let done = runs
+                .iter()
+                .filter(|r| r.status().is_some_and(|s| s.is_final()))
+                .count();
+            if runs.len() >= expected && done == runs.len() {
+                return runs;
+            }
+            if std::time::Instant::now() > deadline {
+                panic!(
+                    "runs not final within {secs}s: {:?}",
+                    runs.iter()
+                        .map(|r| (&r.workflow, &r.status, &r.last_error))
+                        .collect::<Vec<_>>()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
     pub async fn spawn(db: &TestDb) -> Self {
         Self::spawn_with(settings(db)).await
     }

@@ -1,0 +1,314 @@
+//! Runs and their attempts: list, inspect, retry. And the loaded workflows.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use poem::web::Data;
+use poem_openapi::param::{Path, Query};
+use poem_openapi::payload::Json;
+use poem_openapi::{Object, OpenApi, Tags};
+use serde_json::Value;
+
+use super::auth::AdminAuth;
+use super::error::ApiError;
+use crate::store::EventStore;
+use crate::store::runs::{Attempt, RetryOutcome, Run, RunQuery, RunStatus};
+use crate::workflow::registry::Registry;
+
+#[derive(Tags)]
+enum RunTags {
+    /// Workflow runs: one per (workflow, event) that matched, with every HTTP attempt.
+    Runs,
+    /// The workflows loaded from SWITCHBOARD_WORKFLOWS.
+    Workflows,
+}
+
+/// One run.
+#[derive(Object, Debug)]
+pub struct RunSummary {
+    /// `run_…`.
+    pub id: String,
+    pub workflow: String,
+    /// `scheduled`, `running`, `retrying`, `succeeded`, `failed` or `cancelled`.
+    pub status: String,
+    /// The event that started it (`ev_…`).
+    pub event_id: String,
+    /// That event's place in the log.
+    pub event_sequence: i64,
+    pub conversation_id: Option<String>,
+    /// The run this one replays, if it is a replay.
+    pub replay_of: Option<String>,
+    /// Index of the step it is at (0-based); equals the step count once done.
+    pub step_index: i64,
+    /// Attempts made at that step.
+    pub attempt: i64,
+    /// Attempts made in all.
+    pub attempts_total: i64,
+    /// When the next attempt is due (while scheduled or retrying).
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    /// Why the last attempt failed, or why the run failed.
+    pub last_error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl From<&Run> for RunSummary {
+    fn from(r: &Run) -> Self {
+        let waiting = matches!(r.status(), Some(RunStatus::Scheduled | RunStatus::Retrying));
+        Self {
+            id: r.run_id.clone(),
+            workflow: r.workflow.clone(),
+            status: r.status.clone(),
+            event_id: r.event_id.clone(),
+            event_sequence: r.event_seq,
+            conversation_id: r.conversation_id.clone(),
+            replay_of: r.replay_of.clone(),
+            step_index: r.step_index,
+            attempt: r.attempt,
+            attempts_total: r.attempts_total,
+            next_attempt_at: waiting.then_some(r.next_attempt_at),
+            last_error: r.last_error.clone(),
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+            finished_at: r.finished_at,
+        }
+    }
+}
+
+/// One HTTP attempt (secrets appear as `***`).
+#[derive(Object, Debug)]
+pub struct AttemptView {
+    /// 1, 2, … across the run.
+    pub number: i64,
+    pub step_id: String,
+    pub step_index: i64,
+    /// 1, 2, … at this step.
+    pub attempt: i64,
+    pub started_at: DateTime<Utc>,
+    pub duration_ms: i64,
+    /// `{method, url, headers, body}` as sent.
+    pub request: Value,
+    pub response_status: Option<i64>,
+    pub response_headers: Option<Value>,
+    /// The first 64 KiB of the response body.
+    pub response_body: Option<String>,
+    /// `succeeded`, `retrying` or `failed`.
+    pub outcome: String,
+    /// `dns`, `connect`, `tls`, `timeout`, `http_3xx`, `http_4xx`, `http_5xx`, `template`, `secret`, `request`.
+    pub error_class: Option<String>,
+    pub error_message: Option<String>,
+    /// The backoff chosen before the next attempt.
+    pub next_delay_ms: Option<i64>,
+}
+
+impl From<Attempt> for AttemptView {
+    fn from(a: Attempt) -> Self {
+        Self {
+            number: a.number,
+            step_id: a.step_id,
+            step_index: a.step_index,
+            attempt: a.attempt,
+            started_at: a.started_at,
+            duration_ms: a.duration_ms,
+            request: a.request.0,
+            response_status: a.response_status,
+            response_headers: a.response_headers.map(|h| h.0),
+            response_body: a.response_body,
+            outcome: a.outcome,
+            error_class: a.error_class,
+            error_message: a.error_message,
+            next_delay_ms: a.next_delay_ms,
+        }
+    }
+}
+
+/// A run with its steps' results and every attempt.
+#[derive(Object, Debug)]
+pub struct RunDetail {
+    #[oai(flatten)]
+    pub run: RunSummary,
+    /// What each finished step returned (`{status, headers, json, body}`, or `{skipped: true}`).
+    pub step_results: Value,
+    pub attempts: Vec<AttemptView>,
+}
+
+#[derive(Object, Debug)]
+pub struct RunPage {
+    pub data: Vec<RunSummary>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// A loaded workflow.
+#[derive(Object, Debug)]
+pub struct WorkflowView {
+    pub name: String,
+    pub description: Option<String>,
+    pub file: String,
+    /// `on.event`.
+    pub event: String,
+    /// The checked definition (trigger, when, steps, retry policies); secret values never appear.
+    pub definition: Value,
+    /// Always true for a loaded workflow (invalid files are refused at load).
+    pub valid: bool,
+    /// Runs created in the last 24 hours, by status.
+    pub runs_last_24h: BTreeMap<String, i64>,
+}
+
+pub struct RunsApi;
+
+fn encode_cursor(r: &Run) -> String {
+    format!(
+        "{}|{}",
+        r.created_at
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        r.run_id
+    )
+}
+
+fn decode_cursor(c: &str) -> Result<(DateTime<Utc>, String), ApiError> {
+    let bad = || {
+        ApiError::bad_request(format!(
+            "invalid cursor `{c}`: pass the `next_cursor` of a previous page unchanged"
+        ))
+    };
+    let (at, id) = c.split_once('|').ok_or_else(bad)?;
+    let at = DateTime::parse_from_rfc3339(at)
+        .map_err(|_| bad())?
+        .to_utc();
+    Ok((at, id.to_owned()))
+}
+
+#[OpenApi(prefix_path = "/api/v1")]
+impl RunsApi {
+    /// List runs, newest first.
+    #[allow(clippy::too_many_arguments)]
+    #[oai(path = "/runs", method = "get", tag = "RunTags::Runs")]
+    async fn list_runs(
+        &self,
+        _auth: AdminAuth,
+        store: Data<&Arc<dyn EventStore>>,
+        /// Only this workflow.
+        workflow: Query<Option<String>>,
+        /// Only this status.
+        status: Query<Option<String>>,
+        /// Only runs of this conversation.
+        conversation_id: Query<Option<String>>,
+        /// Only runs started by this event (`ev_…`).
+        event_id: Query<Option<String>>,
+        /// `next_cursor` of the previous page.
+        cursor: Query<Option<String>>,
+        /// Page size, 1 to 500.
+        #[oai(
+            default = "default_limit",
+            validator(minimum(value = "1"), maximum(value = "500"))
+        )]
+        limit: Query<u32>,
+    ) -> Result<Json<RunPage>, ApiError> {
+        let status = match status.0 {
+            None => None,
+            Some(s) => Some(RunStatus::parse(&s).ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "unknown status `{s}`: use one of scheduled, running, retrying, succeeded, failed, cancelled"
+                ))
+            })?),
+        };
+        let query = RunQuery {
+            workflow: workflow.0,
+            status,
+            conversation_id: conversation_id.0,
+            event_id: event_id.0,
+            before: cursor.0.as_deref().map(decode_cursor).transpose()?,
+            limit: limit.0,
+        };
+        let runs = store.list_runs(&query).await?;
+        let next_cursor = (runs.len() == limit.0 as usize)
+            .then(|| runs.last().map(encode_cursor))
+            .flatten();
+        Ok(Json(RunPage {
+            data: runs.iter().map(Into::into).collect(),
+            next_cursor,
+        }))
+    }
+
+    /// One run with its steps' results and every attempt.
+    #[oai(path = "/runs/:id", method = "get", tag = "RunTags::Runs")]
+    async fn get_run(
+        &self,
+        _auth: AdminAuth,
+        store: Data<&Arc<dyn EventStore>>,
+        /// The run id (`run_…`).
+        id: Path<String>,
+    ) -> Result<Json<RunDetail>, ApiError> {
+        let Some(run) = store.get_run(&id).await? else {
+            return Err(ApiError::not_found("run", &id));
+        };
+        let attempts = store.attempts(&id).await?;
+        Ok(Json(RunDetail {
+            run: (&run).into(),
+            step_results: run.step_results.0.clone(),
+            attempts: attempts.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    /// Start a failed run again from the step that failed (due now). 409 unless it failed or was cancelled.
+    #[oai(path = "/runs/:id/retry", method = "post", tag = "RunTags::Runs")]
+    async fn retry_run(
+        &self,
+        _auth: AdminAuth,
+        store: Data<&Arc<dyn EventStore>>,
+        wake: Data<&Arc<tokio::sync::Notify>>,
+        /// The run id (`run_…`).
+        id: Path<String>,
+    ) -> Result<Json<RunSummary>, ApiError> {
+        match store.retry_run(&id, Utc::now()).await? {
+            RetryOutcome::Retried(run) => {
+                wake.notify_one();
+                Ok(Json(run.as_ref().into()))
+            }
+            RetryOutcome::NotFound => Err(ApiError::not_found("run", &id)),
+            RetryOutcome::NotRetryable(status) => Err(ApiError::conflict(format!(
+                "run `{}` is {status}; only failed or cancelled runs can be retried",
+                id.0
+            ))),
+        }
+    }
+
+    /// The loaded workflows, with their runs of the last 24 hours by status.
+    #[oai(path = "/workflows", method = "get", tag = "RunTags::Workflows")]
+    async fn list_workflows(
+        &self,
+        _auth: AdminAuth,
+        store: Data<&Arc<dyn EventStore>>,
+        registry: Data<&Arc<Registry>>,
+    ) -> Result<Json<Vec<WorkflowView>>, ApiError> {
+        let counts = store
+            .run_counts_since(Utc::now() - chrono::TimeDelta::hours(24))
+            .await?;
+        let set = registry.current();
+        Ok(Json(
+            set.workflows
+                .iter()
+                .map(|w| WorkflowView {
+                    name: w.name.clone(),
+                    description: w.description.clone(),
+                    file: w.file.display().to_string(),
+                    event: w.event.clone(),
+                    definition: serde_json::to_value(w).unwrap_or(Value::Null),
+                    valid: true,
+                    runs_last_24h: counts
+                        .iter()
+                        .filter(|(wf, _, _)| wf == &w.name)
+                        .map(|(_, status, n)| (status.clone(), *n))
+                        .collect(),
+                })
+                .collect(),
+        ))
+    }
+}
+
+fn default_limit() -> u32 {
+    50
+}

@@ -1,0 +1,516 @@
+//! The engine: workers that take due runs from the store and execute their
+//! steps as HTTP actions, with retries and backoff scheduled in the database.
+//!
+//! A worker holds a run with a lease of [`LEASE`], renewed while it works,
+//! so a crashed process's runs are taken over once the lease lapses (within
+//! seconds, by this process after a restart or by another instance). Every
+//! state change is saved before the next action: a kill -9 loses at most the
+//! attempt in flight, which is sent again with the same `Idempotency-Key`.
+//! New runs wake the workers at once (in-process, and through
+//! LISTEN/NOTIFY on PostgreSQL); polling is only a safety net.
+
+pub mod backoff;
+pub mod http;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, SubsecRound, Utc};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokio::sync::{Notify, Semaphore};
+
+use crate::store::EventStore;
+use crate::store::runs::{Attempt, Run, RunStatus, RunUpdate};
+use crate::workflow::registry::Registry;
+use crate::workflow::{Step, Workflow, template};
+use http::ErrorClass;
+
+/// How long a claimed run stays with its worker without a renewal.
+pub const LEASE: Duration = Duration::from_secs(5);
+const RENEW_EVERY: Duration = Duration::from_millis(1500);
+/// The safety-net poll when nothing else wakes the workers.
+const POLL: Duration = Duration::from_secs(1);
+
+/// The `User-Agent` of every outbound request.
+pub fn user_agent() -> String {
+    format!("switchboard/{}", env!("CARGO_PKG_VERSION"))
+}
+
+pub struct Engine {
+    store: Arc<dyn EventStore>,
+    registry: Arc<Registry>,
+    client: reqwest::Client,
+    wake: Arc<Notify>,
+    owner: String,
+    concurrency: usize,
+}
+
+fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(6)
+}
+
+fn after(d: Duration) -> DateTime<Utc> {
+    now() + chrono::TimeDelta::from_std(d).unwrap_or(chrono::TimeDelta::MAX)
+}
+
+impl Engine {
+    pub fn new(
+        store: Arc<dyn EventStore>,
+        registry: Arc<Registry>,
+        wake: Arc<Notify>,
+        concurrency: usize,
+    ) -> Self {
+        let client = reqwest::Client::builder()
+            .user_agent(user_agent())
+            .build()
+            .expect("HTTP client");
+        Self {
+            store,
+            registry,
+            client,
+            wake,
+            // Unique per process: a restarted process never mistakes an old lease for its own.
+            owner: format!("{}-{}", hostname(), uuid::Uuid::new_v4().simple()),
+            concurrency: concurrency.max(1),
+        }
+    }
+
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// Runs the worker loop until the task is dropped.
+    pub fn spawn(self: Arc<Self>) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move { self.run_loop().await })
+    }
+
+    async fn run_loop(self: Arc<Self>) {
+        let permits = Arc::new(Semaphore::new(self.concurrency));
+        let mut failing_since: Option<std::time::Instant> = None;
+        loop {
+            let notified = self.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let free = permits.available_permits();
+            let mut wait = POLL;
+            if free > 0 {
+                match self
+                    .store
+                    .claim_due(&self.owner, now(), after(LEASE), free as u32)
+                    .await
+                {
+                    Ok(runs) => {
+                        if failing_since.take().is_some() {
+                            tracing::info!("run queue reachable again");
+                        }
+                        let claimed = runs.len();
+                        for run in runs {
+                            let permit = permits
+                                .clone()
+                                .acquire_owned()
+                                .await
+                                .expect("semaphore open");
+                            let me = self.clone();
+                            tokio::spawn(async move {
+                                me.execute(run).await;
+                                drop(permit);
+                                me.wake.notify_one();
+                            });
+                        }
+                        if claimed == free {
+                            continue; // there may be more due
+                        }
+                        if let Ok(Some(next)) = self.store.next_wakeup().await {
+                            wait = (next - now()).to_std().unwrap_or(Duration::ZERO).min(POLL);
+                        }
+                    }
+                    Err(e) => {
+                        if failing_since.is_none() {
+                            tracing::error!(error = %e, "cannot read the run queue; retrying every second");
+                            failing_since = Some(std::time::Instant::now());
+                        }
+                    }
+                }
+            }
+            if wait.is_zero() {
+                wait = Duration::from_millis(5);
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    async fn execute(&self, run: Run) {
+        let run_id = run.run_id.clone();
+        let renew = {
+            let store = self.store.clone();
+            let owner = self.owner.clone();
+            let run_id = run_id.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(RENEW_EVERY).await;
+                    match store.renew_lease(&run_id, &owner, after(LEASE)).await {
+                        Ok(true) => {}
+                        Ok(false) => break,
+                        Err(e) => tracing::warn!(run_id, error = %e, "could not renew lease"),
+                    }
+                }
+            })
+        };
+        if let Err(e) = self.drive(run).await {
+            tracing::error!(run_id, error = %e, "run interrupted by a store error; it resumes when its lease lapses");
+        }
+        renew.abort();
+    }
+
+    /// Saves progress; false when the lease was lost (another worker has the run).
+    async fn save(
+        &self,
+        run: &Run,
+        attempt: Option<&Attempt>,
+        update: &RunUpdate,
+    ) -> Result<bool, crate::store::StoreError> {
+        let saved = self
+            .store
+            .save_progress(&run.run_id, &self.owner, attempt, update, now())
+            .await?;
+        if !saved {
+            tracing::warn!(run_id = %run.run_id, "lost the lease on a run; leaving it to its new worker");
+        }
+        Ok(saved)
+    }
+
+    async fn drive(&self, run: Run) -> Result<(), crate::store::StoreError> {
+        let set = self.registry.current();
+        let mut state = RunState::from(&run);
+        let Some(wf) = set.get(&run.workflow) else {
+            let update = state.failed(format!("workflow `{}` is no longer loaded", run.workflow));
+            self.save(&run, None, &update).await?;
+            return Ok(());
+        };
+        let secrets = read_secrets(wf);
+        let secret_values: Vec<String> = secrets.values().flatten().cloned().collect();
+        while let Some(step) = wf.steps.get(state.step_index as usize) {
+            let ctx_real = self.context(&run, &state, &secrets, false);
+            let ctx_masked = self.context(&run, &state, &secrets, true);
+            if let Some(cond) = &step.condition {
+                match template::truthy(cond, &ctx_masked) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        state
+                            .results
+                            .insert(step.id.clone(), json!({"skipped": true}));
+                        state.step_index += 1;
+                        state.attempt = 0;
+                        if !self.save(&run, None, &state.running()).await? {
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        let update = state.failed(format!("step `{}`: `if` failed: {e}", step.id));
+                        self.save(&run, None, &update).await?;
+                        return Ok(());
+                    }
+                }
+            }
+            let outcome = self
+                .attempt(
+                    &run,
+                    wf,
+                    step,
+                    &mut state,
+                    &ctx_real,
+                    &ctx_masked,
+                    &secrets,
+                    &secret_values,
+                )
+                .await;
+            let (attempt, update, done) = outcome;
+            if !self.save(&run, Some(&attempt), &update).await? || done {
+                return Ok(());
+            }
+        }
+        self.save(&run, None, &state.succeeded()).await?;
+        Ok(())
+    }
+
+    fn context(
+        &self,
+        run: &Run,
+        state: &RunState,
+        secrets: &HashMap<String, Option<String>>,
+        masked: bool,
+    ) -> Value {
+        let mut ctx = run.context.0.clone();
+        let secrets: serde_json::Map<String, Value> = secrets
+            .iter()
+            .filter_map(|(k, v)| {
+                let v = v.as_ref()?;
+                Some((
+                    k.clone(),
+                    Value::String(if masked { "***".into() } else { v.clone() }),
+                ))
+            })
+            .collect();
+        if let Value::Object(map) = &mut ctx {
+            map.insert("steps".into(), Value::Object(state.results.clone()));
+            map.insert("secrets".into(), Value::Object(secrets));
+            map.insert(
+                "run".into(),
+                json!({"id": run.run_id, "attempt": state.attempt + 1, "workflow": run.workflow}),
+            );
+        }
+        ctx
+    }
+
+    /// Makes one attempt at `step`; returns the attempt record, the run's new
+    /// state, and whether the run stops here (for now or for good).
+    #[allow(clippy::too_many_arguments)]
+    async fn attempt(
+        &self,
+        run: &Run,
+        wf: &Workflow,
+        step: &Step,
+        state: &mut RunState,
+        ctx_real: &Value,
+        ctx_masked: &Value,
+        secrets: &HashMap<String, Option<String>>,
+        secret_values: &[String],
+    ) -> (Attempt, RunUpdate, bool) {
+        state.attempt += 1;
+        state.attempts_total += 1;
+        let started = now();
+        let clock = std::time::Instant::now();
+        let mut record = Attempt {
+            run_id: run.run_id.clone(),
+            number: state.attempts_total,
+            step_index: state.step_index,
+            step_id: step.id.clone(),
+            attempt: state.attempt,
+            started_at: started,
+            duration_ms: 0,
+            request: sqlx::types::Json(Value::Null),
+            response_status: None,
+            response_headers: None,
+            response_body: None,
+            outcome: String::new(),
+            error_class: None,
+            error_message: None,
+            next_delay_ms: None,
+        };
+        let missing: Vec<&str> = secrets
+            .iter()
+            .filter(|(_, v)| v.is_none())
+            .map(|(k, _)| k.as_str())
+            .collect();
+        let prepared = if let Some(name) = missing.first() {
+            Err((
+                ErrorClass::Secret,
+                format!("secret {name} is declared but its environment variable is not set"),
+            ))
+        } else {
+            http::render(&step.http, ctx_real)
+                .and_then(|real| Ok((real, http::render(&step.http, ctx_masked)?)))
+        };
+        let (real, masked) = match prepared {
+            Ok(pair) => pair,
+            Err((class, message)) => {
+                record.outcome = "failed".into();
+                record.error_class = Some(class.as_str().into());
+                record.error_message = Some(http::scrub(&message, secret_values));
+                let update = state.failed(format!(
+                    "step `{}`: {}",
+                    step.id,
+                    record.error_message.as_deref().unwrap_or("")
+                ));
+                return (record, update, true);
+            }
+        };
+        // Secrets are masked by rendering with `***`; scrubbing catches values that leaked some other way.
+        let recorded = http::scrub(&masked.record().to_string(), secret_values);
+        record.request = sqlx::types::Json(serde_json::from_str(&recorded).unwrap_or(Value::Null));
+        let extra = [
+            ("idempotency-key", format!("{}:{}", run.run_id, step.id)),
+            ("traceparent", traceparent(&run.event_id)),
+        ];
+        let result = http::send(&self.client, &real, &extra, step.timeout).await;
+        record.duration_ms = clock.elapsed().as_millis() as i64;
+        let failure = match result {
+            Ok(resp) => {
+                record.response_status = Some(i64::from(resp.status));
+                record.response_headers = Some(sqlx::types::Json(json!(resp.headers)));
+                record.response_body = Some(http::scrub(&resp.body, secret_values));
+                match http::status_class(resp.status) {
+                    None => {
+                        record.outcome = "succeeded".into();
+                        let result = http::scrub(&resp.as_step_result().to_string(), secret_values);
+                        state.results.insert(
+                            step.id.clone(),
+                            serde_json::from_str(&result).unwrap_or(Value::Null),
+                        );
+                        state.step_index += 1;
+                        state.attempt = 0;
+                        let done = state.step_index as usize >= wf.steps.len();
+                        let update = if done {
+                            state.succeeded()
+                        } else {
+                            state.running()
+                        };
+                        tracing::debug!(run_id = %run.run_id, step = %step.id, status = resp.status, "step succeeded");
+                        return (record, update, done);
+                    }
+                    Some((class, retryable)) => {
+                        let retry_after = resp
+                            .headers
+                            .get("retry-after")
+                            .and_then(|v| backoff::parse_retry_after(v, Utc::now()));
+                        (
+                            class,
+                            format!("HTTP {}", resp.status),
+                            retryable,
+                            retry_after,
+                        )
+                    }
+                }
+            }
+            Err((class, message)) => {
+                let retryable = matches!(
+                    class,
+                    ErrorClass::Dns | ErrorClass::Connect | ErrorClass::Tls | ErrorClass::Timeout
+                );
+                (class, message, retryable, None)
+            }
+        };
+        let (class, message, retryable, retry_after) = failure;
+        record.error_class = Some(class.as_str().into());
+        record.error_message = Some(http::scrub(&message, secret_values));
+        if retryable && (state.attempt as u32) < step.retry.max_attempts {
+            let delay = backoff::delay(
+                &step.retry,
+                state.attempt as u32,
+                retry_after,
+                rand::random::<f64>(),
+            );
+            record.outcome = "retrying".into();
+            record.next_delay_ms = Some(delay.as_millis() as i64);
+            tracing::info!(run_id = %run.run_id, step = %step.id, attempt = state.attempt, error = class.as_str(), delay_ms = delay.as_millis() as u64, "attempt failed; retrying");
+            let update = state.retrying(
+                after(delay),
+                format!(
+                    "step `{}`: {}",
+                    step.id,
+                    record.error_message.as_deref().unwrap_or("")
+                ),
+            );
+            (record, update, true)
+        } else {
+            record.outcome = "failed".into();
+            let why = if retryable {
+                format!(
+                    "step `{}`: {} (after {} attempts)",
+                    step.id,
+                    record.error_message.as_deref().unwrap_or(""),
+                    state.attempt
+                )
+            } else {
+                format!(
+                    "step `{}`: {}",
+                    step.id,
+                    record.error_message.as_deref().unwrap_or("")
+                )
+            };
+            tracing::warn!(run_id = %run.run_id, step = %step.id, error = class.as_str(), "run failed: {why}");
+            (record, state.failed(why), true)
+        }
+    }
+}
+
+/// The mutable part of a run while a worker drives it.
+struct RunState {
+    step_index: i64,
+    attempt: i64,
+    attempts_total: i64,
+    results: serde_json::Map<String, Value>,
+}
+
+impl From<&Run> for RunState {
+    fn from(run: &Run) -> Self {
+        Self {
+            step_index: run.step_index,
+            attempt: run.attempt,
+            attempts_total: run.attempts_total,
+            results: run.step_results.0.as_object().cloned().unwrap_or_default(),
+        }
+    }
+}
+
+impl RunState {
+    fn update(
+        &self,
+        status: RunStatus,
+        next: DateTime<Utc>,
+        lease: Option<DateTime<Utc>>,
+        error: Option<String>,
+    ) -> RunUpdate {
+        RunUpdate {
+            status,
+            step_index: self.step_index,
+            attempt: self.attempt,
+            attempts_total: self.attempts_total,
+            next_attempt_at: next,
+            lease_until: lease,
+            step_results: Value::Object(self.results.clone()),
+            last_error: error,
+            finished_at: status.is_final().then(now),
+        }
+    }
+
+    fn running(&self) -> RunUpdate {
+        self.update(RunStatus::Running, now(), Some(after(LEASE)), None)
+    }
+
+    fn succeeded(&self) -> RunUpdate {
+        self.update(RunStatus::Succeeded, now(), None, None)
+    }
+
+    fn retrying(&self, at: DateTime<Utc>, error: String) -> RunUpdate {
+        self.update(RunStatus::Retrying, at, None, Some(error))
+    }
+
+    fn failed(&self, error: String) -> RunUpdate {
+        self.update(RunStatus::Failed, now(), None, Some(error))
+    }
+}
+
+/// Reads the workflow's declared secrets from the environment (`None`: not set).
+fn read_secrets(wf: &Workflow) -> HashMap<String, Option<String>> {
+    wf.secrets
+        .iter()
+        .map(|name| (name.clone(), std::env::var(name).ok()))
+        .collect()
+}
+
+/// A W3C traceparent whose trace id is derived from the event, so every
+/// attempt of every run of one event shares it.
+pub fn traceparent(event_id: &str) -> String {
+    let digest = Sha256::digest(event_id.as_bytes());
+    let span: [u8; 8] = rand::random();
+    format!("00-{}-{}-01", hex::encode(&digest[..16]), hex::encode(span))
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .unwrap_or_else(|| "switchboard".into())
+}

@@ -1,0 +1,203 @@
+//! Workflow runs and their attempts: the durable queue the engine works
+//! from. A run row is its own job: `status` and `next_attempt_at` say when it
+//! is due, and a worker holds it with a short, renewed lease, so a run whose
+//! worker died (kill -9, lost machine) is taken over when the lease lapses.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{MatchRecord, StoreError};
+
+/// The states of a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    /// Created, waiting for its first attempt.
+    Scheduled,
+    /// A worker holds it and is attempting a step.
+    Running,
+    /// A step failed with a retryable error; the next attempt is at `next_attempt_at`.
+    Retrying,
+    /// Every step succeeded (or was skipped by its `if`).
+    Succeeded,
+    /// A step failed for good (non-retryable error or attempts exhausted).
+    Failed,
+    /// Cancelled by an operator while waiting.
+    Cancelled,
+}
+
+impl RunStatus {
+    pub const ALL: [RunStatus; 6] = [
+        RunStatus::Scheduled,
+        RunStatus::Running,
+        RunStatus::Retrying,
+        RunStatus::Succeeded,
+        RunStatus::Failed,
+        RunStatus::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Scheduled => "scheduled",
+            RunStatus::Running => "running",
+            RunStatus::Retrying => "retrying",
+            RunStatus::Succeeded => "succeeded",
+            RunStatus::Failed => "failed",
+            RunStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            RunStatus::Succeeded | RunStatus::Failed | RunStatus::Cancelled
+        )
+    }
+}
+
+/// One run, as stored.
+#[derive(Clone, Debug, PartialEq, sqlx::FromRow)]
+pub struct Run {
+    pub run_id: String,
+    pub workflow: String,
+    pub event_seq: i64,
+    pub event_id: String,
+    pub conversation_id: Option<String>,
+    pub replay_of: Option<String>,
+    pub status: String,
+    pub step_index: i64,
+    pub attempt: i64,
+    pub attempts_total: i64,
+    pub next_attempt_at: DateTime<Utc>,
+    pub lease_owner: Option<String>,
+    pub lease_until: Option<DateTime<Utc>>,
+    pub context: sqlx::types::Json<Value>,
+    pub step_results: sqlx::types::Json<Value>,
+    pub trace_context: Option<String>,
+    pub last_error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl Run {
+    pub fn status(&self) -> Option<RunStatus> {
+        RunStatus::parse(&self.status)
+    }
+}
+
+/// One HTTP attempt, as recorded (secrets already masked).
+#[derive(Clone, Debug, PartialEq, sqlx::FromRow)]
+pub struct Attempt {
+    pub run_id: String,
+    pub number: i64,
+    pub step_index: i64,
+    pub step_id: String,
+    pub attempt: i64,
+    pub started_at: DateTime<Utc>,
+    pub duration_ms: i64,
+    pub request: sqlx::types::Json<Value>,
+    pub response_status: Option<i64>,
+    pub response_headers: Option<sqlx::types::Json<Value>>,
+    pub response_body: Option<String>,
+    pub outcome: String,
+    pub error_class: Option<String>,
+    pub error_message: Option<String>,
+    pub next_delay_ms: Option<i64>,
+}
+
+/// The new state of a run after a step or an attempt.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunUpdate {
+    pub status: RunStatus,
+    pub step_index: i64,
+    pub attempt: i64,
+    pub attempts_total: i64,
+    pub next_attempt_at: DateTime<Utc>,
+    /// `Some` while the worker keeps the run (status running); `None` releases it.
+    pub lease_until: Option<DateTime<Utc>>,
+    pub step_results: Value,
+    pub last_error: Option<String>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// Filters and keyset pagination for listing runs (newest first).
+#[derive(Clone, Debug, Default)]
+pub struct RunQuery {
+    pub workflow: Option<String>,
+    pub status: Option<RunStatus>,
+    pub conversation_id: Option<String>,
+    pub event_id: Option<String>,
+    /// Only runs older than this (created_at, run_id).
+    pub before: Option<(DateTime<Utc>, String)>,
+    pub limit: u32,
+}
+
+/// What a manual retry did.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RetryOutcome {
+    Retried(Box<Run>),
+    NotFound,
+    /// Only failed (or cancelled) runs can be retried; this is its status.
+    NotRetryable(String),
+}
+
+/// The run queue and its history.
+#[async_trait]
+pub trait RunStore: Send + Sync + 'static {
+    /// Takes up to `limit` runs that are due (or whose lease lapsed) for `owner`.
+    async fn claim_due(
+        &self,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<Run>, StoreError>;
+
+    /// Extends `owner`'s lease; false if the run is no longer held by it.
+    async fn renew_lease(
+        &self,
+        run_id: &str,
+        owner: &str,
+        until: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
+
+    /// Records an attempt (if any) and the run's new state, atomically, if `owner`
+    /// still holds the run. False if the lease was lost (nothing written).
+    async fn save_progress(
+        &self,
+        run_id: &str,
+        owner: &str,
+        attempt: Option<&Attempt>,
+        update: &RunUpdate,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
+
+    /// When the next run falls due or the next lease lapses.
+    async fn next_wakeup(&self) -> Result<Option<DateTime<Utc>>, StoreError>;
+
+    async fn list_runs(&self, query: &RunQuery) -> Result<Vec<Run>, StoreError>;
+
+    async fn get_run(&self, run_id: &str) -> Result<Option<Run>, StoreError>;
+
+    async fn attempts(&self, run_id: &str) -> Result<Vec<Attempt>, StoreError>;
+
+    /// Restarts a failed run at its failed step, due now.
+    async fn retry_run(&self, run_id: &str, now: DateTime<Utc>)
+    -> Result<RetryOutcome, StoreError>;
+
+    /// Every workflow's verdict on one event.
+    async fn decisions(&self, event_seq: i64) -> Result<Vec<MatchRecord>, StoreError>;
+
+    /// Runs by state, created since `since`, per workflow: (workflow, status, count).
+    async fn run_counts_since(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<(String, String, i64)>, StoreError>;
+}

@@ -1,0 +1,259 @@
+//! [`super::runs::RunStore`] for both backends: the statements are the same
+//! text (placeholders from [`sqlx::QueryBuilder`] or `$n`, which SQLite also
+//! reads); PostgreSQL adds `FOR UPDATE SKIP LOCKED` so instances never claim
+//! the same run.
+
+pub(crate) const RUN_COLUMNS: &str = "run_id, workflow, event_seq, event_id, conversation_id, replay_of, status, \
+     step_index, attempt, attempts_total, next_attempt_at, lease_owner, lease_until, context, step_results, \
+     trace_context, last_error, created_at, updated_at, finished_at";
+
+pub(crate) const ATTEMPT_COLUMNS: &str = "run_id, number, step_index, step_id, attempt, started_at, duration_ms, \
+     request, response_status, response_headers, response_body, outcome, error_class, error_message, next_delay_ms";
+
+macro_rules! impl_run_store {
+    ($store:ty, $db:ty, $lock_clause:expr) => {
+        #[async_trait::async_trait]
+        impl $crate::store::runs::RunStore for $store {
+            async fn claim_due(
+                &self,
+                owner: &str,
+                now: chrono::DateTime<chrono::Utc>,
+                lease_until: chrono::DateTime<chrono::Utc>,
+                limit: u32,
+            ) -> Result<Vec<$crate::store::runs::Run>, $crate::store::StoreError> {
+                let sql = format!(
+                    "UPDATE runs SET status = 'running', lease_owner = $1, lease_until = $2, updated_at = $3 \
+                     WHERE run_id IN (SELECT run_id FROM runs \
+                        WHERE (status IN ('scheduled', 'retrying') AND next_attempt_at <= $3) \
+                           OR (status = 'running' AND lease_until < $3) \
+                        ORDER BY next_attempt_at LIMIT $4 {}) \
+                     RETURNING {}",
+                    $lock_clause,
+                    $crate::store::runs_sql::RUN_COLUMNS
+                );
+                let runs = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                    .bind(owner)
+                    .bind(lease_until)
+                    .bind(now)
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.writer)
+                    .await?;
+                Ok(runs)
+            }
+
+            async fn renew_lease(
+                &self,
+                run_id: &str,
+                owner: &str,
+                until: chrono::DateTime<chrono::Utc>,
+            ) -> Result<bool, $crate::store::StoreError> {
+                let r = sqlx::query(
+                    "UPDATE runs SET lease_until = $1 WHERE run_id = $2 AND lease_owner = $3 AND status = 'running'",
+                )
+                .bind(until)
+                .bind(run_id)
+                .bind(owner)
+                .execute(&self.writer)
+                .await?;
+                Ok(r.rows_affected() == 1)
+            }
+
+            async fn save_progress(
+                &self,
+                run_id: &str,
+                owner: &str,
+                attempt: Option<&$crate::store::runs::Attempt>,
+                u: &$crate::store::runs::RunUpdate,
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<bool, $crate::store::StoreError> {
+                let mut tx = self.writer.begin().await?;
+                let keep = u.lease_until.is_some();
+                let r = sqlx::query(
+                    "UPDATE runs SET status = $1, step_index = $2, attempt = $3, attempts_total = $4, \
+                     next_attempt_at = $5, lease_owner = CASE WHEN $6 THEN lease_owner ELSE NULL END, \
+                     lease_until = $7, step_results = $8, last_error = $9, finished_at = $10, updated_at = $11 \
+                     WHERE run_id = $12 AND lease_owner = $13 AND status = 'running'",
+                )
+                .bind(u.status.as_str())
+                .bind(u.step_index)
+                .bind(u.attempt)
+                .bind(u.attempts_total)
+                .bind(u.next_attempt_at)
+                .bind(keep)
+                .bind(u.lease_until)
+                .bind(sqlx::types::Json(&u.step_results))
+                .bind(u.last_error.as_deref())
+                .bind(u.finished_at)
+                .bind(now)
+                .bind(run_id)
+                .bind(owner)
+                .execute(&mut *tx)
+                .await?;
+                if r.rows_affected() != 1 {
+                    tx.rollback().await?;
+                    return Ok(false);
+                }
+                if let Some(a) = attempt {
+                    sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "INSERT INTO attempts ({}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+                        $crate::store::runs_sql::ATTEMPT_COLUMNS
+                    )))
+                    .bind(&a.run_id)
+                    .bind(a.number)
+                    .bind(a.step_index)
+                    .bind(&a.step_id)
+                    .bind(a.attempt)
+                    .bind(a.started_at)
+                    .bind(a.duration_ms)
+                    .bind(&a.request)
+                    .bind(a.response_status)
+                    .bind(&a.response_headers)
+                    .bind(a.response_body.as_deref())
+                    .bind(&a.outcome)
+                    .bind(a.error_class.as_deref())
+                    .bind(a.error_message.as_deref())
+                    .bind(a.next_delay_ms)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(true)
+            }
+
+            async fn next_wakeup(
+                &self,
+            ) -> Result<Option<chrono::DateTime<chrono::Utc>>, $crate::store::StoreError> {
+                let due: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
+                    "SELECT MIN(next_attempt_at) FROM runs WHERE status IN ('scheduled', 'retrying')",
+                )
+                .fetch_one(&self.reader)
+                .await?;
+                let lapse: Option<chrono::DateTime<chrono::Utc>> =
+                    sqlx::query_scalar("SELECT MIN(lease_until) FROM runs WHERE status = 'running'")
+                        .fetch_one(&self.reader)
+                        .await?;
+                Ok(match (due, lapse) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                })
+            }
+
+            async fn list_runs(
+                &self,
+                q: &$crate::store::runs::RunQuery,
+            ) -> Result<Vec<$crate::store::runs::Run>, $crate::store::StoreError> {
+                let mut qb = sqlx::QueryBuilder::<$db>::new(format!(
+                    "SELECT {} FROM runs WHERE 1 = 1",
+                    $crate::store::runs_sql::RUN_COLUMNS
+                ));
+                if let Some(w) = &q.workflow {
+                    qb.push(" AND workflow = ").push_bind(w.as_str());
+                }
+                if let Some(s) = q.status {
+                    qb.push(" AND status = ").push_bind(s.as_str());
+                }
+                if let Some(c) = &q.conversation_id {
+                    qb.push(" AND conversation_id = ").push_bind(c.as_str());
+                }
+                if let Some(e) = &q.event_id {
+                    qb.push(" AND event_id = ").push_bind(e.as_str());
+                }
+                if let Some((at, id)) = &q.before {
+                    qb.push(" AND (created_at < ")
+                        .push_bind(*at)
+                        .push(" OR (created_at = ")
+                        .push_bind(*at)
+                        .push(" AND run_id < ")
+                        .push_bind(id.as_str())
+                        .push("))");
+                }
+                qb.push(" ORDER BY created_at DESC, run_id DESC LIMIT ")
+                    .push_bind(i64::from(q.limit.max(1)));
+                Ok(qb.build_query_as().fetch_all(&self.reader).await?)
+            }
+
+            async fn get_run(
+                &self,
+                run_id: &str,
+            ) -> Result<Option<$crate::store::runs::Run>, $crate::store::StoreError> {
+                Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT {} FROM runs WHERE run_id = $1",
+                    $crate::store::runs_sql::RUN_COLUMNS
+                )))
+                .bind(run_id)
+                .fetch_optional(&self.reader)
+                .await?)
+            }
+
+            async fn attempts(
+                &self,
+                run_id: &str,
+            ) -> Result<Vec<$crate::store::runs::Attempt>, $crate::store::StoreError> {
+                Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT {} FROM attempts WHERE run_id = $1 ORDER BY number",
+                    $crate::store::runs_sql::ATTEMPT_COLUMNS
+                )))
+                .bind(run_id)
+                .fetch_all(&self.reader)
+                .await?)
+            }
+
+            async fn retry_run(
+                &self,
+                run_id: &str,
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<$crate::store::runs::RetryOutcome, $crate::store::StoreError> {
+                use $crate::store::runs::RetryOutcome;
+                let r = sqlx::query(
+                    "UPDATE runs SET status = 'scheduled', attempt = 0, next_attempt_at = $1, last_error = NULL, \
+                     finished_at = NULL, lease_owner = NULL, lease_until = NULL, updated_at = $1 \
+                     WHERE run_id = $2 AND status IN ('failed', 'cancelled')",
+                )
+                .bind(now)
+                .bind(run_id)
+                .execute(&self.writer)
+                .await?;
+                let run = self.get_run(run_id).await?;
+                Ok(match (r.rows_affected(), run) {
+                    (_, None) => RetryOutcome::NotFound,
+                    (1, Some(run)) => RetryOutcome::Retried(Box::new(run)),
+                    (_, Some(run)) => RetryOutcome::NotRetryable(run.status),
+                })
+            }
+
+            async fn decisions(
+                &self,
+                event_seq: i64,
+            ) -> Result<Vec<$crate::store::MatchRecord>, $crate::store::StoreError> {
+                let rows: Vec<(i64, String, bool, Option<String>)> = sqlx::query_as(
+                    "SELECT event_seq, workflow, matched, reason FROM match_decisions WHERE event_seq = $1 ORDER BY workflow",
+                )
+                .bind(event_seq)
+                .fetch_all(&self.reader)
+                .await?;
+                Ok(rows
+                    .into_iter()
+                    .map(|(event_seq, workflow, matched, reason)| $crate::store::MatchRecord {
+                        event_seq,
+                        workflow,
+                        matched,
+                        reason,
+                    })
+                    .collect())
+            }
+
+            async fn run_counts_since(
+                &self,
+                since: chrono::DateTime<chrono::Utc>,
+            ) -> Result<Vec<(String, String, i64)>, $crate::store::StoreError> {
+                Ok(sqlx::query_as(
+                    "SELECT workflow, status, COUNT(*) FROM runs WHERE created_at >= $1 GROUP BY workflow, status",
+                )
+                .bind(since)
+                .fetch_all(&self.reader)
+                .await?)
+            }
+        }
+    };
+}
+pub(crate) use impl_run_store;

@@ -1,0 +1,75 @@
+//! The live set of workflows, swappable at runtime (reload), and the
+//! [`Dispatcher`] the store calls to decide which runs a new event starts.
+
+use std::sync::{Arc, RwLock};
+
+use super::WorkflowSet;
+use super::matching::{EventFacts, base_context, decide};
+use crate::store::projection::ConversationState;
+use crate::store::{DispatchDecision, Dispatcher, NewEvent};
+
+#[derive(Default)]
+pub struct Registry {
+    set: RwLock<Arc<WorkflowSet>>,
+}
+
+impl Registry {
+    pub fn new(set: WorkflowSet) -> Self {
+        Self {
+            set: RwLock::new(Arc::new(set)),
+        }
+    }
+
+    /// The set in force now.
+    pub fn current(&self) -> Arc<WorkflowSet> {
+        self.set.read().expect("registry lock").clone()
+    }
+
+    /// Puts a new set in force (runs already created keep running by workflow name).
+    pub fn replace(&self, set: WorkflowSet) {
+        *self.set.write().expect("registry lock") = Arc::new(set);
+    }
+}
+
+impl Dispatcher for Registry {
+    /// Records a verdict for every workflow on this event's type; setup
+    /// workflows that answer (`respond`) are not runs and are left out.
+    fn dispatch(
+        &self,
+        event: &NewEvent,
+        before: Option<&ConversationState>,
+        after: Option<&ConversationState>,
+    ) -> Vec<DispatchDecision> {
+        let set = self.current();
+        let candidates: Vec<_> = set
+            .workflows
+            .iter()
+            .filter(|w| {
+                w.event == event.envelope.event_type && w.respond.is_none() && w.fallback.is_none()
+            })
+            .collect();
+        if candidates.is_empty() {
+            return Vec::new();
+        }
+        let event_json: serde_json::Value =
+            serde_json::from_slice(&event.raw_body).unwrap_or_default();
+        let facts = EventFacts {
+            envelope: &event.envelope,
+            event_json: &event_json,
+            before,
+            after,
+        };
+        candidates
+            .into_iter()
+            .map(|wf| {
+                let decision = decide(wf, &facts);
+                DispatchDecision {
+                    workflow: wf.name.clone(),
+                    matched: decision.matched(),
+                    reason: decision.reason().map(str::to_owned),
+                    context: decision.matched().then(|| base_context(&facts)),
+                }
+            })
+            .collect()
+    }
+}
