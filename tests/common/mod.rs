@@ -330,6 +330,18 @@ impl TestApp {
         (status, resp.json().await.unwrap_or(Value::Null))
     }
 
+    pub async fn admin_post(&self, path: &str) -> (u16, Value) {
+        let resp = self
+            .client
+            .post(self.url(path))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
     /// Every stored event, oldest first (follows cursors).
     pub async fn all_events(&self) -> Vec<Value> {
         all_events(&self.client, &format!("http://{}", self.addr)).await

@@ -4,7 +4,7 @@
 //! - `/ok/...`: 200 `{"id": "crm-<n>", "ok": true}`
 //! - `/flaky/<k>/...`: the first k requests to that path answer 500 then 503 alternately, then 200
 //! - `/status/<code>/...`: that status
-//! - `/slow/<ms>/...`: waits, then 200
+//! - `/slow/<ms>/...`: waits, then 200 (`/slow-once/<ms>/...`: only the first time)
 //! - `/retry-after/<secs>/...`: first request 429 with Retry-After, then 200
 
 use std::collections::HashMap;
@@ -94,6 +94,10 @@ async fn record(req: &Request, body: Body, state: Data<&Arc<State>>) -> Response
         ["status", code, ..] => Response::builder()
             .status(StatusCode::from_u16(code.parse().unwrap_or(500)).unwrap())
             .body(format!("answered {code}")),
+        ["slow-once", ms, ..] if n == 1 => {
+            tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(1000))).await;
+            ok()
+        }
         ["slow", ms, ..] => {
             tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(1000))).await;
             ok()
