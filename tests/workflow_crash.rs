@@ -1,0 +1,133 @@
+//! The engine under kill -9 of the real binary, on SQLite and PostgreSQL:
+//! an attempt in flight is resumed after a restart (same Idempotency-Key),
+//! and events acknowledged just before a kill all get their one run.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use common::sink::Sink;
+use common::{Delivery, ServerProcess, TestDb, client, deliver_to, ended_body, workflow_dir};
+use serde_json::Value;
+
+async fn runs_of(base: &str) -> Vec<Value> {
+    let page: Value = client()
+        .get(format!("{base}/api/v1/runs?limit=500"))
+        .bearer_auth(common::TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    page["data"].as_array().unwrap().clone()
+}
+
+async fn wait_all_succeeded(base: &str, n: usize, secs: u64) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let runs = runs_of(base).await;
+        if runs.len() >= n && runs.iter().all(|r| r["status"] == "succeeded") {
+            return runs;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "runs not all succeeded within {secs}s: {runs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn an_attempt_in_flight_at_kill_9_is_resumed(db: &TestDb) {
+    let sink = Sink::start().await;
+    let dir = workflow_dir(&[(
+        "slow.yaml",
+        &format!(
+            "on: {{ event: conversation.ended }}\nsteps:\n  - id: post\n    http: {{ url: \"{}\" }}\n",
+            sink.url("/slow-once/3000/crm")
+        ),
+    )]);
+    let logs = tempfile::tempdir().unwrap();
+    let wf_env = dir.path().display().to_string();
+    let env = [("SWITCHBOARD_WORKFLOWS", wf_env.as_str())];
+    let mut server = ServerProcess::start(db, logs.path(), &env).await;
+    let r = deliver_to(
+        &client(),
+        &server.webhook_url(),
+        &ended_body("ev_inflight", "conv_i", "completed"),
+        Delivery::default(),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let first = sink.wait_for("/slow-once", 1, 10).await;
+    server.kill9(); // while the sink is still answering the first attempt
+    let restarted = Instant::now();
+    let server = ServerProcess::start(db, logs.path(), &env).await;
+    let both = sink.wait_for("/slow-once", 2, 15).await;
+    let resumed_after = both[1].at.duration_since(restarted);
+    assert!(
+        resumed_after < Duration::from_secs(10),
+        "resumed {resumed_after:?} after the restart"
+    );
+    assert_eq!(
+        both[1].headers["idempotency-key"],
+        first[0].headers["idempotency-key"]
+    );
+    let runs = wait_all_succeeded(&server.base(), 1, 10).await;
+    assert_eq!(runs.len(), 1);
+}
+
+async fn events_acknowledged_before_kill_9_all_get_one_run(db: &TestDb) {
+    let sink = Sink::start().await;
+    let dir = workflow_dir(&[(
+        "crm.yaml",
+        &format!(
+            "on: {{ event: conversation.ended }}\nsteps:\n  - id: post\n    http: {{ url: \"{}\" }}\n",
+            sink.url("/ok/crm")
+        ),
+    )]);
+    let logs = tempfile::tempdir().unwrap();
+    let wf_env = dir.path().display().to_string();
+    let env = [("SWITCHBOARD_WORKFLOWS", wf_env.as_str())];
+    let mut server = ServerProcess::start(db, logs.path(), &env).await;
+    let http = client();
+    let url = server.webhook_url();
+    let sends = (0..20).map(|i| {
+        let http = http.clone();
+        let url = url.clone();
+        async move {
+            deliver_to(
+                &http,
+                &url,
+                &ended_body(&format!("ev_k9_{i}"), &format!("conv_k9_{i}"), "completed"),
+                Delivery::default(),
+            )
+            .await
+            .status()
+            .as_u16()
+        }
+    });
+    let statuses = futures::future::join_all(sends).await;
+    server.kill9();
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let server = ServerProcess::start(db, logs.path(), &env).await;
+    let runs = wait_all_succeeded(&server.base(), 20, 20).await;
+    assert_eq!(runs.len(), 20, "one run per event, none twice");
+    let events: HashSet<&str> = runs
+        .iter()
+        .map(|r| r["event_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(events.len(), 20);
+    let keys: HashSet<String> = sink
+        .received_on("/ok/crm")
+        .iter()
+        .map(|r| r.headers["idempotency-key"].clone())
+        .collect();
+    assert_eq!(keys.len(), 20, "the sink saw every run's key");
+}
+
+on_both_backends!(
+    an_attempt_in_flight_at_kill_9_is_resumed,
+    events_acknowledged_before_kill_9_all_get_one_run,
+);
