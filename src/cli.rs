@@ -28,6 +28,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the webhook receiver, the admin API and the workers (applies pending migrations first).
     Serve(ServeArgs),
+    /// Run workflow workers only (no HTTP): add these next to `serve` to scale out on PostgreSQL.
+    Worker(WorkerArgs),
     /// Apply pending database migrations and exit.
     Migrate(DatabaseArgs),
     /// Print the three Operator headers (or a curl command) for a body file, to try the endpoint by hand.
@@ -91,6 +93,20 @@ pub struct ServeArgs {
 }
 
 #[derive(Args, Debug, Clone)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+
+    /// Directory of workflow YAML files (the same as the servers').
+    #[arg(long, env = "SWITCHBOARD_WORKFLOWS", default_value = "./workflows")]
+    pub workflows: PathBuf,
+
+    /// Workflow runs executed at once by this process.
+    #[arg(long, env = "SWITCHBOARD_WORKER_CONCURRENCY", default_value_t = 32)]
+    pub worker_concurrency: usize,
+}
+
+#[derive(Args, Debug, Clone)]
 pub struct ValidateArgs {
     /// The workflow directory (default: SWITCHBOARD_WORKFLOWS, else ./workflows).
     #[arg(env = "SWITCHBOARD_WORKFLOWS", default_value = "./workflows")]
@@ -131,6 +147,14 @@ pub struct SignArgs {
 pub async fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(args).await,
+        Command::Worker(args) => {
+            crate::startup::run_workers(
+                &args.db.database_url,
+                &args.workflows,
+                args.worker_concurrency,
+            )
+            .await
+        }
         Command::Migrate(args) => migrate(&args).await,
         Command::Sign(args) => sign(&args),
         Command::Validate(args) => return validate(&args),

@@ -7,7 +7,11 @@ async fn main() -> ExitCode {
     // reqwest and sqlx use rustls; pick its crypto provider before anything connects.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = switchboard::cli::Cli::parse();
-    if matches!(cli.command, switchboard::cli::Command::Serve(_)) {
+    use switchboard::cli::Command;
+    if !matches!(
+        cli.command,
+        Command::Sign(_) | Command::Openapi | Command::Validate(_)
+    ) {
         switchboard::telemetry::init();
     }
     switchboard::cli::run(cli).await

@@ -71,21 +71,7 @@ impl Application {
             .migrate()
             .await
             .context("cannot apply database migrations")?;
-        let workflows = WorkflowSet::load(&settings.workflows_dir).map_err(|diagnostics| {
-            anyhow::anyhow!(
-                "the workflows in {} are invalid (`switchboard validate` shows the same):\n\n{}",
-                settings.workflows_dir.display(),
-                crate::workflow::diagnostic::render_all(&diagnostics)
-            )
-        })?;
-        for w in &workflows.warnings {
-            tracing::warn!("{}", w.to_string().trim_end());
-        }
-        tracing::info!(
-            dir = %workflows.dir.display(),
-            workflows = workflows.workflows.len(),
-            "workflows loaded"
-        );
+        let workflows = load_workflows(&settings.workflows_dir)?;
         let registry = Arc::new(Registry::new(workflows));
         let wake = Arc::new(Notify::new());
         let appender = Appender::spawn(store.clone(), registry.clone(), wake.clone());
@@ -211,6 +197,56 @@ async fn shutdown_signal() {
         let _ = ctrl_c.await;
     }
     tracing::info!("shutdown requested; finishing in-flight requests");
+}
+
+/// Loads the workflow directory, refusing to start on any error.
+fn load_workflows(dir: &std::path::Path) -> anyhow::Result<WorkflowSet> {
+    let workflows = WorkflowSet::load(dir).map_err(|diagnostics| {
+        anyhow::anyhow!(
+            "the workflows in {} are invalid (`switchboard validate` shows the same):\n\n{}",
+            dir.display(),
+            crate::workflow::diagnostic::render_all(&diagnostics)
+        )
+    })?;
+    for w in &workflows.warnings {
+        tracing::warn!("{}", w.to_string().trim_end());
+    }
+    tracing::info!(dir = %workflows.dir.display(), workflows = workflows.workflows.len(), "workflows loaded");
+    Ok(workflows)
+}
+
+/// `switchboard worker`: the engine alone, until SIGINT/SIGTERM.
+pub async fn run_workers(
+    database_url: &str,
+    workflows_dir: &std::path::Path,
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    let store = store::connect(database_url).await.with_context(|| {
+        format!(
+            "cannot open the database {}",
+            store::redact_url(database_url)
+        )
+    })?;
+    store
+        .migrate()
+        .await
+        .context("cannot apply database migrations")?;
+    if store.backend() == store::Backend::Sqlite {
+        tracing::warn!(
+            "a separate worker on SQLite shares one database file with the server; PostgreSQL is meant for scaling out"
+        );
+    }
+    let registry = Arc::new(Registry::new(load_workflows(workflows_dir)?));
+    let wake = Arc::new(Notify::new());
+    let engine = Arc::new(Engine::new(store, registry, wake.clone(), concurrency));
+    tracing::info!(
+        owner = engine.owner(),
+        concurrency,
+        "switchboard worker started"
+    );
+    let _workers = AbortOnDrop(vec![engine.spawn(), spawn_listener(database_url, wake)]);
+    shutdown_signal().await;
+    Ok(())
 }
 
 /// Aborts background tasks when dropped.

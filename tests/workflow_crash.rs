@@ -131,3 +131,74 @@ on_both_backends!(
     an_attempt_in_flight_at_kill_9_is_resumed,
     events_acknowledged_before_kill_9_all_get_one_run,
 );
+
+/// Two instances on one PostgreSQL: `serve` and `serve`, plus a `worker`;
+/// every run executes exactly once across them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_instances_share_the_work_without_duplicates() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let sink = Sink::start().await;
+    let dir = workflow_dir(&[(
+        "crm.yaml",
+        &format!(
+            "on: {{ event: conversation.ended }}\nsteps:\n  - id: post\n    http: {{ url: \"{}\" }}\n",
+            sink.url("/ok/crm")
+        ),
+    )]);
+    let logs = tempfile::tempdir().unwrap();
+    let wf_env = dir.path().display().to_string();
+    let env = [("SWITCHBOARD_WORKFLOWS", wf_env.as_str())];
+    let a = ServerProcess::start(&db, logs.path(), &env).await;
+    let b = ServerProcess::start(&db, logs.path(), &env).await;
+    let mut worker = ServerProcess::start_worker(&db, logs.path(), &env).await;
+    let http = client();
+    let sends = (0..60).map(|i| {
+        let http = http.clone();
+        let url = if i % 2 == 0 {
+            a.webhook_url()
+        } else {
+            b.webhook_url()
+        };
+        async move {
+            deliver_to(
+                &http,
+                &url,
+                &ended_body(
+                    &format!("ev_two_{i}"),
+                    &format!("conv_two_{i}"),
+                    "completed",
+                ),
+                Delivery::default(),
+            )
+            .await
+            .status()
+            .as_u16()
+        }
+    });
+    assert!(
+        futures::future::join_all(sends)
+            .await
+            .iter()
+            .all(|s| *s == 200)
+    );
+    let runs = wait_all_succeeded(&a.base(), 60, 20).await;
+    assert_eq!(runs.len(), 60);
+    let received = sink.received_on("/ok/crm");
+    let keys: HashSet<String> = received
+        .iter()
+        .map(|r| r.headers["idempotency-key"].clone())
+        .collect();
+    assert_eq!(keys.len(), 60);
+    assert_eq!(received.len(), 60, "no run was attempted twice");
+    // The log is one gap-free sequence across both instances.
+    let events = common::all_events(&http, &b.base()).await;
+    let seqs: Vec<i64> = events
+        .iter()
+        .map(|e| e["sequence"].as_i64().unwrap())
+        .collect();
+    assert_eq!(seqs, (1..=60).collect::<Vec<_>>());
+    let _ = worker.kill();
+    let _ = worker.wait();
+}

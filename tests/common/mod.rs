@@ -455,6 +455,38 @@ pub struct ServerProcess {
 }
 
 impl ServerProcess {
+    /// `switchboard worker` (no HTTP): ready once its log says so. The caller kills and waits for it.
+    #[allow(clippy::zombie_processes)]
+    pub async fn start_worker(db: &TestDb, log_dir: &Path, extra_env: &[(&str, &str)]) -> Child {
+        let log = log_dir.join(format!("worker-{}.log", uuid::Uuid::new_v4().simple()));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchboard"));
+        cmd.arg("worker")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("SWITCHBOARD_DATABASE_URL", db.url())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn switchboard worker");
+        for _ in 0..200 {
+            if std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("worker started")
+            {
+                return child;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "worker did not start; log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+
     pub async fn start(db: &TestDb, log_dir: &Path, extra_env: &[(&str, &str)]) -> Self {
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
