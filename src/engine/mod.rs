@@ -94,7 +94,7 @@ impl Engine {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let free = permits.available_permits();
-            let mut wait = POLL;
+            let mut look_ahead = false;
             if free > 0 {
                 match self
                     .store
@@ -122,9 +122,7 @@ impl Engine {
                         if claimed == free {
                             continue; // there may be more due
                         }
-                        if let Ok(Some(next)) = self.store.next_wakeup().await {
-                            wait = (next - now()).to_std().unwrap_or(Duration::ZERO).min(POLL);
-                        }
+                        look_ahead = true;
                     }
                     Err(e) => {
                         if failing_since.is_none() {
@@ -134,12 +132,14 @@ impl Engine {
                     }
                 }
             }
-            if wait.is_zero() {
-                wait = Duration::from_millis(5);
+            // Sleep until the next run falls due (at most POLL), unless woken first.
+            let mut wait = POLL;
+            if look_ahead && let Ok(Some(next)) = self.store.next_wakeup().await {
+                wait = (next - now()).to_std().unwrap_or(Duration::ZERO).min(POLL);
             }
             tokio::select! {
                 _ = &mut notified => {}
-                _ = tokio::time::sleep(wait) => {}
+                _ = tokio::time::sleep(wait.max(Duration::from_millis(5))) => {}
             }
         }
     }

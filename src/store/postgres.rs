@@ -96,4 +96,9 @@ impl_event_store!(PostgresStore, sqlx::Postgres, {
     }
 });
 
-impl_run_store!(PostgresStore, sqlx::Postgres, "FOR UPDATE SKIP LOCKED");
+impl_run_store!(
+    PostgresStore,
+    sqlx::Postgres,
+    "FOR UPDATE SKIP LOCKED",
+    Some("SET LOCAL synchronous_commit TO OFF")
+);

@@ -1,7 +1,9 @@
 //! [`super::runs::RunStore`] for both backends: the statements are the same
 //! text (placeholders from [`sqlx::QueryBuilder`] or `$n`, which SQLite also
 //! reads); PostgreSQL adds `FOR UPDATE SKIP LOCKED` so instances never claim
-//! the same run.
+//! the same run, and commits claims without waiting for the WAL flush: a
+//! claim lost in a crash only returns the run to the queue, which the lease
+//! does anyway.
 
 pub(crate) const RUN_COLUMNS: &str = "run_id, workflow, event_seq, event_id, conversation_id, replay_of, status, \
      step_index, attempt, attempts_total, next_attempt_at, lease_owner, lease_until, context, step_results, \
@@ -11,7 +13,7 @@ pub(crate) const ATTEMPT_COLUMNS: &str = "run_id, number, step_index, step_id, a
      request, response_status, response_headers, response_body, outcome, error_class, error_message, next_delay_ms";
 
 macro_rules! impl_run_store {
-    ($store:ty, $db:ty, $lock_clause:expr) => {
+    ($store:ty, $db:ty, $lock_clause:expr, $claim_prelude:expr) => {
         #[async_trait::async_trait]
         impl $crate::store::runs::RunStore for $store {
             async fn claim_due(
@@ -31,13 +33,19 @@ macro_rules! impl_run_store {
                     $lock_clause,
                     $crate::store::runs_sql::RUN_COLUMNS
                 );
+                let mut tx = self.writer.begin().await?;
+                let prelude: Option<&str> = $claim_prelude;
+                if let Some(prelude) = prelude {
+                    sqlx::query(prelude).execute(&mut *tx).await?;
+                }
                 let runs = sqlx::query_as(sqlx::AssertSqlSafe(sql))
                     .bind(owner)
                     .bind(lease_until)
                     .bind(now)
                     .bind(i64::from(limit))
-                    .fetch_all(&self.writer)
+                    .fetch_all(&mut *tx)
                     .await?;
+                tx.commit().await?;
                 Ok(runs)
             }
 
@@ -123,15 +131,14 @@ macro_rules! impl_run_store {
             async fn next_wakeup(
                 &self,
             ) -> Result<Option<chrono::DateTime<chrono::Utc>>, $crate::store::StoreError> {
-                let due: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
-                    "SELECT MIN(next_attempt_at) FROM runs WHERE status IN ('scheduled', 'retrying')",
-                )
-                .fetch_one(&self.reader)
-                .await?;
-                let lapse: Option<chrono::DateTime<chrono::Utc>> =
-                    sqlx::query_scalar("SELECT MIN(lease_until) FROM runs WHERE status = 'running'")
-                        .fetch_one(&self.reader)
-                        .await?;
+                // One statement, one round trip.
+                let (due, lapse): (Option<chrono::DateTime<chrono::Utc>>, Option<chrono::DateTime<chrono::Utc>>) =
+                    sqlx::query_as(
+                        "SELECT (SELECT MIN(next_attempt_at) FROM runs WHERE status IN ('scheduled', 'retrying')), \
+                                (SELECT MIN(lease_until) FROM runs WHERE status = 'running')",
+                    )
+                    .fetch_one(&self.reader)
+                    .await?;
                 Ok(match (due, lapse) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
