@@ -202,3 +202,43 @@ async fn postgres_instances_share_the_work_without_duplicates() {
     let _ = worker.kill();
     let _ = worker.wait();
 }
+
+/// On PostgreSQL, a run held by an instance that dies is taken over by a surviving one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_surviving_instance_takes_over_a_dead_ones_run() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let sink = Sink::start().await;
+    let dir = workflow_dir(&[(
+        "slow.yaml",
+        &format!(
+            "on: {{ event: conversation.ended }}\nsteps:\n  - id: post\n    http: {{ url: \"{}\" }}\n",
+            sink.url("/slow-once/3000/crm")
+        ),
+    )]);
+    let logs = tempfile::tempdir().unwrap();
+    let wf_env = dir.path().display().to_string();
+    let env = [("SWITCHBOARD_WORKFLOWS", wf_env.as_str())];
+    let mut a = ServerProcess::start(&db, logs.path(), &env).await;
+    let r = deliver_to(
+        &client(),
+        &a.webhook_url(),
+        &ended_body("ev_takeover", "conv_t", "completed"),
+        Delivery::default(),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let first = sink.wait_for("/slow-once", 1, 10).await; // instance A holds the run
+    let b = ServerProcess::start(&db, logs.path(), &env).await;
+    a.kill9();
+    let killed = Instant::now();
+    let both = sink.wait_for("/slow-once", 2, 35).await;
+    let took = both[1].at.duration_since(killed);
+    assert!(took < Duration::from_secs(30), "taken over after {took:?}");
+    assert_eq!(
+        both[1].headers["idempotency-key"],
+        first[0].headers["idempotency-key"]
+    );
+    wait_all_succeeded(&b.base(), 1, 10).await;
+}

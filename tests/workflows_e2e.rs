@@ -419,7 +419,82 @@ async fn workflows_are_listed_with_recent_run_counts(db: &TestDb) {
     }
 }
 
+async fn an_if_that_is_false_skips_the_step_and_retry_after_is_honoured(db: &TestDb) {
+    let sink = Sink::start().await;
+    let wf = format!(
+        "on: {{ event: conversation.ended }}\nsteps:\n  - id: only-failed\n    if: event.payload.status == \"failed\"\n    http: {{ url: \"{}\" }}\n  - id: always\n    http: {{ url: \"{}\" }}\n    retry: {{ max_attempts: 3, initial_delay: 10ms, max_delay: 5s }}\n",
+        sink.url("/ok/failed-only"),
+        sink.url("/retry-after/1/always")
+    );
+    let (app, _dir) = TestApp::with_workflows(db, &[("if.yaml", &wf)]).await;
+    app.deliver(&ended_body("ev_if", "conv_if", "completed"))
+        .await;
+    let runs = app.wait_runs_final(1, 10).await;
+    assert_eq!(runs[0].status(), Some(RunStatus::Succeeded));
+    assert!(
+        sink.received_on("/ok/failed-only").is_empty(),
+        "the step whose `if` is false did not run"
+    );
+    let got = sink.received_on("/retry-after/1/always");
+    assert_eq!(got.len(), 2);
+    let gap = got[1].at - got[0].at;
+    assert!(
+        gap >= std::time::Duration::from_millis(950),
+        "Retry-After: 1 was honoured: {gap:?}"
+    );
+    let d = run_detail(&app, &runs[0].run_id).await;
+    assert_eq!(d["step_results"]["only-failed"]["skipped"], true);
+    assert_eq!(d["attempts"][0]["response_status"], 429);
+    assert_eq!(d["attempts"][0]["next_delay_ms"], 1000);
+    // The event shows why the workflow matched and the run it started.
+    let (_, ev) = app.admin_get("/api/v1/events/ev_if").await;
+    assert_eq!(ev["match_decisions"][0]["workflow"], "if");
+    assert_eq!(ev["match_decisions"][0]["matched"], true);
+    assert_eq!(ev["runs"][0]["id"], runs[0].run_id.as_str());
+}
+
+async fn runs_are_paginated_newest_first(db: &TestDb) {
+    let sink = Sink::start().await;
+    let (app, _dir) =
+        TestApp::with_workflows(db, &[("crm.yaml", &on_ended(&sink, "/ok/crm", ""))]).await;
+    for i in 0..5 {
+        app.deliver(&ended_body(
+            &format!("ev_pg{i}"),
+            &format!("conv_pg{i}"),
+            "completed",
+        ))
+        .await;
+    }
+    app.wait_runs_final(5, 10).await;
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/api/v1/runs?limit=2&cursor={c}"),
+            None => "/api/v1/runs?limit=2".to_owned(),
+        };
+        let (status, page) = app.admin_get(&path).await;
+        assert_eq!(status, 200, "{page}");
+        for r in page["data"].as_array().unwrap() {
+            seen.push(r["event_id"].as_str().unwrap().to_owned());
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(seen, vec!["ev_pg4", "ev_pg3", "ev_pg2", "ev_pg1", "ev_pg0"]);
+    let (status, _) = app.admin_get("/api/v1/runs?cursor=garbage").await;
+    assert_eq!(status, 400);
+    let (_, page) = app.admin_get("/api/v1/runs?event_id=ev_pg2").await;
+    assert_eq!(page["data"].as_array().unwrap().len(), 1);
+    let (_, page) = app.admin_get("/api/v1/runs?conversation_id=conv_pg3").await;
+    assert_eq!(page["data"][0]["event_id"], "ev_pg3");
+}
+
 on_both_backends!(
+    an_if_that_is_false_skips_the_step_and_retry_after_is_honoured,
+    runs_are_paginated_newest_first,
     a_status_filter_that_matches_and_one_that_does_not,
     transitions_with_and_without_previous_value,
     from_null_means_first_set,

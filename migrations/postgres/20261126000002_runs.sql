@@ -40,7 +40,7 @@ CREATE INDEX runs_leased ON runs (lease_until) WHERE status = 'running';
 CREATE INDEX runs_recent ON runs (created_at, run_id);
 CREATE INDEX runs_by_workflow ON runs (workflow, created_at);
 CREATE INDEX runs_by_status ON runs (status, created_at);
-CREATE INDEX runs_by_event ON runs (event_seq);
+CREATE INDEX runs_by_event ON runs (event_id);
 CREATE INDEX runs_by_conversation ON runs (conversation_id, created_at);
 
 -- Every HTTP attempt, append-only; secrets are masked before they get here.

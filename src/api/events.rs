@@ -79,12 +79,25 @@ impl From<StoredEvent> for EventSummary {
     }
 }
 
+/// Why a workflow did or did not run for an event.
+#[derive(Object, Debug)]
+pub struct MatchDecisionView {
+    pub workflow: String,
+    pub matched: bool,
+    /// The condition that failed, when not matched.
+    pub reason: Option<String>,
+}
+
 /// One stored event with its body.
 #[derive(Object, Debug)]
 pub struct EventDetail {
     #[oai(flatten)]
     pub event: EventSummary,
     pub verification: VerificationInfo,
+    /// Every workflow on this event type: matched, or why not (decided when the event was stored).
+    pub match_decisions: Vec<MatchDecisionView>,
+    /// The runs this event started.
+    pub runs: Vec<super::runs::RunSummary>,
     /// The body as JSON.
     pub body: serde_json::Value,
     /// The body exactly as received (the signed bytes).
@@ -167,7 +180,7 @@ impl EventsApi {
         }))
     }
 
-    /// One event by its Operator id (`ev_…`), with the raw body and verification headers.
+    /// One event by its Operator id (`ev_…`): raw body, verification headers, match decisions, runs.
     #[oai(path = "/events/:id", method = "get")]
     async fn get_event(
         &self,
@@ -181,6 +194,26 @@ impl EventsApi {
         };
         let raw_body = String::from_utf8_lossy(&raw_body).into_owned();
         let body = serde_json::from_str(&raw_body).unwrap_or(serde_json::Value::Null);
+        let match_decisions = store
+            .decisions(event.seq)
+            .await?
+            .into_iter()
+            .map(|d| MatchDecisionView {
+                workflow: d.workflow,
+                matched: d.matched,
+                reason: d.reason,
+            })
+            .collect();
+        let runs = store
+            .list_runs(&crate::store::runs::RunQuery {
+                event_id: Some(event.event_id.clone()),
+                limit: 500,
+                ..Default::default()
+            })
+            .await?
+            .iter()
+            .map(Into::into)
+            .collect();
         let verification = VerificationInfo {
             signed_url: event.verification.signed_url.clone(),
             timestamp: event.verification.timestamp.clone(),
@@ -189,6 +222,8 @@ impl EventsApi {
         Ok(Json(EventDetail {
             event: event.into(),
             verification,
+            match_decisions,
+            runs,
             body,
             raw_body,
         }))
