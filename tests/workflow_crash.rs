@@ -11,6 +11,37 @@ use common::sink::Sink;
 use common::{Delivery, ServerProcess, TestDb, client, deliver_to, ended_body, workflow_dir};
 use serde_json::Value;
 
+/// A sink, a workflow posting to one of its paths, and a log directory.
+struct Fixture {
+    sink: Sink,
+    _workflows: tempfile::TempDir,
+    wf_env: String,
+    logs: tempfile::TempDir,
+}
+
+impl Fixture {
+    async fn new(path: &str) -> Self {
+        let sink = Sink::start().await;
+        let workflows = workflow_dir(&[(
+            "wf.yaml",
+            &format!(
+                "on: {{ event: conversation.ended }}\nsteps:\n  - id: post\n    http: {{ url: \"{}\" }}\n",
+                sink.url(path)
+            ),
+        )]);
+        Self {
+            wf_env: workflows.path().display().to_string(),
+            _workflows: workflows,
+            sink,
+            logs: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn env(&self) -> [(&str, &str); 1] {
+        [("SWITCHBOARD_WORKFLOWS", self.wf_env.as_str())]
+    }
+}
+
 async fn runs_of(base: &str) -> Vec<Value> {
     let page: Value = client()
         .get(format!("{base}/api/v1/runs?limit=500"))
@@ -40,18 +71,9 @@ async fn wait_all_succeeded(base: &str, n: usize, secs: u64) -> Vec<Value> {
 }
 
 async fn an_attempt_in_flight_at_kill_9_is_resumed(db: &TestDb) {
-    let sink = Sink::start().await;
-    let dir = workflow_dir(&[(
-        "slow.yaml",
-        &format!(
-            "on: {{ event: conversation.ended }}\nsteps:\n  - id: post\n    http: {{ url: \"{}\" }}\n",
-            sink.url("/slow-once/3000/crm")
-        ),
-    )]);
-    let logs = tempfile::tempdir().unwrap();
-    let wf_env = dir.path().display().to_string();
-    let env = [("SWITCHBOARD_WORKFLOWS", wf_env.as_str())];
-    let mut server = ServerProcess::start(db, logs.path(), &env).await;
+    let fx = Fixture::new("/slow-once/3000/crm").await;
+    let (sink, logs, env) = (&fx.sink, fx.logs.path(), fx.env());
+    let mut server = ServerProcess::start(db, logs, &env).await;
     let r = deliver_to(
         &client(),
         &server.webhook_url(),
@@ -63,7 +85,7 @@ async fn an_attempt_in_flight_at_kill_9_is_resumed(db: &TestDb) {
     let first = sink.wait_for("/slow-once", 1, 10).await;
     server.kill9(); // while the sink is still answering the first attempt
     let restarted = Instant::now();
-    let server = ServerProcess::start(db, logs.path(), &env).await;
+    let server = ServerProcess::start(db, logs, &env).await;
     let both = sink.wait_for("/slow-once", 2, 15).await;
     let resumed_after = both[1].at.duration_since(restarted);
     assert!(
@@ -79,18 +101,9 @@ async fn an_attempt_in_flight_at_kill_9_is_resumed(db: &TestDb) {
 }
 
 async fn events_acknowledged_before_kill_9_all_get_one_run(db: &TestDb) {
-    let sink = Sink::start().await;
-    let dir = workflow_dir(&[(
-        "crm.yaml",
-        &format!(
-            "on: {{ event: conversation.ended }}\nsteps:\n  - id: post\n    http: {{ url: \"{}\" }}\n",
-            sink.url("/ok/crm")
-        ),
-    )]);
-    let logs = tempfile::tempdir().unwrap();
-    let wf_env = dir.path().display().to_string();
-    let env = [("SWITCHBOARD_WORKFLOWS", wf_env.as_str())];
-    let mut server = ServerProcess::start(db, logs.path(), &env).await;
+    let fx = Fixture::new("/ok/crm").await;
+    let (sink, logs, env) = (&fx.sink, fx.logs.path(), fx.env());
+    let mut server = ServerProcess::start(db, logs, &env).await;
     let http = client();
     let url = server.webhook_url();
     let sends = (0..20).map(|i| {
@@ -111,7 +124,7 @@ async fn events_acknowledged_before_kill_9_all_get_one_run(db: &TestDb) {
     let statuses = futures::future::join_all(sends).await;
     server.kill9();
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
-    let server = ServerProcess::start(db, logs.path(), &env).await;
+    let server = ServerProcess::start(db, logs, &env).await;
     let runs = wait_all_succeeded(&server.base(), 20, 20).await;
     assert_eq!(runs.len(), 20, "one run per event, none twice");
     let events: HashSet<&str> = runs
@@ -139,20 +152,11 @@ async fn postgres_instances_share_the_work_without_duplicates() {
     let Some(db) = TestDb::postgres().await else {
         return;
     };
-    let sink = Sink::start().await;
-    let dir = workflow_dir(&[(
-        "crm.yaml",
-        &format!(
-            "on: {{ event: conversation.ended }}\nsteps:\n  - id: post\n    http: {{ url: \"{}\" }}\n",
-            sink.url("/ok/crm")
-        ),
-    )]);
-    let logs = tempfile::tempdir().unwrap();
-    let wf_env = dir.path().display().to_string();
-    let env = [("SWITCHBOARD_WORKFLOWS", wf_env.as_str())];
-    let a = ServerProcess::start(&db, logs.path(), &env).await;
-    let b = ServerProcess::start(&db, logs.path(), &env).await;
-    let mut worker = ServerProcess::start_worker(&db, logs.path(), &env).await;
+    let fx = Fixture::new("/ok/crm").await;
+    let (sink, logs, env) = (&fx.sink, fx.logs.path(), fx.env());
+    let a = ServerProcess::start(&db, logs, &env).await;
+    let b = ServerProcess::start(&db, logs, &env).await;
+    let mut worker = ServerProcess::start_worker(&db, logs, &env).await;
     let http = client();
     let sends = (0..60).map(|i| {
         let http = http.clone();
@@ -209,18 +213,9 @@ async fn postgres_a_surviving_instance_takes_over_a_dead_ones_run() {
     let Some(db) = TestDb::postgres().await else {
         return;
     };
-    let sink = Sink::start().await;
-    let dir = workflow_dir(&[(
-        "slow.yaml",
-        &format!(
-            "on: {{ event: conversation.ended }}\nsteps:\n  - id: post\n    http: {{ url: \"{}\" }}\n",
-            sink.url("/slow-once/3000/crm")
-        ),
-    )]);
-    let logs = tempfile::tempdir().unwrap();
-    let wf_env = dir.path().display().to_string();
-    let env = [("SWITCHBOARD_WORKFLOWS", wf_env.as_str())];
-    let mut a = ServerProcess::start(&db, logs.path(), &env).await;
+    let fx = Fixture::new("/slow-once/3000/crm").await;
+    let (sink, logs, env) = (&fx.sink, fx.logs.path(), fx.env());
+    let mut a = ServerProcess::start(&db, logs, &env).await;
     let r = deliver_to(
         &client(),
         &a.webhook_url(),
@@ -230,7 +225,7 @@ async fn postgres_a_surviving_instance_takes_over_a_dead_ones_run() {
     .await;
     assert_eq!(r.status(), 200);
     let first = sink.wait_for("/slow-once", 1, 10).await; // instance A holds the run
-    let b = ServerProcess::start(&db, logs.path(), &env).await;
+    let b = ServerProcess::start(&db, logs, &env).await;
     a.kill9();
     let killed = Instant::now();
     let both = sink.wait_for("/slow-once", 2, 35).await;

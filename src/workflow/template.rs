@@ -65,14 +65,17 @@ pub fn check_expression(s: &str) -> Result<(), TemplateError> {
         .map_err(|e| error("expression", s, &e))
 }
 
+/// Compiles and evaluates an expression to a minijinja value.
+fn evaluate(expr: &str, ctx: &Value) -> Result<minijinja::Value, TemplateError> {
+    env()
+        .compile_expression(expr)
+        .and_then(|compiled| compiled.eval(ctx))
+        .map_err(|e| error("expression", expr, &e))
+}
+
 /// Evaluates an expression to JSON.
 pub fn eval(expr: &str, ctx: &Value) -> Result<Value, TemplateError> {
-    let compiled = env()
-        .compile_expression(expr)
-        .map_err(|e| error("expression", expr, &e))?;
-    let value = compiled
-        .eval(ctx)
-        .map_err(|e| error("expression", expr, &e))?;
+    let value = evaluate(expr, ctx)?;
     if value.is_undefined() {
         return Err(TemplateError {
             what: "expression",
@@ -89,13 +92,7 @@ pub fn eval(expr: &str, ctx: &Value) -> Result<Value, TemplateError> {
 
 /// Evaluates a condition (`when`, `if`): true when the value is truthy.
 pub fn truthy(expr: &str, ctx: &Value) -> Result<bool, TemplateError> {
-    let compiled = env()
-        .compile_expression(expr)
-        .map_err(|e| error("expression", expr, &e))?;
-    let value = compiled
-        .eval(ctx)
-        .map_err(|e| error("expression", expr, &e))?;
-    Ok(value.is_true())
+    Ok(evaluate(expr, ctx)?.is_true())
 }
 
 /// Renders a string template to text.

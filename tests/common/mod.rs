@@ -319,21 +319,17 @@ impl TestApp {
     }
 
     pub async fn admin_get(&self, path: &str) -> (u16, Value) {
-        let resp = self
-            .client
-            .get(self.url(path))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap();
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
+        self.admin(reqwest::Method::GET, path).await
     }
 
     pub async fn admin_post(&self, path: &str) -> (u16, Value) {
+        self.admin(reqwest::Method::POST, path).await
+    }
+
+    async fn admin(&self, method: reqwest::Method, path: &str) -> (u16, Value) {
         let resp = self
             .client
-            .post(self.url(path))
+            .request(method, self.url(path))
             .bearer_auth(TOKEN)
             .send()
             .await
