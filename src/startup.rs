@@ -13,6 +13,7 @@ use poem::{Endpoint, EndpointExt, Route, Server, post};
 use crate::api::{self, AdminToken};
 use crate::config::Settings;
 use crate::engine::Engine;
+use crate::engine::setup::SetupResponder;
 use crate::store::appender::Appender;
 use crate::store::{self, EventStore};
 use crate::webhook::ingest::{self, IngestState, WEBHOOK_PATH};
@@ -86,6 +87,7 @@ impl Application {
             spawn_listener(&settings.database_url, wake.clone()),
         ];
         let ingest = Arc::new(IngestState {
+            setup: Arc::new(SetupResponder::new(registry.clone(), store.clone())),
             keys: settings.signing_keys.clone(),
             public_url: settings.public_url.clone(),
             tolerance: settings.tolerance,

@@ -88,6 +88,21 @@ pub struct MatchDecisionView {
     pub reason: Option<String>,
 }
 
+/// How a `conversation.setup` event was answered.
+#[derive(Object, Debug)]
+pub struct SetupAnswerView {
+    /// The workflow that answered; absent when none matched (the answer was `{"context": {}}`).
+    pub workflow: Option<String>,
+    pub used_fallback: bool,
+    /// Why the fallback was used: a lookup or template failed, or the deadline passed.
+    pub reason: Option<String>,
+    /// The answer exactly as sent (and re-sent to retries).
+    pub body: serde_json::Value,
+    /// Every lookup attempt: request (secrets masked), status, error class, duration; `cached` when served from the cache.
+    pub lookups: serde_json::Value,
+    pub duration_ms: i64,
+}
+
 /// One stored event with its body.
 #[derive(Object, Debug)]
 pub struct EventDetail {
@@ -98,6 +113,8 @@ pub struct EventDetail {
     pub match_decisions: Vec<MatchDecisionView>,
     /// The runs this event started.
     pub runs: Vec<super::runs::RunSummary>,
+    /// For conversation.setup: the answer and how it was produced.
+    pub setup_answer: Option<SetupAnswerView>,
     /// The body as JSON.
     pub body: serde_json::Value,
     /// The body exactly as received (the signed bytes).
@@ -180,7 +197,7 @@ impl EventsApi {
         }))
     }
 
-    /// One event by its Operator id (`ev_…`): raw body, verification headers, match decisions, runs.
+    /// One event by its Operator id (`ev_…`): raw body, verification headers, match decisions, runs, setup answer.
     #[oai(path = "/events/:id", method = "get")]
     async fn get_event(
         &self,
@@ -214,6 +231,17 @@ impl EventsApi {
             .iter()
             .map(Into::into)
             .collect();
+        let setup_answer = store
+            .setup_answer(event.seq)
+            .await?
+            .map(|a| SetupAnswerView {
+                workflow: a.workflow,
+                used_fallback: a.used_fallback,
+                reason: a.reason,
+                body: serde_json::from_str(&a.body).unwrap_or(serde_json::Value::Null),
+                lookups: a.lookups.0,
+                duration_ms: a.duration_ms,
+            });
         let verification = VerificationInfo {
             signed_url: event.verification.signed_url.clone(),
             timestamp: event.verification.timestamp.clone(),
@@ -224,6 +252,7 @@ impl EventsApi {
             verification,
             match_decisions,
             runs,
+            setup_answer,
             body,
             raw_body,
         }))

@@ -11,6 +11,7 @@
 
 pub mod backoff;
 pub mod http;
+pub mod setup;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -195,9 +195,33 @@ pub trait RunStore: Send + Sync + 'static {
     /// Every workflow's verdict on one event.
     async fn decisions(&self, event_seq: i64) -> Result<Vec<MatchRecord>, StoreError>;
 
+    /// Stores a setup answer unless one exists; returns the one stored (first writer wins).
+    async fn save_setup_answer(&self, answer: &SetupAnswer) -> Result<SetupAnswer, StoreError>;
+
+    /// The stored answer to a setup event.
+    async fn setup_answer(&self, event_seq: i64) -> Result<Option<SetupAnswer>, StoreError>;
+
     /// Runs by state, created since `since`, per workflow: (workflow, status, count).
     async fn run_counts_since(
         &self,
         since: DateTime<Utc>,
     ) -> Result<Vec<(String, String, i64)>, StoreError>;
+}
+
+/// The answer to one `conversation.setup` event.
+#[derive(Clone, Debug, PartialEq, sqlx::FromRow)]
+pub struct SetupAnswer {
+    pub event_seq: i64,
+    pub event_id: String,
+    /// The workflow that answered; `None` when none matched.
+    pub workflow: Option<String>,
+    pub used_fallback: bool,
+    /// Why the fallback was used.
+    pub reason: Option<String>,
+    /// The exact response body.
+    pub body: String,
+    /// Every lookup attempt, like run attempts (secrets masked).
+    pub lookups: sqlx::types::Json<Value>,
+    pub duration_ms: i64,
+    pub created_at: DateTime<Utc>,
 }

@@ -249,6 +249,48 @@ macro_rules! impl_run_store {
                     .collect())
             }
 
+            async fn save_setup_answer(
+                &self,
+                a: &$crate::store::runs::SetupAnswer,
+            ) -> Result<$crate::store::runs::SetupAnswer, $crate::store::StoreError> {
+                sqlx::query(
+                    "INSERT INTO setup_answers (event_seq, event_id, workflow, used_fallback, reason, body, lookups, \
+                     duration_ms, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
+                )
+                .bind(a.event_seq)
+                .bind(&a.event_id)
+                .bind(a.workflow.as_deref())
+                .bind(a.used_fallback)
+                .bind(a.reason.as_deref())
+                .bind(&a.body)
+                .bind(&a.lookups)
+                .bind(a.duration_ms)
+                .bind(a.created_at)
+                .execute(&self.writer)
+                .await?;
+                let stored = sqlx::query_as(
+                    "SELECT event_seq, event_id, workflow, used_fallback, reason, body, lookups, duration_ms, created_at \
+                     FROM setup_answers WHERE event_seq = $1",
+                )
+                .bind(a.event_seq)
+                .fetch_one(&self.writer)
+                .await?;
+                Ok(stored)
+            }
+
+            async fn setup_answer(
+                &self,
+                event_seq: i64,
+            ) -> Result<Option<$crate::store::runs::SetupAnswer>, $crate::store::StoreError> {
+                Ok(sqlx::query_as(
+                    "SELECT event_seq, event_id, workflow, used_fallback, reason, body, lookups, duration_ms, created_at \
+                     FROM setup_answers WHERE event_seq = $1",
+                )
+                .bind(event_seq)
+                .fetch_optional(&self.reader)
+                .await?)
+            }
+
             async fn run_counts_since(
                 &self,
                 since: chrono::DateTime<chrono::Utc>,

@@ -19,6 +19,7 @@ use super::signature::{
     Tolerance,
 };
 use crate::domain::IdempotencyKey;
+use crate::engine::setup::{EMPTY_ANSWER, SetupEvent, SetupResponder, Slot};
 use crate::store::appender::Appender;
 use crate::store::{AppendOutcome, EventRef, NewEvent, Verification};
 
@@ -27,6 +28,7 @@ pub const WEBHOOK_PATH: &str = "/webhooks/operator";
 
 /// What the receiver needs, shared by every request.
 pub struct IngestState {
+    pub setup: Arc<SetupResponder>,
     pub keys: SigningKeys,
     /// The URL registered in Operator; `None` rebuilds it from each request.
     pub public_url: Option<String>,
@@ -67,15 +69,10 @@ pub fn signed_url(req: &Request, configured: Option<&str>) -> String {
     format!("{scheme}://{host}{}", req.uri().path())
 }
 
-/// The acknowledgement body: derived from the stored event only, so every
-/// retry of a delivery gets the same bytes.
+/// The acknowledgement body of events other than setup: derived from the
+/// stored event only, so every retry of a delivery gets the same bytes.
 fn acknowledgement(event: &EventRef) -> String {
-    if event.event_type == EventKind::SETUP {
-        // Until setup rules answer (see the setup workflows), the smallest valid answer.
-        json!({"context": {}}).to_string()
-    } else {
-        json!({"event_id": event.event_id, "sequence": event.seq}).to_string()
-    }
+    json!({"event_id": event.event_id, "sequence": event.seq}).to_string()
 }
 
 #[handler]
@@ -143,6 +140,9 @@ pub async fn receive(req: &Request, body: Body, Data(state): Data<&Arc<IngestSta
         // Microseconds: what both databases keep, so a re-read equals what was written.
         received_at: Utc::now().trunc_subsecs(6),
     };
+    if event.envelope.event_type == EventKind::SETUP {
+        return receive_setup(state, event).await;
+    }
     match state.appender.append(event).await {
         Ok(outcome) => {
             let duplicate = outcome.is_duplicate();
@@ -152,27 +152,74 @@ pub async fn receive(req: &Request, body: Body, Data(state): Data<&Arc<IngestSta
             } else {
                 tracing::debug!(event_id = %stored.event_id, seq = stored.seq, event_type = %stored.event_type, "event stored");
             }
-            Response::builder()
-                .status(StatusCode::OK)
-                .content_type("application/json")
-                .header(
-                    "x-switchboard-duplicate",
-                    if duplicate { "true" } else { "false" },
-                )
-                .body(acknowledgement(stored))
+            acknowledge(acknowledgement(stored), duplicate)
         }
-        Err(e) => {
-            tracing::error!(error = %e, "could not store webhook; answering 503 so Operator retries");
-            let mut resp = error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
-                "the event could not be stored; retry later",
-            );
-            resp.headers_mut().insert(
-                header::RETRY_AFTER,
-                poem::http::HeaderValue::from_static("1"),
-            );
-            resp
-        }
+        Err(e) => unavailable(&e),
     }
+}
+
+fn unavailable(e: &crate::store::StoreError) -> Response {
+    tracing::error!(error = %e, "could not store webhook; answering 503 so Operator retries");
+    let mut resp = error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store_unavailable",
+        "the event could not be stored; retry later",
+    );
+    resp.headers_mut().insert(
+        header::RETRY_AFTER,
+        poem::http::HeaderValue::from_static("1"),
+    );
+    resp
+}
+
+fn acknowledge(body: impl Into<Body>, duplicate: bool) -> Response {
+    Response::builder()
+        .status(StatusCode::OK)
+        .content_type("application/json")
+        .header(
+            "x-switchboard-duplicate",
+            if duplicate { "true" } else { "false" },
+        )
+        .body(body)
+}
+
+/// `conversation.setup`: store the event, then answer it (or wait for the
+/// answer another delivery of it is computing), always with 200 and a context.
+async fn receive_setup(state: &IngestState, event: NewEvent) -> Response {
+    let envelope = event.envelope.clone();
+    let raw_body = event.raw_body.clone();
+    let event_id = envelope.id.to_string();
+    let slot = state.setup.join(&event_id);
+    let outcome = match state.appender.append(event).await {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            if let Slot::Leader(tx) = slot {
+                state.setup.finish(&event_id, tx, None);
+            }
+            return unavailable(&e);
+        }
+    };
+    let setup_event = SetupEvent {
+        seq: outcome.event().seq,
+        envelope: &envelope,
+        raw_body: &raw_body,
+    };
+    let body = match slot {
+        Slot::Follower(rx) => match SetupResponder::wait(rx).await {
+            Some(body) => Ok(body),
+            None => state.setup.answer(&setup_event).await,
+        },
+        Slot::Leader(tx) => {
+            let body = state.setup.answer(&setup_event).await;
+            state
+                .setup
+                .finish(&event_id, tx, body.as_ref().ok().cloned());
+            body
+        }
+    };
+    let body = body.unwrap_or_else(|e| {
+        tracing::error!(error = %e, event_id, "could not store the setup answer; answering with an empty context");
+        EMPTY_ANSWER.into()
+    });
+    acknowledge(body.to_string(), outcome.is_duplicate())
 }

@@ -1,0 +1,435 @@
+//! Answers `conversation.setup` from the setup workflows (those with
+//! `respond:`), inline, under a hard deadline.
+//!
+//! The first workflow (in file-name order) whose `when` holds answers. Its
+//! steps are lookups run with the same HTTP action code as runs, retried
+//! only within the deadline; its `respond` is rendered with their results.
+//! When a lookup or a template fails, or the deadline passes, `fallback`
+//! (or `{"context": {}}`) is sent at once. Each answer is stored with its
+//! event, so a retried delivery gets the same bytes without new lookups;
+//! a retry that arrives while the first is still computing waits for it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{SubsecRound, Utc};
+use serde_json::{Map, Value, json};
+use tokio::sync::watch;
+
+use super::http::{self, ErrorClass};
+use super::{backoff, traceparent, user_agent};
+use crate::store::EventStore;
+use crate::store::runs::SetupAnswer;
+use crate::webhook::envelope::{Envelope, EventKind};
+use crate::workflow::matching::{EventFacts, base_context, decide};
+use crate::workflow::registry::Registry;
+use crate::workflow::{Workflow, template};
+
+/// The smallest valid answer.
+pub const EMPTY_ANSWER: &str = r#"{"context":{}}"#;
+const CACHE_CAPACITY: usize = 10_000;
+
+/// What a handler does for one setup delivery.
+pub enum Slot {
+    /// Computes (or loads) the answer and publishes it.
+    Leader(watch::Sender<Option<Arc<str>>>),
+    /// Another delivery of the same event is computing it in this process: wait.
+    Follower(watch::Receiver<Option<Arc<str>>>),
+}
+
+pub struct SetupResponder {
+    registry: Arc<Registry>,
+    store: Arc<dyn EventStore>,
+    client: reqwest::Client,
+    cache: Mutex<HashMap<String, (Instant, http::Response)>>,
+    inflight: Mutex<HashMap<String, watch::Receiver<Option<Arc<str>>>>>,
+}
+
+/// One setup event to answer.
+pub struct SetupEvent<'a> {
+    pub seq: i64,
+    pub envelope: &'a Envelope,
+    pub raw_body: &'a [u8],
+}
+
+struct Produced {
+    workflow: Option<String>,
+    body: String,
+    fallback_reason: Option<String>,
+}
+
+impl SetupResponder {
+    pub fn new(registry: Arc<Registry>, store: Arc<dyn EventStore>) -> Self {
+        let client = reqwest::Client::builder()
+            .user_agent(user_agent())
+            .build()
+            .expect("HTTP client");
+        Self {
+            registry,
+            store,
+            client,
+            cache: Mutex::default(),
+            inflight: Mutex::default(),
+        }
+    }
+
+    /// Joins the computation of `event_id`'s answer in this process.
+    pub fn join(&self, event_id: &str) -> Slot {
+        let mut inflight = self.inflight.lock().expect("inflight lock");
+        if let Some(rx) = inflight.get(event_id) {
+            return Slot::Follower(rx.clone());
+        }
+        let (tx, rx) = watch::channel(None);
+        inflight.insert(event_id.to_owned(), rx);
+        Slot::Leader(tx)
+    }
+
+    /// Publishes the answer (or gives up, with `None`) and leaves the slot.
+    pub fn finish(
+        &self,
+        event_id: &str,
+        tx: watch::Sender<Option<Arc<str>>>,
+        body: Option<Arc<str>>,
+    ) {
+        self.inflight
+            .lock()
+            .expect("inflight lock")
+            .remove(event_id);
+        if body.is_some() {
+            let _ = tx.send(body);
+        }
+    }
+
+    /// Waits for the leader's answer; `None` if the leader gave up.
+    pub async fn wait(mut rx: watch::Receiver<Option<Arc<str>>>) -> Option<Arc<str>> {
+        loop {
+            if let Some(body) = rx.borrow().clone() {
+                return Some(body);
+            }
+            rx.changed().await.ok()?;
+        }
+    }
+
+    /// The stored answer, or a new one computed and stored (the first stored wins).
+    pub async fn answer(
+        &self,
+        event: &SetupEvent<'_>,
+    ) -> Result<Arc<str>, crate::store::StoreError> {
+        if let Some(stored) = self.store.setup_answer(event.seq).await? {
+            return Ok(stored.body.into());
+        }
+        let started = Instant::now();
+        let lookups = Arc::new(Mutex::new(Vec::new()));
+        let produced = self.produce(event, &lookups).await;
+        let lookups = std::mem::take(&mut *lookups.lock().expect("lookups lock"));
+        if let Some(reason) = &produced.fallback_reason {
+            tracing::warn!(event_id = %event.envelope.id, workflow = ?produced.workflow, "setup answered with the fallback: {reason}");
+        }
+        let saved = self
+            .store
+            .save_setup_answer(&SetupAnswer {
+                event_seq: event.seq,
+                event_id: event.envelope.id.to_string(),
+                workflow: produced.workflow,
+                used_fallback: produced.fallback_reason.is_some(),
+                reason: produced.fallback_reason,
+                body: produced.body,
+                lookups: sqlx::types::Json(Value::Array(lookups)),
+                duration_ms: started.elapsed().as_millis() as i64,
+                created_at: Utc::now().trunc_subsecs(6),
+            })
+            .await;
+        Ok(saved?.body.into())
+    }
+
+    async fn produce(&self, event: &SetupEvent<'_>, lookups: &Arc<Mutex<Vec<Value>>>) -> Produced {
+        let set = self.registry.current();
+        let answering: Vec<&Workflow> = set
+            .workflows
+            .iter()
+            .filter(|w| {
+                w.event == EventKind::SETUP && (w.respond.is_some() || w.fallback.is_some())
+            })
+            .collect();
+        let none = || Produced {
+            workflow: None,
+            body: EMPTY_ANSWER.to_owned(),
+            fallback_reason: None,
+        };
+        if answering.is_empty() {
+            return none();
+        }
+        let event_json: Value = serde_json::from_slice(event.raw_body).unwrap_or_default();
+        let conversation = match &event.envelope.conversation_id {
+            Some(c) => self.store.conversation(c.as_str()).await.ok().flatten(),
+            None => None,
+        };
+        let facts = EventFacts {
+            envelope: event.envelope,
+            event_json: &event_json,
+            before: None,
+            after: conversation.as_ref(),
+        };
+        let Some(wf) = answering.into_iter().find(|w| decide(w, &facts).matched()) else {
+            return none();
+        };
+        let base = base_context(&facts);
+        let outcome = tokio::time::timeout(wf.deadline, self.respond(wf, &base, lookups)).await;
+        let reason = match outcome {
+            Ok(Ok(body)) => {
+                return Produced {
+                    workflow: Some(wf.name.clone()),
+                    body,
+                    fallback_reason: None,
+                };
+            }
+            Ok(Err(reason)) => reason,
+            Err(_) => format!(
+                "the deadline of {} passed",
+                humantime::format_duration(wf.deadline)
+            ),
+        };
+        let body = wf
+            .fallback
+            .as_ref()
+            .and_then(|f| answer_body(f, &base).ok())
+            .unwrap_or_else(|| EMPTY_ANSWER.to_owned());
+        Produced {
+            workflow: Some(wf.name.clone()),
+            body,
+            fallback_reason: Some(reason),
+        }
+    }
+
+    /// Runs the lookups, then renders `respond`. Err: why the fallback is needed.
+    async fn respond(
+        &self,
+        wf: &Workflow,
+        base: &Value,
+        lookups: &Arc<Mutex<Vec<Value>>>,
+    ) -> Result<String, String> {
+        let secrets: HashMap<String, Option<String>> = wf
+            .secrets
+            .iter()
+            .map(|n| (n.clone(), std::env::var(n).ok()))
+            .collect();
+        if let Some((name, _)) = secrets.iter().find(|(_, v)| v.is_none()) {
+            return Err(format!(
+                "secret {name} is declared but its environment variable is not set"
+            ));
+        }
+        let secret_values: Vec<String> = secrets.values().flatten().cloned().collect();
+        let mut results = Map::new();
+        for step in &wf.steps {
+            let ctx = with_steps(base, &results, &secrets, false);
+            let ctx_masked = with_steps(base, &results, &secrets, true);
+            if let Some(cond) = &step.condition
+                && !template::truthy(cond, &ctx_masked)
+                    .map_err(|e| format!("step `{}`: {e}", step.id))?
+            {
+                results.insert(step.id.clone(), json!({"skipped": true}));
+                continue;
+            }
+            let real = http::render(&step.http, &ctx)
+                .map_err(|(_, m)| format!("step `{}`: {m}", step.id))?;
+            let masked = http::render(&step.http, &ctx_masked)
+                .map_err(|(_, m)| format!("step `{}`: {m}", step.id))?;
+            let record =
+                serde_json::from_str(&http::scrub(&masked.record().to_string(), &secret_values))
+                    .unwrap_or(Value::Null);
+            let cache_key = step.cache.map(|_| {
+                format!(
+                    "{}\n{}\n{:?}\n{:?}",
+                    real.method, real.url, real.headers, real.body
+                )
+            });
+            if let Some(key) = &cache_key
+                && let Some(resp) = self.cached(key)
+            {
+                lookups.lock().expect("lookups lock").push(json!({
+                    "step_id": step.id, "attempt": 0, "request": record, "response_status": resp.status, "cached": true,
+                }));
+                results.insert(step.id.clone(), resp.as_step_result());
+                continue;
+            }
+            let mut attempt = 0u32;
+            loop {
+                attempt += 1;
+                let clock = Instant::now();
+                let extra = [
+                    (
+                        "idempotency-key",
+                        format!(
+                            "setup:{}:{}",
+                            base["event"]["id"].as_str().unwrap_or_default(),
+                            step.id
+                        ),
+                    ),
+                    (
+                        "traceparent",
+                        traceparent(base["event"]["id"].as_str().unwrap_or_default()),
+                    ),
+                ];
+                let result = http::send(&self.client, &real, &extra, step.timeout).await;
+                let (failure, retry_after) = match &result {
+                    Ok(resp) => match http::status_class(resp.status) {
+                        None => (None, None),
+                        Some((class, retryable)) => (
+                            Some((class, format!("HTTP {}", resp.status), retryable)),
+                            resp.headers
+                                .get("retry-after")
+                                .and_then(|v| backoff::parse_retry_after(v, Utc::now())),
+                        ),
+                    },
+                    Err((class, message)) => (
+                        Some((
+                            *class,
+                            message.clone(),
+                            matches!(
+                                class,
+                                ErrorClass::Dns
+                                    | ErrorClass::Connect
+                                    | ErrorClass::Tls
+                                    | ErrorClass::Timeout
+                            ),
+                        )),
+                        None,
+                    ),
+                };
+                lookups.lock().expect("lookups lock").push(json!({
+                    "step_id": step.id,
+                    "attempt": attempt,
+                    "request": record,
+                    "response_status": result.as_ref().ok().map(|r| r.status),
+                    "response_body": result.as_ref().ok().map(|r| http::scrub(&r.body, &secret_values)),
+                    "error_class": failure.as_ref().map(|f| f.0.as_str()),
+                    "error_message": failure.as_ref().map(|f| http::scrub(&f.1, &secret_values)),
+                    "duration_ms": clock.elapsed().as_millis() as u64,
+                }));
+                match (result, failure) {
+                    (Ok(resp), None) => {
+                        if let Some(key) = cache_key {
+                            self.remember(key, step.cache.unwrap_or_default(), resp.clone());
+                        }
+                        results.insert(step.id.clone(), resp.as_step_result());
+                        break;
+                    }
+                    (_, Some((_, message, true))) if attempt < step.retry.max_attempts => {
+                        // The deadline around the whole answer bounds these retries.
+                        let delay = backoff::delay(
+                            &step.retry,
+                            attempt,
+                            retry_after,
+                            rand::random::<f64>(),
+                        );
+                        tokio::time::sleep(delay).await;
+                        tracing::debug!(step = %step.id, attempt, "setup lookup failed ({message}); retrying");
+                    }
+                    (_, Some((_, message, _))) => {
+                        return Err(format!(
+                            "lookup `{}` failed: {}",
+                            step.id,
+                            http::scrub(&message, &secret_values)
+                        ));
+                    }
+                    (Err(_), None) => unreachable!("an error always has a failure"),
+                }
+            }
+        }
+        let ctx = with_steps(base, &results, &secrets, false);
+        let respond = wf
+            .respond
+            .as_ref()
+            .ok_or("the workflow has only a fallback")?;
+        answer_body(respond, &ctx)
+    }
+
+    fn cached(&self, key: &str) -> Option<http::Response> {
+        let cache = self.cache.lock().expect("cache lock");
+        cache
+            .get(key)
+            .filter(|(expires, _)| *expires > Instant::now())
+            .map(|(_, r)| r.clone())
+    }
+
+    fn remember(&self, key: String, ttl: Duration, resp: http::Response) {
+        let mut cache = self.cache.lock().expect("cache lock");
+        if cache.len() >= CACHE_CAPACITY {
+            let now = Instant::now();
+            cache.retain(|_, (expires, _)| *expires > now);
+            if cache.len() >= CACHE_CAPACITY {
+                cache.clear();
+            }
+        }
+        cache.insert(key, (Instant::now() + ttl, resp));
+    }
+}
+
+fn with_steps(
+    base: &Value,
+    results: &Map<String, Value>,
+    secrets: &HashMap<String, Option<String>>,
+    masked: bool,
+) -> Value {
+    let mut ctx = base.clone();
+    if let Value::Object(map) = &mut ctx {
+        map.insert("steps".into(), Value::Object(results.clone()));
+        let secrets: Map<String, Value> = secrets
+            .iter()
+            .filter_map(|(k, v)| {
+                Some((
+                    k.clone(),
+                    Value::String(if masked { "***".into() } else { v.clone()? }),
+                ))
+            })
+            .collect();
+        map.insert("secrets".into(), Value::Object(secrets));
+    }
+    ctx
+}
+
+/// Renders an answer template into the response body: `context` (an object)
+/// and `override_config` only when it renders non-empty.
+fn answer_body(template_value: &Value, ctx: &Value) -> Result<String, String> {
+    let rendered =
+        template::render_json(template_value, ctx).map_err(|e| format!("respond: {e}"))?;
+    let context = match rendered.get("context") {
+        Some(Value::Object(c)) => Value::Object(c.clone()),
+        None | Some(Value::Null) => Value::Object(Map::new()),
+        Some(other) => {
+            return Err(format!(
+                "respond: `context` rendered to {other}, not an object"
+            ));
+        }
+    };
+    let mut body = Map::new();
+    body.insert("context".into(), context);
+    if let Some(Value::Object(oc)) = rendered.get("override_config")
+        && !oc.is_empty()
+    {
+        body.insert("override_config".into(), Value::Object(oc.clone()));
+    }
+    Ok(Value::Object(body).to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_keep_types_and_drop_empty_override_config() {
+        let ctx = json!({"steps": {"l": {"json": {"name": "Zoë", "vip": true}}}});
+        let body = answer_body(
+            &json!({"context": {"$customer": {"name": "{{ steps.l.json.name }}"}, "vip": "{{ steps.l.json.vip }}"}, "override_config": {}}),
+            &ctx,
+        )
+        .unwrap();
+        assert_eq!(
+            body,
+            r#"{"context":{"$customer":{"name":"Zoë"},"vip":true}}"#
+        );
+        assert!(answer_body(&json!({"context": "{{ steps.l.json.name }}"}), &ctx).is_err());
+        assert!(answer_body(&json!({"context": {"x": "{{ steps.missing.json }}"}}), &ctx).is_err());
+    }
+}
