@@ -21,13 +21,13 @@ use super::http::{self, ErrorClass};
 use super::{backoff, traceparent, user_agent};
 use crate::store::EventStore;
 use crate::store::runs::SetupAnswer;
-use crate::webhook::envelope::{Envelope, EventKind};
-use crate::workflow::matching::{EventFacts, base_context, decide};
+use crate::webhook::envelope::Envelope;
+use crate::workflow::answer::{self, Produced};
+use crate::workflow::matching::{EventFacts, base_context};
 use crate::workflow::registry::Registry;
 use crate::workflow::{Workflow, template};
 
-/// The smallest valid answer.
-pub const EMPTY_ANSWER: &str = r#"{"context":{}}"#;
+pub use crate::workflow::answer::EMPTY_ANSWER;
 const CACHE_CAPACITY: usize = 10_000;
 
 /// What a handler does for one setup delivery.
@@ -51,12 +51,6 @@ pub struct SetupEvent<'a> {
     pub seq: i64,
     pub envelope: &'a Envelope,
     pub raw_body: &'a [u8],
-}
-
-struct Produced {
-    workflow: Option<String>,
-    body: String,
-    fallback_reason: Option<String>,
 }
 
 impl SetupResponder {
@@ -145,20 +139,8 @@ impl SetupResponder {
 
     async fn produce(&self, event: &SetupEvent<'_>, lookups: &Arc<Mutex<Vec<Value>>>) -> Produced {
         let set = self.registry.current();
-        let answering: Vec<&Workflow> = set
-            .workflows
-            .iter()
-            .filter(|w| {
-                w.event == EventKind::SETUP && (w.respond.is_some() || w.fallback.is_some())
-            })
-            .collect();
-        let none = || Produced {
-            workflow: None,
-            body: EMPTY_ANSWER.to_owned(),
-            fallback_reason: None,
-        };
-        if answering.is_empty() {
-            return none();
+        if answer::answering(&set).next().is_none() {
+            return Produced::empty();
         }
         let event_json: Value = serde_json::from_slice(event.raw_body).unwrap_or_default();
         let conversation = match &event.envelope.conversation_id {
@@ -171,34 +153,25 @@ impl SetupResponder {
             before: None,
             after: conversation.as_ref(),
         };
-        let Some(wf) = answering.into_iter().find(|w| decide(w, &facts).matched()) else {
-            return none();
+        let Some(wf) = answer::choose(&set, &facts) else {
+            return Produced::empty();
         };
         let base = base_context(&facts);
-        let outcome = tokio::time::timeout(wf.deadline, self.respond(wf, &base, lookups)).await;
-        let reason = match outcome {
-            Ok(Ok(body)) => {
-                return Produced {
-                    workflow: Some(wf.name.clone()),
-                    body,
-                    fallback_reason: None,
-                };
-            }
-            Ok(Err(reason)) => reason,
-            Err(_) => format!(
-                "the deadline of {} passed",
-                humantime::format_duration(wf.deadline)
+        match tokio::time::timeout(wf.deadline, self.respond(wf, &base, lookups)).await {
+            Ok(Ok(body)) => Produced {
+                workflow: Some(wf.name.clone()),
+                body,
+                fallback_reason: None,
+            },
+            Ok(Err(reason)) => answer::fallback(wf, &base, reason),
+            Err(_) => answer::fallback(
+                wf,
+                &base,
+                format!(
+                    "the deadline of {} passed",
+                    humantime::format_duration(wf.deadline)
+                ),
             ),
-        };
-        let body = wf
-            .fallback
-            .as_ref()
-            .and_then(|f| answer_body(f, &base).ok())
-            .unwrap_or_else(|| EMPTY_ANSWER.to_owned());
-        Produced {
-            workflow: Some(wf.name.clone()),
-            body,
-            fallback_reason: Some(reason),
         }
     }
 
@@ -342,7 +315,7 @@ impl SetupResponder {
             .respond
             .as_ref()
             .ok_or("the workflow has only a fallback")?;
-        answer_body(respond, &ctx)
+        answer::answer_body(respond, &ctx)
     }
 
     fn cached(&self, key: &str) -> Option<http::Response> {
@@ -387,49 +360,4 @@ fn with_steps(
         map.insert("secrets".into(), Value::Object(secrets));
     }
     ctx
-}
-
-/// Renders an answer template into the response body: `context` (an object)
-/// and `override_config` only when it renders non-empty.
-fn answer_body(template_value: &Value, ctx: &Value) -> Result<String, String> {
-    let rendered =
-        template::render_json(template_value, ctx).map_err(|e| format!("respond: {e}"))?;
-    let context = match rendered.get("context") {
-        Some(Value::Object(c)) => Value::Object(c.clone()),
-        None | Some(Value::Null) => Value::Object(Map::new()),
-        Some(other) => {
-            return Err(format!(
-                "respond: `context` rendered to {other}, not an object"
-            ));
-        }
-    };
-    let mut body = Map::new();
-    body.insert("context".into(), context);
-    if let Some(Value::Object(oc)) = rendered.get("override_config")
-        && !oc.is_empty()
-    {
-        body.insert("override_config".into(), Value::Object(oc.clone()));
-    }
-    Ok(Value::Object(body).to_string())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn answers_keep_types_and_drop_empty_override_config() {
-        let ctx = json!({"steps": {"l": {"json": {"name": "Zoë", "vip": true}}}});
-        let body = answer_body(
-            &json!({"context": {"$customer": {"name": "{{ steps.l.json.name }}"}, "vip": "{{ steps.l.json.vip }}"}, "override_config": {}}),
-            &ctx,
-        )
-        .unwrap();
-        assert_eq!(
-            body,
-            r#"{"context":{"$customer":{"name":"Zoë"},"vip":true}}"#
-        );
-        assert!(answer_body(&json!({"context": "{{ steps.l.json.name }}"}), &ctx).is_err());
-        assert!(answer_body(&json!({"context": {"x": "{{ steps.missing.json }}"}}), &ctx).is_err());
-    }
 }

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use super::model::{
-    AppendOutcome, Dispatcher, DuplicateOf, EventRef, MatchRecord, NewEvent, NewRun,
+    AppendOutcome, Dispatcher, DuplicateOf, EventRef, MatchRecord, NewEvent, NewRun, PreparedAnswer,
 };
 use super::projection::ConversationState;
 
@@ -34,6 +34,8 @@ pub(crate) struct Plan<'a> {
     pub decisions: Vec<MatchRecord>,
     /// The runs the new events start.
     pub runs: Vec<NewRun>,
+    /// Setup answers known without lookups: (sequence, event id, answer).
+    pub answers: Vec<(i64, String, PreparedAnswer)>,
 }
 
 /// Plans a batch. `last_seq` is the highest stored sequence; `conversations`
@@ -49,6 +51,7 @@ pub(crate) fn plan<'a>(
     let mut inserts = Vec::new();
     let mut decisions = Vec::new();
     let mut runs = Vec::new();
+    let mut answers = Vec::new();
     let mut outcomes = Vec::with_capacity(batch.len());
     for event in batch {
         let key = event.idempotency_key.as_str();
@@ -83,6 +86,11 @@ pub(crate) fn plan<'a>(
             .conversation_id
             .as_ref()
             .and_then(|c| conversations.get(c.as_str()));
+        if event.envelope.event_type == crate::webhook::envelope::EventKind::SETUP
+            && let Some(answer) = dispatcher.setup_answer(event, after)
+        {
+            answers.push((seq, id.to_owned(), answer));
+        }
         for d in dispatcher.dispatch(event, before.as_ref(), after) {
             if d.matched {
                 runs.push(NewRun {
@@ -132,6 +140,7 @@ pub(crate) fn plan<'a>(
         conversations,
         decisions,
         runs,
+        answers,
     }
 }
 

@@ -150,6 +150,15 @@ pub struct DispatchDecision {
     pub context: Option<serde_json::Value>,
 }
 
+/// A setup answer computed inside the append transaction (no lookups needed),
+/// stored in the same commit as its event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PreparedAnswer {
+    pub workflow: Option<String>,
+    pub body: String,
+    pub fallback_reason: Option<String>,
+}
+
 /// Decides, inside the append transaction, which workflows an event starts.
 /// Implemented by the workflow registry; the store only records the verdicts.
 pub trait Dispatcher: Send + Sync {
@@ -159,6 +168,15 @@ pub trait Dispatcher: Send + Sync {
         before: Option<&super::projection::ConversationState>,
         after: Option<&super::projection::ConversationState>,
     ) -> Vec<DispatchDecision>;
+
+    /// For a `conversation.setup` event: its answer, when it needs no lookups.
+    fn setup_answer(
+        &self,
+        _event: &NewEvent,
+        _after: Option<&super::projection::ConversationState>,
+    ) -> Option<PreparedAnswer> {
+        None
+    }
 }
 
 /// No workflows: every event is only stored.

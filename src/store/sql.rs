@@ -262,6 +262,39 @@ where
     Some(qb)
 }
 
+/// Stores setup answers computed in the transaction, or `None` if there are none.
+pub(crate) fn insert_answers<DB: Database>(
+    answers: &[(i64, String, super::model::PreparedAnswer)],
+) -> Option<QueryBuilder<DB>>
+where
+    for<'t> &'t str: Encode<'t, DB> + Type<DB>,
+    for<'t> i64: Encode<'t, DB> + Type<DB>,
+    for<'t> bool: Encode<'t, DB> + Type<DB>,
+    for<'t> Option<&'t str>: Encode<'t, DB> + Type<DB>,
+    for<'t> DateTime<Utc>: Encode<'t, DB> + Type<DB>,
+{
+    if answers.is_empty() {
+        return None;
+    }
+    let now = chrono::Utc::now();
+    let mut qb = QueryBuilder::new(
+        "INSERT INTO setup_answers (event_seq, event_id, workflow, used_fallback, reason, body, lookups, \
+         duration_ms, created_at) ",
+    );
+    qb.push_values(answers, |mut row, (seq, id, a)| {
+        row.push_bind(*seq)
+            .push_bind(id.as_str())
+            .push_bind(a.workflow.as_deref())
+            .push_bind(a.fallback_reason.is_some())
+            .push_bind(a.fallback_reason.as_deref())
+            .push_bind(a.body.as_str())
+            .push("'[]'")
+            .push_bind(0i64)
+            .push_bind(now);
+    });
+    Some(qb)
+}
+
 /// Creates runs (scheduled now), or `None` if there are none.
 pub(crate) fn insert_runs<DB: Database>(runs: &[super::model::NewRun]) -> Option<QueryBuilder<DB>>
 where
@@ -399,6 +432,9 @@ macro_rules! append_in_tx {
             qb.build().execute(&mut **tx).await?;
         }
         if let Some(mut qb) = sql::insert_decisions::<$db>(&plan.decisions) {
+            qb.build().execute(&mut **tx).await?;
+        }
+        if let Some(mut qb) = sql::insert_answers::<$db>(&plan.answers) {
             qb.build().execute(&mut **tx).await?;
         }
         if let Some(mut qb) = sql::insert_runs::<$db>(&plan.runs) {

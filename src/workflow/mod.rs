@@ -6,6 +6,7 @@
 //! [`template`] is the template/expression language and [`matching`]
 //! decides, for one event, whether a workflow runs and why not.
 
+pub mod answer;
 pub mod compile;
 pub mod diagnostic;
 pub mod format;

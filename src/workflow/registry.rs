@@ -6,7 +6,7 @@ use std::sync::{Arc, RwLock};
 use super::WorkflowSet;
 use super::matching::{EventFacts, base_context, decide};
 use crate::store::projection::ConversationState;
-use crate::store::{DispatchDecision, Dispatcher, NewEvent};
+use crate::store::{DispatchDecision, Dispatcher, NewEvent, PreparedAnswer};
 
 #[derive(Default)]
 pub struct Registry {
@@ -71,5 +71,38 @@ impl Dispatcher for Registry {
                 }
             })
             .collect()
+    }
+
+    /// Answers without lookups (or with no answering workflow) are computed
+    /// here, so they are stored in the event's own commit.
+    fn setup_answer(
+        &self,
+        event: &NewEvent,
+        after: Option<&ConversationState>,
+    ) -> Option<PreparedAnswer> {
+        let set = self.current();
+        let prepared = |p: super::answer::Produced| PreparedAnswer {
+            workflow: p.workflow,
+            body: p.body,
+            fallback_reason: p.fallback_reason,
+        };
+        if super::answer::answering(&set).next().is_none() {
+            return Some(prepared(super::answer::Produced::empty()));
+        }
+        let event_json: serde_json::Value =
+            serde_json::from_slice(&event.raw_body).unwrap_or_default();
+        let facts = EventFacts {
+            envelope: &event.envelope,
+            event_json: &event_json,
+            before: None,
+            after,
+        };
+        match super::answer::choose(&set, &facts) {
+            None => Some(prepared(super::answer::Produced::empty())),
+            Some(wf) if wf.steps.is_empty() && wf.secrets.is_empty() => {
+                Some(prepared(super::answer::render(wf, &base_context(&facts))))
+            }
+            Some(_) => None,
+        }
     }
 }
