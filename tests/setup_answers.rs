@@ -152,6 +152,23 @@ async fn a_slow_or_failing_lookup_gives_the_fallback_in_time(db: &TestDb) {
     );
 }
 
+async fn a_failed_lookup_whose_retry_cannot_beat_the_deadline_falls_back_at_once(db: &TestDb) {
+    let sink = Sink::start().await;
+    let wf = lookup_workflow(&sink, "/status/503/contacts", "1s", "2s")
+        .replace("initial_delay: 50ms", "initial_delay: 5s");
+    let (app, _dir) = TestApp::with_workflows(db, &[("a.yaml", &wf)]).await;
+    let (body, took) = answer(&app, &fixture(INBOUND), Delivery::default()).await;
+    assert_eq!(
+        body,
+        json!({"context": {"$variables": {"plan": "unknown"}}})
+    );
+    assert!(
+        took < Duration::from_millis(500),
+        "no waiting for a retry that ends after the deadline: {took:?}"
+    );
+    assert_eq!(sink.received_on("/status/503").len(), 1);
+}
+
 async fn no_matching_workflow_gives_an_empty_context(db: &TestDb) {
     let (app, _dir) = TestApp::with_workflows(db, &[("b-outbound.yaml", OUTBOUND_STATIC)]).await;
     let resp = app.deliver(&fixture(INBOUND)).await;
@@ -242,6 +259,7 @@ async fn a_cached_lookup_is_not_repeated_for_the_same_request(db: &TestDb) {
 }
 
 on_both_backends!(
+    a_failed_lookup_whose_retry_cannot_beat_the_deadline_falls_back_at_once,
     a_cached_lookup_is_not_repeated_for_the_same_request,
     an_inbound_answer_is_built_from_a_lookup_and_an_outbound_one_is_static,
     a_slow_or_failing_lookup_gives_the_fallback_in_time,

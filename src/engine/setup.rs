@@ -157,7 +157,9 @@ impl SetupResponder {
             return Produced::empty();
         };
         let base = base_context(&facts);
-        match tokio::time::timeout(wf.deadline, self.respond(wf, &base, lookups)).await {
+        let deadline_at = Instant::now() + wf.deadline;
+        match tokio::time::timeout(wf.deadline, self.respond(wf, &base, lookups, deadline_at)).await
+        {
             Ok(Ok(body)) => Produced {
                 workflow: Some(wf.name.clone()),
                 body,
@@ -181,6 +183,7 @@ impl SetupResponder {
         wf: &Workflow,
         base: &Value,
         lookups: &Arc<Mutex<Vec<Value>>>,
+        deadline_at: Instant,
     ) -> Result<String, String> {
         let secrets: HashMap<String, Option<String>> = wf
             .secrets
@@ -288,15 +291,13 @@ impl SetupResponder {
                         results.insert(step.id.clone(), resp.as_step_result());
                         break;
                     }
-                    (_, Some((_, message, true))) if attempt < step.retry.max_attempts => {
-                        // The deadline around the whole answer bounds these retries.
-                        let delay = backoff::delay(
-                            &step.retry,
-                            attempt,
-                            retry_after,
-                            rand::random::<f64>(),
-                        );
-                        tokio::time::sleep(delay).await;
+                    (_, Some((_, message, true)))
+                        if attempt < step.retry.max_attempts
+                            && Instant::now() + retry_delay(&step.retry, attempt, retry_after)
+                                < deadline_at =>
+                    {
+                        // Only a retry that can start before the deadline is worth waiting for.
+                        tokio::time::sleep(retry_delay(&step.retry, attempt, retry_after)).await;
                         tracing::debug!(step = %step.id, attempt, "setup lookup failed ({message}); retrying");
                     }
                     (_, Some((_, message, _))) => {
@@ -337,6 +338,16 @@ impl SetupResponder {
         }
         cache.insert(key, (Instant::now() + ttl, resp));
     }
+}
+
+/// The backoff before a lookup's next attempt. Lookups use the step's policy
+/// without jitter, so the deadline check above and the sleep agree.
+fn retry_delay(
+    policy: &crate::workflow::RetryPolicy,
+    attempt: u32,
+    retry_after: Option<Duration>,
+) -> Duration {
+    backoff::delay(policy, attempt, retry_after, 1.0)
 }
 
 fn with_steps(
