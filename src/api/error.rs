@@ -52,6 +52,9 @@ pub enum ApiError {
     /// The request conflicts with the object's state.
     #[oai(status = 409)]
     Conflict(Json<ErrorBody>),
+    /// The input is well-formed but invalid (e.g. workflow files that do not validate).
+    #[oai(status = 422)]
+    Invalid(Json<ErrorBody>),
     /// The database is unreachable; retry later.
     #[oai(status = 503)]
     Unavailable(Json<ErrorBody>),

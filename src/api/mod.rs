@@ -3,6 +3,7 @@
 //! spec, the `/docs` UI and `openapi/openapi.json` come from this code.
 
 pub mod auth;
+pub mod conversations;
 pub mod error;
 pub mod events;
 pub mod health;
@@ -13,13 +14,23 @@ use poem_openapi::OpenApiService;
 pub use auth::AdminToken;
 
 /// Every operation of the API, in spec order.
-pub type Apis = (health::HealthApi, events::EventsApi, runs::RunsApi);
+pub type Apis = (
+    health::HealthApi,
+    events::EventsApi,
+    conversations::ConversationsApi,
+    runs::RunsApi,
+);
 
 /// The OpenAPI service; routes need `Arc<dyn EventStore>`, `Arc<Registry>`, the workers' wake
 /// `Arc<Notify>` and [`AdminToken`] as request data.
 pub fn service() -> OpenApiService<Apis, ()> {
     OpenApiService::new(
-        (health::HealthApi, events::EventsApi, runs::RunsApi),
+        (
+            health::HealthApi,
+            events::EventsApi,
+            conversations::ConversationsApi,
+            runs::RunsApi,
+        ),
         "Switchboard",
         env!("CARGO_PKG_VERSION"),
     )

@@ -157,6 +157,15 @@ pub struct WorkflowView {
     pub runs_last_24h: BTreeMap<String, i64>,
 }
 
+/// The workflows in force after a reload.
+#[derive(Object, Debug)]
+pub struct ReloadResult {
+    /// Names of the loaded workflows.
+    pub workflows: Vec<String>,
+    /// Warnings from the validator.
+    pub warnings: Vec<String>,
+}
+
 pub struct RunsApi;
 
 fn encode_cursor(r: &Run) -> String {
@@ -272,6 +281,56 @@ impl RunsApi {
             RetryOutcome::NotRetryable(status) => Err(ApiError::conflict(format!(
                 "run `{}` is {status}; only failed or cancelled runs can be retried",
                 id.0
+            ))),
+        }
+    }
+
+    /// Cancel a run that waits for its first attempt or for a retry. 409 if it is running or finished.
+    #[oai(path = "/runs/:id/cancel", method = "post", tag = "RunTags::Runs")]
+    async fn cancel_run(
+        &self,
+        _auth: AdminAuth,
+        store: Data<&Arc<dyn EventStore>>,
+        /// The run id (`run_…`).
+        id: Path<String>,
+    ) -> Result<Json<RunSummary>, ApiError> {
+        match store.cancel_run(&id, Utc::now()).await? {
+            RetryOutcome::Retried(run) => Ok(Json(run.as_ref().into())),
+            RetryOutcome::NotFound => Err(ApiError::not_found("run", &id)),
+            RetryOutcome::NotRetryable(status) => Err(ApiError::conflict(format!(
+                "run `{}` is {status}; only scheduled or retrying runs can be cancelled",
+                id.0
+            ))),
+        }
+    }
+
+    /// Re-read the workflow directory. Invalid files: 422 with the validator's messages, and
+    /// the workflows in force stay as they were.
+    #[oai(
+        path = "/workflows/reload",
+        method = "post",
+        tag = "RunTags::Workflows"
+    )]
+    async fn reload_workflows(
+        &self,
+        _auth: AdminAuth,
+        registry: Data<&Arc<Registry>>,
+    ) -> Result<Json<ReloadResult>, ApiError> {
+        let dir = registry.current().dir.clone();
+        match crate::workflow::WorkflowSet::load(&dir) {
+            Ok(set) => {
+                let names = set.workflows.iter().map(|w| w.name.clone()).collect();
+                let warnings = set.warnings.iter().map(|d| d.to_string()).collect();
+                registry.replace(set);
+                tracing::info!(dir = %dir.display(), "workflows reloaded");
+                Ok(Json(ReloadResult {
+                    workflows: names,
+                    warnings,
+                }))
+            }
+            Err(diagnostics) => Err(ApiError::Invalid(super::error::ErrorBody::new(
+                "invalid_workflows",
+                crate::workflow::diagnostic::render_all(&diagnostics),
             ))),
         }
     }

@@ -91,6 +91,12 @@ pub trait EventStore: runs::RunStore + Send + Sync + 'static {
         as_of: Option<i64>,
     ) -> Result<Vec<StoredEventWithBody>, StoreError>;
 
+    /// Stored projections, most recently active first.
+    async fn list_conversations(
+        &self,
+        query: &ConversationQuery,
+    ) -> Result<Vec<ConversationState>, StoreError>;
+
     /// The stored projection of one conversation.
     async fn conversation(
         &self,

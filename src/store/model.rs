@@ -192,3 +192,13 @@ impl Dispatcher for NoWorkflows {
         Vec::new()
     }
 }
+
+/// Filters and keyset pagination for listing conversations (most recent first).
+#[derive(Clone, Debug, Default)]
+pub struct ConversationQuery {
+    pub status: Option<String>,
+    pub agent_id: Option<String>,
+    /// Only conversations whose last event is older than this sequence.
+    pub before_seq: Option<i64>,
+    pub limit: u32,
+}

@@ -139,12 +139,13 @@ pub struct RunQuery {
     pub limit: u32,
 }
 
-/// What a manual retry did.
+/// What a manual retry or cancel did.
 #[derive(Clone, Debug, PartialEq)]
 pub enum RetryOutcome {
+    /// Done; the run as it is now.
     Retried(Box<Run>),
     NotFound,
-    /// Only failed (or cancelled) runs can be retried; this is its status.
+    /// The run is not in a state that allows it; this is its status.
     NotRetryable(String),
 }
 
@@ -191,6 +192,13 @@ pub trait RunStore: Send + Sync + 'static {
     /// Restarts a failed run at its failed step, due now.
     async fn retry_run(&self, run_id: &str, now: DateTime<Utc>)
     -> Result<RetryOutcome, StoreError>;
+
+    /// Cancels a run that waits (scheduled or retrying): it will not be attempted again.
+    async fn cancel_run(
+        &self,
+        run_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<RetryOutcome, StoreError>;
 
     /// Every workflow's verdict on one event.
     async fn decisions(&self, event_seq: i64) -> Result<Vec<MatchRecord>, StoreError>;

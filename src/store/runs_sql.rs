@@ -228,6 +228,29 @@ macro_rules! impl_run_store {
                 })
             }
 
+            async fn cancel_run(
+                &self,
+                run_id: &str,
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<$crate::store::runs::RetryOutcome, $crate::store::StoreError> {
+                use $crate::store::runs::RetryOutcome;
+                let r = sqlx::query(
+                    "UPDATE runs SET status = 'cancelled', finished_at = $1, updated_at = $1, \
+                     last_error = COALESCE(last_error, 'cancelled') \
+                     WHERE run_id = $2 AND status IN ('scheduled', 'retrying')",
+                )
+                .bind(now)
+                .bind(run_id)
+                .execute(&self.writer)
+                .await?;
+                let run = self.get_run(run_id).await?;
+                Ok(match (r.rows_affected(), run) {
+                    (_, None) => RetryOutcome::NotFound,
+                    (1, Some(run)) => RetryOutcome::Retried(Box::new(run)),
+                    (_, Some(run)) => RetryOutcome::NotRetryable(run.status),
+                })
+            }
+
             async fn decisions(
                 &self,
                 event_seq: i64,

@@ -509,6 +509,26 @@ macro_rules! impl_event_store {
             Ok(state.map(|s| s.0))
         }
 
+        async fn list_conversations(
+            &self,
+            q: &$crate::store::ConversationQuery,
+        ) -> Result<Vec<$crate::store::projection::ConversationState>, $crate::store::StoreError> {
+            let mut qb = sqlx::QueryBuilder::<$db>::new("SELECT state FROM conversations WHERE 1 = 1");
+            if let Some(s) = &q.status {
+                qb.push(" AND status = ").push_bind(s.as_str());
+            }
+            if let Some(a) = &q.agent_id {
+                qb.push(" AND agent_id = ").push_bind(a.as_str());
+            }
+            if let Some(seq) = q.before_seq {
+                qb.push(" AND last_seq < ").push_bind(seq);
+            }
+            qb.push(" ORDER BY last_seq DESC LIMIT ").push_bind(i64::from(q.limit.max(1)));
+            let states: Vec<sqlx::types::Json<$crate::store::projection::ConversationState>> =
+                qb.build_query_scalar().fetch_all(&self.reader).await?;
+            Ok(states.into_iter().map(|s| s.0).collect())
+        }
+
         async fn ping(&self) -> Result<(), $crate::store::StoreError> {
             sqlx::query("SELECT 1").execute(&self.reader).await?;
             Ok(())
