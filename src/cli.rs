@@ -36,6 +36,9 @@ pub enum Command {
     Sign(SignArgs),
     /// Check workflow files: every error with file, line and column; exit status 1 on errors.
     Validate(ValidateArgs),
+    /// Try a workflow file on the stored events: what would have matched, why not, and the
+    /// requests it would have sent (secrets masked). Sends nothing.
+    Backtest(BacktestArgs),
     /// Print the admin API's OpenAPI spec (JSON) on stdout.
     Openapi,
     /// Refold the conversation projections from the event log.
@@ -107,6 +110,27 @@ pub struct WorkerArgs {
 }
 
 #[derive(Args, Debug, Clone)]
+pub struct BacktestArgs {
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+
+    /// The workflow file to try.
+    pub file: PathBuf,
+
+    /// Only events received within this long before now (e.g. 7d, 12h).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub since: Option<Duration>,
+
+    /// At most this many (most recent) events.
+    #[arg(long, default_value_t = 100)]
+    pub limit: u32,
+
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
 pub struct ValidateArgs {
     /// The workflow directory (default: SWITCHBOARD_WORKFLOWS, else ./workflows).
     #[arg(env = "SWITCHBOARD_WORKFLOWS", default_value = "./workflows")]
@@ -158,6 +182,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Migrate(args) => migrate(&args).await,
         Command::Sign(args) => sign(&args),
         Command::Validate(args) => return validate(&args),
+        Command::Backtest(args) => backtest(&args).await,
         Command::Openapi => {
             println!("{}", crate::api::spec_json());
             Ok(())
@@ -226,6 +251,67 @@ fn validate(args: &ValidateArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn backtest(args: &BacktestArgs) -> anyhow::Result<()> {
+    use crate::workflow::{backtest, compile, diagnostic::render_all};
+    let text = std::fs::read_to_string(&args.file)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", args.file.display()))?;
+    let (wf, warnings) =
+        compile::compile(&args.file, &text).map_err(|d| anyhow::anyhow!("\n{}", render_all(&d)))?;
+    if !warnings.is_empty() {
+        eprint!("{}", render_all(&warnings));
+    }
+    let store = crate::store::connect(&args.db.database_url).await?;
+    store.migrate().await?;
+    let filter = backtest::BacktestFilter {
+        received_after: args.since.map(|d| {
+            chrono::Utc::now() - chrono::TimeDelta::from_std(d).unwrap_or(chrono::TimeDelta::MAX)
+        }),
+        limit: args.limit,
+        ..Default::default()
+    };
+    let results = backtest::run(store.as_ref(), &wf, &filter).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+        return Ok(());
+    }
+    let matched = results.iter().filter(|r| r.matched).count();
+    println!(
+        "backtest of `{}` on {} stored {} event(s): {matched} would have run\n",
+        wf.name,
+        results.len(),
+        wf.event
+    );
+    for r in &results {
+        let conv = r.conversation_id.as_deref().unwrap_or("-");
+        if r.matched {
+            println!("  ✓ #{} {} ({conv})", r.sequence, r.event_id);
+            for w in &r.requests {
+                match (&w.request, &w.note) {
+                    (Some(req), _) => println!(
+                        "      {}: {} {}",
+                        w.step_id,
+                        req["method"].as_str().unwrap_or(""),
+                        req["url"].as_str().unwrap_or("")
+                    ),
+                    (None, Some(note)) => println!("      {}: {note}", w.step_id),
+                    (None, None) => {}
+                }
+            }
+            if let Some(answer) = &r.answer {
+                println!("      answer: {answer}");
+            }
+        } else {
+            println!(
+                "  ✗ #{} {} ({conv}): {}",
+                r.sequence,
+                r.event_id,
+                r.reason.as_deref().unwrap_or("")
+            );
+        }
+    }
+    Ok(())
 }
 
 fn sign(args: &SignArgs) -> anyhow::Result<()> {

@@ -157,6 +157,60 @@ pub struct WorkflowView {
     pub runs_last_24h: BTreeMap<String, i64>,
 }
 
+/// A backtest: a workflow file's text and which stored events to try it on.
+#[derive(Object, Debug)]
+pub struct BacktestRequest {
+    /// The workflow, as YAML (a new one, or an edited copy of a loaded one), e.g.
+    /// `on: {event: conversation.ended, status: completed}` with its `steps:`.
+    pub workflow: String,
+    /// Only events received after this instant.
+    pub received_after: Option<DateTime<Utc>>,
+    /// Only events received before this instant.
+    pub received_before: Option<DateTime<Utc>>,
+    /// Only this conversation's events.
+    pub conversation_id: Option<String>,
+    /// At most this many (most recent) events, 1 to 1000; default 100.
+    pub limit: Option<u32>,
+}
+
+/// A request the workflow would have sent.
+#[derive(Object, Debug)]
+pub struct WouldSendView {
+    pub step_id: String,
+    /// `{method, url, headers, body}`, secrets as `***`.
+    pub request: Option<Value>,
+    /// Why it was not rendered or was skipped.
+    pub note: Option<String>,
+}
+
+/// The verdict on one stored event.
+#[derive(Object, Debug)]
+pub struct BacktestEventView {
+    pub event_id: String,
+    pub sequence: i64,
+    pub conversation_id: Option<String>,
+    pub received_at: DateTime<Utc>,
+    pub matched: bool,
+    /// Why it would not have run.
+    pub reason: Option<String>,
+    pub requests: Vec<WouldSendView>,
+    /// Setup workflows without lookups: the answer it would have given.
+    pub answer: Option<Value>,
+}
+
+/// What a workflow would have done.
+#[derive(Object, Debug)]
+pub struct BacktestReport {
+    pub workflow: String,
+    pub event_type: String,
+    pub evaluated: u32,
+    pub matched: u32,
+    /// Oldest first.
+    pub events: Vec<BacktestEventView>,
+    /// Validator warnings.
+    pub warnings: Vec<String>,
+}
+
 /// The workflows in force after a reload.
 #[derive(Object, Debug)]
 pub struct ReloadResult {
@@ -333,6 +387,68 @@ impl RunsApi {
                 crate::workflow::diagnostic::render_all(&diagnostics),
             ))),
         }
+    }
+
+    /// Try a workflow on stored events without sending anything: for each event (as of its own
+    /// place in the log), whether it would have run and why not, and the requests it would have
+    /// sent, rendered with secrets masked. 422 if the workflow does not validate.
+    #[oai(
+        path = "/workflows/backtest",
+        method = "post",
+        tag = "RunTags::Workflows"
+    )]
+    async fn backtest(
+        &self,
+        _auth: AdminAuth,
+        store: Data<&Arc<dyn EventStore>>,
+        body: Json<BacktestRequest>,
+    ) -> Result<Json<BacktestReport>, ApiError> {
+        use crate::workflow::backtest;
+        let (wf, warnings) = crate::workflow::compile::compile(
+            std::path::Path::new("backtest.yaml"),
+            &body.workflow,
+        )
+        .map_err(|d| {
+            ApiError::Invalid(super::error::ErrorBody::new(
+                "invalid_workflow",
+                crate::workflow::diagnostic::render_all(&d),
+            ))
+        })?;
+        let filter = backtest::BacktestFilter {
+            received_after: body.received_after,
+            received_before: body.received_before,
+            conversation_id: body.conversation_id.clone(),
+            limit: body.limit.unwrap_or(100),
+        };
+        let results = backtest::run(store.as_ref(), &wf, &filter).await?;
+        Ok(Json(BacktestReport {
+            workflow: wf.name.clone(),
+            event_type: wf.event.clone(),
+            evaluated: results.len() as u32,
+            matched: results.iter().filter(|r| r.matched).count() as u32,
+            events: results
+                .into_iter()
+                .map(|r| BacktestEventView {
+                    event_id: r.event_id,
+                    sequence: r.sequence,
+                    conversation_id: r.conversation_id,
+                    received_at: r.received_at,
+                    matched: r.matched,
+                    reason: r.reason,
+                    requests: r
+                        .requests
+                        .into_iter()
+                        .map(|w| WouldSendView {
+                            step_id: w.step_id,
+                            request: w.request,
+                            note: w.note,
+                        })
+                        .collect(),
+                    answer: r.answer,
+                })
+                .collect(),
+            warnings: warnings.iter().map(|w| w.to_string()).collect(),
+        }))
     }
 
     /// The loaded workflows, with their runs of the last 24 hours by status.

@@ -7,6 +7,7 @@
 //! decides, for one event, whether a workflow runs and why not.
 
 pub mod answer;
+pub mod backtest;
 pub mod compile;
 pub mod diagnostic;
 pub mod format;
