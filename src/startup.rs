@@ -82,6 +82,7 @@ impl Application {
             wake.clone(),
             settings.worker_concurrency,
         ));
+        crate::engine::replay::resume_all(store.clone(), wake.clone()).await?;
         let workers = vec![
             engine.clone().spawn(),
             spawn_listener(&settings.database_url, wake.clone()),

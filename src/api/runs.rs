@@ -211,6 +211,78 @@ pub struct BacktestReport {
     pub warnings: Vec<String>,
 }
 
+/// Which runs of an event to replay.
+#[derive(Object, Debug, Default)]
+pub struct ReplayEventRequest {
+    /// Only runs of these workflows (default: all the event started).
+    pub workflows: Option<Vec<String>>,
+}
+
+/// What replaying one run did.
+#[derive(Object, Debug)]
+pub struct ReplayOutcomeView {
+    pub workflow: String,
+    /// The run replayed.
+    pub original_run_id: String,
+    /// The new run (new Idempotency-Keys), if created.
+    pub new_run_id: Option<String>,
+    /// Why none was created (e.g. a run for it is still in flight).
+    pub skipped: Option<String>,
+}
+
+/// What a bulk replay replays.
+#[derive(Object, Debug, Default)]
+pub struct ReplayRequest {
+    /// Only events of this type.
+    #[oai(rename = "type")]
+    pub event_type: Option<String>,
+    pub received_after: Option<DateTime<Utc>>,
+    pub received_before: Option<DateTime<Utc>>,
+    /// Only runs of these workflows.
+    pub workflows: Option<Vec<String>>,
+    /// Only events whose runs failed.
+    #[oai(default)]
+    pub only_failed: bool,
+}
+
+/// A bulk replay and its progress.
+#[derive(Object, Debug)]
+pub struct ReplayView {
+    /// `rpl_…`.
+    pub id: String,
+    /// `running`, `succeeded` or `cancelled`.
+    pub status: String,
+    pub filter: Value,
+    /// Events the filter selected when it started.
+    pub total: i64,
+    /// Events handled so far.
+    pub done: i64,
+    pub runs_created: i64,
+    /// Events with nothing to replay (no matching run, or one still in flight).
+    pub skipped: i64,
+    /// Events whose replay could not be created.
+    pub failed: i64,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl From<crate::store::runs::Replay> for ReplayView {
+    fn from(r: crate::store::runs::Replay) -> Self {
+        Self {
+            id: r.replay_id,
+            status: r.status,
+            filter: r.filter.0,
+            total: r.total,
+            done: r.done,
+            runs_created: r.runs_created,
+            skipped: r.skipped,
+            failed: r.failed,
+            created_at: r.created_at,
+            finished_at: r.finished_at,
+        }
+    }
+}
+
 /// The workflows in force after a reload.
 #[derive(Object, Debug)]
 pub struct ReloadResult {
@@ -335,6 +407,94 @@ impl RunsApi {
             RetryOutcome::NotRetryable(status) => Err(ApiError::conflict(format!(
                 "run `{}` is {status}; only failed or cancelled runs can be retried",
                 id.0
+            ))),
+        }
+    }
+
+    /// Replay one event: a new run (new Idempotency-Keys, marked `replay_of`) for each run it
+    /// started, with the context it saw the first time; never while a run of the same workflow for
+    /// it is still in flight.
+    #[oai(path = "/events/:id/replay", method = "post", tag = "RunTags::Runs")]
+    async fn replay_event(
+        &self,
+        _auth: AdminAuth,
+        store: Data<&Arc<dyn EventStore>>,
+        wake: Data<&Arc<tokio::sync::Notify>>,
+        /// Operator's event id (`ev_…`).
+        id: Path<String>,
+        body: Json<ReplayEventRequest>,
+    ) -> Result<Json<Vec<ReplayOutcomeView>>, ApiError> {
+        if store.get_event(&id).await?.is_none() {
+            return Err(ApiError::not_found("event", &id));
+        }
+        let outcomes = store
+            .replay_event(&id, body.workflows.as_deref(), false, Utc::now())
+            .await?;
+        wake.notify_one();
+        Ok(Json(
+            outcomes
+                .into_iter()
+                .map(|o| ReplayOutcomeView {
+                    workflow: o.workflow,
+                    original_run_id: o.original_run_id,
+                    new_run_id: o.new_run_id,
+                    skipped: o.skipped,
+                })
+                .collect(),
+        ))
+    }
+
+    /// Replay every event a filter selects, in the background (resumed after a restart).
+    #[oai(path = "/replays", method = "post", tag = "RunTags::Runs")]
+    async fn start_replay(
+        &self,
+        _auth: AdminAuth,
+        store: Data<&Arc<dyn EventStore>>,
+        wake: Data<&Arc<tokio::sync::Notify>>,
+        body: Json<ReplayRequest>,
+    ) -> Result<Json<ReplayView>, ApiError> {
+        let filter = crate::engine::replay::ReplayFilter {
+            event_type: body.event_type.clone(),
+            received_after: body.received_after,
+            received_before: body.received_before,
+            workflows: body.workflows.clone(),
+            only_failed: body.only_failed,
+        };
+        let replay = crate::engine::replay::start(store.clone(), wake.clone(), filter).await?;
+        Ok(Json(replay.into()))
+    }
+
+    /// A bulk replay's progress.
+    #[oai(path = "/replays/:id", method = "get", tag = "RunTags::Runs")]
+    async fn get_replay(
+        &self,
+        _auth: AdminAuth,
+        store: Data<&Arc<dyn EventStore>>,
+        /// The replay id (`rpl_…`).
+        id: Path<String>,
+    ) -> Result<Json<ReplayView>, ApiError> {
+        match store.get_replay(&id).await? {
+            Some(r) => Ok(Json(r.into())),
+            None => Err(ApiError::not_found("replay", &id)),
+        }
+    }
+
+    /// Cancel a running bulk replay (runs it already created stay). 409 if it is not running.
+    #[oai(path = "/replays/:id/cancel", method = "post", tag = "RunTags::Runs")]
+    async fn cancel_replay(
+        &self,
+        _auth: AdminAuth,
+        store: Data<&Arc<dyn EventStore>>,
+        /// The replay id (`rpl_…`).
+        id: Path<String>,
+    ) -> Result<Json<ReplayView>, ApiError> {
+        let cancelled = store.cancel_replay(&id, Utc::now()).await?;
+        match store.get_replay(&id).await? {
+            None => Err(ApiError::not_found("replay", &id)),
+            Some(r) if cancelled => Ok(Json(r.into())),
+            Some(r) => Err(ApiError::conflict(format!(
+                "replay `{}` is {}, not running",
+                id.0, r.status
             ))),
         }
     }

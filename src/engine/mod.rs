@@ -11,6 +11,7 @@
 
 pub mod backoff;
 pub mod http;
+pub mod replay;
 pub mod setup;
 
 use std::collections::HashMap;

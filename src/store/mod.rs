@@ -84,6 +84,9 @@ pub trait EventStore: runs::RunStore + Send + Sync + 'static {
     /// Events matching `query`, ordered by sequence.
     async fn list_events(&self, query: &EventQuery) -> Result<Vec<StoredEvent>, StoreError>;
 
+    /// How many events match `query`'s filters (its cursor and limit are ignored).
+    async fn count_events(&self, query: &EventQuery) -> Result<i64, StoreError>;
+
     /// Raw bodies of one conversation's events, in log order, up to `as_of` (inclusive).
     async fn conversation_log(
         &self,

@@ -100,5 +100,6 @@ impl_run_store!(
     PostgresStore,
     sqlx::Postgres,
     "FOR UPDATE SKIP LOCKED",
-    Some("SET LOCAL synchronous_commit TO OFF")
+    Some("SET LOCAL synchronous_commit TO OFF"),
+    "FOR UPDATE"
 );

@@ -200,6 +200,30 @@ pub trait RunStore: Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> Result<RetryOutcome, StoreError>;
 
+    /// Replays an event: for each of its original runs (of `workflows`, if given; only failed
+    /// ones if `only_failed`), a new run marked `replay_of` it, unless a run of that workflow for
+    /// this event is still in flight.
+    async fn replay_event(
+        &self,
+        event_id: &str,
+        workflows: Option<&[String]>,
+        only_failed: bool,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<ReplayOutcome>, StoreError>;
+
+    async fn create_replay(&self, replay: &Replay) -> Result<(), StoreError>;
+
+    async fn get_replay(&self, replay_id: &str) -> Result<Option<Replay>, StoreError>;
+
+    /// Replays still running (to resume after a restart).
+    async fn running_replays(&self) -> Result<Vec<Replay>, StoreError>;
+
+    /// Saves progress; `status` and `finished_at` when it ends. False if it was cancelled meanwhile.
+    async fn save_replay(&self, replay: &Replay) -> Result<bool, StoreError>;
+
+    /// Cancels a running replay; false if it is not running.
+    async fn cancel_replay(&self, replay_id: &str, now: DateTime<Utc>) -> Result<bool, StoreError>;
+
     /// Every workflow's verdict on one event.
     async fn decisions(&self, event_seq: i64) -> Result<Vec<MatchRecord>, StoreError>;
 
@@ -232,4 +256,33 @@ pub struct SetupAnswer {
     pub lookups: sqlx::types::Json<Value>,
     pub duration_ms: i64,
     pub created_at: DateTime<Utc>,
+}
+
+/// What replaying one event did for one of its original runs.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ReplayOutcome {
+    pub workflow: String,
+    /// The run replayed.
+    pub original_run_id: String,
+    /// The new run (with new Idempotency-Keys), when one was created.
+    pub new_run_id: Option<String>,
+    /// Why none was created.
+    pub skipped: Option<String>,
+}
+
+/// A bulk replay and its progress.
+#[derive(Clone, Debug, PartialEq, sqlx::FromRow)]
+pub struct Replay {
+    pub replay_id: String,
+    pub filter: sqlx::types::Json<Value>,
+    /// `running`, `succeeded` or `cancelled`.
+    pub status: String,
+    pub total: i64,
+    pub done: i64,
+    pub runs_created: i64,
+    pub skipped: i64,
+    pub failed: i64,
+    pub cursor_seq: i64,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
 }

@@ -12,8 +12,11 @@ pub(crate) const RUN_COLUMNS: &str = "run_id, workflow, event_seq, event_id, con
 pub(crate) const ATTEMPT_COLUMNS: &str = "run_id, number, step_index, step_id, attempt, started_at, duration_ms, \
      request, response_status, response_headers, response_body, outcome, error_class, error_message, next_delay_ms";
 
+pub(crate) const REPLAY_COLUMNS: &str = "replay_id, filter, status, total, done, runs_created, skipped, failed, \
+     cursor_seq, created_at, finished_at";
+
 macro_rules! impl_run_store {
-    ($store:ty, $db:ty, $lock_clause:expr, $claim_prelude:expr) => {
+    ($store:ty, $db:ty, $lock_clause:expr, $claim_prelude:expr, $row_lock:expr) => {
         #[async_trait::async_trait]
         impl $crate::store::runs::RunStore for $store {
             async fn claim_due(
@@ -249,6 +252,152 @@ macro_rules! impl_run_store {
                     (1, Some(run)) => RetryOutcome::Retried(Box::new(run)),
                     (_, Some(run)) => RetryOutcome::NotRetryable(run.status),
                 })
+            }
+
+            async fn replay_event(
+                &self,
+                event_id: &str,
+                workflows: Option<&[String]>,
+                only_failed: bool,
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<Vec<$crate::store::runs::ReplayOutcome>, $crate::store::StoreError> {
+                use $crate::store::runs::{ReplayOutcome, Run};
+                let mut tx = self.writer.begin().await?;
+                let originals: Vec<Run> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT {} FROM runs WHERE event_id = $1 AND replay_of IS NULL ORDER BY workflow {}",
+                    $crate::store::runs_sql::RUN_COLUMNS,
+                    $row_lock
+                )))
+                .bind(event_id)
+                .fetch_all(&mut *tx)
+                .await?;
+                let mut outcomes = Vec::new();
+                for original in originals {
+                    if workflows.is_some_and(|w| !w.contains(&original.workflow)) {
+                        continue;
+                    }
+                    if only_failed && original.status != "failed" {
+                        continue;
+                    }
+                    let in_flight: i64 = sqlx::query_scalar(
+                        "SELECT COUNT(*) FROM runs WHERE event_id = $1 AND workflow = $2 \
+                         AND status IN ('scheduled', 'running', 'retrying')",
+                    )
+                    .bind(event_id)
+                    .bind(&original.workflow)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    if in_flight > 0 {
+                        outcomes.push(ReplayOutcome {
+                            workflow: original.workflow.clone(),
+                            original_run_id: original.run_id.clone(),
+                            new_run_id: None,
+                            skipped: Some("a run of this workflow for this event is still in flight".into()),
+                        });
+                        continue;
+                    }
+                    let run_id = format!("run_{}", uuid::Uuid::new_v4().simple());
+                    sqlx::query(
+                        "INSERT INTO runs (run_id, workflow, event_seq, event_id, conversation_id, replay_of, status, \
+                         next_attempt_at, context, step_results, trace_context, created_at, updated_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, 'scheduled', $7, $8, '{}', $9, $7, $7)",
+                    )
+                    .bind(&run_id)
+                    .bind(&original.workflow)
+                    .bind(original.event_seq)
+                    .bind(&original.event_id)
+                    .bind(original.conversation_id.as_deref())
+                    .bind(&original.run_id)
+                    .bind(now)
+                    .bind(&original.context)
+                    .bind(original.trace_context.as_deref())
+                    .execute(&mut *tx)
+                    .await?;
+                    outcomes.push(ReplayOutcome {
+                        workflow: original.workflow.clone(),
+                        original_run_id: original.run_id.clone(),
+                        new_run_id: Some(run_id),
+                        skipped: None,
+                    });
+                }
+                tx.commit().await?;
+                Ok(outcomes)
+            }
+
+            async fn create_replay(&self, r: &$crate::store::runs::Replay) -> Result<(), $crate::store::StoreError> {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "INSERT INTO replays ({}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                    $crate::store::runs_sql::REPLAY_COLUMNS
+                )))
+                .bind(&r.replay_id)
+                .bind(&r.filter)
+                .bind(&r.status)
+                .bind(r.total)
+                .bind(r.done)
+                .bind(r.runs_created)
+                .bind(r.skipped)
+                .bind(r.failed)
+                .bind(r.cursor_seq)
+                .bind(r.created_at)
+                .bind(r.finished_at)
+                .execute(&self.writer)
+                .await?;
+                Ok(())
+            }
+
+            async fn get_replay(
+                &self,
+                replay_id: &str,
+            ) -> Result<Option<$crate::store::runs::Replay>, $crate::store::StoreError> {
+                Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT {} FROM replays WHERE replay_id = $1",
+                    $crate::store::runs_sql::REPLAY_COLUMNS
+                )))
+                .bind(replay_id)
+                .fetch_optional(&self.reader)
+                .await?)
+            }
+
+            async fn running_replays(&self) -> Result<Vec<$crate::store::runs::Replay>, $crate::store::StoreError> {
+                Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT {} FROM replays WHERE status = 'running'",
+                    $crate::store::runs_sql::REPLAY_COLUMNS
+                )))
+                .fetch_all(&self.reader)
+                .await?)
+            }
+
+            async fn save_replay(&self, r: &$crate::store::runs::Replay) -> Result<bool, $crate::store::StoreError> {
+                let res = sqlx::query(
+                    "UPDATE replays SET status = $1, done = $2, runs_created = $3, skipped = $4, failed = $5, \
+                     cursor_seq = $6, finished_at = $7 WHERE replay_id = $8 AND status = 'running'",
+                )
+                .bind(&r.status)
+                .bind(r.done)
+                .bind(r.runs_created)
+                .bind(r.skipped)
+                .bind(r.failed)
+                .bind(r.cursor_seq)
+                .bind(r.finished_at)
+                .bind(&r.replay_id)
+                .execute(&self.writer)
+                .await?;
+                Ok(res.rows_affected() == 1)
+            }
+
+            async fn cancel_replay(
+                &self,
+                replay_id: &str,
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<bool, $crate::store::StoreError> {
+                let res = sqlx::query(
+                    "UPDATE replays SET status = 'cancelled', finished_at = $1 WHERE replay_id = $2 AND status = 'running'",
+                )
+                .bind(now)
+                .bind(replay_id)
+                .execute(&self.writer)
+                .await?;
+                Ok(res.rows_affected() == 1)
             }
 
             async fn decisions(

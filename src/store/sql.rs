@@ -328,14 +328,12 @@ where
     Some(qb)
 }
 
-/// Lists events by filter, keyset-paginated on the sequence.
-pub(crate) fn list_events<DB: Database>(q: &EventQuery) -> QueryBuilder<DB>
+/// Appends the filters of `q` (not its cursor) to a `WHERE 1 = 1` query.
+fn push_event_filters<DB: Database>(qb: &mut QueryBuilder<DB>, q: &EventQuery)
 where
     for<'t> &'t str: Encode<'t, DB> + Type<DB>,
-    for<'t> i64: Encode<'t, DB> + Type<DB>,
     for<'t> DateTime<Utc>: Encode<'t, DB> + Type<DB>,
 {
-    let mut qb = QueryBuilder::new(format!("SELECT {EVENT_COLUMNS} FROM events WHERE 1 = 1"));
     if let Some(t) = &q.event_type {
         qb.push(" AND event_type = ").push_bind(t.as_str());
     }
@@ -351,6 +349,17 @@ where
     if let Some(t) = q.received_before {
         qb.push(" AND received_at < ").push_bind(t);
     }
+}
+
+/// Lists events by filter, keyset-paginated on the sequence.
+pub(crate) fn list_events<DB: Database>(q: &EventQuery) -> QueryBuilder<DB>
+where
+    for<'t> &'t str: Encode<'t, DB> + Type<DB>,
+    for<'t> i64: Encode<'t, DB> + Type<DB>,
+    for<'t> DateTime<Utc>: Encode<'t, DB> + Type<DB>,
+{
+    let mut qb = QueryBuilder::new(format!("SELECT {EVENT_COLUMNS} FROM events WHERE 1 = 1"));
+    push_event_filters(&mut qb, q);
     let (cmp, dir) = match q.order {
         Order::NewestFirst => ("<", "DESC"),
         Order::OldestFirst => (">", "ASC"),
@@ -360,6 +369,17 @@ where
     }
     qb.push(format!(" ORDER BY seq {dir} LIMIT "))
         .push_bind(i64::from(q.limit.max(1)));
+    qb
+}
+
+/// Counts events by filter.
+pub(crate) fn count_events<DB: Database>(q: &EventQuery) -> QueryBuilder<DB>
+where
+    for<'t> &'t str: Encode<'t, DB> + Type<DB>,
+    for<'t> DateTime<Utc>: Encode<'t, DB> + Type<DB>,
+{
+    let mut qb = QueryBuilder::new("SELECT COUNT(*) FROM events WHERE 1 = 1");
+    push_event_filters(&mut qb, q);
     qb
 }
 
@@ -507,6 +527,16 @@ macro_rules! impl_event_store {
                     .fetch_optional(&self.reader)
                     .await?;
             Ok(state.map(|s| s.0))
+        }
+
+        async fn count_events(
+            &self,
+            query: &$crate::store::EventQuery,
+        ) -> Result<i64, $crate::store::StoreError> {
+            Ok($crate::store::sql::count_events::<$db>(query)
+                .build_query_scalar()
+                .fetch_one(&self.reader)
+                .await?)
         }
 
         async fn list_conversations(
