@@ -1,0 +1,157 @@
+//! List endpoints are index-backed: the query shapes the admin API uses are
+//! planned with an index on both databases (on PostgreSQL with sequential
+//! scans disabled, since a small table would otherwise be scanned anyway).
+
+mod common;
+
+use common::{TestApp, TestDb, ended_body};
+
+/// The list queries, as the store builds them (SQLite reads `$n` too).
+const QUERIES: &[(&str, &str, Option<&str>)] = &[
+    (
+        "events, newest first",
+        "SELECT seq FROM events WHERE 1 = 1 AND seq < 1000 ORDER BY seq DESC LIMIT 50",
+        None,
+    ),
+    (
+        "events by type",
+        "SELECT seq FROM events WHERE 1 = 1 AND event_type = $1 ORDER BY seq DESC LIMIT 50",
+        Some("conversation.ended"),
+    ),
+    (
+        "events by conversation",
+        "SELECT seq FROM events WHERE 1 = 1 AND conversation_id = $1 ORDER BY seq DESC LIMIT 50",
+        Some("conv_1"),
+    ),
+    (
+        "events by agent",
+        "SELECT seq FROM events WHERE 1 = 1 AND agent_id = $1 ORDER BY seq DESC LIMIT 50",
+        Some("ca_test@v1"),
+    ),
+    (
+        "event by id",
+        "SELECT seq FROM events WHERE event_id = $1",
+        Some("ev_1"),
+    ),
+    (
+        "idempotency lookup",
+        "SELECT seq FROM events WHERE idempotency_key = $1",
+        Some("k"),
+    ),
+    (
+        "runs, newest first",
+        "SELECT run_id FROM runs WHERE 1 = 1 ORDER BY created_at DESC, run_id DESC LIMIT 50",
+        None,
+    ),
+    (
+        "runs by workflow",
+        "SELECT run_id FROM runs WHERE 1 = 1 AND workflow = $1 ORDER BY created_at DESC, run_id DESC LIMIT 50",
+        Some("crm"),
+    ),
+    (
+        "runs by status",
+        "SELECT run_id FROM runs WHERE 1 = 1 AND status = $1 ORDER BY created_at DESC, run_id DESC LIMIT 50",
+        Some("failed"),
+    ),
+    (
+        "runs by event",
+        "SELECT run_id FROM runs WHERE 1 = 1 AND event_id = $1 ORDER BY created_at DESC, run_id DESC LIMIT 50",
+        Some("ev_1"),
+    ),
+    (
+        "runs by conversation",
+        "SELECT run_id FROM runs WHERE 1 = 1 AND conversation_id = $1 ORDER BY created_at DESC, run_id DESC LIMIT 50",
+        Some("conv_1"),
+    ),
+    (
+        "due runs",
+        "SELECT run_id FROM runs WHERE status IN ('scheduled', 'retrying') AND next_attempt_at <= '2030-01-01' ORDER BY next_attempt_at LIMIT 10",
+        None,
+    ),
+    (
+        "conversations, recent first",
+        "SELECT state FROM conversations WHERE 1 = 1 ORDER BY last_seq DESC LIMIT 50",
+        None,
+    ),
+    (
+        "conversations by status",
+        "SELECT state FROM conversations WHERE 1 = 1 AND status = $1 ORDER BY last_seq DESC LIMIT 50",
+        Some("completed"),
+    ),
+    (
+        "conversations by agent",
+        "SELECT state FROM conversations WHERE 1 = 1 AND agent_id = $1 ORDER BY last_seq DESC LIMIT 50",
+        Some("ca_test@v1"),
+    ),
+];
+
+async fn list_queries_use_indexes(db: &TestDb) {
+    let app = TestApp::spawn(db).await;
+    for i in 0..20 {
+        app.deliver(&ended_body(
+            &format!("ev_{i}"),
+            &format!("conv_{}", i % 3),
+            "completed",
+        ))
+        .await;
+    }
+    for (name, sql, arg) in QUERIES {
+        let plan = match db {
+            TestDb::Sqlite { url, .. } => {
+                let pool = sqlx::SqlitePool::connect(url).await.unwrap();
+                let q = format!("EXPLAIN QUERY PLAN {sql}");
+                let mut query =
+                    sqlx::query_as::<_, (i64, i64, i64, String)>(sqlx::AssertSqlSafe(q));
+                if let Some(a) = arg {
+                    query = query.bind(*a);
+                }
+                let rows = query.fetch_all(&pool).await.unwrap();
+                rows.into_iter().map(|r| r.3).collect::<Vec<_>>().join("\n")
+            }
+            TestDb::Postgres { url, .. } => {
+                let pool = sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(1)
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            sqlx::query("SET enable_seqscan = off")
+                                .execute(conn)
+                                .await?;
+                            Ok(())
+                        })
+                    })
+                    .connect(url)
+                    .await
+                    .unwrap();
+                let q = format!("EXPLAIN {sql}");
+                let mut query = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(q));
+                if let Some(a) = arg {
+                    query = query.bind(*a);
+                }
+                query.fetch_all(&pool).await.unwrap().join("\n")
+            }
+        };
+        let indexed = match db {
+            TestDb::Sqlite { .. } => {
+                plan.contains("USING INDEX")
+                    || plan.contains("USING COVERING INDEX")
+                    || plan.contains("USING INTEGER PRIMARY KEY")
+            }
+            TestDb::Postgres { .. } => {
+                plan.contains("Index Scan")
+                    || plan.contains("Index Only Scan")
+                    || plan.contains("Bitmap Index Scan")
+            }
+        };
+        assert!(indexed, "{name} is not index-backed:\n{plan}");
+        if let TestDb::Sqlite { .. } = db {
+            assert!(
+                !plan
+                    .lines()
+                    .any(|l| l.starts_with("SCAN ") && !l.contains("INDEX")),
+                "{name} scans a table:\n{plan}"
+            );
+        }
+    }
+}
+
+on_both_backends!(list_queries_use_indexes,);
