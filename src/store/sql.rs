@@ -94,6 +94,7 @@ where
     for<'t> &'t str: Encode<'t, DB> + Type<DB>,
     for<'t> DateTime<Utc>: Encode<'t, DB> + Type<DB>,
 {
+    // Two index lookups joined by UNION ALL: with OR, PostgreSQL may scan the table.
     let mut qb = QueryBuilder::new(
         "SELECT seq, event_id, event_type, idempotency_key, received_at FROM events WHERE event_id IN (",
     );
@@ -101,14 +102,16 @@ where
     for e in batch {
         ids.push_bind(e.envelope.id.as_str());
     }
-    qb.push(") OR (idempotency_key IN (");
+    qb.push(
+        ") UNION ALL SELECT seq, event_id, event_type, idempotency_key, received_at FROM events \
+         WHERE idempotency_key IN (",
+    );
     let mut keys = qb.separated(", ");
     for e in batch {
         keys.push_bind(e.idempotency_key.as_str());
     }
     qb.push(") AND received_at >= ");
     qb.push_bind(key_cutoff);
-    qb.push(")");
     qb
 }
 
