@@ -4,15 +4,13 @@
 //!
 //! cargo run --release --example list_latency [-- N [postgres://…]]
 
-use std::time::{Duration, Instant};
+mod common;
 
-use switchboard::api::AdminToken;
-use switchboard::config::Settings;
+use std::time::Instant;
+
 use switchboard::domain::IdempotencyKey;
-use switchboard::startup::Application;
 use switchboard::store::{self, NewEvent, NoWorkflows, Verification};
 use switchboard::webhook::envelope::Envelope;
-use switchboard::webhook::signature::{SigningKeys, Tolerance};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -24,9 +22,7 @@ async fn main() -> anyhow::Result<()> {
         .transpose()?
         .unwrap_or(100_000);
     let tmp = tempfile::tempdir()?;
-    let database_url = args
-        .next()
-        .unwrap_or_else(|| format!("sqlite://{}", tmp.path().join("bench.db").display()));
+    let database_url = common::database_url(args.next(), tmp.path());
     let store = store::connect(&database_url).await?;
     store.migrate().await?;
     let seed_start = Instant::now();
@@ -58,22 +54,7 @@ async fn main() -> anyhow::Result<()> {
         "seeded {n} events in {:.1} s",
         seed_start.elapsed().as_secs_f64()
     );
-    let settings = Settings {
-        database_url: database_url.clone(),
-        listen: "127.0.0.1:0".parse()?,
-        public_url: None,
-        signing_keys: SigningKeys::parse("bench-key").unwrap(),
-        admin_token: AdminToken::new("bench"),
-        admin_token_generated: false,
-        workflows_dir: tmp.path().join("none"),
-        tolerance: Tolerance::default(),
-        max_body_bytes: 1 << 20,
-        shutdown_grace: Duration::from_secs(1),
-        worker_concurrency: 8,
-    };
-    let server = Application::build(settings).await?;
-    let base = format!("http://{}", server.local_addr());
-    tokio::spawn(server.run());
+    let base = common::start_server(&database_url, &tmp.path().join("none")).await?;
     let client = reqwest::Client::new();
     let mid = n / 2;
     let paths = [
@@ -88,11 +69,7 @@ async fn main() -> anyhow::Result<()> {
         format!("/api/v1/conversations/conv_{}", n / 8),
         "/api/v1/runs?limit=50".to_owned(),
     ];
-    let backend = if database_url.starts_with("postgres") {
-        "postgres"
-    } else {
-        "sqlite"
-    };
+    let backend = common::backend(&database_url);
     println!("list latency with {n} events on {backend}, 20 calls each (ms):");
     println!("  {:<58} {:>7} {:>7}", "", "p50", "max");
     for path in &paths {
@@ -101,7 +78,7 @@ async fn main() -> anyhow::Result<()> {
             let start = Instant::now();
             let resp = client
                 .get(format!("{base}{path}"))
-                .bearer_auth("bench")
+                .bearer_auth(common::TOKEN)
                 .send()
                 .await?;
             anyhow::ensure!(resp.status() == 200, "{path}: {}", resp.status());

@@ -6,15 +6,14 @@
 //!
 //! Prints p50/p90/p99/max of (sink received) − (acknowledgement received).
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::ms;
 use poem::listener::{Acceptor, Listener, TcpListener};
 use poem::{EndpointExt, Route, Server, handler, web::Data};
-use switchboard::api::AdminToken;
-use switchboard::config::Settings;
-use switchboard::startup::Application;
-use switchboard::webhook::signature::{SignedParts, SigningKey, SigningKeys, Tolerance, sign};
 
 type Arrivals = Arc<Mutex<Vec<(String, Instant)>>>;
 
@@ -25,19 +24,13 @@ async fn sink(req: &poem::Request, arrivals: Data<&Arrivals>) -> &'static str {
     "{}"
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut args = std::env::args().skip(1);
     let n: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(300);
     let tmp = tempfile::tempdir()?;
-    let database_url = args
-        .next()
-        .unwrap_or_else(|| format!("sqlite://{}", tmp.path().join("bench.db").display()));
+    let database_url = common::database_url(args.next(), tmp.path());
 
     let arrivals: Arrivals = Arc::default();
     let acceptor = TcpListener::bind("127.0.0.1:0").into_acceptor().await?;
@@ -53,24 +46,11 @@ async fn main() -> anyhow::Result<()> {
             "on: {{ event: conversation.ended }}\nsteps:\n  - id: post\n    http: {{ url: \"http://{sink_addr}/crm\" }}\n"
         ),
     )?;
-    let settings = Settings {
-        database_url: database_url.clone(),
-        listen: "127.0.0.1:0".parse()?,
-        public_url: None,
-        signing_keys: SigningKeys::parse("bench-key").unwrap(),
-        admin_token: AdminToken::new("bench"),
-        admin_token_generated: false,
-        workflows_dir: wf_dir,
-        tolerance: Tolerance::default(),
-        max_body_bytes: 1 << 20,
-        shutdown_grace: Duration::from_secs(1),
-        worker_concurrency: 32,
-    };
-    let server = Application::build(settings).await?;
-    let url = format!("http://{}/webhooks/operator", server.local_addr());
-    tokio::spawn(server.run());
+    let url = format!(
+        "{}/webhooks/operator",
+        common::start_server(&database_url, &wf_dir).await?
+    );
     let client = reqwest::Client::new();
-    let key = SigningKey::new("bench-key").unwrap();
     let run_tag = uuid::Uuid::new_v4().simple().to_string();
 
     let mut latencies = Vec::with_capacity(n);
@@ -78,28 +58,9 @@ async fn main() -> anyhow::Result<()> {
         let body = serde_json::json!({"id": format!("ev_{run_tag}_{i}"), "conversation_id": format!("conv_{i}"),
             "payload": {"type": "conversation.ended", "status": "completed"}})
         .to_string();
-        let ts = chrono::Utc::now().timestamp().to_string();
-        let idem = uuid::Uuid::new_v4().to_string();
-        let sig = sign(
-            &key,
-            &SignedParts {
-                url: &url,
-                idempotency_key: &idem,
-                timestamp: &ts,
-                body: body.as_bytes(),
-            },
-        );
         let before = arrivals.lock().unwrap().len();
-        let resp = client
-            .post(&url)
-            .header("X-Timestamp", &ts)
-            .header("X-Idempotency-Key", &idem)
-            .header("X-Signature", sig)
-            .body(body)
-            .send()
-            .await?;
+        common::deliver(&client, &url, body).await?;
         let acked = Instant::now();
-        anyhow::ensure!(resp.status() == 200, "delivery refused: {}", resp.status());
         let arrived = loop {
             if let Some((_, at)) = arrivals.lock().unwrap().get(before).cloned() {
                 break at;
@@ -111,17 +72,13 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     latencies.sort();
-    let backend = if database_url.starts_with("postgres") {
-        "postgres"
-    } else {
-        "sqlite"
-    };
+    let backend = common::backend(&database_url);
     println!("pick-up latency, ack → sink, {n} sequential deliveries on {backend}:");
     println!(
         "  p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
-        percentile(&latencies, 0.5).as_secs_f64() * 1e3,
-        percentile(&latencies, 0.9).as_secs_f64() * 1e3,
-        percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+        ms(&latencies, 0.5),
+        ms(&latencies, 0.9),
+        ms(&latencies, 0.99),
         latencies.last().unwrap().as_secs_f64() * 1e3
     );
     Ok(())
