@@ -148,7 +148,40 @@ async fn a_bulk_replay_of_failed_runs_reports_progress(db: &TestDb) {
     assert_eq!(status, 404);
 }
 
+async fn a_running_bulk_replay_can_be_cancelled(db: &TestDb) {
+    let app = TestApp::spawn(db).await;
+    // A replay row as `POST /replays` leaves it while it works (no worker on it here).
+    let replay = switchboard::store::runs::Replay {
+        replay_id: "rpl_test".into(),
+        filter: sqlx::types::Json(json!({})),
+        status: "running".into(),
+        total: 10,
+        done: 3,
+        runs_created: 3,
+        skipped: 0,
+        failed: 0,
+        cursor_seq: 3,
+        created_at: chrono::Utc::now(),
+        finished_at: None,
+    };
+    app.store.create_replay(&replay).await.unwrap();
+    let (status, body) = app.admin_post("/api/v1/replays/rpl_test/cancel").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "cancelled");
+    assert!(!body["finished_at"].is_null());
+    // Its worker's next progress save is refused, so it stops.
+    let mut next = replay.clone();
+    next.done = 4;
+    assert!(!app.store.save_replay(&next).await.unwrap());
+    let (_, after) = app.admin_get("/api/v1/replays/rpl_test").await;
+    assert_eq!(
+        (after["status"].as_str(), after["done"].as_i64()),
+        (Some("cancelled"), Some(3))
+    );
+}
+
 on_both_backends!(
+    a_running_bulk_replay_can_be_cancelled,
     replaying_an_event_creates_a_new_run_with_new_keys,
     a_run_still_in_flight_is_not_replayed,
     a_bulk_replay_of_failed_runs_reports_progress,
