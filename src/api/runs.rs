@@ -13,7 +13,7 @@ use serde_json::Value;
 use super::auth::AdminAuth;
 use super::error::ApiError;
 use crate::store::EventStore;
-use crate::store::runs::{Attempt, RetryOutcome, Run, RunQuery, RunStatus};
+use crate::store::runs::{Attempt, Run, RunChange, RunQuery, RunStatus};
 use crate::workflow::registry::Registry;
 
 #[derive(Tags)]
@@ -399,12 +399,12 @@ impl RunsApi {
         id: Path<String>,
     ) -> Result<Json<RunSummary>, ApiError> {
         match store.retry_run(&id, Utc::now()).await? {
-            RetryOutcome::Retried(run) => {
+            RunChange::Changed(run) => {
                 wake.notify_one();
                 Ok(Json(run.as_ref().into()))
             }
-            RetryOutcome::NotFound => Err(ApiError::not_found("run", &id)),
-            RetryOutcome::NotRetryable(status) => Err(ApiError::conflict(format!(
+            RunChange::NotFound => Err(ApiError::not_found("run", &id)),
+            RunChange::WrongState(status) => Err(ApiError::conflict(format!(
                 "run `{}` is {status}; only failed or cancelled runs can be retried",
                 id.0
             ))),
@@ -509,9 +509,9 @@ impl RunsApi {
         id: Path<String>,
     ) -> Result<Json<RunSummary>, ApiError> {
         match store.cancel_run(&id, Utc::now()).await? {
-            RetryOutcome::Retried(run) => Ok(Json(run.as_ref().into())),
-            RetryOutcome::NotFound => Err(ApiError::not_found("run", &id)),
-            RetryOutcome::NotRetryable(status) => Err(ApiError::conflict(format!(
+            RunChange::Changed(run) => Ok(Json(run.as_ref().into())),
+            RunChange::NotFound => Err(ApiError::not_found("run", &id)),
+            RunChange::WrongState(status) => Err(ApiError::conflict(format!(
                 "run `{}` is {status}; only scheduled or retrying runs can be cancelled",
                 id.0
             ))),

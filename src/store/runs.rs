@@ -141,12 +141,12 @@ pub struct RunQuery {
 
 /// What a manual retry or cancel did.
 #[derive(Clone, Debug, PartialEq)]
-pub enum RetryOutcome {
+pub enum RunChange {
     /// Done; the run as it is now.
-    Retried(Box<Run>),
+    Changed(Box<Run>),
     NotFound,
     /// The run is not in a state that allows it; this is its status.
-    NotRetryable(String),
+    WrongState(String),
 }
 
 /// The run queue and its history.
@@ -190,15 +190,10 @@ pub trait RunStore: Send + Sync + 'static {
     async fn attempts(&self, run_id: &str) -> Result<Vec<Attempt>, StoreError>;
 
     /// Restarts a failed run at its failed step, due now.
-    async fn retry_run(&self, run_id: &str, now: DateTime<Utc>)
-    -> Result<RetryOutcome, StoreError>;
+    async fn retry_run(&self, run_id: &str, now: DateTime<Utc>) -> Result<RunChange, StoreError>;
 
     /// Cancels a run that waits (scheduled or retrying): it will not be attempted again.
-    async fn cancel_run(
-        &self,
-        run_id: &str,
-        now: DateTime<Utc>,
-    ) -> Result<RetryOutcome, StoreError>;
+    async fn cancel_run(&self, run_id: &str, now: DateTime<Utc>) -> Result<RunChange, StoreError>;
 
     /// Replays an event: for each of its original runs (of `workflows`, if given; only failed
     /// ones if `only_failed`), a new run marked `replay_of` it, unless a run of that workflow for

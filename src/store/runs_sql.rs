@@ -17,6 +17,26 @@ pub(crate) const REPLAY_COLUMNS: &str = "replay_id, filter, status, total, done,
 
 macro_rules! impl_run_store {
     ($store:ty, $db:ty, $lock_clause:expr, $claim_prelude:expr, $row_lock:expr) => {
+        impl $store {
+            /// Applies a state change guarded by the run's current status (`$1` is now,
+            /// `$2` the run id) and says what happened.
+            async fn change_run(
+                &self,
+                sql: &'static str,
+                run_id: &str,
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<$crate::store::runs::RunChange, $crate::store::StoreError> {
+                use $crate::store::runs::RunChange;
+                let r = sqlx::query(sql).bind(now).bind(run_id).execute(&self.writer).await?;
+                let run = $crate::store::runs::RunStore::get_run(self, run_id).await?;
+                Ok(match (r.rows_affected(), run) {
+                    (_, None) => RunChange::NotFound,
+                    (1, Some(run)) => RunChange::Changed(Box::new(run)),
+                    (_, Some(run)) => RunChange::WrongState(run.status),
+                })
+            }
+        }
+
         #[async_trait::async_trait]
         impl $crate::store::runs::RunStore for $store {
             async fn claim_due(
@@ -212,46 +232,30 @@ macro_rules! impl_run_store {
                 &self,
                 run_id: &str,
                 now: chrono::DateTime<chrono::Utc>,
-            ) -> Result<$crate::store::runs::RetryOutcome, $crate::store::StoreError> {
-                use $crate::store::runs::RetryOutcome;
-                let r = sqlx::query(
+            ) -> Result<$crate::store::runs::RunChange, $crate::store::StoreError> {
+                self.change_run(
                     "UPDATE runs SET status = 'scheduled', attempt = 0, next_attempt_at = $1, last_error = NULL, \
                      finished_at = NULL, lease_owner = NULL, lease_until = NULL, updated_at = $1 \
                      WHERE run_id = $2 AND status IN ('failed', 'cancelled')",
+                    run_id,
+                    now,
                 )
-                .bind(now)
-                .bind(run_id)
-                .execute(&self.writer)
-                .await?;
-                let run = self.get_run(run_id).await?;
-                Ok(match (r.rows_affected(), run) {
-                    (_, None) => RetryOutcome::NotFound,
-                    (1, Some(run)) => RetryOutcome::Retried(Box::new(run)),
-                    (_, Some(run)) => RetryOutcome::NotRetryable(run.status),
-                })
+                .await
             }
 
             async fn cancel_run(
                 &self,
                 run_id: &str,
                 now: chrono::DateTime<chrono::Utc>,
-            ) -> Result<$crate::store::runs::RetryOutcome, $crate::store::StoreError> {
-                use $crate::store::runs::RetryOutcome;
-                let r = sqlx::query(
+            ) -> Result<$crate::store::runs::RunChange, $crate::store::StoreError> {
+                self.change_run(
                     "UPDATE runs SET status = 'cancelled', finished_at = $1, updated_at = $1, \
                      last_error = COALESCE(last_error, 'cancelled') \
                      WHERE run_id = $2 AND status IN ('scheduled', 'retrying')",
+                    run_id,
+                    now,
                 )
-                .bind(now)
-                .bind(run_id)
-                .execute(&self.writer)
-                .await?;
-                let run = self.get_run(run_id).await?;
-                Ok(match (r.rows_affected(), run) {
-                    (_, None) => RetryOutcome::NotFound,
-                    (1, Some(run)) => RetryOutcome::Retried(Box::new(run)),
-                    (_, Some(run)) => RetryOutcome::NotRetryable(run.status),
-                })
+                .await
             }
 
             async fn replay_event(
