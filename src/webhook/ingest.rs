@@ -158,8 +158,30 @@ pub async fn receive(req: &Request, body: Body, Data(state): Data<&Arc<IngestSta
     }
 }
 
+/// Logs a store failure at most once per [`LOG_EVERY_SECS`], with how many were not logged.
+fn log_store_failure(e: &crate::store::StoreError) {
+    use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+    static LAST: AtomicI64 = AtomicI64::new(0);
+    static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
+    let now = Utc::now().timestamp();
+    let last = LAST.load(Ordering::Relaxed);
+    if now - last >= LOG_EVERY_SECS
+        && LAST
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        let suppressed = SUPPRESSED.swap(0, Ordering::Relaxed);
+        tracing::error!(error = %e, suppressed, "could not store webhooks; answering 503 so Operator retries");
+    } else {
+        SUPPRESSED.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// While the store fails, one log line per this many seconds.
+const LOG_EVERY_SECS: i64 = 10;
+
 fn unavailable(e: &crate::store::StoreError) -> Response {
-    tracing::error!(error = %e, "could not store webhook; answering 503 so Operator retries");
+    log_store_failure(e);
     let mut resp = error_response(
         StatusCode::SERVICE_UNAVAILABLE,
         "store_unavailable",
