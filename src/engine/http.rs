@@ -254,6 +254,49 @@ pub async fn send(
     }
 }
 
+/// The HTTP client every outbound call uses (`User-Agent: switchboard/<version>`).
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .user_agent(super::user_agent())
+        .build()
+        .expect("HTTP client")
+}
+
+/// Why an attempt failed, and whether (and after what the server asked) to try again.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Failure {
+    pub class: ErrorClass,
+    pub message: String,
+    pub retryable: bool,
+    /// The server's `Retry-After`, when it sent one.
+    pub retry_after: Option<Duration>,
+}
+
+/// Classifies an attempt's result: `None` for a 2xx response. Connection errors, DNS, TLS,
+/// timeouts, 408, 429 and 5xx are retryable; other statuses are final.
+pub fn failure(result: &Result<Response, (ErrorClass, String)>) -> Option<Failure> {
+    match result {
+        Ok(resp) => status_class(resp.status).map(|(class, retryable)| Failure {
+            class,
+            message: format!("HTTP {}", resp.status),
+            retryable,
+            retry_after: resp
+                .headers
+                .get("retry-after")
+                .and_then(|v| super::backoff::parse_retry_after(v, chrono::Utc::now())),
+        }),
+        Err((class, message)) => Some(Failure {
+            class: *class,
+            message: message.clone(),
+            retryable: matches!(
+                class,
+                ErrorClass::Dns | ErrorClass::Connect | ErrorClass::Tls | ErrorClass::Timeout
+            ),
+            retry_after: None,
+        }),
+    }
+}
+
 /// Whether an HTTP status is a success, a retryable failure, or a final one.
 pub fn status_class(status: u16) -> Option<(ErrorClass, bool)> {
     match status {

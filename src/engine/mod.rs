@@ -64,14 +64,10 @@ impl Engine {
         wake: Arc<Notify>,
         concurrency: usize,
     ) -> Self {
-        let client = reqwest::Client::builder()
-            .user_agent(user_agent())
-            .build()
-            .expect("HTTP client");
         Self {
             store,
             registry,
-            client,
+            client: http::client(),
             wake,
             // Unique per process: a restarted process never mistakes an old lease for its own.
             owner: format!("{}-{}", hostname(), uuid::Uuid::new_v4().simple()),
@@ -248,20 +244,8 @@ impl Engine {
         secrets: &HashMap<String, Option<String>>,
         masked: bool,
     ) -> Value {
-        let mut ctx = run.context.0.clone();
-        let secrets: serde_json::Map<String, Value> = secrets
-            .iter()
-            .filter_map(|(k, v)| {
-                let v = v.as_ref()?;
-                Some((
-                    k.clone(),
-                    Value::String(if masked { "***".into() } else { v.clone() }),
-                ))
-            })
-            .collect();
+        let mut ctx = with_steps(&run.context.0, &state.results, secrets, masked);
         if let Value::Object(map) = &mut ctx {
-            map.insert("steps".into(), Value::Object(state.results.clone()));
-            map.insert("secrets".into(), Value::Object(secrets));
             map.insert(
                 "run".into(),
                 json!({"id": run.run_id, "attempt": state.attempt + 1, "workflow": run.workflow}),
@@ -342,53 +326,37 @@ impl Engine {
         ];
         let result = http::send(&self.client, &real, &extra, step.timeout).await;
         record.duration_ms = clock.elapsed().as_millis() as i64;
-        let failure = match result {
-            Ok(resp) => {
-                record.response_status = Some(i64::from(resp.status));
-                record.response_headers = Some(sqlx::types::Json(json!(resp.headers)));
-                record.response_body = Some(http::scrub(&resp.body, secret_values));
-                match http::status_class(resp.status) {
-                    None => {
-                        record.outcome = "succeeded".into();
-                        let result = http::scrub(&resp.as_step_result().to_string(), secret_values);
-                        state.results.insert(
-                            step.id.clone(),
-                            serde_json::from_str(&result).unwrap_or(Value::Null),
-                        );
-                        state.step_index += 1;
-                        state.attempt = 0;
-                        let done = state.step_index as usize >= wf.steps.len();
-                        let update = if done {
-                            state.succeeded()
-                        } else {
-                            state.running()
-                        };
-                        tracing::debug!(run_id = %run.run_id, step = %step.id, status = resp.status, "step succeeded");
-                        return (record, update, done);
-                    }
-                    Some((class, retryable)) => {
-                        let retry_after = resp
-                            .headers
-                            .get("retry-after")
-                            .and_then(|v| backoff::parse_retry_after(v, Utc::now()));
-                        (
-                            class,
-                            format!("HTTP {}", resp.status),
-                            retryable,
-                            retry_after,
-                        )
-                    }
-                }
-            }
-            Err((class, message)) => {
-                let retryable = matches!(
-                    class,
-                    ErrorClass::Dns | ErrorClass::Connect | ErrorClass::Tls | ErrorClass::Timeout
-                );
-                (class, message, retryable, None)
-            }
+        let failure = http::failure(&result);
+        if let (Ok(resp), _) = (&result, &failure) {
+            record.response_status = Some(i64::from(resp.status));
+            record.response_headers = Some(sqlx::types::Json(json!(resp.headers)));
+            record.response_body = Some(http::scrub(&resp.body, secret_values));
+        }
+        let Some(http::Failure {
+            class,
+            message,
+            retryable,
+            retry_after,
+        }) = failure
+        else {
+            let resp = result.expect("no failure means a response");
+            record.outcome = "succeeded".into();
+            let result = http::scrub(&resp.as_step_result().to_string(), secret_values);
+            state.results.insert(
+                step.id.clone(),
+                serde_json::from_str(&result).unwrap_or(Value::Null),
+            );
+            state.step_index += 1;
+            state.attempt = 0;
+            let done = state.step_index as usize >= wf.steps.len();
+            let update = if done {
+                state.succeeded()
+            } else {
+                state.running()
+            };
+            tracing::debug!(run_id = %run.run_id, step = %step.id, status = resp.status, "step succeeded");
+            return (record, update, done);
         };
-        let (class, message, retryable, retry_after) = failure;
         record.error_class = Some(class.as_str().into());
         record.error_message = Some(http::scrub(&message, secret_values));
         if retryable && (state.attempt as u32) < step.retry.max_attempts {
@@ -489,8 +457,33 @@ impl RunState {
     }
 }
 
+/// The template context: `base` (`event`, `conversation`) with `steps` and `secrets`
+/// (their values, or `***` when `masked`; unset secrets are left out).
+pub(crate) fn with_steps(
+    base: &Value,
+    results: &serde_json::Map<String, Value>,
+    secrets: &HashMap<String, Option<String>>,
+    masked: bool,
+) -> Value {
+    let mut ctx = base.clone();
+    if let Value::Object(map) = &mut ctx {
+        map.insert("steps".into(), Value::Object(results.clone()));
+        let secrets: serde_json::Map<String, Value> = secrets
+            .iter()
+            .filter_map(|(k, v)| {
+                Some((
+                    k.clone(),
+                    Value::String(if masked { "***".into() } else { v.clone()? }),
+                ))
+            })
+            .collect();
+        map.insert("secrets".into(), Value::Object(secrets));
+    }
+    ctx
+}
+
 /// Reads the workflow's declared secrets from the environment (`None`: not set).
-fn read_secrets(wf: &Workflow) -> HashMap<String, Option<String>> {
+pub(crate) fn read_secrets(wf: &Workflow) -> HashMap<String, Option<String>> {
     wf.secrets
         .iter()
         .map(|name| (name.clone(), std::env::var(name).ok()))

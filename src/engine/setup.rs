@@ -17,8 +17,8 @@ use chrono::{SubsecRound, Utc};
 use serde_json::{Map, Value, json};
 use tokio::sync::watch;
 
-use super::http::{self, ErrorClass};
-use super::{backoff, traceparent, user_agent};
+use super::http;
+use super::{backoff, read_secrets, traceparent, with_steps};
 use crate::store::EventStore;
 use crate::store::runs::SetupAnswer;
 use crate::webhook::envelope::Envelope;
@@ -55,10 +55,7 @@ pub struct SetupEvent<'a> {
 
 impl SetupResponder {
     pub fn new(registry: Arc<Registry>, store: Arc<dyn EventStore>) -> Self {
-        let client = reqwest::Client::builder()
-            .user_agent(user_agent())
-            .build()
-            .expect("HTTP client");
+        let client = http::client();
         Self {
             registry,
             store,
@@ -185,11 +182,7 @@ impl SetupResponder {
         lookups: &Arc<Mutex<Vec<Value>>>,
         deadline_at: Instant,
     ) -> Result<String, String> {
-        let secrets: HashMap<String, Option<String>> = wf
-            .secrets
-            .iter()
-            .map(|n| (n.clone(), std::env::var(n).ok()))
-            .collect();
+        let secrets = read_secrets(wf);
         if let Some((name, _)) = secrets.iter().find(|(_, v)| v.is_none()) {
             return Err(format!(
                 "secret {name} is declared but its environment variable is not set"
@@ -248,39 +241,15 @@ impl SetupResponder {
                     ),
                 ];
                 let result = http::send(&self.client, &real, &extra, step.timeout).await;
-                let (failure, retry_after) = match &result {
-                    Ok(resp) => match http::status_class(resp.status) {
-                        None => (None, None),
-                        Some((class, retryable)) => (
-                            Some((class, format!("HTTP {}", resp.status), retryable)),
-                            resp.headers
-                                .get("retry-after")
-                                .and_then(|v| backoff::parse_retry_after(v, Utc::now())),
-                        ),
-                    },
-                    Err((class, message)) => (
-                        Some((
-                            *class,
-                            message.clone(),
-                            matches!(
-                                class,
-                                ErrorClass::Dns
-                                    | ErrorClass::Connect
-                                    | ErrorClass::Tls
-                                    | ErrorClass::Timeout
-                            ),
-                        )),
-                        None,
-                    ),
-                };
+                let failure = http::failure(&result);
                 lookups.lock().expect("lookups lock").push(json!({
                     "step_id": step.id,
                     "attempt": attempt,
                     "request": record,
                     "response_status": result.as_ref().ok().map(|r| r.status),
                     "response_body": result.as_ref().ok().map(|r| http::scrub(&r.body, &secret_values)),
-                    "error_class": failure.as_ref().map(|f| f.0.as_str()),
-                    "error_message": failure.as_ref().map(|f| http::scrub(&f.1, &secret_values)),
+                    "error_class": failure.as_ref().map(|f| f.class.as_str()),
+                    "error_message": failure.as_ref().map(|f| http::scrub(&f.message, &secret_values)),
                     "duration_ms": clock.elapsed().as_millis() as u64,
                 }));
                 match (result, failure) {
@@ -291,16 +260,18 @@ impl SetupResponder {
                         results.insert(step.id.clone(), resp.as_step_result());
                         break;
                     }
-                    (_, Some((_, message, true)))
-                        if attempt < step.retry.max_attempts
-                            && Instant::now() + retry_delay(&step.retry, attempt, retry_after)
+                    (_, Some(f))
+                        if f.retryable
+                            && attempt < step.retry.max_attempts
+                            && Instant::now()
+                                + retry_delay(&step.retry, attempt, f.retry_after)
                                 < deadline_at =>
                     {
                         // Only a retry that can start before the deadline is worth waiting for.
-                        tokio::time::sleep(retry_delay(&step.retry, attempt, retry_after)).await;
-                        tracing::debug!(step = %step.id, attempt, "setup lookup failed ({message}); retrying");
+                        tokio::time::sleep(retry_delay(&step.retry, attempt, f.retry_after)).await;
+                        tracing::debug!(step = %step.id, attempt, "setup lookup failed ({}); retrying", f.message);
                     }
-                    (_, Some((_, message, _))) => {
+                    (_, Some(http::Failure { message, .. })) => {
                         return Err(format!(
                             "lookup `{}` failed: {}",
                             step.id,
@@ -348,27 +319,4 @@ fn retry_delay(
     retry_after: Option<Duration>,
 ) -> Duration {
     backoff::delay(policy, attempt, retry_after, 1.0)
-}
-
-fn with_steps(
-    base: &Value,
-    results: &Map<String, Value>,
-    secrets: &HashMap<String, Option<String>>,
-    masked: bool,
-) -> Value {
-    let mut ctx = base.clone();
-    if let Value::Object(map) = &mut ctx {
-        map.insert("steps".into(), Value::Object(results.clone()));
-        let secrets: Map<String, Value> = secrets
-            .iter()
-            .filter_map(|(k, v)| {
-                Some((
-                    k.clone(),
-                    Value::String(if masked { "***".into() } else { v.clone()? }),
-                ))
-            })
-            .collect();
-        map.insert("secrets".into(), Value::Object(secrets));
-    }
-    ctx
 }
