@@ -44,6 +44,7 @@ async fn main() -> anyhow::Result<()> {
                 signature: "seed".into(),
             },
             received_at: chrono::Utc::now(),
+            span: tracing::Span::none(),
         });
         if batch.len() == 256 || i + 1 == n {
             store.append_batch(&batch, &NoWorkflows).await?;

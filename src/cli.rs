@@ -90,9 +90,14 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHBOARD_WORKER_CONCURRENCY", default_value_t = 32)]
     pub worker_concurrency: usize,
 
-    /// On SIGTERM, how long in-flight requests may take before the process exits.
+    /// On SIGTERM, how long in-flight requests and runs may take before the process exits
+    /// (runs still going are then handed back to other workers).
     #[arg(long, env = "SWITCHBOARD_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// Serve /metrics on this address instead of the main one (e.g. 127.0.0.1:9090).
+    #[arg(long, env = "SWITCHBOARD_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -107,6 +112,14 @@ pub struct WorkerArgs {
     /// Workflow runs executed at once by this process.
     #[arg(long, env = "SWITCHBOARD_WORKER_CONCURRENCY", default_value_t = 32)]
     pub worker_concurrency: usize,
+
+    /// On SIGTERM, how long runs in flight may take before they are handed back.
+    #[arg(long, env = "SWITCHBOARD_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Serve /metrics (and /healthz) on this address.
+    #[arg(long, env = "SWITCHBOARD_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -176,6 +189,8 @@ pub async fn run(cli: Cli) -> ExitCode {
                 &args.db.database_url,
                 &args.workflows,
                 args.worker_concurrency,
+                args.shutdown_grace,
+                args.metrics_listen,
             )
             .await
         }

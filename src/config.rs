@@ -32,6 +32,8 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     /// Runs executed at once by this process's workers.
     pub worker_concurrency: usize,
+    /// A separate address for `/metrics`; `None` serves it on `listen`.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +100,7 @@ impl Settings {
             max_body_bytes: args.max_body_bytes,
             shutdown_grace: args.shutdown_grace,
             worker_concurrency: args.worker_concurrency.max(1),
+            metrics_listen: args.metrics_listen,
         })
     }
 }

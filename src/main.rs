@@ -8,11 +8,24 @@ async fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = switchboard::cli::Cli::parse();
     use switchboard::cli::Command;
-    if !matches!(
+    let telemetry = if matches!(
         cli.command,
         Command::Sign(_) | Command::Openapi | Command::Validate(_)
     ) {
-        switchboard::telemetry::init();
+        None
+    } else {
+        match switchboard::telemetry::init() {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("switchboard: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+    let code = switchboard::cli::run(cli).await;
+    if let Some(t) = telemetry {
+        // The exporter blocks while flushing; keep that off the runtime's threads.
+        let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
     }
-    switchboard::cli::run(cli).await
+    code
 }

@@ -7,13 +7,15 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use poem::listener::{Acceptor, Listener, TcpAcceptor, TcpListener};
-use poem::middleware::{AddData, Tracing};
-use poem::{Endpoint, EndpointExt, Route, Server, post};
+use poem::middleware::AddData;
+use poem::{Endpoint, EndpointExt, Route, Server, get, post};
+use tracing::Instrument;
 
 use crate::api::{self, AdminToken};
 use crate::config::Settings;
 use crate::engine::Engine;
 use crate::engine::setup::SetupResponder;
+use crate::prometheus;
 use crate::store::appender::Appender;
 use crate::store::{self, EventStore};
 use crate::webhook::ingest::{self, IngestState, WEBHOOK_PATH};
@@ -24,6 +26,7 @@ use tokio::sync::Notify;
 /// A bound, ready-to-run server.
 pub struct Application {
     workers: Vec<tokio::task::JoinHandle<()>>,
+    engine: Arc<Engine>,
     acceptor: TcpAcceptor,
     local_addr: SocketAddr,
     app: poem::endpoint::BoxEndpoint<'static>,
@@ -31,31 +34,84 @@ pub struct Application {
     store: Arc<dyn EventStore>,
 }
 
-/// All routes: the webhook, the admin API with its docs, the health probes.
+/// All routes: the webhook, the admin API with its docs, the health probes,
+/// and `/metrics` unless it has a listener of its own (`with_metrics`).
 pub fn routes(
     store: Arc<dyn EventStore>,
     registry: Arc<Registry>,
     wake: Arc<Notify>,
     ingest: Arc<IngestState>,
     admin_token: AdminToken,
+    with_metrics: bool,
 ) -> impl Endpoint<Output = poem::Response> {
     let service = api::service();
     let docs = service.swagger_ui();
     let spec = service.spec_endpoint();
-    Route::new()
+    let mut route = Route::new()
         .at(
             WEBHOOK_PATH,
             post(ingest::receive).with(AddData::new(ingest)),
         )
         .nest("/docs", docs)
         .at("/openapi.json", spec)
-        .nest("/", service)
+        .nest("/", service.around(api_span));
+    if with_metrics {
+        route = route.at("/metrics", get(prometheus::endpoint));
+    }
+    route
         .with(AddData::new(store))
         .with(AddData::new(registry))
         .with(AddData::new(wake))
         .with(AddData::new(admin_token))
-        .with(Tracing)
         .catch_all_error(api::error::to_json_error)
+}
+
+/// `/metrics` and `/healthz` alone, for a separate listen address.
+pub fn metrics_routes(store: Arc<dyn EventStore>) -> impl Endpoint<Output = poem::Response> {
+    Route::new()
+        .at("/metrics", get(prometheus::endpoint))
+        .nest("/", api::service())
+        .with(AddData::new(store))
+        .catch_all_error(api::error::to_json_error)
+}
+
+/// A server span per admin API request (health probes and `/metrics`, polled
+/// all day, get none).
+async fn api_span<E: Endpoint>(next: E, req: poem::Request) -> poem::Result<poem::Response> {
+    if !req.uri().path().starts_with("/api/") {
+        return next.call(req).await.map(poem::IntoResponse::into_response);
+    }
+    let span = tracing::info_span!(
+        parent: None,
+        "admin",
+        otel.name = %format!("{} {}", req.method(), req.uri().path()),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = %req.method(),
+        url.path = %req.uri().path(),
+        http.response.status_code = tracing::field::Empty,
+    );
+    crate::telemetry::set_parent(
+        &span,
+        req.headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok()),
+    );
+    // Errors stay errors, so that `to_json_error` still gives them their JSON shape.
+    let result = next
+        .call(req)
+        .instrument(span.clone())
+        .await
+        .map(poem::IntoResponse::into_response);
+    let status = match &result {
+        Ok(resp) => resp.status(),
+        Err(e) => e.status(),
+    };
+    span.record("http.response.status_code", status.as_u16());
+    if status.is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
+    result
 }
 
 impl Application {
@@ -104,16 +160,23 @@ impl Application {
             .first()
             .and_then(|a| a.as_socket_addr().copied())
             .context("listener has no address")?;
+        prometheus::install();
+        let mut workers = workers;
+        if let Some(addr) = settings.metrics_listen {
+            workers.push(serve_metrics(addr, store.clone()).await?);
+        }
         let app = routes(
             store.clone(),
             registry,
             wake,
             ingest,
             settings.admin_token.clone(),
+            settings.metrics_listen.is_none(),
         )
         .boxed();
         Ok(Self {
             workers,
+            engine,
             acceptor,
             local_addr,
             app,
@@ -130,17 +193,36 @@ impl Application {
         self.store.clone()
     }
 
-    /// Serves until SIGINT/SIGTERM, then lets in-flight requests finish within the grace period.
+    /// Serves until SIGINT/SIGTERM; then stops accepting connections, and
+    /// within the grace period lets in-flight requests and runs finish
+    /// (runs still going after it are handed back to other workers).
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         self.announce();
         let _workers = AbortOnDrop(self.workers);
-        Server::new_with_acceptor(self.acceptor)
-            .run_with_graceful_shutdown(
-                self.app,
-                shutdown_signal(),
-                Some(self.settings.shutdown_grace),
-            )
-            .await?;
+        let grace = self.settings.shutdown_grace;
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let signal = {
+            let stop = stop.clone();
+            async move {
+                shutdown_signal().await;
+                let _ = stop.send(true);
+            }
+        };
+        let server = async {
+            let result = Server::new_with_acceptor(self.acceptor)
+                .run_with_graceful_shutdown(self.app, signal, Some(grace))
+                .await;
+            let _ = stop.send(true); // also when the server failed: stop the engine
+            result
+        };
+        let engine = self.engine.clone();
+        let drain = async move {
+            let mut stopped = stopped;
+            let _ = stopped.wait_for(|s| *s).await;
+            engine.shutdown(grace).await
+        };
+        let (served, _handed_back) = tokio::join!(server, drain);
+        served?;
         tracing::info!("stopped");
         Ok(())
     }
@@ -223,6 +305,8 @@ pub async fn run_workers(
     database_url: &str,
     workflows_dir: &std::path::Path,
     concurrency: usize,
+    shutdown_grace: std::time::Duration,
+    metrics_listen: Option<SocketAddr>,
 ) -> anyhow::Result<()> {
     let store = store::connect(database_url).await.with_context(|| {
         format!(
@@ -241,15 +325,44 @@ pub async fn run_workers(
     }
     let registry = Arc::new(Registry::new(load_workflows(workflows_dir)?));
     let wake = Arc::new(Notify::new());
+    prometheus::install();
+    let mut tasks = Vec::new();
+    if let Some(addr) = metrics_listen {
+        tasks.push(serve_metrics(addr, store.clone()).await?);
+    }
     let engine = Arc::new(Engine::new(store, registry, wake.clone(), concurrency));
     tracing::info!(
         owner = engine.owner(),
         concurrency,
         "switchboard worker started"
     );
-    let _workers = AbortOnDrop(vec![engine.spawn(), spawn_listener(database_url, wake)]);
+    tasks.push(engine.clone().spawn());
+    tasks.push(spawn_listener(database_url, wake));
+    let _workers = AbortOnDrop(tasks);
     shutdown_signal().await;
+    engine.shutdown(shutdown_grace).await;
+    tracing::info!("stopped");
     Ok(())
+}
+
+/// Serves `/metrics` (and the health probes) on their own address.
+async fn serve_metrics(
+    addr: SocketAddr,
+    store: Arc<dyn EventStore>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let acceptor = TcpListener::bind(addr)
+        .into_acceptor()
+        .await
+        .with_context(|| format!("cannot listen on {addr} for /metrics"))?;
+    tracing::info!(listen = %addr, "metrics at http://{addr}/metrics");
+    Ok(tokio::spawn(async move {
+        if let Err(e) = Server::new_with_acceptor(acceptor)
+            .run(metrics_routes(store))
+            .await
+        {
+            tracing::error!(error = %e, "the /metrics listener stopped");
+        }
+    }))
 }
 
 /// Aborts background tasks when dropped.

@@ -41,6 +41,7 @@ pub async fn start_server(database_url: &str, workflows_dir: &Path) -> anyhow::R
         max_body_bytes: 1 << 20,
         shutdown_grace: Duration::from_secs(1),
         worker_concurrency: 32,
+        metrics_listen: None,
     };
     let server = Application::build(settings).await?;
     let base = format!("http://{}", server.local_addr());

@@ -135,6 +135,19 @@ pub fn render(action: &HttpAction, ctx: &Value) -> Result<Request, (ErrorClass, 
     })
 }
 
+/// A URL fit for a span's `url.full`: user and password removed (secrets in
+/// templates are already rendered as `***` in the masked request).
+pub fn redacted_url(url: &reqwest::Url) -> String {
+    let mut url = url.clone();
+    if !url.username().is_empty() {
+        let _ = url.set_username("REDACTED");
+    }
+    if url.password().is_some() {
+        let _ = url.set_password(Some("REDACTED"));
+    }
+    url.to_string()
+}
+
 /// What came back.
 #[derive(Clone, Debug)]
 pub struct Response {

@@ -13,14 +13,15 @@ pub mod backoff;
 pub mod http;
 pub mod replay;
 pub mod setup;
+pub mod trace;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound, Utc};
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, Semaphore};
 
 use crate::store::EventStore;
@@ -28,6 +29,8 @@ use crate::store::runs::{Attempt, Run, RunStatus, RunUpdate};
 use crate::workflow::registry::Registry;
 use crate::workflow::{Step, Workflow, template};
 use http::ErrorClass;
+use trace::{RunTrace, StepEnd};
+use tracing::Instrument;
 
 /// How long a claimed run stays with its worker without a renewal.
 pub const LEASE: Duration = Duration::from_secs(5);
@@ -47,7 +50,17 @@ pub struct Engine {
     wake: Arc<Notify>,
     owner: String,
     concurrency: usize,
+    /// One permit per run executing now.
+    permits: Arc<Semaphore>,
+    /// [`RUNNING`], [`DRAINING`] or [`HANDED_BACK`].
+    phase: AtomicU8,
 }
+
+const RUNNING: u8 = 0;
+/// Shutting down: no new claims; runs in flight may finish.
+const DRAINING: u8 = 1;
+/// The grace period is over: leases were released, stop renewing them.
+const HANDED_BACK: u8 = 2;
 
 fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
@@ -72,7 +85,46 @@ impl Engine {
             // Unique per process: a restarted process never mistakes an old lease for its own.
             owner: format!("{}-{}", hostname(), uuid::Uuid::new_v4().simple()),
             concurrency: concurrency.max(1),
+            permits: Arc::new(Semaphore::new(concurrency.max(1))),
+            phase: AtomicU8::new(RUNNING),
         }
+    }
+
+    /// Graceful shutdown: stop claiming runs, let the runs in flight finish
+    /// within `grace`, then hand the rest back (their leases end now, so
+    /// another instance, or this one after a restart, takes them at once;
+    /// an interrupted attempt is sent again with the same Idempotency-Key).
+    /// Returns how many runs were handed back.
+    pub async fn shutdown(&self, grace: Duration) -> u64 {
+        self.phase.store(DRAINING, Ordering::SeqCst);
+        self.wake.notify_waiters();
+        let in_flight = self.concurrency - self.permits.available_permits();
+        if in_flight > 0 {
+            tracing::info!(in_flight, grace = %humantime::format_duration(grace), "waiting for runs in flight");
+        }
+        let all = u32::try_from(self.concurrency).unwrap_or(u32::MAX);
+        if let Ok(Ok(_all_idle)) = tokio::time::timeout(grace, self.permits.acquire_many(all)).await
+        {
+            return 0;
+        }
+        self.phase.store(HANDED_BACK, Ordering::SeqCst);
+        match self.store.release_leases(&self.owner, now()).await {
+            Ok(n) => {
+                tracing::warn!(
+                    runs = n,
+                    "grace period over; runs in flight handed back to other workers"
+                );
+                n
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not hand back runs in flight; they resume when their leases lapse");
+                0
+            }
+        }
+    }
+
+    fn draining(&self) -> bool {
+        self.phase.load(Ordering::SeqCst) != RUNNING
     }
 
     pub fn owner(&self) -> &str {
@@ -85,12 +137,15 @@ impl Engine {
     }
 
     async fn run_loop(self: Arc<Self>) {
-        let permits = Arc::new(Semaphore::new(self.concurrency));
+        let permits = self.permits.clone();
         let mut failing_since: Option<std::time::Instant> = None;
         loop {
             let notified = self.wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            if self.draining() {
+                return;
+            }
             let free = permits.available_permits();
             let mut look_ahead = false;
             if free > 0 {
@@ -142,15 +197,19 @@ impl Engine {
         }
     }
 
-    async fn execute(&self, run: Run) {
+    async fn execute(self: &Arc<Self>, run: Run) {
         let run_id = run.run_id.clone();
         let renew = {
             let store = self.store.clone();
             let owner = self.owner.clone();
             let run_id = run_id.clone();
+            let me = self.clone();
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(RENEW_EVERY).await;
+                    if me.phase.load(Ordering::SeqCst) == HANDED_BACK {
+                        break;
+                    }
                     match store.renew_lease(&run_id, &owner, after(LEASE)).await {
                         Ok(true) => {}
                         Ok(false) => break,
@@ -159,6 +218,9 @@ impl Engine {
                 }
             })
         };
+        if run.attempts_total == 0 && run.step_index == 0 {
+            crate::prometheus::run_started(&run.workflow);
+        }
         if let Err(e) = self.drive(run).await {
             tracing::error!(run_id, error = %e, "run interrupted by a store error; it resumes when its lease lapses");
         }
@@ -184,10 +246,13 @@ impl Engine {
 
     async fn drive(&self, run: Run) -> Result<(), crate::store::StoreError> {
         let set = self.registry.current();
+        let trace = RunTrace::new(&run);
         let mut state = RunState::from(&run);
         let Some(wf) = set.get(&run.workflow) else {
             let update = state.failed(format!("workflow `{}` is no longer loaded", run.workflow));
-            self.save(&run, None, &update).await?;
+            if self.save(&run, None, &update).await? {
+                self.finished(&run, &trace, &update);
+            }
             return Ok(());
         };
         let secrets = read_secrets(wf);
@@ -202,23 +267,50 @@ impl Engine {
                         state
                             .results
                             .insert(step.id.clone(), json!({"skipped": true}));
+                        let index = state.step_index;
                         state.step_index += 1;
                         state.attempt = 0;
                         if !self.save(&run, None, &state.running()).await? {
                             return Ok(());
                         }
+                        trace.emit_step(
+                            &run,
+                            StepEnd {
+                                index,
+                                step_id: &step.id,
+                                started: now(),
+                                attempts: 0,
+                                skipped: true,
+                                error: None,
+                            },
+                        );
                         continue;
                     }
                     Err(e) => {
                         let update = state.failed(format!("step `{}`: `if` failed: {e}", step.id));
-                        self.save(&run, None, &update).await?;
+                        if self.save(&run, None, &update).await? {
+                            trace.emit_step(
+                                &run,
+                                StepEnd {
+                                    index: state.step_index,
+                                    step_id: &step.id,
+                                    started: now(),
+                                    attempts: 0,
+                                    skipped: false,
+                                    error: update.last_error.clone(),
+                                },
+                            );
+                            self.finished(&run, &trace, &update);
+                        }
                         return Ok(());
                     }
                 }
             }
+            let index = state.step_index;
             let outcome = self
                 .attempt(
                     &run,
+                    &trace,
                     wf,
                     step,
                     &mut state,
@@ -229,12 +321,83 @@ impl Engine {
                 )
                 .await;
             let (attempt, update, done) = outcome;
-            if !self.save(&run, Some(&attempt), &update).await? || done {
+            if !self.save(&run, Some(&attempt), &update).await? {
+                return Ok(());
+            }
+            self.observe(&run, &trace, index, &attempt, &update).await;
+            if done {
                 return Ok(());
             }
         }
-        self.save(&run, None, &state.succeeded()).await?;
+        let update = state.succeeded();
+        if self.save(&run, None, &update).await? {
+            self.finished(&run, &trace, &update);
+        }
         Ok(())
+    }
+
+    /// Metrics and spans after a saved attempt: the attempt is counted; a
+    /// step that ended (succeeded, or failed for good) and a run that
+    /// ended are emitted.
+    async fn observe(
+        &self,
+        run: &Run,
+        trace: &RunTrace,
+        index: i64,
+        attempt: &Attempt,
+        update: &RunUpdate,
+    ) {
+        crate::prometheus::attempt(
+            &run.workflow,
+            &attempt.outcome,
+            attempt.error_class.as_deref(),
+            Duration::from_millis(attempt.duration_ms.max(0) as u64),
+        );
+        let step_ended = update.step_index > index || update.status == RunStatus::Failed;
+        if step_ended && crate::telemetry::tracing_enabled() {
+            // The step began with its first attempt, maybe in another process.
+            let started = if attempt.attempt <= 1 {
+                attempt.started_at
+            } else {
+                self.store
+                    .attempts(&run.run_id)
+                    .await
+                    .ok()
+                    .and_then(|all| {
+                        all.iter()
+                            .filter(|a| a.step_index == index)
+                            .map(|a| a.started_at)
+                            .min()
+                    })
+                    .unwrap_or(attempt.started_at)
+            };
+            let error = (update.status == RunStatus::Failed).then(|| update.last_error.clone());
+            trace.emit_step(
+                run,
+                StepEnd {
+                    index,
+                    step_id: &attempt.step_id,
+                    started,
+                    attempts: attempt.attempt,
+                    skipped: false,
+                    error: error.flatten(),
+                },
+            );
+        }
+        if update.status.is_final() {
+            self.finished(run, trace, update);
+        }
+    }
+
+    /// A run reached a final state: count it and emit its span.
+    fn finished(&self, run: &Run, trace: &RunTrace, update: &RunUpdate) {
+        crate::prometheus::run_finished(&run.workflow, update.status.as_str());
+        trace.emit_run(
+            run,
+            update.status.as_str(),
+            update.attempts_total,
+            update.last_error.clone(),
+        );
     }
 
     fn context(
@@ -260,6 +423,7 @@ impl Engine {
     async fn attempt(
         &self,
         run: &Run,
+        trace: &RunTrace,
         wf: &Workflow,
         step: &Step,
         state: &mut RunState,
@@ -320,13 +484,21 @@ impl Engine {
         // Secrets are masked by rendering with `***`; scrubbing catches values that leaked some other way.
         let recorded = http::scrub(&masked.record().to_string(), secret_values);
         record.request = sqlx::types::Json(serde_json::from_str(&recorded).unwrap_or(Value::Null));
+        let span = trace.attempt_span(run, state.step_index, &step.id, state.attempt, &masked);
         let extra = [
             ("idempotency-key", format!("{}:{}", run.run_id, step.id)),
-            ("traceparent", traceparent(&run.event_id)),
+            (
+                "traceparent",
+                crate::telemetry::outbound_traceparent(&span, trace.root()),
+            ),
         ];
-        let result = http::send(&self.client, &real, &extra, step.timeout).await;
+        let result = http::send(&self.client, &real, &extra, step.timeout)
+            .instrument(span.clone())
+            .await;
         record.duration_ms = clock.elapsed().as_millis() as i64;
         let failure = http::failure(&result);
+        trace::record_result(&span, &result, failure.as_ref());
+        let _entered = span.enter();
         if let (Ok(resp), _) = (&result, &failure) {
             record.response_status = Some(i64::from(resp.status));
             record.response_headers = Some(sqlx::types::Json(json!(resp.headers)));
@@ -368,6 +540,7 @@ impl Engine {
             );
             record.outcome = "retrying".into();
             record.next_delay_ms = Some(delay.as_millis() as i64);
+            span.record("switchboard.retry.delay_ms", delay.as_millis() as u64);
             tracing::info!(run_id = %run.run_id, step = %step.id, attempt = state.attempt, error = class.as_str(), delay_ms = delay.as_millis() as u64, "attempt failed; retrying");
             let update = state.retrying(
                 after(delay),
@@ -488,14 +661,6 @@ pub(crate) fn read_secrets(wf: &Workflow) -> HashMap<String, Option<String>> {
         .iter()
         .map(|name| (name.clone(), std::env::var(name).ok()))
         .collect()
-}
-
-/// A W3C traceparent whose trace id is derived from the event, so every
-/// attempt of every run of one event shares it.
-pub fn traceparent(event_id: &str) -> String {
-    let digest = Sha256::digest(event_id.as_bytes());
-    let span: [u8; 8] = rand::random();
-    format!("00-{}-{}-01", hex::encode(&digest[..16]), hex::encode(span))
 }
 
 fn hostname() -> String {

@@ -18,7 +18,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::watch;
 
 use super::http;
-use super::{backoff, read_secrets, traceparent, with_steps};
+use super::{backoff, read_secrets, with_steps};
 use crate::store::EventStore;
 use crate::store::runs::SetupAnswer;
 use crate::webhook::envelope::Envelope;
@@ -26,6 +26,8 @@ use crate::workflow::answer::{self, Produced};
 use crate::workflow::matching::{EventFacts, base_context};
 use crate::workflow::registry::Registry;
 use crate::workflow::{Workflow, template};
+use tracing::Instrument;
+use tracing::field::Empty;
 
 pub use crate::workflow::answer::EMPTY_ANSWER;
 const CACHE_CAPACITY: usize = 10_000;
@@ -107,15 +109,49 @@ impl SetupResponder {
         &self,
         event: &SetupEvent<'_>,
     ) -> Result<Arc<str>, crate::store::StoreError> {
+        let span = tracing::info_span!(
+            "setup",
+            operator.event.id = %event.envelope.id,
+            operator.conversation.id = event.envelope.conversation_id.as_ref().map(|c| c.as_str()),
+            operator.agent.id = event.envelope.agent_id.as_ref().map(|a| a.as_str()),
+            switchboard.workflow = Empty,
+            switchboard.setup.deadline_ms = Empty,
+            switchboard.setup.fallback = Empty,
+            switchboard.setup.reason = Empty,
+            switchboard.setup.stored = Empty,
+        );
+        self.answer_in(event, &span).instrument(span.clone()).await
+    }
+
+    async fn answer_in(
+        &self,
+        event: &SetupEvent<'_>,
+        span: &tracing::Span,
+    ) -> Result<Arc<str>, crate::store::StoreError> {
         if let Some(stored) = self.store.setup_answer(event.seq).await? {
+            // Computed before (in the event's own commit, or by an earlier delivery).
+            span.record("switchboard.setup.stored", true);
+            if let Some(w) = &stored.workflow {
+                span.record("switchboard.workflow", w.as_str());
+            }
+            span.record("switchboard.setup.fallback", stored.used_fallback);
             return Ok(stored.body.into());
         }
         let started = Instant::now();
         let lookups = Arc::new(Mutex::new(Vec::new()));
         let produced = self.produce(event, &lookups).await;
         let lookups = std::mem::take(&mut *lookups.lock().expect("lookups lock"));
+        if let Some(w) = &produced.workflow {
+            span.record("switchboard.workflow", w.as_str());
+        }
+        span.record(
+            "switchboard.setup.fallback",
+            produced.fallback_reason.is_some(),
+        );
         if let Some(reason) = &produced.fallback_reason {
+            span.record("switchboard.setup.reason", reason.as_str());
             tracing::warn!(event_id = %event.envelope.id, workflow = ?produced.workflow, "setup answered with the fallback: {reason}");
+            crate::prometheus::setup_fallback(produced.workflow.as_deref());
         }
         let saved = self
             .store
@@ -154,6 +190,10 @@ impl SetupResponder {
             return Produced::empty();
         };
         let base = base_context(&facts);
+        tracing::Span::current().record(
+            "switchboard.setup.deadline_ms",
+            wf.deadline.as_millis() as u64,
+        );
         let deadline_at = Instant::now() + wf.deadline;
         match tokio::time::timeout(wf.deadline, self.respond(wf, &base, lookups, deadline_at)).await
         {
@@ -226,6 +266,11 @@ impl SetupResponder {
             loop {
                 attempt += 1;
                 let clock = Instant::now();
+                let span = super::trace::client_span(&masked, &step.id, i64::from(attempt));
+                span.record("switchboard.workflow", wf.name.as_str());
+                if let Some(id) = base["event"]["id"].as_str() {
+                    span.record("operator.event.id", id);
+                }
                 let extra = [
                     (
                         "idempotency-key",
@@ -237,11 +282,20 @@ impl SetupResponder {
                     ),
                     (
                         "traceparent",
-                        traceparent(base["event"]["id"].as_str().unwrap_or_default()),
+                        crate::telemetry::outbound_traceparent(
+                            &span,
+                            &crate::telemetry::run_parent(
+                                None,
+                                base["event"]["id"].as_str().unwrap_or_default(),
+                            ),
+                        ),
                     ),
                 ];
-                let result = http::send(&self.client, &real, &extra, step.timeout).await;
+                let result = http::send(&self.client, &real, &extra, step.timeout)
+                    .instrument(span.clone())
+                    .await;
                 let failure = http::failure(&result);
+                super::trace::record_result(&span, &result, failure.as_ref());
                 lookups.lock().expect("lookups lock").push(json!({
                     "step_id": step.id,
                     "attempt": attempt,

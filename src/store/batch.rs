@@ -91,7 +91,10 @@ pub(crate) fn plan<'a>(
         {
             answers.push((seq, id.to_owned(), answer));
         }
-        for d in dispatcher.dispatch(event, before.as_ref(), after) {
+        let decisions_of_event = dispatcher.dispatch(event, before.as_ref(), after);
+        let dispatch = dispatch_span(event, &decisions_of_event);
+        let trace_context = crate::telemetry::traceparent(&dispatch);
+        for d in decisions_of_event {
             if d.matched {
                 runs.push(NewRun {
                     run_id: format!("run_{}", uuid::Uuid::new_v4().simple()),
@@ -105,6 +108,7 @@ pub(crate) fn plan<'a>(
                         .map(|c| c.to_string()),
                     context: d.context.unwrap_or_default(),
                     created_at: event.received_at,
+                    trace_context: trace_context.clone(),
                 });
             }
             decisions.push(MatchRecord {
@@ -144,6 +148,43 @@ pub(crate) fn plan<'a>(
     }
 }
 
+/// The `dispatch` span of a new event, under its `webhook` span: each
+/// workflow's verdict is a span event; matched workflows are also attributes.
+fn dispatch_span(event: &NewEvent, decisions: &[super::model::DispatchDecision]) -> tracing::Span {
+    let matched: Vec<&str> = decisions
+        .iter()
+        .filter(|d| d.matched)
+        .map(|d| d.workflow.as_str())
+        .collect();
+    let span = tracing::info_span!(
+        parent: &event.span,
+        "dispatch",
+        operator.event.id = %event.envelope.id,
+        operator.event.type = %event.envelope.event_type,
+        operator.conversation.id = event.envelope.conversation_id.as_ref().map(|c| c.as_str()),
+        operator.agent.id = event.envelope.agent_id.as_ref().map(|a| a.as_str()),
+        switchboard.workflows.evaluated = decisions.len(),
+        switchboard.workflows.matched = %matched.join(","),
+    );
+    if crate::telemetry::tracing_enabled() {
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+        for d in decisions {
+            span.add_event(
+                "match decision",
+                vec![
+                    opentelemetry::KeyValue::new("switchboard.workflow", d.workflow.clone()),
+                    opentelemetry::KeyValue::new("switchboard.matched", d.matched),
+                    opentelemetry::KeyValue::new(
+                        "switchboard.reason",
+                        d.reason.clone().unwrap_or_default(),
+                    ),
+                ],
+            );
+        }
+    }
+    span
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,6 +206,7 @@ mod tests {
                 signature: "s".into(),
             },
             received_at: chrono::Utc::now(),
+            span: tracing::Span::none(),
         }
     }
 

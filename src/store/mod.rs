@@ -58,6 +58,21 @@ pub enum StoreError {
     Closed,
 }
 
+/// What `/metrics` reports about the store.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StoreStats {
+    /// Events in the log (the highest sequence: it has no gaps).
+    pub events: i64,
+    /// Runs due now and not yet taken by a worker.
+    pub runs_waiting: i64,
+    /// When the longest-waiting due run fell due.
+    pub oldest_waiting_since: Option<chrono::DateTime<chrono::Utc>>,
+    /// Runs scheduled for later (backoff) or held by a worker.
+    pub runs_pending: i64,
+    /// The database's size on disk, in bytes.
+    pub size_bytes: i64,
+}
+
 /// The event log and its projections. Implemented by [`sqlite::SqliteStore`]
 /// and [`postgres::PostgresStore`]; both behave the same.
 #[async_trait]
@@ -77,6 +92,9 @@ pub trait EventStore: runs::RunStore + Send + Sync + 'static {
         batch: &[NewEvent],
         dispatcher: &dyn Dispatcher,
     ) -> Result<(Vec<AppendOutcome>, usize), StoreError>;
+
+    /// Sizes for `/metrics`: events stored, runs waiting, the database's size.
+    async fn stats(&self, now: chrono::DateTime<chrono::Utc>) -> Result<StoreStats, StoreError>;
 
     /// One event with its raw body, by envelope id.
     async fn get_event(&self, event_id: &str) -> Result<Option<StoredEventWithBody>, StoreError>;

@@ -30,6 +30,9 @@ pub struct NewEvent {
     pub raw_body: Vec<u8>,
     pub verification: Verification,
     pub received_at: DateTime<Utc>,
+    /// The `webhook` span of the delivery (`Span::none()` outside a request):
+    /// the store hangs its `dedupe` and `dispatch` spans under it.
+    pub span: tracing::Span,
 }
 
 /// A short reference to a stored event.
@@ -138,6 +141,8 @@ pub struct NewRun {
     /// `{event, conversation}` as of the event: what the run's templates read.
     pub context: serde_json::Value,
     pub created_at: DateTime<Utc>,
+    /// W3C `traceparent` of the `dispatch` span that started the run; the worker continues it.
+    pub trace_context: Option<String>,
 }
 
 /// One workflow's verdict on one new event.

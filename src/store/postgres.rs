@@ -35,6 +35,8 @@ fn migrator() -> sqlx::migrate::Migrator {
 }
 
 impl PostgresStore {
+    const SIZE_SQL: &'static str = "SELECT pg_database_size(current_database())";
+
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let options = PgConnectOptions::from_str(url)?.application_name("switchboard");
         let pool = PgPoolOptions::new()

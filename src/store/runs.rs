@@ -180,6 +180,10 @@ pub trait RunStore: Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> Result<bool, StoreError>;
 
+    /// Ends every lease `owner` holds now, so other workers take its runs at
+    /// once (graceful shutdown). Returns how many runs were handed back.
+    async fn release_leases(&self, owner: &str, now: DateTime<Utc>) -> Result<u64, StoreError>;
+
     /// When the next run falls due or the next lease lapses.
     async fn next_wakeup(&self) -> Result<Option<DateTime<Utc>>, StoreError>;
 

@@ -89,6 +89,21 @@ macro_rules! impl_run_store {
                 Ok(r.rows_affected() == 1)
             }
 
+            async fn release_leases(
+                &self,
+                owner: &str,
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<u64, $crate::store::StoreError> {
+                let r = sqlx::query(
+                    "UPDATE runs SET lease_until = $1 WHERE lease_owner = $2 AND status = 'running'",
+                )
+                .bind(now)
+                .bind(owner)
+                .execute(&self.writer)
+                .await?;
+                Ok(r.rows_affected())
+            }
+
             async fn save_progress(
                 &self,
                 run_id: &str,

@@ -312,7 +312,7 @@ where
     }
     let mut qb = QueryBuilder::new(
         "INSERT INTO runs (run_id, workflow, event_seq, event_id, conversation_id, status, next_attempt_at, \
-         context, step_results, created_at, updated_at) ",
+         context, step_results, created_at, updated_at, trace_context) ",
     );
     qb.push_values(runs, |mut row, r| {
         row.push_bind(r.run_id.as_str())
@@ -325,7 +325,8 @@ where
             .push_bind(Json(&r.context))
             .push("'{}'")
             .push_bind(r.created_at)
-            .push_bind(r.created_at);
+            .push_bind(r.created_at)
+            .push_bind(r.trace_context.as_deref());
     });
     qb.push(" ON CONFLICT DO NOTHING");
     Some(qb)
@@ -434,11 +435,26 @@ macro_rules! append_in_tx {
         let last_seq: i64 = sqlx::query_scalar(sql::LAST_SEQ)
             .fetch_one(&mut **tx)
             .await?;
+        // One `dedupe` span per delivery, over the lookup of earlier deliveries.
+        let dedupe: Vec<tracing::Span> = batch
+            .iter()
+            .map(|e| {
+                tracing::info_span!(
+                    parent: &e.span,
+                    "dedupe",
+                    batch = batch.len(),
+                    operator.event.id = %e.envelope.id,
+                    operator.conversation.id = e.envelope.conversation_id.as_ref().map(|c| c.as_str()),
+                    operator.agent.id = e.envelope.agent_id.as_ref().map(|a| a.as_str()),
+                )
+            })
+            .collect();
         let rows = sql::candidates::<$db>(batch, cutoff)
             .build_query_as::<sql::CandidateRow>()
             .fetch_all(&mut **tx)
             .await?;
         let existing = sql::existing(batch, rows, cutoff);
+        drop(dedupe);
         let states = match sql::conversations_of::<$db>(batch) {
             Some(mut qb) => sql::by_conversation(
                 qb.build_query_scalar::<Json<ConversationState>>()
@@ -480,6 +496,36 @@ macro_rules! impl_event_store {
         #[async_trait::async_trait]
         impl $crate::store::EventStore for $store {
         $($specific)*
+
+        async fn stats(
+            &self,
+            now: chrono::DateTime<chrono::Utc>,
+        ) -> Result<$crate::store::StoreStats, $crate::store::StoreError> {
+            let (events, waiting, oldest, pending): (
+                Option<i64>,
+                i64,
+                Option<chrono::DateTime<chrono::Utc>>,
+                i64,
+            ) = sqlx::query_as(
+                "SELECT (SELECT MAX(seq) FROM events), \
+                        (SELECT COUNT(*) FROM runs WHERE status IN ('scheduled', 'retrying') AND next_attempt_at <= $1), \
+                        (SELECT MIN(next_attempt_at) FROM runs WHERE status IN ('scheduled', 'retrying')), \
+                        (SELECT COUNT(*) FROM runs WHERE status IN ('scheduled', 'retrying', 'running'))",
+            )
+            .bind(now)
+            .fetch_one(&self.reader)
+            .await?;
+            let size_bytes: i64 = sqlx::query_scalar(Self::SIZE_SQL)
+                .fetch_one(&self.reader)
+                .await?;
+            Ok($crate::store::StoreStats {
+                events: events.unwrap_or(0),
+                runs_waiting: waiting,
+                oldest_waiting_since: oldest.filter(|t| *t <= now),
+                runs_pending: pending - waiting,
+                size_bytes,
+            })
+        }
 
         async fn get_event(
             &self,

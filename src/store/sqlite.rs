@@ -40,6 +40,10 @@ fn migrator() -> sqlx::migrate::Migrator {
 }
 
 impl SqliteStore {
+    /// The database file's size (the WAL is not counted).
+    const SIZE_SQL: &'static str =
+        "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()";
+
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let options = connect_options(url)?;
         let writer = SqlitePoolOptions::new()

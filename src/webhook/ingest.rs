@@ -7,11 +7,15 @@
 
 use std::sync::Arc;
 
+use std::time::Instant;
+
 use chrono::{SubsecRound, Utc};
 use poem::http::{HeaderMap, StatusCode, header};
 use poem::web::Data;
 use poem::{Body, Request, Response, handler};
 use serde_json::json;
+use tracing::field::Empty;
+use tracing::{Instrument, Span};
 
 use super::envelope::{Envelope, EventKind};
 use super::signature::{
@@ -20,6 +24,7 @@ use super::signature::{
 };
 use crate::domain::IdempotencyKey;
 use crate::engine::setup::{EMPTY_ANSWER, SetupEvent, SetupResponder, Slot};
+use crate::prometheus;
 use crate::store::appender::Appender;
 use crate::store::{AppendOutcome, EventRef, NewEvent, Verification};
 
@@ -75,18 +80,76 @@ fn acknowledgement(event: &EventRef) -> String {
     json!({"event_id": event.event_id, "sequence": event.seq}).to_string()
 }
 
+/// `POST /webhooks/operator`, inside its `webhook` span (a trace root, or
+/// the child of an inbound `traceparent`).
 #[handler]
 pub async fn receive(req: &Request, body: Body, Data(state): Data<&Arc<IngestState>>) -> Response {
+    let started = Instant::now();
+    let span = tracing::info_span!(
+        parent: None,
+        "webhook",
+        otel.kind = "server",
+        otel.status_code = Empty,
+        http.request.method = "POST",
+        http.route = WEBHOOK_PATH,
+        http.response.status_code = Empty,
+        error.type = Empty,
+        operator.event.id = Empty,
+        operator.event.type = Empty,
+        operator.conversation.id = Empty,
+        operator.agent.id = Empty,
+        switchboard.event.seq = Empty,
+        switchboard.duplicate = Empty,
+    );
+    crate::telemetry::set_parent(&span, header_str(req.headers(), "traceparent"));
+    let (resp, event_type, outcome) = handle(req, body, state, &span, started)
+        .instrument(span.clone())
+        .await;
+    let status = resp.status();
+    span.record("http.response.status_code", status.as_u16());
+    if status != StatusCode::OK {
+        span.record("otel.status_code", "ERROR");
+        span.record("error.type", status.as_str());
+    }
+    if let Some(outcome) = outcome {
+        prometheus::webhook_received(&event_type, outcome, started.elapsed());
+    }
+    resp
+}
+
+/// The handler's body: the response, the event type, and the outcome to count
+/// (`None` when a rejection was already counted with its reason).
+async fn handle(
+    req: &Request,
+    body: Body,
+    state: &IngestState,
+    span: &Span,
+    started: Instant,
+) -> (Response, String, Option<&'static str>) {
+    let rejected = |resp, reason, verification| {
+        prometheus::webhook_rejected(reason, verification);
+        (resp, String::new(), None)
+    };
     let body = match body.into_bytes_limit(state.max_body_bytes).await {
         Ok(b) => b,
         Err(poem::error::ReadBodyError::PayloadTooLarge) => {
-            return error_response(
-                StatusCode::PAYLOAD_TOO_LARGE,
+            return rejected(
+                error_response(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!("body is larger than {} bytes", state.max_body_bytes),
+                ),
                 "payload_too_large",
-                format!("body is larger than {} bytes", state.max_body_bytes),
+                false,
             );
         }
-        Err(e) => return error_response(StatusCode::BAD_REQUEST, "unreadable_body", e.to_string()),
+        Err(e) => {
+            return rejected(
+                error_response(StatusCode::BAD_REQUEST, "unreadable_body", e.to_string()),
+                "unreadable_body",
+                false,
+            );
+        }
     };
     let url = signed_url(req, state.public_url.as_deref());
     let headers = req.headers();
@@ -95,16 +158,31 @@ pub async fn receive(req: &Request, body: Body, Data(state): Data<&Arc<IngestSta
         idempotency_key: header_str(headers, IDEMPOTENCY_KEY_HEADER),
         signature: header_str(headers, SIGNATURE_HEADER),
     };
-    if let Err(e) = signature::verify_delivery(
-        &state.keys,
-        &url,
-        delivery,
-        &body,
-        Utc::now().timestamp(),
-        state.tolerance,
-    ) {
+    // `verify` covers the signature and the envelope; it gets the event's ids once parsed.
+    let verify = tracing::info_span!(
+        "verify",
+        signing_keys = state.keys.len(),
+        operator.event.id = Empty,
+        operator.conversation.id = Empty,
+        operator.agent.id = Empty,
+    );
+    let verified = verify.in_scope(|| {
+        signature::verify_delivery(
+            &state.keys,
+            &url,
+            delivery,
+            &body,
+            Utc::now().timestamp(),
+            state.tolerance,
+        )
+    });
+    if let Err(e) = verified {
         tracing::warn!(reason = e.code(), signed_url = %url, "webhook refused: {e}");
-        return error_response(StatusCode::UNAUTHORIZED, e.code(), e.to_string());
+        return rejected(
+            error_response(StatusCode::UNAUTHORIZED, e.code(), e.to_string()),
+            e.code(),
+            true,
+        );
     }
     let envelope = match Envelope::parse(&body) {
         Ok(env) => env,
@@ -114,17 +192,37 @@ pub async fn receive(req: &Request, body: Body, Data(state): Data<&Arc<IngestSta
                 super::envelope::EnvelopeError::InvalidJson(_) => "invalid_json",
                 super::envelope::EnvelopeError::NotAnEnvelope(_) => "not_an_envelope",
             };
-            return error_response(StatusCode::BAD_REQUEST, code, e.to_string());
+            return rejected(
+                error_response(StatusCode::BAD_REQUEST, code, e.to_string()),
+                code,
+                false,
+            );
         }
     };
+    span.record("operator.event.type", envelope.event_type.as_str());
+    for s in [span, &verify] {
+        s.record("operator.event.id", envelope.id.as_str());
+        if let Some(c) = &envelope.conversation_id {
+            s.record("operator.conversation.id", c.as_str());
+        }
+        if let Some(a) = &envelope.agent_id {
+            s.record("operator.agent.id", a.as_str());
+        }
+    }
+    drop(verify);
+    let event_type = envelope.event_type.clone();
     let idempotency_key = match IdempotencyKey::parse(delivery.idempotency_key.unwrap_or_default())
     {
         Ok(k) => k,
         Err(e) => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
+            return rejected(
+                error_response(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_idempotency_key",
+                    format!("X-Idempotency-Key {e}"),
+                ),
                 "invalid_idempotency_key",
-                format!("X-Idempotency-Key {e}"),
+                false,
             );
         }
     };
@@ -139,11 +237,16 @@ pub async fn receive(req: &Request, body: Body, Data(state): Data<&Arc<IngestSta
         },
         // Microseconds: what both databases keep, so a re-read equals what was written.
         received_at: Utc::now().trunc_subsecs(6),
+        span: span.clone(),
     };
     if event.envelope.event_type == EventKind::SETUP {
-        return receive_setup(state, event).await;
+        let (resp, outcome) = receive_setup(state, event, span).await;
+        if outcome != "unavailable" {
+            prometheus::setup_answered(started.elapsed());
+        }
+        return (resp, event_type, Some(outcome));
     }
-    match state.appender.append(event).await {
+    match append(state, event, span).await {
         Ok(outcome) => {
             let duplicate = outcome.is_duplicate();
             let stored = outcome.event();
@@ -152,10 +255,41 @@ pub async fn receive(req: &Request, body: Body, Data(state): Data<&Arc<IngestSta
             } else {
                 tracing::debug!(event_id = %stored.event_id, seq = stored.seq, event_type = %stored.event_type, "event stored");
             }
-            acknowledge(acknowledgement(stored), duplicate)
+            (
+                acknowledge(acknowledgement(stored), duplicate),
+                event_type,
+                Some(if duplicate { "duplicate" } else { "stored" }),
+            )
         }
-        Err(e) => unavailable(&e),
+        Err(e) => (unavailable(&e), event_type, Some("unavailable")),
     }
+}
+
+/// Appends inside an `append` span (waiting for the group commit included)
+/// and records the outcome on the `webhook` span.
+async fn append(
+    state: &IngestState,
+    event: NewEvent,
+    span: &Span,
+) -> Result<AppendOutcome, crate::store::StoreError> {
+    let append_span = tracing::info_span!(
+        "append",
+        operator.event.id = %event.envelope.id,
+        operator.conversation.id = event.envelope.conversation_id.as_ref().map(|c| c.as_str()),
+        operator.agent.id = event.envelope.agent_id.as_ref().map(|a| a.as_str()),
+    );
+    let result = state.appender.append(event).instrument(append_span).await;
+    if let Ok(outcome) = &result {
+        span.record("switchboard.event.seq", outcome.event().seq);
+        span.record("switchboard.duplicate", outcome.is_duplicate());
+        if let AppendOutcome::Duplicate { of, .. } = outcome {
+            prometheus::duplicate(match of {
+                crate::store::model::DuplicateOf::IdempotencyKey => "idempotency_key",
+                crate::store::model::DuplicateOf::EventId => "event_id",
+            });
+        }
+    }
+    result
 }
 
 /// Logs a store failure at most once per [`LOG_EVERY_SECS`], with how many were not logged.
@@ -207,18 +341,22 @@ fn acknowledge(body: impl Into<Body>, duplicate: bool) -> Response {
 
 /// `conversation.setup`: store the event, then answer it (or wait for the
 /// answer another delivery of it is computing), always with 200 and a context.
-async fn receive_setup(state: &IngestState, event: NewEvent) -> Response {
+async fn receive_setup(
+    state: &IngestState,
+    event: NewEvent,
+    span: &Span,
+) -> (Response, &'static str) {
     let envelope = event.envelope.clone();
     let raw_body = event.raw_body.clone();
     let event_id = envelope.id.to_string();
     let slot = state.setup.join(&event_id);
-    let outcome = match state.appender.append(event).await {
+    let outcome = match append(state, event, span).await {
         Ok(outcome) => outcome,
         Err(e) => {
             if let Slot::Leader(tx) = slot {
                 state.setup.finish(&event_id, tx, None);
             }
-            return unavailable(&e);
+            return (unavailable(&e), "unavailable");
         }
     };
     let setup_event = SetupEvent {
@@ -243,5 +381,9 @@ async fn receive_setup(state: &IngestState, event: NewEvent) -> Response {
         tracing::error!(error = %e, event_id, "could not store the setup answer; answering with an empty context");
         EMPTY_ANSWER.into()
     });
-    acknowledge(body.to_string(), outcome.is_duplicate())
+    let duplicate = outcome.is_duplicate();
+    (
+        acknowledge(body.to_string(), duplicate),
+        if duplicate { "duplicate" } else { "stored" },
+    )
 }

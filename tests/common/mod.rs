@@ -181,6 +181,7 @@ pub fn settings(db: &TestDb) -> Settings {
         max_body_bytes: 1024 * 1024,
         shutdown_grace: Duration::from_secs(1),
         worker_concurrency: 8,
+        metrics_listen: None,
     }
 }
 
@@ -382,6 +383,29 @@ pub async fn deliver_to(
     req.send().await.expect("send delivery")
 }
 
+/// A signed delivery with extra headers (e.g. an inbound `traceparent`).
+pub async fn deliver_with_headers(
+    client: &reqwest::Client,
+    url: &str,
+    body: &[u8],
+    extra: &[(&str, &str)],
+) -> reqwest::Response {
+    let ts = chrono::Utc::now().timestamp().to_string();
+    let idem = uuid::Uuid::new_v4().to_string();
+    let sig = sign_headers(KEY, url, &idem, &ts, body);
+    let mut req = client
+        .post(url)
+        .header("content-type", "application/json")
+        .header("X-Timestamp", ts)
+        .header("X-Idempotency-Key", idem)
+        .header("X-Signature", sig)
+        .body(body.to_vec());
+    for (k, v) in extra {
+        req = req.header(*k, *v);
+    }
+    req.send().await.expect("send delivery")
+}
+
 pub async fn all_events(client: &reqwest::Client, base: &str) -> Vec<Value> {
     let mut out = Vec::new();
     let mut cursor: Option<String> = None;
@@ -535,6 +559,31 @@ impl ServerProcess {
 
     pub fn webhook_url(&self) -> String {
         format!("http://{}/webhooks/operator", self.addr)
+    }
+
+    /// SIGTERM: the graceful shutdown.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill -TERM");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit (panics after `limit`).
+    pub async fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still running {limit:?} after SIGTERM; log:\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// SIGKILL: no shutdown code runs.
