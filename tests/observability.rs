@@ -450,7 +450,210 @@ async fn after_the_grace_runs_in_flight_are_handed_back(db: &TestDb) {
     );
 }
 
+async fn the_setup_answer_is_traced_with_its_deadline_and_fallback(db: &TestDb) {
+    let mut collector = Collector::start().await;
+    let sink = Sink::start().await;
+    let workflows = workflow_dir(&[(
+        "setup.yaml",
+        &format!(
+            "name: ctx\non: {{ event: conversation.setup }}\nsteps:\n  - id: lookup\n    http: {{ method: GET, url: \"{}\" }}\n\
+             deadline: 300ms\nrespond:\n  context: {{ name: \"{{{{ steps.lookup.json.name }}}}\" }}\n\
+             fallback:\n  context: {{ name: unknown }}\n",
+            sink.url("/slow/2000/lookup")
+        ),
+    )]);
+    let logs = tempfile::tempdir().unwrap();
+    let wf = workflows.path().display().to_string();
+    let mut env = collector.env();
+    env.push(("SWITCHBOARD_WORKFLOWS", wf.as_str()));
+    let server = ServerProcess::start(db, logs.path(), &env).await;
+    collector.log = Some(server.log.clone());
+    let resp = deliver_to(
+        &client(),
+        &server.webhook_url(),
+        &common::fixture("conversation_setup_inbound_phone.json"),
+        Delivery::default(),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let answer: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(
+        answer["context"]["name"], "unknown",
+        "the fallback answered"
+    );
+    let spans = collector
+        .until(10, |s| {
+            !named(s, "setup").is_empty()
+                && !named(s, "webhook").is_empty()
+                && !named(s, "attempt").is_empty()
+        })
+        .await;
+    let webhook = one(spans, "webhook");
+    let setup = one(spans, "setup");
+    assert_eq!(setup.parent_span_id, webhook.span_id);
+    assert_eq!(setup.trace_id, webhook.trace_id);
+    assert_eq!(attr(setup, "switchboard.workflow"), "ctx");
+    assert_eq!(attr(setup, "switchboard.setup.deadline_ms"), "300");
+    assert_eq!(attr(setup, "switchboard.setup.fallback"), "true");
+    assert!(attr(setup, "switchboard.setup.reason").contains("deadline"));
+    let lookup = one(spans, "attempt");
+    assert_eq!(
+        lookup.parent_span_id, setup.span_id,
+        "the lookup is a child of `setup`"
+    );
+    assert_eq!(attr(lookup, "http.request.method"), "GET");
+    let seen = sink.wait_for("/slow/2000/lookup", 1, 5).await;
+    assert_eq!(
+        trace_id_of(&seen[0].headers["traceparent"]),
+        webhook.trace_id
+    );
+}
+
+/// An OTLP/HTTP receiver: the decoded export requests posted to `/v1/traces`.
+async fn http_receiver() -> (
+    String,
+    std::sync::Arc<
+        std::sync::Mutex<
+            Vec<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest>,
+        >,
+    >,
+    tokio::task::JoinHandle<()>,
+) {
+    use poem::{EndpointExt, Route, handler, post, web::Data};
+    use prost::Message;
+    type Store = std::sync::Arc<
+        std::sync::Mutex<
+            Vec<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest>,
+        >,
+    >;
+    #[handler]
+    async fn traces(
+        req: &poem::Request,
+        body: poem::Body,
+        Data(store): Data<&Store>,
+    ) -> &'static str {
+        assert_eq!(
+            req.header("content-type"),
+            Some("application/x-protobuf"),
+            "OTLP/HTTP sends protobuf"
+        );
+        let bytes = body.into_vec().await.unwrap();
+        let decoded =
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest::decode(
+                bytes.as_slice(),
+            )
+            .expect("a valid ExportTraceServiceRequest");
+        store.lock().unwrap().push(decoded);
+        ""
+    }
+    let store: Store = Default::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let app = Route::new()
+        .at("/v1/traces", post(traces))
+        .data(store.clone());
+    let server = tokio::spawn(async move {
+        let _ = poem::Server::new(poem::listener::TcpListener::bind(addr))
+            .run(app)
+            .await;
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    (format!("http://{addr}"), store, server)
+}
+
+async fn http_protobuf_export_names_the_service(db: &TestDb) {
+    let (endpoint, received, server) = http_receiver().await;
+    let logs = tempfile::tempdir().unwrap();
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test"),
+    ];
+    let srv = ServerProcess::start(db, logs.path(), &env).await;
+    let r = deliver_to(
+        &client(),
+        &srv.webhook_url(),
+        &ended_body("ev_http", "conv_http", "completed"),
+        Delivery::default(),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = received.lock().unwrap().clone();
+        let resources: Vec<_> = got.iter().flat_map(|r| r.resource_spans.iter()).collect();
+        let webhook = resources.iter().find(|rs| {
+            rs.scope_spans
+                .iter()
+                .flat_map(|ss| ss.spans.iter())
+                .any(|s| s.name == "webhook")
+        });
+        if let Some(rs) = webhook {
+            let attrs: HashMap<String, String> = rs
+                .resource
+                .as_ref()
+                .unwrap()
+                .attributes
+                .iter()
+                .map(|kv| (kv.key.clone(), format!("{:?}", kv.value)))
+                .collect();
+            assert!(
+                attrs["service.name"].contains(r#""switchboard""#),
+                "{attrs:?}"
+            );
+            assert!(
+                attrs["deployment.environment"].contains(r#""test""#),
+                "{attrs:?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no webhook span over OTLP/HTTP: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.abort();
+}
+
+async fn a_collector_that_is_down_fails_nothing(db: &TestDb) {
+    let sink = Sink::start().await;
+    let workflows = workflow_dir(&[(
+        "ok.yaml",
+        &format!(
+            "name: ok\non: {{ event: conversation.ended }}\nsteps:\n  - id: post\n    http: {{ url: \"{}\" }}\n",
+            sink.url("/ok/down")
+        ),
+    )]);
+    let logs = tempfile::tempdir().unwrap();
+    let wf = workflows.path().display().to_string();
+    // Nothing listens on port 9 here: every export fails.
+    let env = [
+        ("SWITCHBOARD_WORKFLOWS", wf.as_str()),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9"),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+    ];
+    let srv = ServerProcess::start(db, logs.path(), &env).await;
+    for i in 0..20 {
+        let r = deliver_to(
+            &client(),
+            &srv.webhook_url(),
+            &ended_body(&format!("ev_down_{i}"), "conv_down", "completed"),
+            Delivery::default(),
+        )
+        .await;
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(sink.wait_for("/ok/down", 20, 15).await.len(), 20);
+}
+
 on_both_backends!(
+    a_collector_that_is_down_fails_nothing,
+    http_protobuf_export_names_the_service,
+    the_setup_answer_is_traced_with_its_deadline_and_fallback,
     one_trace_from_webhook_to_every_attempt,
     a_resumed_attempt_keeps_the_original_trace_after_kill_9,
     sigterm_finishes_the_run_in_flight_flushes_traces_and_exits_0,
