@@ -1,0 +1,656 @@
+//! The benchmark suite: the release server as a child process, loaded by
+//! a signing load generator, on SQLite and/or PostgreSQL; every figure is
+//! printed next to the machine's own ceilings (see `ceilings.rs`).
+//!
+//! ```text
+//! cargo run --release --example bench -- [--pg postgres://…] [--no-sqlite]
+//!     [--scenarios ingest,e2e,setup,growth,idle] [--duration 10s] [--growth 10000,100000]
+//!     [--idle 60s] [--json results.json] [--smoke]
+//! ```
+//!
+//! Scenarios (each on every backend asked for):
+//! 1. ingest: no workflows, 64 connections at maximum rate; then a fixed 50 % of that rate;
+//! 2. e2e: one conversation.ended workflow posting to a local sink: a fixed 300/s (ack → sink
+//!    latency), then as fast as possible until the sink has every delivery;
+//! 3. setup: a static answer at a fixed 500/s; an answer with one lookup to the sink at 200/s;
+//! 4. growth: with 10k, 100k (, 1M) events stored: ingest rate and admin list latency;
+//! 5. idle: RSS after start and after the idle period, CPU used while idle.
+
+mod ceilings;
+mod load;
+mod server;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use load::{Sample, Target};
+use serde_json::{Value, json};
+use server::{Server, Sink};
+
+struct Options {
+    backends: Vec<String>,
+    scenarios: Vec<String>,
+    duration: Duration,
+    growth: Vec<usize>,
+    idle: Duration,
+    json: Option<String>,
+    connections: usize,
+    build: bool,
+}
+
+fn parse_args() -> anyhow::Result<Options> {
+    let mut o = Options {
+        backends: vec!["sqlite".into()],
+        scenarios: ["ingest", "e2e", "setup", "growth", "idle"]
+            .map(String::from)
+            .to_vec(),
+        duration: Duration::from_secs(10),
+        growth: vec![10_000, 100_000],
+        idle: Duration::from_secs(60),
+        json: None,
+        connections: 64,
+        build: true,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = || {
+            args.next()
+                .ok_or_else(|| anyhow::anyhow!("{a} needs a value"))
+        };
+        match a.as_str() {
+            "--pg" => o.backends.push(value()?),
+            "--no-sqlite" => o.backends.retain(|b| b != "sqlite"),
+            "--scenarios" => o.scenarios = value()?.split(',').map(String::from).collect(),
+            "--duration" => o.duration = humantime::parse_duration(&value()?)?,
+            "--growth" => {
+                o.growth = value()?
+                    .split(',')
+                    .map(|n| n.trim().replace('_', "").parse())
+                    .collect::<Result<_, _>>()?
+            }
+            "--idle" => o.idle = humantime::parse_duration(&value()?)?,
+            "--json" => o.json = Some(value()?),
+            "--connections" => o.connections = value()?.parse()?,
+            "--no-build" => o.build = false,
+            "--smoke" => {
+                o.duration = Duration::from_secs(1);
+                o.growth = vec![1_000];
+                o.idle = Duration::from_secs(2);
+                o.connections = 16;
+            }
+            other => {
+                anyhow::bail!("unknown argument {other}; see the header of examples/bench/main.rs")
+            }
+        }
+    }
+    anyhow::ensure!(
+        !o.backends.is_empty(),
+        "no backend: drop --no-sqlite or add --pg URL"
+    );
+    Ok(o)
+}
+
+/// One line of the report.
+#[derive(Clone)]
+struct Row {
+    scenario: String,
+    backend: String,
+    rate: f64,
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    max: f64,
+    errors: u64,
+    rss_peak_mb: f64,
+    note: String,
+}
+
+impl Row {
+    fn from_sample(scenario: &str, backend: &str, s: &Sample, rss: f64, note: String) -> Self {
+        Self {
+            scenario: scenario.into(),
+            backend: backend.into(),
+            rate: s.rate(),
+            p50: s.pct(0.5),
+            p90: s.pct(0.9),
+            p99: s.pct(0.99),
+            max: s.pct(1.0),
+            errors: s.errors,
+            rss_peak_mb: rss,
+            note,
+        }
+    }
+
+    fn json(&self) -> Value {
+        json!({"scenario": self.scenario, "backend": self.backend, "per_second": self.rate,
+               "p50_ms": self.p50, "p90_ms": self.p90, "p99_ms": self.p99, "max_ms": self.max,
+               "errors": self.errors, "server_rss_peak_mb": self.rss_peak_mb, "note": self.note})
+    }
+}
+
+fn print_rows(rows: &[Row]) {
+    println!(
+        "\n{:<34} {:<9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8}  note",
+        "scenario", "backend", "per s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors", "RSS MB"
+    );
+    for r in rows {
+        println!(
+            "{:<34} {:<9} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>8.1}  {}",
+            r.scenario,
+            r.backend,
+            r.rate,
+            r.p50,
+            r.p90,
+            r.p99,
+            r.max,
+            r.errors,
+            r.rss_peak_mb,
+            r.note
+        );
+    }
+}
+
+fn write_workflow(dir: &Path, name: &str, text: &str) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join(name), text)?;
+    Ok(())
+}
+
+fn tag() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..8].to_owned()
+}
+
+/// A fresh database for one scenario: a new SQLite file, or a new PostgreSQL database.
+async fn fresh_db(backend: &str, tmp: &Path) -> anyhow::Result<String> {
+    if backend == "sqlite" {
+        return Ok(format!("sqlite://{}/bench-{}.db", tmp.display(), tag()));
+    }
+    use sqlx::Connection;
+    let mut admin = sqlx::PgConnection::connect(backend).await?;
+    let name = format!("sbbench_{}", tag());
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut admin)
+        .await?;
+    let (base, _) = backend
+        .rsplit_once('/')
+        .ok_or_else(|| anyhow::anyhow!("a PostgreSQL URL ends with /database"))?;
+    Ok(format!("{base}/{name}"))
+}
+
+async fn drop_db(backend: &str, url: &str) {
+    if backend == "sqlite" {
+        return;
+    }
+    use sqlx::Connection;
+    if let (Ok(mut admin), Some((_, name))) = (
+        sqlx::PgConnection::connect(backend).await,
+        url.rsplit_once('/'),
+    ) {
+        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+        )))
+        .execute(&mut admin)
+        .await;
+    }
+}
+
+fn backend_name(b: &str) -> &'static str {
+    if b == "sqlite" { "sqlite" } else { "postgres" }
+}
+
+struct Ctx {
+    bin: std::path::PathBuf,
+    tmp: tempfile::TempDir,
+    o: Options,
+}
+
+fn target(server: &Server, connections: usize, body: load::MakeBody) -> Target {
+    Target {
+        client: load::client(connections),
+        url: server.webhook_url(),
+        signed: true,
+        make_body: body,
+        on_ack: None,
+    }
+}
+
+async fn ingest(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Result<f64> {
+    let b = backend_name(backend);
+    let db = fresh_db(backend, ctx.tmp.path()).await?;
+    let empty = ctx.tmp.path().join(format!("empty-{}", tag()));
+    std::fs::create_dir_all(&empty)?;
+    let server = Server::start(&ctx.bin, &db, &empty, ctx.tmp.path(), &[]).await?;
+    let t = tag();
+    let tgt = target(
+        &server,
+        ctx.o.connections,
+        Arc::new(move |i| load::ended_body(&t, i)),
+    );
+    // Warm-up: connections, caches, the database file.
+    load::max_rate(&tgt, ctx.o.connections, Duration::from_millis(500), None).await;
+    let max = load::max_rate(&tgt, ctx.o.connections, ctx.o.duration, None).await;
+    let (_, peak) = server::rss_mb(server.pid());
+    rows.push(Row::from_sample(
+        "1. ingest, max rate",
+        b,
+        &max,
+        peak,
+        format!("{} connections", ctx.o.connections),
+    ));
+    let half = (max.rate() / 2.0).max(1.0);
+    let fixed = load::fixed_rate(&tgt, half, ctx.o.duration).await;
+    let (_, peak) = server::rss_mb(server.pid());
+    rows.push(Row::from_sample(
+        "1. ingest, 50 % of max",
+        b,
+        &fixed,
+        peak,
+        format!("fixed {half:.0}/s"),
+    ));
+    drop(server);
+    drop_db(backend, &db).await;
+    Ok(max.rate())
+}
+
+async fn e2e(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let b = backend_name(backend);
+    let (sink, sink_url) = Sink::start().await?;
+    let wf = ctx.tmp.path().join(format!("wf-e2e-{}", tag()));
+    write_workflow(
+        &wf,
+        "e2e.yaml",
+        &format!(
+            "name: e2e\non: {{ event: conversation.ended }}\nsteps:\n  - id: post\n    http:\n      url: \"{sink_url}/deliveries\"\n      json: {{ event: \"{{{{ event.id }}}}\" }}\n"
+        ),
+    )?;
+    let db = fresh_db(backend, ctx.tmp.path()).await?;
+    let server = Server::start(&ctx.bin, &db, &wf, ctx.tmp.path(), &[]).await?;
+    let acks: Arc<Mutex<HashMap<u64, Instant>>> = Default::default();
+    let t = tag();
+    let body_tag = t.clone();
+    let mut tgt = target(
+        &server,
+        ctx.o.connections,
+        Arc::new(move |i| load::ended_body(&body_tag, i)),
+    );
+    let acks2 = acks.clone();
+    tgt.on_ack = Some(Arc::new(move |i, at| {
+        acks2.lock().unwrap().insert(i, at);
+    }));
+    // Fixed 300/s: latency from the acknowledgement to the sink's receipt.
+    let fixed = load::fixed_rate(&tgt, 300.0, ctx.o.duration).await;
+    sink.wait_for(fixed.ok as usize, Duration::from_secs(30))
+        .await;
+    let mut lat: Vec<Duration> = {
+        let acks = acks.lock().unwrap();
+        let arrivals = sink.arrivals.lock().unwrap();
+        acks.iter()
+            .filter_map(|(i, acked)| {
+                let (arrived, _) = arrivals.get(&format!("ev_{t}_{i}"))?;
+                Some(arrived.saturating_duration_since(*acked))
+            })
+            .collect()
+    };
+    lat.sort();
+    let (_, peak) = server::rss_mb(server.pid());
+    let delivered = lat.len() as u64;
+    rows.push(Row {
+        scenario: "2. end to end, 300/s: ack → sink".into(),
+        backend: b.into(),
+        rate: delivered as f64 / fixed.elapsed.as_secs_f64(),
+        p50: load::pct(&lat, 0.5),
+        p90: load::pct(&lat, 0.9),
+        p99: load::pct(&lat, 0.99),
+        max: load::pct(&lat, 1.0),
+        errors: fixed.errors + fixed.ok - delivered,
+        rss_peak_mb: peak,
+        note: format!(
+            "{delivered} delivered; ack p99 {:.2} ms; sink before ack counts as 0",
+            fixed.pct(0.99)
+        ),
+    });
+    // As fast as possible: N deliveries, until the sink has them all.
+    let n = (fixed.ok.max(300) * 4) as usize;
+    let before = sink.count();
+    let t2 = tag();
+    tgt.make_body = Arc::new(move |i| load::ended_body(&t2, i));
+    tgt.on_ack = None;
+    let start = Instant::now();
+    let sent = load::max_rate(
+        &tgt,
+        ctx.o.connections,
+        Duration::from_secs(600),
+        Some(n as u64),
+    )
+    .await;
+    let last = sink
+        .wait_for(before + sent.ok as usize, Duration::from_secs(120))
+        .await;
+    let took = last
+        .map(|l| l.duration_since(start))
+        .unwrap_or(Duration::MAX);
+    let (_, peak) = server::rss_mb(server.pid());
+    rows.push(Row {
+        scenario: "2. end to end, max: deliveries".into(),
+        backend: b.into(),
+        rate: sent.ok as f64 / took.as_secs_f64(),
+        p50: sent.pct(0.5),
+        p90: sent.pct(0.9),
+        p99: sent.pct(0.99),
+        max: sent.pct(1.0),
+        errors: sent.errors,
+        rss_peak_mb: peak,
+        note: format!(
+            "{} events acked at {:.0}/s; latencies are the acks",
+            sent.ok,
+            sent.rate()
+        ),
+    });
+    drop(server);
+    drop_db(backend, &db).await;
+    Ok(())
+}
+
+async fn setup(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let b = backend_name(backend);
+    let (_sink, sink_url) = Sink::start().await?;
+    for (label, rate, workflow) in [
+        (
+            "3. setup, static answer, 500/s",
+            500.0,
+            "name: static\non: { event: conversation.setup }\nrespond:\n  context:\n    $variables: { campaign: renewals, callee: \"{{ event.payload.channel.callee_no }}\" }\n".to_owned(),
+        ),
+        (
+            "3. setup, one lookup, 200/s",
+            200.0,
+            format!(
+                "name: lookup\non: {{ event: conversation.setup }}\nsteps:\n  - id: crm\n    http: {{ method: GET, url: \"{sink_url}/contacts\", query: {{ phone: \"{{{{ event.payload.channel.callee_no }}}}\" }} }}\n    timeout: 500ms\ndeadline: 1s\nrespond:\n  context:\n    $customer: {{ name: \"{{{{ steps.crm.json.name }}}}\" }}\nfallback:\n  context: {{}}\n"
+            ),
+        ),
+    ] {
+        let wf = ctx.tmp.path().join(format!("wf-setup-{}", tag()));
+        write_workflow(&wf, "setup.yaml", &workflow)?;
+        let db = fresh_db(backend, ctx.tmp.path()).await?;
+        let server = Server::start(&ctx.bin, &db, &wf, ctx.tmp.path(), &[]).await?;
+        let t = tag();
+        let tgt = target(&server, ctx.o.connections, Arc::new(move |i| load::setup_body(&t, i)));
+        load::fixed_rate(&tgt, rate, Duration::from_millis(500)).await; // warm-up
+        let s = load::fixed_rate(&tgt, rate, ctx.o.duration).await;
+        let (_, peak) = server::rss_mb(server.pid());
+        rows.push(Row::from_sample(label, b, &s, peak, "answer latency at the client".into()));
+        drop(server);
+        drop_db(backend, &db).await;
+    }
+    Ok(())
+}
+
+async fn growth(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    use switchboard::domain::IdempotencyKey;
+    use switchboard::store::{NewEvent, NoWorkflows, Verification};
+    use switchboard::webhook::envelope::Envelope;
+    let b = backend_name(backend);
+    let db = fresh_db(backend, ctx.tmp.path()).await?;
+    let store = switchboard::store::connect(&db).await?;
+    store.migrate().await?;
+    let empty = ctx.tmp.path().join(format!("empty-{}", tag()));
+    std::fs::create_dir_all(&empty)?;
+    let mut stored = 0usize;
+    for &target_size in &ctx.o.growth {
+        // Seed through the store's own batched append path.
+        let seed = Instant::now();
+        let mut batch = Vec::with_capacity(256);
+        while stored < target_size {
+            let i = stored;
+            let body = json!({"id": format!("ev_seed_{i}"), "conversation_id": format!("conv_{}", i / 4),
+                "agent_id": format!("ca_{}@v1", i % 20), "livemode": true, "created_at": "2025-07-14T15:09:40.251Z",
+                "payload": {"type": if i % 4 == 3 { "conversation.ended" } else { "conversation.custom_fields.updated" },
+                            "status": "completed", "key": "lead_status", "value": format!("v{i}")}})
+            .to_string();
+            batch.push(NewEvent {
+                envelope: Envelope::parse(body.as_bytes())?,
+                idempotency_key: IdempotencyKey::parse(format!("seed-{i}"))?,
+                raw_body: body.into_bytes(),
+                verification: Verification {
+                    signed_url: "http://seed".into(),
+                    timestamp: "0".into(),
+                    signature: "seed".into(),
+                },
+                received_at: chrono::Utc::now(),
+                span: tracing::Span::none(),
+            });
+            stored += 1;
+            if batch.len() == 256 || stored == target_size {
+                store.append_batch(&batch, &NoWorkflows).await?;
+                batch.clear();
+            }
+        }
+        let seeded_in = seed.elapsed();
+        let server = Server::start(&ctx.bin, &db, &empty, ctx.tmp.path(), &[]).await?;
+        let t = tag();
+        let tgt = target(
+            &server,
+            ctx.o.connections,
+            Arc::new(move |i| load::ended_body(&t, i)),
+        );
+        let dur = (ctx.o.duration / 2).max(Duration::from_secs(1));
+        let s = load::max_rate(&tgt, ctx.o.connections, dur, None).await;
+        stored += s.ok as usize;
+        let (_, peak) = server::rss_mb(server.pid());
+        rows.push(Row::from_sample(
+            &format!("4. growth {target_size}: ingest max"),
+            b,
+            &s,
+            peak,
+            format!("seeded in {:.1} s", seeded_in.as_secs_f64()),
+        ));
+        // Admin list queries: 20 calls each over HTTP.
+        let client = reqwest::Client::new();
+        let mid = target_size / 2;
+        let mut all = Vec::new();
+        let mut worst = (0.0f64, String::new());
+        for path in [
+            "/api/v1/events?limit=50".to_owned(),
+            format!("/api/v1/events?limit=50&cursor={mid}"),
+            "/api/v1/events?type=conversation.ended&limit=50".to_owned(),
+            format!("/api/v1/events?conversation_id=conv_{}", target_size / 8),
+            "/api/v1/events?agent_id=ca_7@v1&limit=50".to_owned(),
+            format!("/api/v1/events/ev_seed_{mid}"),
+            "/api/v1/conversations?limit=50".to_owned(),
+            format!("/api/v1/conversations/conv_{}", target_size / 8),
+            "/api/v1/runs?limit=50".to_owned(),
+        ] {
+            for _ in 0..20 {
+                let start = Instant::now();
+                let resp = client
+                    .get(format!("{}{path}", server.base))
+                    .bearer_auth(server::TOKEN)
+                    .send()
+                    .await?;
+                anyhow::ensure!(resp.status() == 200, "{path}: {}", resp.status());
+                let _ = resp.bytes().await?;
+                let took = start.elapsed();
+                if took.as_secs_f64() * 1e3 > worst.0 {
+                    worst = (took.as_secs_f64() * 1e3, path.clone());
+                }
+                all.push(took);
+            }
+        }
+        all.sort();
+        rows.push(Row {
+            scenario: format!("4. growth {target_size}: list queries"),
+            backend: b.into(),
+            rate: all.len() as f64 / all.iter().map(Duration::as_secs_f64).sum::<f64>(),
+            p50: load::pct(&all, 0.5),
+            p90: load::pct(&all, 0.9),
+            p99: load::pct(&all, 0.99),
+            max: load::pct(&all, 1.0),
+            errors: 0,
+            rss_peak_mb: server::rss_mb(server.pid()).1,
+            note: format!("9 endpoints × 20 calls; slowest {}", worst.1),
+        });
+    }
+    drop(store);
+    drop_db(backend, &db).await;
+    Ok(())
+}
+
+async fn idle(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let b = backend_name(backend);
+    let db = fresh_db(backend, ctx.tmp.path()).await?;
+    let wf = Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows");
+    let server = Server::start(&ctx.bin, &db, &wf, ctx.tmp.path(), &[]).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (start_rss, _) = server::rss_mb(server.pid());
+    let cpu0 = server::cpu_seconds(server.pid());
+    tokio::time::sleep(ctx.o.idle).await;
+    let (end_rss, peak) = server::rss_mb(server.pid());
+    let cpu = server::cpu_seconds(server.pid()) - cpu0;
+    rows.push(Row {
+        scenario: "5. idle".into(),
+        backend: b.into(),
+        rate: 0.0,
+        p50: f64::NAN,
+        p90: f64::NAN,
+        p99: f64::NAN,
+        max: f64::NAN,
+        errors: 0,
+        rss_peak_mb: peak,
+        note: format!(
+            "RSS {start_rss:.1} MB after start, {end_rss:.1} MB after {}; CPU {:.2} s = {:.3} % of a core",
+            humantime::format_duration(ctx.o.idle),
+            cpu,
+            100.0 * cpu / ctx.o.idle.as_secs_f64()
+        ),
+    });
+    drop(server);
+    drop_db(backend, &db).await;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--ceiling-http") {
+        return ceilings::serve_bare_http(args[2].parse()?).await;
+    }
+    let o = parse_args()?;
+    let ctx = Ctx {
+        bin: server::binary(o.build)?,
+        tmp: tempfile::tempdir()?,
+        o,
+    };
+    let machine = format!(
+        "{} cores, {}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(
+                |c| c.lines().find(|l| l.starts_with("model name")).map(|l| l
+                    .split(':')
+                    .nth(1)
+                    .unwrap_or("")
+                    .trim()
+                    .to_owned())
+            )
+            .unwrap_or_default()
+    );
+    println!(
+        "switchboard bench on {machine}; server: {}",
+        ctx.bin.display()
+    );
+    let mut rows = Vec::new();
+    let mut ceilings_json = Vec::new();
+    let http = ceilings::http(ctx.o.connections, ctx.o.duration).await?;
+    println!(
+        "HTTP ceiling (bare poem handler, {} connections): {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms",
+        ctx.o.connections,
+        http.rate(),
+        http.pct(0.5),
+        http.pct(0.99)
+    );
+    rows.push(Row::from_sample(
+        "0. ceiling: bare HTTP handler",
+        "-",
+        &http,
+        f64::NAN,
+        String::new(),
+    ));
+    for backend in ctx.o.backends.clone() {
+        let b = backend_name(&backend);
+        let storage_db = fresh_db(&backend, ctx.tmp.path()).await?;
+        let rows_n = if ctx.o.duration < Duration::from_secs(2) {
+            5_120
+        } else {
+            102_400
+        };
+        let storage = ceilings::storage(&storage_db, rows_n).await?;
+        drop_db(&backend, &storage_db).await;
+        println!(
+            "storage ceiling ({b}, raw batched inserts of the same rows): {storage:.0} rows/s"
+        );
+        ceilings_json.push(json!({"backend": b, "storage_rows_per_s": storage}));
+        rows.push(Row {
+            scenario: "0. ceiling: raw batched inserts".into(),
+            backend: b.into(),
+            rate: storage,
+            p50: f64::NAN,
+            p90: f64::NAN,
+            p99: f64::NAN,
+            max: f64::NAN,
+            errors: 0,
+            rss_peak_mb: f64::NAN,
+            note: format!("{rows_n} rows, 256 per transaction"),
+        });
+        for scenario in ctx.o.scenarios.clone() {
+            let result = match scenario.as_str() {
+                "ingest" => ingest(&ctx, &backend, &mut rows).await.map(|max| {
+                    let last = rows.len() - 2;
+                    rows[last].note.push_str(&format!(
+                        "; {:.0} % of HTTP ceiling, {:.0} % of storage ceiling",
+                        100.0 * max / http.rate(),
+                        100.0 * max / storage
+                    ));
+                }),
+                "e2e" => e2e(&ctx, &backend, &mut rows).await,
+                "setup" => setup(&ctx, &backend, &mut rows).await,
+                "growth" => growth(&ctx, &backend, &mut rows).await,
+                "idle" => idle(&ctx, &backend, &mut rows).await,
+                other => Err(anyhow::anyhow!("unknown scenario {other}")),
+            };
+            if let Err(e) = result {
+                println!("{scenario} on {b} failed: {e:#}");
+                rows.push(Row {
+                    scenario: scenario.clone(),
+                    backend: b.into(),
+                    rate: 0.0,
+                    p50: f64::NAN,
+                    p90: f64::NAN,
+                    p99: f64::NAN,
+                    max: f64::NAN,
+                    errors: 1,
+                    rss_peak_mb: f64::NAN,
+                    note: format!("FAILED: {e:#}"),
+                });
+            }
+        }
+    }
+    print_rows(&rows);
+    if let Some(path) = &ctx.o.json {
+        let doc = json!({
+            "machine": machine,
+            "http_ceiling_per_s": http.rate(),
+            "ceilings": ceilings_json,
+            "rows": rows.iter().map(Row::json).collect::<Vec<_>>(),
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)?;
+        println!("\nwrote {path}");
+    }
+    let failed = rows.iter().filter(|r| r.note.starts_with("FAILED")).count();
+    anyhow::ensure!(failed == 0, "{failed} scenario(s) failed");
+    Ok(())
+}
