@@ -173,10 +173,9 @@ async fn fresh_db(backend: &str, tmp: &Path) -> anyhow::Result<String> {
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
         .execute(&mut admin)
         .await?;
-    let (base, _) = backend
-        .rsplit_once('/')
-        .ok_or_else(|| anyhow::anyhow!("a PostgreSQL URL ends with /database"))?;
-    Ok(format!("{base}/{name}"))
+    let mut url = reqwest::Url::parse(backend)?;
+    url.set_path(&format!("/{name}"));
+    Ok(url.to_string())
 }
 
 async fn drop_db(backend: &str, url: &str) {
