@@ -14,7 +14,8 @@ use poem::{EndpointExt, Response, Route, handler};
 
 pub const TOKEN: &str = "bench-token";
 
-/// The release binary next to this example (`target/release/switchboard`), built if needed.
+/// The `switchboard` binary of this program's profile (`target/{release,debug}/switchboard`),
+/// built first unless `build` is false.
 pub fn binary(build: bool) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     // target/release/examples/bench → target/release/switchboard
@@ -23,8 +24,14 @@ pub fn binary(build: bool) -> anyhow::Result<PathBuf> {
         .and_then(Path::parent)
         .ok_or_else(|| anyhow::anyhow!("cannot locate the target directory"))?;
     if build {
+        // The same profile as this program: target/release or target/debug.
+        let release = dir.file_name().is_some_and(|n| n == "release");
+        let mut args = vec!["build", "--quiet", "--bin", "switchboard"];
+        if release {
+            args.push("--release");
+        }
         let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "--release", "--quiet", "--bin", "switchboard"])
+            .args(&args)
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()?;
         anyhow::ensure!(
@@ -118,6 +125,24 @@ impl Server {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// SIGKILL, and reap the process.
+    #[allow(dead_code)] // used by the fault suite
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Still running?
+    #[allow(dead_code)]
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    #[allow(dead_code)]
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 

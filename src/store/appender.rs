@@ -12,6 +12,11 @@ use super::{AppendOutcome, Dispatcher, EventStore, NewEvent, StoreError};
 /// Most deliveries written in one transaction.
 pub const MAX_BATCH: usize = 256;
 
+/// How long one batch may take before its deliveries get 503 (so that a
+/// database that hangs, e.g. while PostgreSQL shuts down, cannot hold
+/// webhooks until Operator's own timeout).
+pub const APPEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 type Reply = oneshot::Sender<Result<AppendOutcome, StoreError>>;
 
 /// A handle to the append task; cheap to clone.
@@ -65,7 +70,19 @@ async fn run(
                 Err(_) => break,
             }
         }
-        match store.append_batch(&events, dispatcher.as_ref()).await {
+        let appended = tokio::time::timeout(
+            APPEND_TIMEOUT,
+            store.append_batch(&events, dispatcher.as_ref()),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            // Dropping the transaction rolls it back. If it had in fact committed,
+            // Operator's retry is recognised as a duplicate: nothing is stored twice.
+            Err(StoreError::Unavailable(format!(
+                "the database did not answer within {APPEND_TIMEOUT:?}"
+            )))
+        });
+        match appended {
             Ok((outcomes, runs)) => {
                 if runs > 0 {
                     wake.notify_one();
@@ -76,6 +93,13 @@ async fn run(
             }
             Err(err) if events.len() == 1 => {
                 let _ = replies.pop().expect("one reply").send(Err(err));
+            }
+            Err(err) if err.is_unavailable() => {
+                // The database is down or full: one by one would fail the same way, only slower.
+                let message = err.to_string();
+                for reply in replies.drain(..) {
+                    let _ = reply.send(Err(StoreError::Unavailable(message.clone())));
+                }
             }
             Err(err) => {
                 // One bad delivery must not fail its neighbours: retry them one by one.

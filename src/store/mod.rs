@@ -56,6 +56,41 @@ pub enum StoreError {
     UnsupportedUrl(String),
     #[error("the store is shutting down")]
     Closed,
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl StoreError {
+    /// The database cannot be reached or written at all (down, disk full,
+    /// read-only), as opposed to one statement failing: retrying the same
+    /// work at once will fail the same way.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Database(e) => match e {
+                sqlx::Error::Io(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::Protocol(_)
+                | sqlx::Error::WorkerCrashed => true,
+                sqlx::Error::Database(db) => {
+                    let code = db.code().unwrap_or_default();
+                    if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+                        // Primary result codes: SQLITE_BUSY 5, SQLITE_READONLY 8,
+                        // SQLITE_IOERR 10, SQLITE_FULL 13, SQLITE_CANTOPEN 14.
+                        let primary = code.parse::<i32>().map(|c| c & 0xff).unwrap_or(0);
+                        matches!(primary, 5 | 8 | 10 | 13 | 14)
+                    } else {
+                        // PostgreSQL classes 08 (connection), 53 (resources), 57P (shutdown).
+                        code.starts_with("08") || code.starts_with("53") || code.starts_with("57P")
+                    }
+                }
+                _ => false,
+            },
+            StoreError::Closed | StoreError::Unavailable(_) => true,
+            _ => false,
+        }
+    }
 }
 
 /// What `/metrics` reports about the store.

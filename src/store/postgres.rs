@@ -41,7 +41,12 @@ impl PostgresStore {
         let options = PgConnectOptions::from_str(url)?.application_name("switchboard");
         let pool = PgPoolOptions::new()
             .max_connections(16)
-            .acquire_timeout(Duration::from_secs(5))
+            // Short: while PostgreSQL is down, a webhook gets its 503 within ~2 s
+            // (Operator retries it) instead of waiting out a long timeout.
+            .acquire_timeout(Duration::from_secs(2))
+            .after_release(|conn, _| {
+                Box::pin(async move { Ok(!sqlx::Connection::is_in_transaction(&*conn)) })
+            })
             .connect_with(options)
             .await?;
         Ok(Self {

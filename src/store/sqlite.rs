@@ -46,12 +46,21 @@ impl SqliteStore {
 
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let options = connect_options(url)?;
+        // A failed COMMIT (disk full, I/O error) can leave sqlx believing the
+        // connection is still inside a transaction, and every later BEGIN then
+        // fails: such a connection is closed on release and a fresh one opened.
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
+            .after_release(|conn, _| {
+                Box::pin(async move { Ok(!sqlx::Connection::is_in_transaction(&*conn)) })
+            })
             .connect_with(options.clone())
             .await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
+            .after_release(|conn, _| {
+                Box::pin(async move { Ok(!sqlx::Connection::is_in_transaction(&*conn)) })
+            })
             .connect_with(options)
             .await?;
         Ok(Self { writer, reader })
