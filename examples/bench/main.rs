@@ -395,13 +395,15 @@ async fn growth(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Result
     store.migrate().await?;
     let empty = ctx.tmp.path().join(format!("empty-{}", tag()));
     std::fs::create_dir_all(&empty)?;
-    let mut stored = 0usize;
+    let mut stored = 0usize; // seeded plus ingested by the load
+    let mut seeded = 0usize;
     for &target_size in &ctx.o.growth {
         // Seed through the store's own batched append path.
         let seed = Instant::now();
         let mut batch = Vec::with_capacity(256);
         while stored < target_size {
-            let i = stored;
+            let i = seeded;
+            seeded += 1;
             let body = json!({"id": format!("ev_seed_{i}"), "conversation_id": format!("conv_{}", i / 4),
                 "agent_id": format!("ca_{}@v1", i % 20), "livemode": true, "created_at": "2025-07-14T15:09:40.251Z",
                 "payload": {"type": if i % 4 == 3 { "conversation.ended" } else { "conversation.custom_fields.updated" },
@@ -446,18 +448,18 @@ async fn growth(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Result
         ));
         // Admin list queries: 20 calls each over HTTP.
         let client = reqwest::Client::new();
-        let mid = target_size / 2;
+        let mid = seeded / 2;
         let mut all = Vec::new();
         let mut worst = (0.0f64, String::new());
         for path in [
             "/api/v1/events?limit=50".to_owned(),
             format!("/api/v1/events?limit=50&cursor={mid}"),
             "/api/v1/events?type=conversation.ended&limit=50".to_owned(),
-            format!("/api/v1/events?conversation_id=conv_{}", target_size / 8),
+            format!("/api/v1/events?conversation_id=conv_{}", seeded / 8),
             "/api/v1/events?agent_id=ca_7@v1&limit=50".to_owned(),
             format!("/api/v1/events/ev_seed_{mid}"),
             "/api/v1/conversations?limit=50".to_owned(),
-            format!("/api/v1/conversations/conv_{}", target_size / 8),
+            format!("/api/v1/conversations/conv_{}", seeded / 8),
             "/api/v1/runs?limit=50".to_owned(),
         ] {
             for _ in 0..20 {

