@@ -113,6 +113,12 @@ macro_rules! impl_run_store {
                 now: chrono::DateTime<chrono::Utc>,
             ) -> Result<bool, $crate::store::StoreError> {
                 let mut tx = self.writer.begin().await?;
+                // Same as claims: progress is at-least-once anyway (a lost save means the
+                // attempt is made again, with the same Idempotency-Key).
+                let prelude: Option<&str> = $claim_prelude;
+                if let Some(prelude) = prelude {
+                    sqlx::query(prelude).execute(&mut *tx).await?;
+                }
                 let keep = u.lease_until.is_some();
                 let r = sqlx::query(
                     "UPDATE runs SET status = $1, step_index = $2, attempt = $3, attempts_total = $4, \
