@@ -15,7 +15,12 @@ pub const MAX_BATCH: usize = 256;
 /// How long one batch may take before its deliveries get 503 (so that a
 /// database that hangs, e.g. while PostgreSQL shuts down, cannot hold
 /// webhooks until Operator's own timeout).
-pub const APPEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+pub const APPEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// After a batch failed because the database is unavailable, deliveries are
+/// answered 503 without trying for this long; then one batch probes again.
+/// A delivery thus waits at most about [`APPEND_TIMEOUT`] for its 503.
+const REFUSE_FOR: std::time::Duration = std::time::Duration::from_secs(1);
 
 type Reply = oneshot::Sender<Result<AppendOutcome, StoreError>>;
 
@@ -58,6 +63,10 @@ async fn run(
 ) {
     let mut events = Vec::with_capacity(MAX_BATCH);
     let mut replies = Vec::with_capacity(MAX_BATCH);
+    // While the database is unavailable, deliveries are refused at once for a
+    // moment instead of each waiting out a timeout behind the batch before it.
+    let mut refuse_until: Option<std::time::Instant> = None;
+    let mut last_error = String::new();
     while let Some((event, reply)) = rx.recv().await {
         events.push(event);
         replies.push(reply);
@@ -70,6 +79,14 @@ async fn run(
                 Err(_) => break,
             }
         }
+        if refuse_until.is_some_and(|t| std::time::Instant::now() < t) {
+            for reply in replies.drain(..) {
+                let _ = reply.send(Err(StoreError::Unavailable(last_error.clone())));
+            }
+            events.clear();
+            continue;
+        }
+        refuse_until = None;
         let appended = tokio::time::timeout(
             APPEND_TIMEOUT,
             store.append_batch(&events, dispatcher.as_ref()),
@@ -91,15 +108,17 @@ async fn run(
                     let _ = reply.send(Ok(outcome));
                 }
             }
-            Err(err) if events.len() == 1 => {
-                let _ = replies.pop().expect("one reply").send(Err(err));
-            }
             Err(err) if err.is_unavailable() => {
                 // The database is down or full: one by one would fail the same way, only slower.
                 let message = err.to_string();
+                refuse_until = Some(std::time::Instant::now() + REFUSE_FOR);
+                last_error.clone_from(&message);
                 for reply in replies.drain(..) {
                     let _ = reply.send(Err(StoreError::Unavailable(message.clone())));
                 }
+            }
+            Err(err) if events.len() == 1 => {
+                let _ = replies.pop().expect("one reply").send(Err(err));
             }
             Err(err) => {
                 // One bad delivery must not fail its neighbours: retry them one by one.
