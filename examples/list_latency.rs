@@ -8,9 +8,7 @@ mod common;
 
 use std::time::Instant;
 
-use switchboard::domain::IdempotencyKey;
-use switchboard::store::{self, NewEvent, NoWorkflows, Verification};
-use switchboard::webhook::envelope::Envelope;
+use switchboard::store::{self, NoWorkflows};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -26,26 +24,9 @@ async fn main() -> anyhow::Result<()> {
     let store = store::connect(&database_url).await?;
     store.migrate().await?;
     let seed_start = Instant::now();
-    let statuses = ["completed", "failed", "busy", "no-answer", "voicemail"];
     let mut batch = Vec::with_capacity(256);
     for i in 0..n {
-        let body = serde_json::json!({"id": format!("ev_seed_{i}"), "conversation_id": format!("conv_{}", i / 4),
-            "agent_id": format!("ca_{}@v1", i % 20), "livemode": true, "created_at": "2025-07-14T15:09:40.251Z",
-            "payload": {"type": if i % 4 == 3 { "conversation.ended" } else { "conversation.custom_fields.updated" },
-                        "status": statuses[i % 5], "key": "lead_status", "value": format!("v{i}")}})
-        .to_string();
-        batch.push(NewEvent {
-            envelope: Envelope::parse(body.as_bytes())?,
-            idempotency_key: IdempotencyKey::parse(format!("seed-{i}"))?,
-            raw_body: body.into_bytes(),
-            verification: Verification {
-                signed_url: "http://seed".into(),
-                timestamp: "0".into(),
-                signature: "seed".into(),
-            },
-            received_at: chrono::Utc::now(),
-            span: tracing::Span::none(),
-        });
+        batch.push(common::seed_event(i)?);
         if batch.len() == 256 || i + 1 == n {
             store.append_batch(&batch, &NoWorkflows).await?;
             batch.clear();

@@ -124,28 +124,59 @@ fn span_id_of(traceparent: &str) -> &str {
         .expect("traceparent has a span id")
 }
 
-fn two_step_workflow(sink: &Sink) -> tempfile::TempDir {
-    workflow_dir(&[(
-        "traced.yaml",
-        &format!(
-            "name: traced\non: {{ event: conversation.ended }}\nsteps:\n\
-             \x20 - id: first\n    http: {{ url: \"{}\" }}\n    retry: {{ max_attempts: 3, backoff: fixed, initial_delay: 200ms }}\n\
-             \x20 - id: second\n    http: {{ url: \"{}\" }}\n",
-            sink.url("/flaky/1/first"),
-            sink.url("/ok/second"),
-        ),
-    )])
+/// A workflow directory and a log directory for one server process.
+struct Dirs {
+    _workflows: tempfile::TempDir,
+    wf: String,
+    logs: tempfile::TempDir,
+}
+
+impl Dirs {
+    fn new(file: &str, yaml: &str) -> Self {
+        let workflows = workflow_dir(&[(file, yaml)]);
+        Self {
+            wf: workflows.path().display().to_string(),
+            _workflows: workflows,
+            logs: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// The collector's variables (if any), the workflows, and `extra`.
+    fn env<'a>(
+        &'a self,
+        collector: Option<&'a Collector>,
+        extra: &[(&'a str, &'a str)],
+    ) -> Vec<(&'a str, &'a str)> {
+        let mut env = collector.map(Collector::env).unwrap_or_default();
+        env.push(("SWITCHBOARD_WORKFLOWS", self.wf.as_str()));
+        env.extend_from_slice(extra);
+        env
+    }
+}
+
+/// A one-step workflow on conversation.ended posting to `url`.
+fn one_step(name: &str, url: &str, more: &str) -> String {
+    format!(
+        "name: {name}\non: {{ event: conversation.ended }}\nsteps:\n  - id: post\n    http: {{ url: \"{url}\" }}\n{more}"
+    )
+}
+
+fn two_step_workflow(sink: &Sink) -> String {
+    format!(
+        "name: traced\non: {{ event: conversation.ended }}\nsteps:\n\
+         \x20 - id: first\n    http: {{ url: \"{}\" }}\n    retry: {{ max_attempts: 3, backoff: fixed, initial_delay: 200ms }}\n\
+         \x20 - id: second\n    http: {{ url: \"{}\" }}\n",
+        sink.url("/flaky/1/first"),
+        sink.url("/ok/second"),
+    )
 }
 
 async fn one_trace_from_webhook_to_every_attempt(db: &TestDb) {
     let mut collector = Collector::start().await;
     let sink = Sink::start().await;
-    let workflows = two_step_workflow(&sink);
-    let logs = tempfile::tempdir().unwrap();
-    let wf = workflows.path().display().to_string();
-    let mut env = collector.env();
-    env.push(("SWITCHBOARD_WORKFLOWS", wf.as_str()));
-    let server = ServerProcess::start(db, logs.path(), &env).await;
+    let dirs = Dirs::new("traced.yaml", &two_step_workflow(&sink));
+    let env = dirs.env(Some(&collector), &[]);
+    let server = ServerProcess::start(db, dirs.logs.path(), &env).await;
     collector.log = Some(server.log.clone());
 
     let inbound = format!("00-{INBOUND_TRACE}-{INBOUND_SPAN}-01");
@@ -299,17 +330,11 @@ async fn one_trace_from_webhook_to_every_attempt(db: &TestDb) {
 async fn a_resumed_attempt_keeps_the_original_trace_after_kill_9(db: &TestDb) {
     let mut collector = Collector::start().await;
     let sink = Sink::start().await;
-    let workflows = workflow_dir(&[(
+    let dirs = Dirs::new(
         "slow.yaml",
-        &format!(
-            "name: slow\non: {{ event: conversation.ended }}\nsteps:\n  - id: post\n    http: {{ url: \"{}\" }}\n",
-            sink.url("/slow-once/3000/crm")
-        ),
-    )]);
-    let logs = tempfile::tempdir().unwrap();
-    let wf = workflows.path().display().to_string();
-    let mut env = collector.env();
-    env.push(("SWITCHBOARD_WORKFLOWS", wf.as_str()));
+        &one_step("slow", &sink.url("/slow-once/3000/crm"), ""),
+    );
+    let (logs, env) = (&dirs.logs, dirs.env(Some(&collector), &[]));
     let mut server = ServerProcess::start(db, logs.path(), &env).await;
     let r = deliver_to(
         &client(),
@@ -348,18 +373,12 @@ async fn a_resumed_attempt_keeps_the_original_trace_after_kill_9(db: &TestDb) {
 async fn sigterm_finishes_the_run_in_flight_flushes_traces_and_exits_0(db: &TestDb) {
     let mut collector = Collector::start().await;
     let sink = Sink::start().await;
-    let workflows = workflow_dir(&[(
+    let dirs = Dirs::new(
         "slow.yaml",
-        &format!(
-            "name: slow\non: {{ event: conversation.ended }}\nsteps:\n  - id: post\n    http: {{ url: \"{}\" }}\n",
-            sink.url("/slow/1500/crm")
-        ),
-    )]);
-    let logs = tempfile::tempdir().unwrap();
-    let wf = workflows.path().display().to_string();
-    let mut env = collector.env();
-    env.push(("SWITCHBOARD_WORKFLOWS", wf.as_str()));
-    env.push(("SWITCHBOARD_SHUTDOWN_GRACE", "10s"));
+        &one_step("slow", &sink.url("/slow/1500/crm"), ""),
+    );
+    let logs = &dirs.logs;
+    let mut env = dirs.env(Some(&collector), &[("SWITCHBOARD_SHUTDOWN_GRACE", "10s")]);
     // A long batch delay: only the shutdown flush can deliver the spans in time.
     env.retain(|(k, _)| *k != "OTEL_BSP_SCHEDULE_DELAY");
     env.push(("OTEL_BSP_SCHEDULE_DELAY", "60000"));
@@ -398,19 +417,16 @@ async fn sigterm_finishes_the_run_in_flight_flushes_traces_and_exits_0(db: &Test
 
 async fn after_the_grace_runs_in_flight_are_handed_back(db: &TestDb) {
     let sink = Sink::start().await;
-    let workflows = workflow_dir(&[(
+    let dirs = Dirs::new(
         "slow.yaml",
-        &format!(
-            "name: slow\non: {{ event: conversation.ended }}\nsteps:\n  - id: post\n    http: {{ url: \"{}\" }}\n    timeout: 30s\n",
-            sink.url("/slow-once/20000/crm")
+        &one_step(
+            "slow",
+            &sink.url("/slow-once/20000/crm"),
+            "    timeout: 30s\n",
         ),
-    )]);
-    let logs = tempfile::tempdir().unwrap();
-    let wf = workflows.path().display().to_string();
-    let env = [
-        ("SWITCHBOARD_WORKFLOWS", wf.as_str()),
-        ("SWITCHBOARD_SHUTDOWN_GRACE", "300ms"),
-    ];
+    );
+    let logs = &dirs.logs;
+    let env = dirs.env(None, &[("SWITCHBOARD_SHUTDOWN_GRACE", "300ms")]);
     let mut server = ServerProcess::start(db, logs.path(), &env).await;
     let r = deliver_to(
         &client(),
@@ -453,7 +469,7 @@ async fn after_the_grace_runs_in_flight_are_handed_back(db: &TestDb) {
 async fn the_setup_answer_is_traced_with_its_deadline_and_fallback(db: &TestDb) {
     let mut collector = Collector::start().await;
     let sink = Sink::start().await;
-    let workflows = workflow_dir(&[(
+    let dirs = Dirs::new(
         "setup.yaml",
         &format!(
             "name: ctx\non: {{ event: conversation.setup }}\nsteps:\n  - id: lookup\n    http: {{ method: GET, url: \"{}\" }}\n\
@@ -461,11 +477,8 @@ async fn the_setup_answer_is_traced_with_its_deadline_and_fallback(db: &TestDb) 
              fallback:\n  context: {{ name: unknown }}\n",
             sink.url("/slow/2000/lookup")
         ),
-    )]);
-    let logs = tempfile::tempdir().unwrap();
-    let wf = workflows.path().display().to_string();
-    let mut env = collector.env();
-    env.push(("SWITCHBOARD_WORKFLOWS", wf.as_str()));
+    );
+    let (logs, env) = (&dirs.logs, dirs.env(Some(&collector), &[]));
     let server = ServerProcess::start(db, logs.path(), &env).await;
     collector.log = Some(server.log.clone());
     let resp = deliver_to(
@@ -620,15 +633,8 @@ async fn http_protobuf_export_names_the_service(db: &TestDb) {
 
 async fn a_collector_that_is_down_fails_nothing(db: &TestDb) {
     let sink = Sink::start().await;
-    let workflows = workflow_dir(&[(
-        "ok.yaml",
-        &format!(
-            "name: ok\non: {{ event: conversation.ended }}\nsteps:\n  - id: post\n    http: {{ url: \"{}\" }}\n",
-            sink.url("/ok/down")
-        ),
-    )]);
-    let logs = tempfile::tempdir().unwrap();
-    let wf = workflows.path().display().to_string();
+    let dirs = Dirs::new("ok.yaml", &one_step("ok", &sink.url("/ok/down"), ""));
+    let (logs, wf) = (&dirs.logs, dirs.wf.clone());
     // Nothing listens on port 9 here: every export fails.
     let env = [
         ("SWITCHBOARD_WORKFLOWS", wf.as_str()),

@@ -17,6 +17,8 @@
 //! 5. idle: RSS after start and after the idle period, CPU used while idle.
 
 mod ceilings;
+#[path = "../common/mod.rs"]
+mod common;
 mod load;
 mod server;
 
@@ -119,6 +121,22 @@ impl Row {
             max: s.pct(1.0),
             errors: s.errors,
             rss_peak_mb: rss,
+            note,
+        }
+    }
+
+    /// A row with a rate or none, and a note, but no latencies.
+    fn note_only(scenario: &str, backend: &str, rate: f64, errors: u64, note: String) -> Self {
+        Self {
+            scenario: scenario.into(),
+            backend: backend.into(),
+            rate,
+            p50: f64::NAN,
+            p90: f64::NAN,
+            p99: f64::NAN,
+            max: f64::NAN,
+            errors,
+            rss_peak_mb: f64::NAN,
             note,
         }
     }
@@ -386,9 +404,7 @@ async fn setup(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Result<
 }
 
 async fn growth(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Result<()> {
-    use switchboard::domain::IdempotencyKey;
-    use switchboard::store::{NewEvent, NoWorkflows, Verification};
-    use switchboard::webhook::envelope::Envelope;
+    use switchboard::store::NoWorkflows;
     let b = backend_name(backend);
     let db = fresh_db(backend, ctx.tmp.path()).await?;
     let store = switchboard::store::connect(&db).await?;
@@ -402,25 +418,8 @@ async fn growth(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Result
         let seed = Instant::now();
         let mut batch = Vec::with_capacity(256);
         while stored < target_size {
-            let i = seeded;
+            batch.push(common::seed_event(seeded)?);
             seeded += 1;
-            let body = json!({"id": format!("ev_seed_{i}"), "conversation_id": format!("conv_{}", i / 4),
-                "agent_id": format!("ca_{}@v1", i % 20), "livemode": true, "created_at": "2025-07-14T15:09:40.251Z",
-                "payload": {"type": if i % 4 == 3 { "conversation.ended" } else { "conversation.custom_fields.updated" },
-                            "status": "completed", "key": "lead_status", "value": format!("v{i}")}})
-            .to_string();
-            batch.push(NewEvent {
-                envelope: Envelope::parse(body.as_bytes())?,
-                idempotency_key: IdempotencyKey::parse(format!("seed-{i}"))?,
-                raw_body: body.into_bytes(),
-                verification: Verification {
-                    signed_url: "http://seed".into(),
-                    timestamp: "0".into(),
-                    signature: "seed".into(),
-                },
-                received_at: chrono::Utc::now(),
-                span: tracing::Span::none(),
-            });
             stored += 1;
             if batch.len() == 256 || stored == target_size {
                 store.append_batch(&batch, &NoWorkflows).await?;
@@ -508,23 +507,20 @@ async fn idle(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Result<(
     tokio::time::sleep(ctx.o.idle).await;
     let (end_rss, peak) = server::rss_mb(server.pid());
     let cpu = server::cpu_seconds(server.pid()) - cpu0;
-    rows.push(Row {
-        scenario: "5. idle".into(),
-        backend: b.into(),
-        rate: 0.0,
-        p50: f64::NAN,
-        p90: f64::NAN,
-        p99: f64::NAN,
-        max: f64::NAN,
-        errors: 0,
-        rss_peak_mb: peak,
-        note: format!(
+    let mut row = Row::note_only(
+        "5. idle",
+        b,
+        0.0,
+        0,
+        format!(
             "RSS {start_rss:.1} MB after start, {end_rss:.1} MB after {}; CPU {:.2} s = {:.3} % of a core",
             humantime::format_duration(ctx.o.idle),
             cpu,
             100.0 * cpu / ctx.o.idle.as_secs_f64()
         ),
-    });
+    );
+    row.rss_peak_mb = peak;
+    rows.push(row);
     drop(server);
     drop_db(backend, &db).await;
     Ok(())
@@ -595,18 +591,13 @@ async fn main() -> anyhow::Result<()> {
             "storage ceiling ({b}, raw batched inserts of the same rows): {storage:.0} rows/s"
         );
         ceilings_json.push(json!({"backend": b, "storage_rows_per_s": storage}));
-        rows.push(Row {
-            scenario: "0. ceiling: raw batched inserts".into(),
-            backend: b.into(),
-            rate: storage,
-            p50: f64::NAN,
-            p90: f64::NAN,
-            p99: f64::NAN,
-            max: f64::NAN,
-            errors: 0,
-            rss_peak_mb: f64::NAN,
-            note: format!("{rows_n} rows, 256 per transaction"),
-        });
+        rows.push(Row::note_only(
+            "0. ceiling: raw batched inserts",
+            b,
+            storage,
+            0,
+            format!("{rows_n} rows, 256 per transaction"),
+        ));
         for scenario in ctx.o.scenarios.clone() {
             let result = match scenario.as_str() {
                 "ingest" => ingest(&ctx, &backend, &mut rows).await.map(|max| {
@@ -625,18 +616,13 @@ async fn main() -> anyhow::Result<()> {
             };
             if let Err(e) = result {
                 println!("{scenario} on {b} failed: {e:#}");
-                rows.push(Row {
-                    scenario: scenario.clone(),
-                    backend: b.into(),
-                    rate: 0.0,
-                    p50: f64::NAN,
-                    p90: f64::NAN,
-                    p99: f64::NAN,
-                    max: f64::NAN,
-                    errors: 1,
-                    rss_peak_mb: f64::NAN,
-                    note: format!("FAILED: {e:#}"),
-                });
+                rows.push(Row::note_only(
+                    &scenario,
+                    b,
+                    0.0,
+                    1,
+                    format!("FAILED: {e:#}"),
+                ));
             }
         }
     }

@@ -83,3 +83,29 @@ pub async fn deliver(
 pub fn ms(sorted: &[Duration], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1e3
 }
+
+/// Seed event number `i` for a large store: four events per conversation
+/// (three custom-field updates, then ended), twenty agents.
+pub fn seed_event(i: usize) -> anyhow::Result<switchboard::store::NewEvent> {
+    use switchboard::domain::IdempotencyKey;
+    use switchboard::store::Verification;
+    use switchboard::webhook::envelope::Envelope;
+    let statuses = ["completed", "failed", "busy", "no-answer", "voicemail"];
+    let body = serde_json::json!({"id": format!("ev_seed_{i}"), "conversation_id": format!("conv_{}", i / 4),
+        "agent_id": format!("ca_{}@v1", i % 20), "livemode": true, "created_at": "2025-07-14T15:09:40.251Z",
+        "payload": {"type": if i % 4 == 3 { "conversation.ended" } else { "conversation.custom_fields.updated" },
+                    "status": statuses[i % 5], "key": "lead_status", "value": format!("v{i}")}})
+    .to_string();
+    Ok(switchboard::store::NewEvent {
+        envelope: Envelope::parse(body.as_bytes())?,
+        idempotency_key: IdempotencyKey::parse(format!("seed-{i}"))?,
+        raw_body: body.into_bytes(),
+        verification: Verification {
+            signed_url: "http://seed".into(),
+            timestamp: "0".into(),
+            signature: "seed".into(),
+        },
+        received_at: chrono::Utc::now(),
+        span: tracing::Span::none(),
+    })
+}

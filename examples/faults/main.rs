@@ -307,6 +307,23 @@ async fn stored_events(db: &str) -> anyhow::Result<(usize, HashSet<String>)> {
     Ok((stats.events as usize, ids))
 }
 
+/// Sends new deliveries until one is acknowledged; how long that took (`None` after `limit`).
+async fn until_acknowledged(url: &str, limit: Duration) -> Option<Duration> {
+    let client = reqwest::Client::new();
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        let body = load::ended_body(&tag(), 0);
+        let idem = uuid::Uuid::new_v4().to_string();
+        if let Ok(r) = signed(&client, url, &idem, &body).send().await
+            && r.status() == 200
+        {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
 fn check(ok: bool, what: &str, failures: &mut Vec<String>) {
     println!("  [{}] {what}", if ok { "ok" } else { "FAIL" });
     if !ok {
@@ -487,26 +504,9 @@ async fn pg_restart(ctx: &Ctx, admin: &str) -> anyhow::Result<Vec<String>> {
     pg_ctl("start")?;
     let started = Instant::now();
     // Recovery: the first delivery acknowledged after PostgreSQL is back.
-    let client = reqwest::Client::new();
-    let recovered = loop {
-        let body = load::ended_body(&tag(), 0);
-        if let Ok(r) = signed(
-            &client,
-            &srv.webhook_url(),
-            &uuid::Uuid::new_v4().to_string(),
-            &body,
-        )
-        .send()
+    let recovered = until_acknowledged(&srv.webhook_url(), Duration::from_secs(60))
         .await
-            && r.status() == 200
-        {
-            break Some(started.elapsed());
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            break None;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+        .map(|_| started.elapsed());
     tokio::time::sleep(Duration::from_secs(2)).await;
     let out = load.finish().await;
     let alive = srv.alive();
@@ -696,24 +696,9 @@ async fn disk(ctx: &Ctx) -> anyhow::Result<Vec<String>> {
     let logged = srv.log_text().matches("could not store webhooks").count();
     // Room again: the next deliveries are stored.
     mount(&["-o", "remount,size=64m", dir.to_str().unwrap()])?;
-    let mut recovered_full = false;
-    for j in 0..150 {
-        let body = load::ended_body(&t, 1_000_000 + j);
-        if let Ok(r) = signed(
-            &client,
-            &srv.webhook_url(),
-            &uuid::Uuid::new_v4().to_string(),
-            &body,
-        )
-        .send()
+    let recovered_full = until_acknowledged(&srv.webhook_url(), Duration::from_secs(15))
         .await
-            && r.status() == 200
-        {
-            recovered_full = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        .is_some();
     let elapsed = start.elapsed();
     let (events, _) = stored_events(&db).await?;
     println!(
