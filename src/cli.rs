@@ -74,10 +74,6 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHBOARD_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
 
-    /// Directory of workflow YAML files.
-    #[arg(long, env = "SWITCHBOARD_WORKFLOWS", default_value = "./workflows")]
-    pub workflows: PathBuf,
-
     /// How far X-Timestamp may be in the past or the future (e.g. 30s, 2m).
     #[arg(long, env = "SWITCHBOARD_TIMESTAMP_TOLERANCE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub timestamp_tolerance: Duration,
@@ -85,6 +81,17 @@ pub struct ServeArgs {
     /// Largest webhook body accepted, in bytes (larger: 413).
     #[arg(long, env = "SWITCHBOARD_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
+
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+/// What `serve` and `worker` share: the workflows, the workers, shutdown, metrics.
+#[derive(Args, Debug, Clone)]
+pub struct EngineArgs {
+    /// Directory of workflow YAML files (every instance reads the same).
+    #[arg(long, env = "SWITCHBOARD_WORKFLOWS", default_value = "./workflows")]
+    pub workflows: PathBuf,
 
     /// Workflow runs executed at once by this process.
     #[arg(long, env = "SWITCHBOARD_WORKER_CONCURRENCY", default_value_t = 32)]
@@ -95,7 +102,8 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHBOARD_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
 
-    /// Serve /metrics on this address instead of the main one (e.g. 127.0.0.1:9090).
+    /// Serve /metrics (and /healthz) on this address, e.g. 127.0.0.1:9090
+    /// (`serve` otherwise serves /metrics on its main address; `worker` only here).
     #[arg(long, env = "SWITCHBOARD_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 }
@@ -105,21 +113,8 @@ pub struct WorkerArgs {
     #[command(flatten)]
     pub db: DatabaseArgs,
 
-    /// Directory of workflow YAML files (the same as the servers').
-    #[arg(long, env = "SWITCHBOARD_WORKFLOWS", default_value = "./workflows")]
-    pub workflows: PathBuf,
-
-    /// Workflow runs executed at once by this process.
-    #[arg(long, env = "SWITCHBOARD_WORKER_CONCURRENCY", default_value_t = 32)]
-    pub worker_concurrency: usize,
-
-    /// On SIGTERM, how long runs in flight may take before they are handed back.
-    #[arg(long, env = "SWITCHBOARD_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub shutdown_grace: Duration,
-
-    /// Serve /metrics (and /healthz) on this address.
-    #[arg(long, env = "SWITCHBOARD_METRICS_LISTEN")]
-    pub metrics_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    pub engine: EngineArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -187,10 +182,10 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Worker(args) => {
             crate::startup::run_workers(
                 &args.db.database_url,
-                &args.workflows,
-                args.worker_concurrency,
-                args.shutdown_grace,
-                args.metrics_listen,
+                &args.engine.workflows,
+                args.engine.worker_concurrency,
+                args.engine.shutdown_grace,
+                args.engine.metrics_listen,
             )
             .await
         }

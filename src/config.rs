@@ -92,15 +92,15 @@ impl Settings {
             signing_keys,
             admin_token,
             admin_token_generated,
-            workflows_dir: args.workflows,
+            workflows_dir: args.engine.workflows,
             tolerance: Tolerance {
                 max_age_secs: tolerance_secs,
                 max_future_secs: tolerance_secs,
             },
             max_body_bytes: args.max_body_bytes,
-            shutdown_grace: args.shutdown_grace,
-            worker_concurrency: args.worker_concurrency.max(1),
-            metrics_listen: args.metrics_listen,
+            shutdown_grace: args.engine.shutdown_grace,
+            worker_concurrency: args.engine.worker_concurrency.max(1),
+            metrics_listen: args.engine.metrics_listen,
         })
     }
 }
