@@ -216,7 +216,7 @@ pub fn parse_traceparent(value: &str) -> Option<SpanContext> {
 /// Makes `span` a child of the span a `traceparent` names (no-op when absent or invalid).
 pub fn set_parent(span: &Span, traceparent: Option<&str>) {
     if let Some(sc) = traceparent.and_then(parse_traceparent) {
-        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(sc));
+        set_parent_context(span, &sc);
     }
 }
 

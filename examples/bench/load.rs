@@ -192,29 +192,34 @@ pub async fn fixed_rate(target: &Target, rate: f64, duration: Duration) -> Sampl
     }
 }
 
-/// A conversation.ended body with a unique id (`tag` keeps runs apart).
-pub fn ended_body(tag: &str, i: u64) -> String {
+/// An Operator envelope with a unique id (`tag` keeps runs apart) around `payload`.
+fn envelope(tag: &str, i: u64, payload: serde_json::Value) -> String {
     serde_json::json!({
         "id": format!("ev_{tag}_{i}"),
         "created_at": "2025-07-14T15:09:40.251Z",
         "agent_id": "ca_bench@v1",
         "livemode": true,
         "conversation_id": format!("conv_{tag}_{i}"),
-        "payload": {"type": "conversation.ended", "status": "completed"}
+        "payload": payload
     })
     .to_string()
 }
 
+/// A conversation.ended body with a unique id.
+pub fn ended_body(tag: &str, i: u64) -> String {
+    envelope(
+        tag,
+        i,
+        serde_json::json!({"type": "conversation.ended", "status": "completed"}),
+    )
+}
+
 /// A conversation.setup body (outbound phone call) with a unique id.
 pub fn setup_body(tag: &str, i: u64) -> String {
-    serde_json::json!({
-        "id": format!("ev_{tag}_{i}"),
-        "created_at": "2025-07-14T15:09:40.251Z",
-        "agent_id": "ca_bench@v1",
-        "livemode": true,
-        "conversation_id": format!("conv_{tag}_{i}"),
-        "payload": {"type": "conversation.setup", "direction": "outbound",
-                    "channel": {"type": "phone", "caller_no": "+15550100", "callee_no": format!("+1555{i:07}")}}
-    })
-    .to_string()
+    envelope(
+        tag,
+        i,
+        serde_json::json!({"type": "conversation.setup", "direction": "outbound",
+            "channel": {"type": "phone", "caller_no": "+15550100", "callee_no": format!("+1555{i:07}")}}),
+    )
 }

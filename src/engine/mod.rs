@@ -371,7 +371,7 @@ impl Engine {
                     })
                     .unwrap_or(attempt.started_at)
             };
-            let error = (update.status == RunStatus::Failed).then(|| update.last_error.clone());
+            let failed = update.status == RunStatus::Failed;
             trace.emit_step(
                 run,
                 StepEnd {
@@ -380,7 +380,7 @@ impl Engine {
                     started,
                     attempts: attempt.attempt,
                     skipped: false,
-                    error: error.flatten(),
+                    error: update.last_error.clone().filter(|_| failed),
                 },
             );
         }

@@ -110,7 +110,10 @@ async fn run(
             }
             Err(err) if err.is_unavailable() => {
                 // The database is down or full: one by one would fail the same way, only slower.
-                let message = err.to_string();
+                let message = match err {
+                    StoreError::Unavailable(m) => m,
+                    other => other.to_string(),
+                };
                 refuse_until = Some(std::time::Instant::now() + REFUSE_FOR);
                 last_error.clone_from(&message);
                 for reply in replies.drain(..) {
