@@ -18,7 +18,7 @@ use super::runs::RunSummary;
 use crate::store::projection::ConversationState;
 use crate::store::runs::RunQuery;
 use crate::store::{ConversationQuery, EventStore, StoreError};
-use crate::webhook::envelope::{Envelope, EventKind};
+use crate::webhook::envelope::{ENDED_STATUSES, Envelope, EventKind};
 
 #[derive(Tags)]
 enum ConversationTags {
@@ -135,6 +135,15 @@ impl ConversationsApi {
                 })
             })
             .transpose()?;
+        if let Some(s) = status.0.as_deref()
+            && !CONVERSATION_STATUSES.contains(&s)
+        {
+            return Err(super::params::unknown_value(
+                "status",
+                s,
+                &CONVERSATION_STATUSES,
+            ));
+        }
         let states = store
             .list_conversations(&ConversationQuery {
                 status: status.0,
@@ -208,6 +217,16 @@ impl ConversationsApi {
         }))
     }
 }
+
+/// The values `GET /conversations?status=` accepts: `setup`, then the ended statuses.
+const CONVERSATION_STATUSES: [&str; 6] = [
+    crate::store::projection::STATUS_SETUP,
+    ENDED_STATUSES[0],
+    ENDED_STATUSES[1],
+    ENDED_STATUSES[2],
+    ENDED_STATUSES[3],
+    ENDED_STATUSES[4],
+];
 
 fn default_limit() -> u32 {
     50
