@@ -360,4 +360,76 @@ mod tests {
         assert_eq!(s.public_url.as_deref(), Some("https://x/y/"));
         assert!(!s.admin_token_generated);
     }
+
+    #[test]
+    fn listen_takes_host_names_and_says_what_form_it_wants() {
+        assert_eq!(
+            parse_listen("localhost:8080").unwrap(),
+            "127.0.0.1:8080".parse::<SocketAddr>().unwrap()
+        );
+        assert_eq!(parse_listen("0.0.0.0:9").unwrap().to_string(), "0.0.0.0:9");
+        let err = parse_listen("8080").unwrap_err();
+        assert!(
+            err.contains("has no port") && err.contains("HOST:PORT"),
+            "{err}"
+        );
+        let err = parse_listen("localhost:http").unwrap_err();
+        assert!(err.contains("IP:PORT or HOST:PORT"), "{err}");
+    }
+
+    #[test]
+    fn sign_posts_where_serve_listens() {
+        assert_eq!(
+            local_webhook_url("127.0.0.1:9123"),
+            "http://127.0.0.1:9123/webhooks/operator"
+        );
+        assert_eq!(
+            local_webhook_url("0.0.0.0:8081"),
+            "http://127.0.0.1:8081/webhooks/operator"
+        );
+        assert_eq!(
+            local_webhook_url("localhost:8082"),
+            "http://localhost:8082/webhooks/operator"
+        );
+    }
+
+    #[test]
+    fn postgres_connection_errors_name_the_failure_once() {
+        let options =
+            sqlx::postgres::PgConnectOptions::from_str("postgres://app@db.internal:5433/events")
+                .unwrap();
+        let lookup = sqlx::Error::Io(std::io::Error::other(
+            "failed to lookup address information: Name or service not known",
+        ));
+        let m = pg_connect_message("postgres://app@db.internal:5433/events", &options, &lookup);
+        assert!(m.starts_with("unknown host `db.internal`"), "{m}");
+        let refused = sqlx::Error::Io(std::io::ErrorKind::ConnectionRefused.into());
+        let m = pg_connect_message("postgres://app@db.internal:5433/events", &options, &refused);
+        assert!(
+            m.starts_with("connection refused by db.internal:5433"),
+            "{m}"
+        );
+        let m = pg_connect_message(
+            "postgres://app@db.internal:5433/events",
+            &options,
+            &sqlx::Error::PoolTimedOut,
+        );
+        assert!(
+            m.contains("no answer from PostgreSQL at db.internal:5433"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn sqlite_urls_need_a_path() {
+        assert!(
+            check_database_url("sqlite://")
+                .unwrap_err()
+                .contains("sqlite://./switchboard.db")
+        );
+        assert!(check_database_url("sqlite:").is_err());
+        assert!(check_database_url("sqlite://switchboard.db").is_ok());
+        assert!(check_database_url("sqlite://./switchboard.db").is_ok());
+        assert!(check_database_url("sqlite::memory:").is_ok());
+    }
 }
