@@ -198,14 +198,10 @@ async fn describe_connect_error(url: &str, err: StoreError) -> String {
             return format!("cannot open the database {shown}: {}", root_message(&other));
         }
     };
-    pg_connect_message(&shown, &options, &cause)
+    pg_connect_message(&options, &cause)
 }
 
-fn pg_connect_message(
-    shown: &str,
-    options: &sqlx::postgres::PgConnectOptions,
-    err: &sqlx::Error,
-) -> String {
+fn pg_connect_message(options: &sqlx::postgres::PgConnectOptions, err: &sqlx::Error) -> String {
     let host = options.get_host();
     let port = options.get_port();
     let user = options.get_username();
@@ -216,39 +212,40 @@ fn pg_connect_message(
             let code = e.code().unwrap_or_default();
             match code.as_ref() {
                 "3D000" => format!(
-                    "database `{db}` does not exist on {at} ({shown}): create it, e.g. \
-                     `createdb -h {host} -p {port} -U {user} {db}`, or fix the name in SWITCHBOARD_DATABASE_URL"
+                    "database `{db}` does not exist on {at}: create it \
+                     (`createdb -h {host} -p {port} -U {user} {db}`) or fix the name in SWITCHBOARD_DATABASE_URL"
                 ),
                 "28000" if e.message().contains("role") => format!(
-                    "role `{user}` does not exist on {at} ({shown}): create it, e.g. \
-                     `createuser -h {host} -p {port} -U postgres --createdb {user}`, or fix the user in SWITCHBOARD_DATABASE_URL"
+                    "role `{user}` does not exist on {at} (database `{db}`): create it \
+                     (`createuser -h {host} -p {port} -U postgres --createdb {user}`) or fix the user in SWITCHBOARD_DATABASE_URL"
                 ),
                 "28P01" | "28000" => format!(
-                    "authentication failed for user `{user}` on {at}, database `{db}` ({shown}): \
-                     check the user and password in SWITCHBOARD_DATABASE_URL (and pg_hba.conf)"
+                    "authentication failed for user `{user}` on {at} (database `{db}`): \
+                     check the user and password in SWITCHBOARD_DATABASE_URL (and the server's pg_hba.conf)"
                 ),
                 _ => format!(
-                    "{at}, database `{db}`, refused the connection ({shown}): {}",
+                    "{at} refused the connection to database `{db}`: {}",
                     e.message()
                 ),
             }
         }
         sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => format!(
-            "connection refused by {host}:{port} ({shown}): is PostgreSQL running there? \
-             Check the host and port in SWITCHBOARD_DATABASE_URL (`pg_isready -h {host} -p {port}`)"
+            "connection refused by {host}:{port} (database `{db}`): is PostgreSQL running there? \
+             Check the host and port in SWITCHBOARD_DATABASE_URL (`pg_isready -h {host} -p {port}` tells)"
         ),
         sqlx::Error::Io(io) if io.to_string().contains("lookup address") => format!(
-            "unknown host `{host}` ({shown}): the name does not resolve; fix the host in SWITCHBOARD_DATABASE_URL"
+            "unknown host `{host}` (port {port}, database `{db}`): the name does not resolve; \
+             fix the host in SWITCHBOARD_DATABASE_URL"
         ),
         sqlx::Error::PoolTimedOut => format!(
-            "no answer from {at} within 5 s ({shown}): check the host, the port and any firewall \
-             (`pg_isready -h {host} -p {port}`)"
+            "no answer from {at} (database `{db}`) within 5 s: check the host, the port and any \
+             firewall (`pg_isready -h {host} -p {port}`)"
         ),
         sqlx::Error::Tls(e) => format!(
-            "TLS with {at} failed ({shown}): {e}; check `sslmode` in SWITCHBOARD_DATABASE_URL"
+            "TLS with {at} (database `{db}`) failed: {e}; check `sslmode` in SWITCHBOARD_DATABASE_URL"
         ),
         other => format!(
-            "cannot connect to {at}, database `{db}` ({shown}): {}",
+            "cannot connect to {at}, database `{db}`: {}",
             root_message(other)
         ),
     }
@@ -401,19 +398,15 @@ mod tests {
         let lookup = sqlx::Error::Io(std::io::Error::other(
             "failed to lookup address information: Name or service not known",
         ));
-        let m = pg_connect_message("postgres://app@db.internal:5433/events", &options, &lookup);
+        let m = pg_connect_message(&options, &lookup);
         assert!(m.starts_with("unknown host `db.internal`"), "{m}");
         let refused = sqlx::Error::Io(std::io::ErrorKind::ConnectionRefused.into());
-        let m = pg_connect_message("postgres://app@db.internal:5433/events", &options, &refused);
+        let m = pg_connect_message(&options, &refused);
         assert!(
             m.starts_with("connection refused by db.internal:5433"),
             "{m}"
         );
-        let m = pg_connect_message(
-            "postgres://app@db.internal:5433/events",
-            &options,
-            &sqlx::Error::PoolTimedOut,
-        );
+        let m = pg_connect_message(&options, &sqlx::Error::PoolTimedOut);
         assert!(
             m.contains("no answer from PostgreSQL at db.internal:5433"),
             "{m}"

@@ -361,3 +361,48 @@ fn a_listen_address_that_cannot_work_is_refused_clearly() {
     );
     assert!(!out.contains("invalid socket address syntax"), "{out}");
 }
+
+/// `switchboard sink` prints what it receives (method, path, headers, body)
+/// and answers the status it is given.
+#[tokio::test]
+async fn the_sink_prints_each_request_and_answers_its_status() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("sink.out");
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args([
+            "sink",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--status",
+            "503",
+        ])
+        .env_clear()
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = common::client();
+    let mut answer = None;
+    for _ in 0..100 {
+        if let Ok(r) = client
+            .post(format!("http://127.0.0.1:{port}/calls/conv_1?x=1"))
+            .header("idempotency-key", "run_1:post")
+            .json(&serde_json::json!({"status": "completed"}))
+            .send()
+            .await
+        {
+            answer = Some(r.status().as_u16());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let printed = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(answer, Some(503), "{printed}");
+    assert!(printed.contains("POST /calls/conv_1?x=1"), "{printed}");
+    assert!(printed.contains("idempotency-key: run_1:post"), "{printed}");
+    assert!(printed.contains("\"status\": \"completed\""), "{printed}");
+}
