@@ -223,10 +223,27 @@ pub async fn run(cli: Cli) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", render_error(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, each said once: sqlx repeats its
+/// cause inside its own message, which `{:#}` would print two or three times.
+fn render_error(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -396,4 +413,19 @@ fn sign(args: &SignArgs) -> anyhow::Result<()> {
         println!("X-Signature: {sig}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_error_chain_says_each_cause_once() {
+        let inner = std::io::Error::other("database \"x\" does not exist");
+        let e = anyhow::Error::new(inner)
+            .context("database error: database \"x\" does not exist")
+            .context("cannot apply database migrations");
+        assert_eq!(
+            super::render_error(&e),
+            "cannot apply database migrations: database error: database \"x\" does not exist"
+        );
+    }
 }
