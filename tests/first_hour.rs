@@ -36,7 +36,11 @@ async fn enum_filters_reject_unknown_values_with_the_valid_list(db: &TestDb) {
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"]["code"], "bad_request");
     let message = body["error"]["message"].as_str().unwrap();
-    assert!(message.contains("unknown status `nope`"), "{message}");
+    assert!(
+        message.starts_with("invalid query parameter `status`: expected one of"),
+        "{message}"
+    );
+    assert!(message.contains("(got `nope`)"), "{message}");
     assert!(
         message.contains("setup, completed, failed, busy, no-answer, voicemail"),
         "{message}"
@@ -90,6 +94,21 @@ async fn numeric_parameters_have_one_message_form(db: &TestDb) {
         "{message}"
     );
     assert!(!message.contains("invalid digit"), "{message}");
+    for path in [
+        "/api/v1/events?cursor=x",
+        "/api/v1/conversations?cursor=x",
+        "/api/v1/runs?cursor=x",
+    ] {
+        let (status, body) = request(&app, reqwest::Method::GET, path).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("invalid query parameter `cursor`: expected the `next_cursor`"),
+            "{path}: {body}"
+        );
+    }
 }
 
 async fn an_event_is_replayed_without_a_body(db: &TestDb) {

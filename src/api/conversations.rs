@@ -127,13 +127,7 @@ impl ConversationsApi {
     ) -> Result<Json<ConversationPage>, ApiError> {
         let before_seq = cursor
             .0
-            .map(|c| {
-                c.parse::<i64>().map_err(|_| {
-                    ApiError::bad_request(format!(
-                        "invalid cursor `{c}`: pass the `next_cursor` of a previous page unchanged"
-                    ))
-                })
-            })
+            .map(|c| c.parse::<i64>().map_err(|_| super::params::bad_cursor(&c)))
             .transpose()?;
         if let Some(s) = status.0.as_deref()
             && !CONVERSATION_STATUSES.contains(&s)

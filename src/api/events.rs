@@ -136,13 +136,7 @@ pub struct EventsApi;
 
 fn parse_cursor(cursor: Option<String>) -> Result<Option<i64>, ApiError> {
     cursor
-        .map(|c| {
-            c.parse::<i64>().map_err(|_| {
-                ApiError::bad_request(format!(
-                    "invalid cursor `{c}`: pass the `next_cursor` of a previous page unchanged"
-                ))
-            })
-        })
+        .map(|c| c.parse::<i64>().map_err(|_| super::params::bad_cursor(&c)))
         .transpose()
 }
 

@@ -11,12 +11,26 @@ use poem_openapi::{ApiExtractor, ApiExtractorType, ExtractParamOptions};
 
 use super::error::ApiError;
 
+/// 400 for a query parameter, in the one form every parameter error takes:
+/// "invalid query parameter `NAME`: expected WHAT (got `VALUE`)".
+pub fn invalid(param: &str, expected: &str, got: &str) -> ApiError {
+    ApiError::bad_request(format!(
+        "invalid query parameter `{param}`: expected {expected} (got `{got}`)"
+    ))
+}
+
 /// 400 for a filter value outside its set, naming the valid ones.
 pub fn unknown_value(param: &str, value: &str, valid: &[&str]) -> ApiError {
-    ApiError::bad_request(format!(
-        "unknown {param} `{value}`: use one of {}",
-        valid.join(", ")
-    ))
+    invalid(param, &format!("one of {}", valid.join(", ")), value)
+}
+
+/// 400 for a `cursor` that is not a `next_cursor` this API gave out.
+pub fn bad_cursor(got: &str) -> ApiError {
+    invalid(
+        "cursor",
+        "the `next_cursor` of a previous page, unchanged",
+        got,
+    )
 }
 
 /// What each typed query parameter expects, in words.

@@ -306,11 +306,7 @@ fn encode_cursor(r: &Run) -> String {
 }
 
 fn decode_cursor(c: &str) -> Result<(DateTime<Utc>, String), ApiError> {
-    let bad = || {
-        ApiError::bad_request(format!(
-            "invalid cursor `{c}`: pass the `next_cursor` of a previous page unchanged"
-        ))
-    };
+    let bad = || super::params::bad_cursor(c);
     let (at, id) = c.split_once('|').ok_or_else(bad)?;
     let at = DateTime::parse_from_rfc3339(at)
         .map_err(|_| bad())?
