@@ -143,6 +143,16 @@ async fn an_event_is_replayed_without_a_body(db: &TestDb) {
         .await
         .unwrap();
     assert_eq!(resp.status().as_u16(), 415);
+    // An operation whose body selects what to do (a bulk replay) says it needs one.
+    let (status, body) = request(&app, reqwest::Method::POST, "/api/v1/replays").await;
+    assert_eq!(status, 415, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("needs a JSON body"),
+        "{body}"
+    );
 }
 
 on_both_backends!(

@@ -58,6 +58,18 @@ pub fn describe(err: &poem::Error) -> Option<String> {
     ))
 }
 
+/// The message for a request body without `Content-Type` where the operation needs one.
+pub fn describe_media(err: &poem::Error) -> Option<String> {
+    match err.downcast_ref::<ContentTypeError>()? {
+        ContentTypeError::ExpectContentType => Some(
+            "this operation needs a JSON body: send `Content-Type: application/json` and a JSON \
+             object (`{}` when every field is left to its default)"
+                .to_owned(),
+        ),
+        _ => None,
+    }
+}
+
 /// A JSON request body that may be left out: no body (with or without a
 /// `Content-Type`), or an empty one, is `None`; anything else must be JSON.
 pub struct OptionalJson<T>(pub Option<T>);
