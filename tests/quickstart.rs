@@ -34,12 +34,14 @@ fn quick_start_lines() -> Vec<String> {
     lines
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Two distinct free ports (both held while the second is picked).
+fn two_free_ports() -> (u16, u16) {
+    let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    (
+        a.local_addr().unwrap().port(),
+        b.local_addr().unwrap().port(),
+    )
 }
 
 struct Background(Vec<Child>);
@@ -118,7 +120,7 @@ fn the_quick_start_runs_as_written_and_ends_in_a_succeeded_run() {
     }
 
     let tmp = tempfile::tempdir().unwrap();
-    let (server_port, sink_port) = (free_port(), free_port());
+    let (server_port, sink_port) = two_free_ports();
     // The shipped workflows, with the sink's port moved like the README's lines.
     let workflows: PathBuf = tmp.path().join("workflows");
     std::fs::create_dir(&workflows).unwrap();
