@@ -1,4 +1,5 @@
-//! The command line: `serve`, `migrate`, `sign`, `openapi`, `rebuild-projections`.
+//! The command line: `serve`, `worker`, `migrate`, `sign`, `sink`, `validate`, `backtest`,
+//! `openapi`, `rebuild-projections`.
 //! Every option can also be given as an environment variable (shown in `--help`).
 
 use std::io::Read;
@@ -34,6 +35,9 @@ pub enum Command {
     Migrate(DatabaseArgs),
     /// Print the three Operator headers (or a curl command) for a body file, to try the endpoint by hand.
     Sign(SignArgs),
+    /// A local HTTP endpoint for trying workflows: prints every request it receives (method,
+    /// path, headers, body) and answers 200.
+    Sink(SinkArgs),
     /// Check workflow files: every error with file, line and column; exit status 1 on errors.
     Validate(ValidateArgs),
     /// Try a workflow file on the stored events: what would have matched, why not, and the
@@ -57,8 +61,8 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub db: DatabaseArgs,
 
-    /// Address to listen on.
-    #[arg(long, env = "SWITCHBOARD_LISTEN", default_value = DEFAULT_LISTEN)]
+    /// Address to listen on: IP:PORT or HOST:PORT (e.g. 127.0.0.1:8080, 0.0.0.0:8080, localhost:8080).
+    #[arg(long, env = "SWITCHBOARD_LISTEN", default_value = DEFAULT_LISTEN, value_parser = crate::config::parse_listen)]
     pub listen: SocketAddr,
 
     /// The webhook URL exactly as registered in Operator's dashboard (it is part of what is signed).
@@ -104,7 +108,7 @@ pub struct EngineArgs {
 
     /// Serve /metrics (and /healthz) on this address, e.g. 127.0.0.1:9090
     /// (`serve` otherwise serves /metrics on its main address; `worker` only here).
-    #[arg(long, env = "SWITCHBOARD_METRICS_LISTEN")]
+    #[arg(long, env = "SWITCHBOARD_METRICS_LISTEN", value_parser = crate::config::parse_listen)]
     pub metrics_listen: Option<SocketAddr>,
 }
 
@@ -146,6 +150,17 @@ pub struct ValidateArgs {
 }
 
 #[derive(Args, Debug, Clone)]
+pub struct SinkArgs {
+    /// Address to listen on (IP:PORT or HOST:PORT).
+    #[arg(long, default_value = "127.0.0.1:9000", value_parser = crate::config::parse_listen)]
+    pub listen: SocketAddr,
+
+    /// The status to answer with (e.g. 500 or 429 to watch retries, 400 to watch a run fail).
+    #[arg(long, default_value_t = 200)]
+    pub status: u16,
+}
+
+#[derive(Args, Debug, Clone)]
 pub struct SignArgs {
     /// The body file to sign, byte for byte ("-" reads stdin).
     pub file: PathBuf,
@@ -154,13 +169,15 @@ pub struct SignArgs {
     #[arg(long, env = "SWITCHBOARD_SIGNING_KEYS", hide_env_values = true)]
     pub key: Option<String>,
 
-    /// The URL to sign: the webhook URL as registered in Operator.
-    #[arg(
-        long,
-        env = "SWITCHBOARD_PUBLIC_URL",
-        default_value = "http://127.0.0.1:8080/webhooks/operator"
-    )]
-    pub url: String,
+    /// The URL to sign (and, with --curl, to post to): the webhook URL as registered in Operator.
+    /// Default: SWITCHBOARD_PUBLIC_URL, else http://<SWITCHBOARD_LISTEN>/webhooks/operator,
+    /// the address `serve` listens on (127.0.0.1:8080 unless set).
+    #[arg(long, env = "SWITCHBOARD_PUBLIC_URL")]
+    pub url: Option<String>,
+
+    /// The address `serve` listens on, used for the default --url.
+    #[arg(long, env = "SWITCHBOARD_LISTEN", default_value = DEFAULT_LISTEN)]
+    pub listen: String,
 
     /// X-Idempotency-Key to use (default: a new random UUID).
     #[arg(long)]
@@ -179,18 +196,22 @@ pub struct SignArgs {
 pub async fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(args).await,
-        Command::Worker(args) => {
-            crate::startup::run_workers(
-                &args.db.database_url,
-                &args.engine.workflows,
-                args.engine.worker_concurrency,
-                args.engine.shutdown_grace,
-                args.engine.metrics_listen,
-            )
-            .await
-        }
+        Command::Worker(args) => match crate::config::check_workflows_dir(&args.engine.workflows) {
+            Err(e) => Err(e.into()),
+            Ok(()) => {
+                crate::startup::run_workers(
+                    &args.db.database_url,
+                    &args.engine.workflows,
+                    args.engine.worker_concurrency,
+                    args.engine.shutdown_grace,
+                    args.engine.metrics_listen,
+                )
+                .await
+            }
+        },
         Command::Migrate(args) => migrate(&args).await,
         Command::Sign(args) => sign(&args),
+        Command::Sink(args) => crate::sink::run(args.listen, args.status).await,
         Command::Validate(args) => return validate(&args),
         Command::Backtest(args) => backtest(&args).await,
         Command::Openapi => {
@@ -202,10 +223,27 @@ pub async fn run(cli: Cli) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", render_error(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, each said once: sqlx repeats its
+/// cause inside its own message, which `{:#}` would print two or three times.
+fn render_error(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -215,7 +253,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn migrate(args: &DatabaseArgs) -> anyhow::Result<()> {
-    let store = crate::store::connect(&args.database_url).await?;
+    let store = crate::config::open_store(&args.database_url).await?;
     store.migrate().await?;
     println!(
         "migrations applied to {}",
@@ -225,7 +263,7 @@ async fn migrate(args: &DatabaseArgs) -> anyhow::Result<()> {
 }
 
 async fn rebuild(args: &DatabaseArgs) -> anyhow::Result<()> {
-    let store = crate::store::connect(&args.database_url).await?;
+    let store = crate::config::open_store(&args.database_url).await?;
     store.migrate().await?;
     let n = store.rebuild_projections().await?;
     println!("projections rebuilt from {n} events");
@@ -348,8 +386,12 @@ fn sign(args: &SignArgs) -> anyhow::Result<()> {
         .idempotency_key
         .clone()
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let url = match &args.url {
+        Some(u) if !u.trim().is_empty() => u.trim().to_owned(),
+        _ => crate::config::local_webhook_url(&args.listen),
+    };
     let parts = SignedParts {
-        url: &args.url,
+        url: &url,
         idempotency_key: &idempotency_key,
         timestamp: &timestamp,
         body: &body,
@@ -362,9 +404,8 @@ fn sign(args: &SignArgs) -> anyhow::Result<()> {
             args.file.display().to_string()
         };
         println!(
-            "curl -sS -X POST '{}' -H 'Content-Type: application/json' -H 'X-Timestamp: {timestamp}' \
-             -H 'X-Idempotency-Key: {idempotency_key}' -H 'X-Signature: {sig}' --data-binary @'{file}'",
-            args.url
+            "curl -sS -i -X POST '{url}' -H 'Content-Type: application/json' -H 'X-Timestamp: {timestamp}' \
+             -H 'X-Idempotency-Key: {idempotency_key}' -H 'X-Signature: {sig}' --data-binary @'{file}'"
         );
     } else {
         println!("X-Timestamp: {timestamp}");
@@ -372,4 +413,19 @@ fn sign(args: &SignArgs) -> anyhow::Result<()> {
         println!("X-Signature: {sig}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_error_chain_says_each_cause_once() {
+        let inner = std::io::Error::other("database \"x\" does not exist");
+        let e = anyhow::Error::new(inner)
+            .context("database error: database \"x\" does not exist")
+            .context("cannot apply database migrations");
+        assert_eq!(
+            super::render_error(&e),
+            "cannot apply database migrations: database error: database \"x\" does not exist"
+        );
+    }
 }

@@ -2,12 +2,15 @@
 //! environment variables (see [`crate::cli`]) into [`Settings`], whose fields
 //! are valid by construction. Errors say which variable is wrong and how to fix it.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::api::AdminToken;
 use crate::cli::ServeArgs;
+use crate::store::{EventStore, StoreError, redact_url};
 use crate::webhook::signature::{SigningKeys, Tolerance};
 
 /// The default database: an SQLite file in the working directory.
@@ -58,6 +61,203 @@ pub enum ConfigError {
     EmptyAdminToken,
     #[error("SWITCHBOARD_MAX_BODY_BYTES must be at least 1")]
     ZeroBodyLimit,
+    #[error(
+        "{0} is not a directory of workflow files: set SWITCHBOARD_WORKFLOWS (or --workflows) to the \
+         directory that holds your workflow YAML files (an empty directory runs none)"
+    )]
+    WorkflowsDir(String),
+}
+
+/// Refuses a workflows directory that does not exist (a typo would otherwise
+/// turn every automation off without a word); `validate` says the same.
+pub fn check_workflows_dir(dir: &Path) -> Result<(), ConfigError> {
+    if dir.is_dir() {
+        Ok(())
+    } else {
+        Err(ConfigError::WorkflowsDir(dir.display().to_string()))
+    }
+}
+
+/// Parses a listen address: `IP:PORT`, or `HOST:PORT` resolved now (IPv4 first),
+/// so `localhost:8080` works.
+pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let form = "give IP:PORT or HOST:PORT, e.g. 127.0.0.1:8080, 0.0.0.0:8080 or localhost:8080";
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err(format!("`{s}` has no port: {form}"));
+    };
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(format!("`{s}` is not an address to listen on: {form}"));
+    }
+    let addrs: Vec<SocketAddr> = s
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve `{host}` ({e}): {form}"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("`{host}` resolves to no address: {form}"))
+}
+
+/// The webhook URL of a local `serve` listening on `listen` (what `sign` posts to by default).
+pub fn local_webhook_url(listen: &str) -> String {
+    let addr = match parse_listen(listen) {
+        Ok(a) if a.ip().is_unspecified() => {
+            let ip: IpAddr = if a.is_ipv4() {
+                Ipv4Addr::LOCALHOST.into()
+            } else {
+                Ipv6Addr::LOCALHOST.into()
+            };
+            SocketAddr::new(ip, a.port()).to_string()
+        }
+        Ok(_) | Err(_) => listen.trim().to_owned(),
+    };
+    format!("http://{addr}{}", crate::webhook::ingest::WEBHOOK_PATH)
+}
+
+/// Opens the store `SWITCHBOARD_DATABASE_URL` names; on failure, one message
+/// that says what failed (refused, unknown host, no such database or role,
+/// authentication), where (host, port, database), and how to fix it.
+pub async fn open_store(url: &str) -> anyhow::Result<Arc<dyn EventStore>> {
+    check_database_url(url).map_err(|m| anyhow::anyhow!(m))?;
+    match crate::store::connect(url).await {
+        Ok(store) => Ok(store),
+        Err(e) => Err(anyhow::anyhow!(describe_connect_error(url, e).await)),
+    }
+}
+
+/// Refuses database URLs that cannot work, before connecting.
+pub fn check_database_url(url: &str) -> Result<(), String> {
+    if let Some(rest) = url.strip_prefix("sqlite:") {
+        let path = rest.trim_start_matches("//");
+        let path = path.split('?').next().unwrap_or("");
+        if path.is_empty() {
+            return Err(format!(
+                "SWITCHBOARD_DATABASE_URL `{url}` names no file: give the SQLite file's path, \
+                 e.g. sqlite://./switchboard.db or sqlite:///var/lib/switchboard/switchboard.db"
+            ));
+        }
+        if path != ":memory:" {
+            let parent = Path::new(path)
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty());
+            if let Some(dir) = parent
+                && !dir.is_dir()
+            {
+                return Err(format!(
+                    "SWITCHBOARD_DATABASE_URL `{url}`: the directory {} does not exist; \
+                     create it (mkdir -p {}) or give another path",
+                    dir.display(),
+                    dir.display()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Says what failed when the pool could not open. The pool hides the cause
+/// of a refused connection behind its own timeout, so on PostgreSQL one
+/// direct connection is tried to find it.
+async fn describe_connect_error(url: &str, err: StoreError) -> String {
+    let shown = redact_url(url);
+    let is_pg = url.starts_with("postgres://") || url.starts_with("postgresql://");
+    let options = if is_pg {
+        sqlx::postgres::PgConnectOptions::from_str(url).ok()
+    } else {
+        None
+    };
+    let Some(options) = options else {
+        return match err {
+            StoreError::Database(sqlx::Error::Configuration(e)) => format!(
+                "SWITCHBOARD_DATABASE_URL `{shown}` is not a valid database URL ({e}): \
+                 use sqlite://PATH or postgres://USER:PASSWORD@HOST:PORT/DATABASE"
+            ),
+            StoreError::Database(sqlx::Error::Database(db)) => {
+                format!("cannot open the database {shown}: {}", db.message())
+            }
+            other => format!("cannot open the database {shown}: {}", root_message(&other)),
+        };
+    };
+    let cause = match err {
+        StoreError::Database(sqlx::Error::PoolTimedOut) => {
+            use sqlx::ConnectOptions;
+            match tokio::time::timeout(Duration::from_secs(5), options.connect()).await {
+                Ok(Err(e)) => e,
+                Ok(Ok(_)) => sqlx::Error::PoolTimedOut,
+                Err(_) => sqlx::Error::PoolTimedOut,
+            }
+        }
+        StoreError::Database(e) => e,
+        other => {
+            return format!("cannot open the database {shown}: {}", root_message(&other));
+        }
+    };
+    pg_connect_message(&options, &cause)
+}
+
+fn pg_connect_message(options: &sqlx::postgres::PgConnectOptions, err: &sqlx::Error) -> String {
+    let host = options.get_host();
+    let port = options.get_port();
+    let user = options.get_username();
+    let db = options.get_database().unwrap_or(user);
+    let at = format!("PostgreSQL at {host}:{port}");
+    match err {
+        sqlx::Error::Database(e) => {
+            let code = e.code().unwrap_or_default();
+            match code.as_ref() {
+                "3D000" => format!(
+                    "database `{db}` does not exist on {at}: create it \
+                     (`createdb -h {host} -p {port} -U {user} {db}`) or fix the name in SWITCHBOARD_DATABASE_URL"
+                ),
+                "28000" if e.message().contains("role") => format!(
+                    "role `{user}` does not exist on {at} (database `{db}`): create it \
+                     (`createuser -h {host} -p {port} -U postgres --createdb {user}`) or fix the user in SWITCHBOARD_DATABASE_URL"
+                ),
+                "28P01" | "28000" => format!(
+                    "authentication failed for user `{user}` on {at} (database `{db}`): \
+                     check the user and password in SWITCHBOARD_DATABASE_URL (and the server's pg_hba.conf)"
+                ),
+                _ => format!(
+                    "{at} refused the connection to database `{db}`: {}",
+                    e.message()
+                ),
+            }
+        }
+        sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => format!(
+            "connection refused by {host}:{port} (database `{db}`): is PostgreSQL running there? \
+             Check the host and port in SWITCHBOARD_DATABASE_URL (`pg_isready -h {host} -p {port}` tells)"
+        ),
+        sqlx::Error::Io(io) if io.to_string().contains("lookup address") => format!(
+            "unknown host `{host}` (port {port}, database `{db}`): the name does not resolve; \
+             fix the host in SWITCHBOARD_DATABASE_URL"
+        ),
+        sqlx::Error::PoolTimedOut => format!(
+            "no answer from {at} (database `{db}`) within 5 s: check the host, the port and any \
+             firewall (`pg_isready -h {host} -p {port}`)"
+        ),
+        sqlx::Error::Tls(e) => format!(
+            "TLS with {at} (database `{db}`) failed: {e}; check `sslmode` in SWITCHBOARD_DATABASE_URL"
+        ),
+        other => format!(
+            "cannot connect to {at}, database `{db}`: {}",
+            root_message(other)
+        ),
+    }
+}
+
+/// The innermost message of an error chain (sqlx repeats each cause in its own text).
+fn root_message(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
 }
 
 impl Settings {
@@ -84,6 +284,7 @@ impl Settings {
         if args.max_body_bytes == 0 {
             return Err(ConfigError::ZeroBodyLimit);
         }
+        check_workflows_dir(&args.engine.workflows)?;
         let tolerance_secs = i64::try_from(args.timestamp_tolerance.as_secs()).unwrap_or(i64::MAX);
         Ok(Self {
             database_url: args.db.database_url,
@@ -155,5 +356,73 @@ mod tests {
         .unwrap();
         assert_eq!(s.public_url.as_deref(), Some("https://x/y/"));
         assert!(!s.admin_token_generated);
+    }
+
+    #[test]
+    fn listen_takes_host_names_and_says_what_form_it_wants() {
+        assert_eq!(
+            parse_listen("localhost:8080").unwrap(),
+            "127.0.0.1:8080".parse::<SocketAddr>().unwrap()
+        );
+        assert_eq!(parse_listen("0.0.0.0:9").unwrap().to_string(), "0.0.0.0:9");
+        let err = parse_listen("8080").unwrap_err();
+        assert!(
+            err.contains("has no port") && err.contains("HOST:PORT"),
+            "{err}"
+        );
+        let err = parse_listen("localhost:http").unwrap_err();
+        assert!(err.contains("IP:PORT or HOST:PORT"), "{err}");
+    }
+
+    #[test]
+    fn sign_posts_where_serve_listens() {
+        assert_eq!(
+            local_webhook_url("127.0.0.1:9123"),
+            "http://127.0.0.1:9123/webhooks/operator"
+        );
+        assert_eq!(
+            local_webhook_url("0.0.0.0:8081"),
+            "http://127.0.0.1:8081/webhooks/operator"
+        );
+        assert_eq!(
+            local_webhook_url("localhost:8082"),
+            "http://localhost:8082/webhooks/operator"
+        );
+    }
+
+    #[test]
+    fn postgres_connection_errors_name_the_failure_once() {
+        let options =
+            sqlx::postgres::PgConnectOptions::from_str("postgres://app@db.internal:5433/events")
+                .unwrap();
+        let lookup = sqlx::Error::Io(std::io::Error::other(
+            "failed to lookup address information: Name or service not known",
+        ));
+        let m = pg_connect_message(&options, &lookup);
+        assert!(m.starts_with("unknown host `db.internal`"), "{m}");
+        let refused = sqlx::Error::Io(std::io::ErrorKind::ConnectionRefused.into());
+        let m = pg_connect_message(&options, &refused);
+        assert!(
+            m.starts_with("connection refused by db.internal:5433"),
+            "{m}"
+        );
+        let m = pg_connect_message(&options, &sqlx::Error::PoolTimedOut);
+        assert!(
+            m.contains("no answer from PostgreSQL at db.internal:5433"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn sqlite_urls_need_a_path() {
+        assert!(
+            check_database_url("sqlite://")
+                .unwrap_err()
+                .contains("sqlite://./switchboard.db")
+        );
+        assert!(check_database_url("sqlite:").is_err());
+        assert!(check_database_url("sqlite://switchboard.db").is_ok());
+        assert!(check_database_url("sqlite://./switchboard.db").is_ok());
+        assert!(check_database_url("sqlite::memory:").is_ok());
     }
 }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod domain;
 pub mod engine;
 pub mod prometheus;
+pub mod sink;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

@@ -10,7 +10,7 @@ async fn main() -> ExitCode {
     use switchboard::cli::Command;
     let telemetry = if matches!(
         cli.command,
-        Command::Sign(_) | Command::Openapi | Command::Validate(_)
+        Command::Sign(_) | Command::Sink(_) | Command::Openapi | Command::Validate(_)
     ) {
         None
     } else {

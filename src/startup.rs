@@ -116,14 +116,7 @@ async fn api_span<E: Endpoint>(next: E, req: poem::Request) -> poem::Result<poem
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let store = store::connect(&settings.database_url)
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot open the database {}",
-                    store::redact_url(&settings.database_url)
-                )
-            })?;
+        let store = crate::config::open_store(&settings.database_url).await?;
         store
             .migrate()
             .await
@@ -308,12 +301,7 @@ pub async fn run_workers(
     shutdown_grace: std::time::Duration,
     metrics_listen: Option<SocketAddr>,
 ) -> anyhow::Result<()> {
-    let store = store::connect(database_url).await.with_context(|| {
-        format!(
-            "cannot open the database {}",
-            store::redact_url(database_url)
-        )
-    })?;
+    let store = crate::config::open_store(database_url).await?;
     store
         .migrate()
         .await

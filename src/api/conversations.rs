@@ -18,7 +18,7 @@ use super::runs::RunSummary;
 use crate::store::projection::ConversationState;
 use crate::store::runs::RunQuery;
 use crate::store::{ConversationQuery, EventStore, StoreError};
-use crate::webhook::envelope::{Envelope, EventKind};
+use crate::webhook::envelope::{ENDED_STATUSES, Envelope, EventKind};
 
 #[derive(Tags)]
 enum ConversationTags {
@@ -127,14 +127,17 @@ impl ConversationsApi {
     ) -> Result<Json<ConversationPage>, ApiError> {
         let before_seq = cursor
             .0
-            .map(|c| {
-                c.parse::<i64>().map_err(|_| {
-                    ApiError::bad_request(format!(
-                        "invalid cursor `{c}`: pass the `next_cursor` of a previous page unchanged"
-                    ))
-                })
-            })
+            .map(|c| c.parse::<i64>().map_err(|_| super::params::bad_cursor(&c)))
             .transpose()?;
+        if let Some(s) = status.0.as_deref()
+            && !CONVERSATION_STATUSES.contains(&s)
+        {
+            return Err(super::params::unknown_value(
+                "status",
+                s,
+                &CONVERSATION_STATUSES,
+            ));
+        }
         let states = store
             .list_conversations(&ConversationQuery {
                 status: status.0,
@@ -208,6 +211,16 @@ impl ConversationsApi {
         }))
     }
 }
+
+/// The values `GET /conversations?status=` accepts: `setup`, then the ended statuses.
+const CONVERSATION_STATUSES: [&str; 6] = [
+    crate::store::projection::STATUS_SETUP,
+    ENDED_STATUSES[0],
+    ENDED_STATUSES[1],
+    ENDED_STATUSES[2],
+    ENDED_STATUSES[3],
+    ENDED_STATUSES[4],
+];
 
 fn default_limit() -> u32 {
     50

@@ -105,9 +105,15 @@ pub async fn to_json_error(err: poem::Error) -> Response {
         ),
         StatusCode::NOT_FOUND => ("not_found", "no such route".to_owned()),
         StatusCode::METHOD_NOT_ALLOWED => ("method_not_allowed", err.to_string()),
-        StatusCode::BAD_REQUEST => ("bad_request", err.to_string()),
+        StatusCode::BAD_REQUEST => (
+            "bad_request",
+            super::params::describe(&err).unwrap_or_else(|| err.to_string()),
+        ),
         StatusCode::PAYLOAD_TOO_LARGE => ("payload_too_large", err.to_string()),
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => ("unsupported_media_type", err.to_string()),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => (
+            "unsupported_media_type",
+            super::params::describe_media(&err).unwrap_or_else(|| err.to_string()),
+        ),
         s if s.is_server_error() => {
             tracing::error!(error = %err, "request failed");
             (

@@ -1,4 +1,5 @@
-//! `GET /api/v1/events` and `GET /api/v1/events/{id}`: the stored log, read back.
+//! `GET /api/v1/events` and `GET /api/v1/events/{id}`: the stored log, read back;
+//! `POST /api/v1/events/{id}/replay`: run an event's workflows again.
 
 use std::sync::Arc;
 
@@ -10,6 +11,8 @@ use poem_openapi::{Enum, Object, OpenApi, Tags};
 
 use super::auth::AdminAuth;
 use super::error::ApiError;
+use super::params::OptionalJson;
+use super::runs::ReplayEventRequest;
 use crate::store::{EventQuery, EventStore, Order, StoredEvent, StoredEventWithBody};
 
 #[derive(Tags)]
@@ -133,13 +136,7 @@ pub struct EventsApi;
 
 fn parse_cursor(cursor: Option<String>) -> Result<Option<i64>, ApiError> {
     cursor
-        .map(|c| {
-            c.parse::<i64>().map_err(|_| {
-                ApiError::bad_request(format!(
-                    "invalid cursor `{c}`: pass the `next_cursor` of a previous page unchanged"
-                ))
-            })
-        })
+        .map(|c| c.parse::<i64>().map_err(|_| super::params::bad_cursor(&c)))
         .transpose()
 }
 
@@ -256,6 +253,45 @@ impl EventsApi {
             body,
             raw_body,
         }))
+    }
+
+    /// Replay one event: a new run (new Idempotency-Keys, marked `replay_of`) for each run it
+    /// started, with the context it saw the first time; never while a run of the same workflow for
+    /// it is still in flight.
+    #[oai(path = "/events/:id/replay", method = "post")]
+    async fn replay_event(
+        &self,
+        _auth: AdminAuth,
+        store: Data<&Arc<dyn EventStore>>,
+        wake: Data<&Arc<tokio::sync::Notify>>,
+        /// Operator's event id (`ev_…`).
+        id: Path<String>,
+        /// Optional: `{"workflows": [...]}`; no body (or `{}`) replays every run the event started.
+        body: OptionalJson<ReplayEventRequest>,
+    ) -> Result<Json<Vec<super::runs::ReplayOutcomeView>>, ApiError> {
+        if store.get_event(&id).await?.is_none() {
+            return Err(ApiError::not_found("event", &id));
+        }
+        let outcomes = store
+            .replay_event(
+                &id,
+                body.0.and_then(|b| b.workflows).as_deref(),
+                false,
+                Utc::now(),
+            )
+            .await?;
+        wake.notify_one();
+        Ok(Json(
+            outcomes
+                .into_iter()
+                .map(|o| super::runs::ReplayOutcomeView {
+                    workflow: o.workflow,
+                    original_run_id: o.original_run_id,
+                    new_run_id: o.new_run_id,
+                    skipped: o.skipped,
+                })
+                .collect(),
+        ))
     }
 }
 

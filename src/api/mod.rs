@@ -7,6 +7,7 @@ pub mod conversations;
 pub mod error;
 pub mod events;
 pub mod health;
+pub mod params;
 pub mod runs;
 
 use poem_openapi::OpenApiService;

@@ -20,6 +20,8 @@ use crate::workflow::registry::Registry;
 enum RunTags {
     /// Workflow runs: one per (workflow, event) that matched, with every HTTP attempt.
     Runs,
+    /// Bulk replays: every event a filter selects, replayed in the background.
+    Replays,
     /// The workflows loaded from SWITCHBOARD_WORKFLOWS.
     Workflows,
 }
@@ -304,11 +306,7 @@ fn encode_cursor(r: &Run) -> String {
 }
 
 fn decode_cursor(c: &str) -> Result<(DateTime<Utc>, String), ApiError> {
-    let bad = || {
-        ApiError::bad_request(format!(
-            "invalid cursor `{c}`: pass the `next_cursor` of a previous page unchanged"
-        ))
-    };
+    let bad = || super::params::bad_cursor(c);
     let (at, id) = c.split_once('|').ok_or_else(bad)?;
     let at = DateTime::parse_from_rfc3339(at)
         .map_err(|_| bad())?
@@ -344,11 +342,10 @@ impl RunsApi {
     ) -> Result<Json<RunPage>, ApiError> {
         let status = match status.0 {
             None => None,
-            Some(s) => Some(RunStatus::parse(&s).ok_or_else(|| {
-                ApiError::bad_request(format!(
-                    "unknown status `{s}`: use one of scheduled, running, retrying, succeeded, failed, cancelled"
-                ))
-            })?),
+            Some(s) => Some(
+                RunStatus::parse(&s)
+                    .ok_or_else(|| super::params::unknown_value("status", &s, &RUN_STATUSES))?,
+            ),
         };
         let query = RunQuery {
             workflow: workflow.0,
@@ -411,41 +408,27 @@ impl RunsApi {
         }
     }
 
-    /// Replay one event: a new run (new Idempotency-Keys, marked `replay_of`) for each run it
-    /// started, with the context it saw the first time; never while a run of the same workflow for
-    /// it is still in flight.
-    #[oai(path = "/events/:id/replay", method = "post", tag = "RunTags::Runs")]
-    async fn replay_event(
+    /// Cancel a run that waits for its first attempt or for a retry. 409 if it is running or finished.
+    #[oai(path = "/runs/:id/cancel", method = "post", tag = "RunTags::Runs")]
+    async fn cancel_run(
         &self,
         _auth: AdminAuth,
         store: Data<&Arc<dyn EventStore>>,
-        wake: Data<&Arc<tokio::sync::Notify>>,
-        /// Operator's event id (`ev_…`).
+        /// The run id (`run_…`).
         id: Path<String>,
-        body: Json<ReplayEventRequest>,
-    ) -> Result<Json<Vec<ReplayOutcomeView>>, ApiError> {
-        if store.get_event(&id).await?.is_none() {
-            return Err(ApiError::not_found("event", &id));
+    ) -> Result<Json<RunSummary>, ApiError> {
+        match store.cancel_run(&id, Utc::now()).await? {
+            RunChange::Changed(run) => Ok(Json(run.as_ref().into())),
+            RunChange::NotFound => Err(ApiError::not_found("run", &id)),
+            RunChange::WrongState(status) => Err(ApiError::conflict(format!(
+                "run `{}` is {status}; only scheduled or retrying runs can be cancelled",
+                id.0
+            ))),
         }
-        let outcomes = store
-            .replay_event(&id, body.workflows.as_deref(), false, Utc::now())
-            .await?;
-        wake.notify_one();
-        Ok(Json(
-            outcomes
-                .into_iter()
-                .map(|o| ReplayOutcomeView {
-                    workflow: o.workflow,
-                    original_run_id: o.original_run_id,
-                    new_run_id: o.new_run_id,
-                    skipped: o.skipped,
-                })
-                .collect(),
-        ))
     }
 
     /// Replay every event a filter selects, in the background (resumed after a restart).
-    #[oai(path = "/replays", method = "post", tag = "RunTags::Runs")]
+    #[oai(path = "/replays", method = "post", tag = "RunTags::Replays")]
     async fn start_replay(
         &self,
         _auth: AdminAuth,
@@ -465,7 +448,7 @@ impl RunsApi {
     }
 
     /// A bulk replay's progress.
-    #[oai(path = "/replays/:id", method = "get", tag = "RunTags::Runs")]
+    #[oai(path = "/replays/:id", method = "get", tag = "RunTags::Replays")]
     async fn get_replay(
         &self,
         _auth: AdminAuth,
@@ -480,7 +463,11 @@ impl RunsApi {
     }
 
     /// Cancel a running bulk replay (runs it already created stay). 409 if it is not running.
-    #[oai(path = "/replays/:id/cancel", method = "post", tag = "RunTags::Runs")]
+    #[oai(
+        path = "/replays/:id/cancel",
+        method = "post",
+        tag = "RunTags::Replays"
+    )]
     async fn cancel_replay(
         &self,
         _auth: AdminAuth,
@@ -495,25 +482,6 @@ impl RunsApi {
             Some(r) => Err(ApiError::conflict(format!(
                 "replay `{}` is {}, not running",
                 id.0, r.status
-            ))),
-        }
-    }
-
-    /// Cancel a run that waits for its first attempt or for a retry. 409 if it is running or finished.
-    #[oai(path = "/runs/:id/cancel", method = "post", tag = "RunTags::Runs")]
-    async fn cancel_run(
-        &self,
-        _auth: AdminAuth,
-        store: Data<&Arc<dyn EventStore>>,
-        /// The run id (`run_…`).
-        id: Path<String>,
-    ) -> Result<Json<RunSummary>, ApiError> {
-        match store.cancel_run(&id, Utc::now()).await? {
-            RunChange::Changed(run) => Ok(Json(run.as_ref().into())),
-            RunChange::NotFound => Err(ApiError::not_found("run", &id)),
-            RunChange::WrongState(status) => Err(ApiError::conflict(format!(
-                "run `{}` is {status}; only scheduled or retrying runs can be cancelled",
-                id.0
             ))),
         }
     }
@@ -643,6 +611,16 @@ impl RunsApi {
         ))
     }
 }
+
+/// The values `GET /runs?status=` accepts.
+const RUN_STATUSES: [&str; 6] = [
+    "scheduled",
+    "running",
+    "retrying",
+    "succeeded",
+    "failed",
+    "cancelled",
+];
 
 fn default_limit() -> u32 {
     50

@@ -150,7 +150,7 @@ impl SetupResponder {
         );
         if let Some(reason) = &produced.fallback_reason {
             span.record("switchboard.setup.reason", reason.as_str());
-            tracing::warn!(event_id = %event.envelope.id, workflow = ?produced.workflow, "setup answered with the fallback: {reason}");
+            tracing::warn!(event_id = %event.envelope.id, workflow = produced.workflow.as_deref().unwrap_or("-"), "setup answered with the fallback: {reason}");
             crate::prometheus::setup_fallback(produced.workflow.as_deref());
         }
         let saved = self

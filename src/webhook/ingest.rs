@@ -251,7 +251,11 @@ async fn handle(
             let duplicate = outcome.is_duplicate();
             let stored = outcome.event();
             if let AppendOutcome::Duplicate { of, .. } = &outcome {
-                tracing::info!(event_id = %stored.event_id, seq = stored.seq, duplicate_of = ?of, "duplicate delivery acknowledged");
+                let duplicate_by = match of {
+                    crate::store::DuplicateOf::IdempotencyKey => "idempotency_key",
+                    crate::store::DuplicateOf::EventId => "event_id",
+                };
+                tracing::info!(event_id = %stored.event_id, seq = stored.seq, duplicate_by, "duplicate delivery acknowledged");
             } else {
                 tracing::debug!(event_id = %stored.event_id, seq = stored.seq, event_type = %stored.event_type, "event stored");
             }

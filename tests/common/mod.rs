@@ -467,6 +467,13 @@ pub fn ended_body(event_id: &str, conversation_id: &str, status: &str) -> Vec<u8
     .into_bytes()
 }
 
+/// An empty workflows directory under `dir` (a missing one is refused at startup).
+pub fn no_workflows(dir: &Path) -> PathBuf {
+    let wf = dir.join("no-workflows");
+    std::fs::create_dir_all(&wf).unwrap();
+    wf
+}
+
 /// The real `switchboard serve` binary, for crash tests.
 pub struct ServerProcess {
     pub child: Child,
@@ -522,7 +529,7 @@ impl ServerProcess {
             .env("SWITCHBOARD_LISTEN", addr.to_string())
             .env("SWITCHBOARD_SIGNING_KEYS", KEY)
             .env("SWITCHBOARD_ADMIN_TOKEN", TOKEN)
-            .env("SWITCHBOARD_WORKFLOWS", "/nonexistent-workflows")
+            .env("SWITCHBOARD_WORKFLOWS", no_workflows(log_dir))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
         for (k, v) in extra_env {
