@@ -27,8 +27,8 @@ fn pos(l: &Location) -> Pos {
 
 use super::diagnostic::{Diagnostic, Severity};
 use super::format::{HttpSpec, StepSpec, WorkflowFile};
-use super::template;
 use super::{Backoff, BodySpec, HttpAction, RetryPolicy, Step, Trigger, Workflow};
+use super::{lint, template};
 use crate::webhook::envelope::{ENDED_STATUSES, EventKind};
 
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -38,6 +38,21 @@ struct Checker<'a> {
     file: &'a Path,
     source: &'a str,
     out: Vec<Diagnostic>,
+    /// A `conversation.setup` workflow (answers inline: no `run`).
+    is_setup: bool,
+    /// A `conversation.custom_fields.updated` workflow (templates see `change`).
+    has_change: bool,
+}
+
+/// Where a template or expression is used, which decides the roots it can read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Scope {
+    /// `when:`, decided before any step runs.
+    When,
+    /// A step's `if:` and request templates.
+    Step,
+    /// A setup answer (`respond`, `fallback`).
+    Answer,
 }
 
 impl Checker<'_> {
@@ -85,7 +100,7 @@ impl Checker<'_> {
         }
     }
 
-    fn expression(&mut self, spec: &Spanned<String>, field: &str) {
+    fn expression(&mut self, spec: &Spanned<String>, field: &str, scope: Scope) {
         if let Err(e) = template::check_expression(&spec.value) {
             self.error(
                 pos(&spec.referenced),
@@ -95,16 +110,98 @@ impl Checker<'_> {
                 "expressions use minijinja syntax, e.g. event.payload.status == \"completed\""
                     .into(),
             );
+            return;
         }
+        let findings = lint::check_expression(&spec.value, &self.roots(scope));
+        self.findings(findings, pos(&spec.referenced), field);
     }
 
-    fn template(&mut self, text: &str, loc: Pos, field: &str, refs: &Refs<'_>) {
+    fn template(&mut self, text: &str, loc: Pos, field: &str, refs: &Refs<'_>, scope: Scope) {
         if let Err(e) = template::check_template(text) {
             self.error(loc, format!("`{field}` does not compile: {}", e.message))
                 .help = Some("templates use minijinja syntax: {{ event.conversation_id }}".into());
             return;
         }
+        let findings = lint::check_template(text, &self.roots(scope));
+        self.findings(findings, loc, field);
         self.references(text, loc, field, refs);
+    }
+
+    /// The root variables a template can read in `scope` of this workflow.
+    fn roots(&self, scope: Scope) -> lint::Roots {
+        let mut roots = lint::Roots::default();
+        roots.allowed = vec!["event", "conversation"];
+        if self.has_change {
+            roots.allowed.push("change");
+        } else {
+            roots.unavailable.push((
+                "change",
+                "it is only set in workflows on conversation.custom_fields.updated".into(),
+            ));
+        }
+        let later = |name: &str| match scope {
+            Scope::When => Some(format!(
+                "`when` is decided before any step runs; it reads only event, conversation{} (use a step's `if:` for {name})",
+                if self.has_change { " and change" } else { "" }
+            )),
+            _ => None,
+        };
+        for name in ["steps", "secrets"] {
+            match later(name) {
+                Some(why) => roots.unavailable.push((name, why)),
+                None => roots.allowed.push(name),
+            }
+        }
+        if let Some(why) = later("run") {
+            roots.unavailable.push(("run", why));
+        } else if self.is_setup {
+            roots.unavailable.push((
+                "run",
+                "a conversation.setup workflow answers inline, without a run".into(),
+            ));
+        } else {
+            roots.allowed.push("run");
+        }
+        roots
+    }
+
+    /// Reports the unknown names of a template that starts at `loc` in the file.
+    fn findings(&mut self, findings: Vec<lint::Finding>, loc: Pos, field: &str) {
+        for f in findings {
+            let at = self.locate(loc, f.line, &f.name);
+            self.error(at, format!("`{field}`: {}", f.message)).help = f.help;
+        }
+    }
+
+    /// Finds `name` (as a word) in the file at or after the template's start, on
+    /// the template's `line` or later; `loc` itself when it cannot be found.
+    fn locate(&self, loc: Pos, line: usize, name: &str) -> Pos {
+        let Ok(word) = Regex::new(&format!(r"\b{}\b", regex::escape(name))) else {
+            return loc;
+        };
+        let first = loc.line + line.saturating_sub(1);
+        for (i, text) in self
+            .source
+            .lines()
+            .enumerate()
+            .skip(first.saturating_sub(1))
+            .take(200)
+        {
+            let from = if i + 1 == loc.line {
+                text.char_indices()
+                    .nth(loc.column.saturating_sub(1))
+                    .map_or(text.len(), |(b, _)| b)
+            } else {
+                0
+            };
+            if let Some(m) = word.find_at(text, from) {
+                return Pos {
+                    line: i + 1,
+                    column: text[..m.start()].chars().count() + 1,
+                };
+            }
+        }
+        loc
     }
 
     /// Checks `steps.X` names an earlier step and `secrets.X` a declared secret.
@@ -204,6 +301,8 @@ pub fn compile(file: &Path, source: &str) -> Result<(Workflow, Vec<Diagnostic>),
         file,
         source,
         out: Vec::new(),
+        is_setup: false,
+        has_change: false,
     };
     let workflow = check(&mut c, spec);
     if c.out.iter().any(Diagnostic::is_error) {
@@ -228,10 +327,12 @@ fn check(c: &mut Checker<'_>, spec: WorkflowFile) -> Workflow {
     };
     let event = spec.on.event.value.trim().to_owned();
     let is_setup = event == EventKind::SETUP;
+    c.is_setup = is_setup;
+    c.has_change = event == EventKind::CUSTOM_FIELDS_UPDATED;
     let trigger = check_trigger(c, &spec, &event);
 
     if let Some(w) = &spec.when {
-        c.expression(w, "when");
+        c.expression(w, "when", Scope::When);
     }
     let mut secrets = HashSet::new();
     for s in &spec.secrets {
@@ -465,7 +566,7 @@ fn check_answer(c: &mut Checker<'_>, field: &str, v: &Spanned<Value>, refs: &Ref
             template::strings_in(&v.value, &mut strings);
             for s in strings {
                 let loc = c.find(pos(&v.referenced), s.lines().next().unwrap_or(&s));
-                c.template(&s, loc, field, refs);
+                c.template(&s, loc, field, refs, Scope::Answer);
             }
         }
         _ => {
@@ -480,7 +581,7 @@ fn check_answer(c: &mut Checker<'_>, field: &str, v: &Spanned<Value>, refs: &Ref
 fn check_step(c: &mut Checker<'_>, step: &StepSpec, refs: &Refs<'_>, is_setup: bool) -> Step {
     let id = step.id.value.trim().to_owned();
     if let Some(cond) = &step.condition {
-        c.expression(cond, "if");
+        c.expression(cond, "if", Scope::Step);
         c.references(&cond.value, pos(&cond.referenced), "if", refs);
     }
     let http = check_http(c, &step.http, refs);
@@ -571,7 +672,13 @@ fn check_http(c: &mut Checker<'_>, http: &HttpSpec, refs: &Refs<'_>) -> HttpActi
             upper
         }
     };
-    c.template(&http.url.value, pos(&http.url.referenced), "http.url", refs);
+    c.template(
+        &http.url.value,
+        pos(&http.url.referenced),
+        "http.url",
+        refs,
+        Scope::Step,
+    );
     let url_literal = http.url.value.trim_start();
     if !url_literal.starts_with("http://")
         && !url_literal.starts_with("https://")
@@ -588,6 +695,7 @@ fn check_http(c: &mut Checker<'_>, http: &HttpSpec, refs: &Refs<'_>) -> HttpActi
             pos(&v.referenced),
             &format!("http.headers.{k}"),
             refs,
+            Scope::Step,
         );
     }
     for (k, v) in &http.query {
@@ -596,6 +704,7 @@ fn check_http(c: &mut Checker<'_>, http: &HttpSpec, refs: &Refs<'_>) -> HttpActi
             pos(&v.referenced),
             &format!("http.query.{k}"),
             refs,
+            Scope::Step,
         );
     }
     let body = match (&http.json, &http.body) {
@@ -611,12 +720,12 @@ fn check_http(c: &mut Checker<'_>, http: &HttpSpec, refs: &Refs<'_>) -> HttpActi
             template::strings_in(&j.value, &mut strings);
             for s in strings {
                 let loc = c.find(pos(&j.referenced), s.lines().next().unwrap_or(&s));
-                c.template(&s, loc, "http.json", refs);
+                c.template(&s, loc, "http.json", refs, Scope::Step);
             }
             BodySpec::Json(j.value.clone())
         }
         (None, Some(b)) => {
-            c.template(&b.value, pos(&b.referenced), "http.body", refs);
+            c.template(&b.value, pos(&b.referenced), "http.body", refs, Scope::Step);
             BodySpec::Text {
                 template: b.value.clone(),
                 content_type: http
