@@ -26,7 +26,7 @@ fn pos(l: &Location) -> Pos {
 }
 
 use super::diagnostic::{Diagnostic, Severity};
-use super::format::{HttpSpec, StepSpec, WorkflowFile};
+use super::format::{self, HttpSpec, StepSpec, WorkflowFile};
 use super::{Backoff, BodySpec, HttpAction, RetryPolicy, Step, Trigger, Workflow};
 use super::{lint, template};
 use crate::webhook::envelope::{ENDED_STATUSES, EventKind};
@@ -295,7 +295,8 @@ fn parse_error(file: &Path, source: &str, e: &serde_saphyr::Error) -> Diagnostic
 /// Parses and checks one workflow file. On success returns the workflow and its warnings;
 /// otherwise every diagnostic (errors and warnings).
 pub fn compile(file: &Path, source: &str) -> Result<(Workflow, Vec<Diagnostic>), Vec<Diagnostic>> {
-    let spec: WorkflowFile =
+    // First pass: the tree as it is, for every unknown key with its position.
+    let tree: format::Node =
         serde_saphyr::from_str(source).map_err(|e| vec![parse_error(file, source, &e)])?;
     let mut c = Checker {
         file,
@@ -303,6 +304,32 @@ pub fn compile(file: &Path, source: &str) -> Result<(Workflow, Vec<Diagnostic>),
         out: Vec::new(),
         is_setup: false,
         has_change: false,
+    };
+    for (key, part, allowed) in format::unknown_keys(&tree) {
+        let d = c.error(
+            pos(&key.referenced),
+            format!(
+                "unknown field `{}` in {part}, expected one of {}",
+                key.value,
+                allowed
+                    .iter()
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
+        d.help = Some(match lint::did_you_mean(&key.value, allowed.iter().copied()) {
+            Some(k) => format!("did you mean `{k}`?"),
+            None => "the keys a workflow may use are listed in README \"Workflows\" and workflows/workflow.schema.json".into(),
+        });
+    }
+    // Second pass: the typed file (unknown keys ignored: reported above).
+    let spec: WorkflowFile = match serde_saphyr::from_str(source) {
+        Ok(spec) => spec,
+        Err(e) => {
+            c.out.push(parse_error(file, source, &e));
+            return Err(c.out);
+        }
     };
     let workflow = check(&mut c, spec);
     if c.out.iter().any(Diagnostic::is_error) {
