@@ -129,8 +129,10 @@ impl Checker<'_> {
 
     /// The root variables a template can read in `scope` of this workflow.
     fn roots(&self, scope: Scope) -> lint::Roots {
-        let mut roots = lint::Roots::default();
-        roots.allowed = vec!["event", "conversation"];
+        let mut roots = lint::Roots {
+            allowed: vec!["event", "conversation"],
+            ..Default::default()
+        };
         if self.has_change {
             roots.allowed.push("change");
         } else {
