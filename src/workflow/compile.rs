@@ -170,9 +170,30 @@ impl Checker<'_> {
     /// Reports the unknown names of a template that starts at `loc` in the file.
     fn findings(&mut self, findings: Vec<lint::Finding>, loc: Pos, field: &str) {
         for f in findings {
-            let at = self.locate(loc, f.line, &f.name);
+            let at = self
+                .exact(loc, f.line, f.column, &f.name)
+                .unwrap_or_else(|| self.locate(loc, f.line, &f.name));
             self.error(at, format!("`{field}`: {}", f.message)).help = f.help;
         }
+    }
+
+    /// Where a template position falls in the file when the template is a
+    /// one-line scalar starting at `loc` (plain or quoted, no escapes before it),
+    /// if `name` is indeed written there.
+    fn exact(&self, loc: Pos, line: usize, column: usize, name: &str) -> Option<Pos> {
+        if line != 1 {
+            return None;
+        }
+        let text = self.source.lines().nth(loc.line.checked_sub(1)?)?;
+        let chars: Vec<char> = text.chars().collect();
+        let start = loc.column.checked_sub(1)?;
+        let quoted = matches!(chars.get(start), Some('"' | '\''));
+        let at = start + usize::from(quoted) + column - 1;
+        let found: String = chars.get(at..at + name.chars().count())?.iter().collect();
+        (found == name).then_some(Pos {
+            line: loc.line,
+            column: at + 1,
+        })
     }
 
     /// Finds `name` (as a word) in the file at or after the template's start, on

@@ -316,3 +316,28 @@ fn change_is_the_transition_matching_used() {
     );
     assert_eq!((change, in_ctx), (None, None));
 }
+
+#[test]
+fn an_unknown_name_points_at_itself_not_at_the_same_word_earlier() {
+    let mut e = errors(
+        "on: { event: conversation.ended }\nwhen: event.id == \"evnt\" and evnt.x\nsteps:\n  - id: a\n    http: { url: 'https://x/evnt/{{ evnt.id }}' }\n    if: >\n      event.id ==\n        evnt.id\n",
+    );
+    assert_eq!(e.len(), 3, "{e:?}");
+    e.sort();
+    assert!(
+        e[0].starts_with("wf/test.yaml:2:30: error: `when`: unknown variable `evnt`"),
+        "{}",
+        e[0]
+    );
+    assert!(
+        e[1].starts_with("wf/test.yaml:5:37: error: `http.url`: unknown variable `evnt`"),
+        "{}",
+        e[1]
+    );
+    // A folded scalar: found on the template's own line.
+    assert!(
+        e[2].starts_with("wf/test.yaml:8:9: error: `if`: unknown variable `evnt`"),
+        "{}",
+        e[2]
+    );
+}
