@@ -306,13 +306,7 @@ fn parse_error(file: &Path, source: &str, e: &serde_saphyr::Error) -> Diagnostic
     let prefix = PREFIX
         .get_or_init(|| Regex::new(r"^(error: )?(line \d+ column \d+: )?").expect("valid regex"));
     let first = prefix.replace(first, "").into_owned();
-    let mut d = Diagnostic::new(Severity::Error, file, source, line, column, first);
-    if text.contains("unknown field") {
-        d.help = Some(
-            "the keys a workflow may use are listed in README \"Workflows\" and workflows/workflow.schema.json".into(),
-        );
-    }
-    d
+    Diagnostic::new(Severity::Error, file, source, line, column, first)
 }
 
 /// Parses and checks one workflow file. On success returns the workflow and its warnings;
