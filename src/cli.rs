@@ -144,9 +144,10 @@ pub struct BacktestArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct ValidateArgs {
-    /// The workflow directory (default: SWITCHBOARD_WORKFLOWS, else ./workflows).
-    #[arg(env = "SWITCHBOARD_WORKFLOWS", default_value = "./workflows")]
-    pub dir: PathBuf,
+    /// Workflow files and/or directories of them (default: SWITCHBOARD_WORKFLOWS, else ./workflows).
+    /// Checked together: workflow names must be unique across them all.
+    #[arg(env = "SWITCHBOARD_WORKFLOWS", default_value = "./workflows", num_args = 1..)]
+    pub paths: Vec<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -272,14 +273,31 @@ async fn rebuild(args: &DatabaseArgs) -> anyhow::Result<()> {
 
 fn validate(args: &ValidateArgs) -> ExitCode {
     use crate::workflow::{WorkflowSet, diagnostic::render_all};
-    if !args.dir.is_dir() {
-        eprintln!(
-            "error: {} is not a directory of workflow files",
-            args.dir.display()
-        );
+    let mut sources = Vec::new();
+    let mut problems = Vec::new();
+    for path in &args.paths {
+        match workflow_sources(path) {
+            Ok(found) => sources.extend(found),
+            Err(message) => problems.push(message),
+        }
+    }
+    if !problems.is_empty() {
+        for p in problems {
+            eprintln!("error: {p}");
+        }
         return ExitCode::FAILURE;
     }
-    match WorkflowSet::load(&args.dir) {
+    let shown = args
+        .paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let dir = match args.paths.as_slice() {
+        [one] if one.is_dir() => one.clone(),
+        _ => PathBuf::new(),
+    };
+    match WorkflowSet::from_sources(&dir, sources) {
         Ok(set) => {
             if !set.warnings.is_empty() {
                 eprint!("{}", render_all(&set.warnings));
@@ -287,11 +305,7 @@ fn validate(args: &ValidateArgs) -> ExitCode {
             for w in &set.workflows {
                 println!("ok: {} ({}, on {})", w.name, w.file.display(), w.event);
             }
-            println!(
-                "{} workflow(s) valid in {}",
-                set.workflows.len(),
-                args.dir.display()
-            );
+            println!("{} workflow(s) valid in {shown}", set.workflows.len());
             ExitCode::SUCCESS
         }
         Err(diagnostics) => {
@@ -299,6 +313,45 @@ fn validate(args: &ValidateArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The workflow files a `validate` argument names, with their text: a file as
+/// is, a directory's `*.yaml` / `*.yml` (not recursive, in name order).
+fn workflow_sources(path: &std::path::Path) -> Result<Vec<(PathBuf, String)>, String> {
+    let shown = path.display();
+    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => format!(
+            "{shown}: no such file or directory (give a workflow file or a directory of them)"
+        ),
+        _ => format!("{shown}: cannot read: {e}"),
+    })?;
+    let files = if meta.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| format!("{shown}: cannot read the directory: {e}"))?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| {
+                p.is_file()
+                    && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+            })
+            .collect();
+        files.sort();
+        files
+    } else if meta.is_file() {
+        vec![path.to_owned()]
+    } else {
+        return Err(format!(
+            "{shown} is not a workflow file or a directory of workflow files"
+        ));
+    };
+    files
+        .into_iter()
+        .map(|f| {
+            std::fs::read_to_string(&f)
+                .map(|text| (f.clone(), text))
+                .map_err(|e| format!("{}: cannot read: {e}", f.display()))
+        })
+        .collect()
 }
 
 async fn backtest(args: &BacktestArgs) -> anyhow::Result<()> {
@@ -310,8 +363,8 @@ async fn backtest(args: &BacktestArgs) -> anyhow::Result<()> {
     if !warnings.is_empty() {
         eprint!("{}", render_all(&warnings));
     }
-    let store = crate::store::connect(&args.db.database_url).await?;
-    store.migrate().await?;
+    // Read-only: never migrates or writes the database it is pointed at.
+    let store = backtest::open_read_only(&args.db.database_url).await?;
     let filter = backtest::BacktestFilter {
         received_after: args.since.map(|d| {
             chrono::Utc::now() - chrono::TimeDelta::from_std(d).unwrap_or(chrono::TimeDelta::MAX)
@@ -325,15 +378,26 @@ async fn backtest(args: &BacktestArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let matched = results.iter().filter(|r| r.matched).count();
+    let failing = results.iter().filter(|r| r.would_fail.is_some()).count();
     println!(
-        "backtest of `{}` on {} stored {} event(s): {matched} would have run\n",
+        "backtest of `{}` on {} stored {} event(s): {matched} would have run{}\n",
         wf.name,
         results.len(),
-        wf.event
+        wf.event,
+        if failing > 0 {
+            format!(", {failing} of them would fail")
+        } else {
+            String::new()
+        }
     );
     for r in &results {
         let conv = r.conversation_id.as_deref().unwrap_or("-");
-        if r.matched {
+        if let Some(why) = &r.would_fail {
+            println!(
+                "  ! #{} {} ({conv}): would run, then fail at {why}",
+                r.sequence, r.event_id
+            );
+        } else if r.matched {
             println!("  ✓ #{} {} ({conv})", r.sequence, r.event_id);
             for w in &r.requests {
                 match (&w.request, &w.note) {

@@ -13,6 +13,91 @@ use crate::store::projection::ConversationState;
 use crate::store::{EventQuery, EventStore, Order, StoreError};
 use crate::webhook::envelope::Envelope;
 
+/// Opens the store for a read-only tool (`backtest`): nothing is created,
+/// migrated or written. A database without Switchboard's tables (or with
+/// migrations missing) is refused with a message that names it and says what
+/// to do.
+pub async fn open_read_only(url: &str) -> anyhow::Result<std::sync::Arc<dyn EventStore>> {
+    use sqlx::Connection;
+    let shown = crate::store::redact_url(url);
+    let fix = format!(
+        "run `switchboard migrate --database-url {shown}` against it first, or point --database-url \
+         (SWITCHBOARD_DATABASE_URL) at the database `switchboard serve` uses"
+    );
+    let (applied, expected): (Option<Vec<i64>>, Vec<i64>) = if url.starts_with("sqlite:") {
+        use std::str::FromStr;
+        let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)?.create_if_missing(false);
+        let file = options.get_filename().to_owned();
+        if !file.exists() {
+            anyhow::bail!(
+                "database {shown}: no such file {}; a backtest reads an existing Switchboard database ({fix})",
+                file.display()
+            );
+        }
+        let mut conn = sqlx::SqliteConnection::connect_with(&options).await?;
+        let has: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'switchboard_migrations'",
+        )
+        .fetch_one(&mut conn)
+        .await?;
+        let applied = if has == 0 {
+            None
+        } else {
+            Some(
+                sqlx::query_scalar("SELECT version FROM switchboard_migrations WHERE success")
+                    .fetch_all(&mut conn)
+                    .await?,
+            )
+        };
+        conn.close().await?;
+        let expected = sqlx::migrate!("./migrations/sqlite")
+            .iter()
+            .map(|m| m.version)
+            .collect();
+        (applied, expected)
+    } else {
+        // Connect through the store first: its connection errors say what failed.
+        crate::store::connect(url).await?;
+        let mut conn = sqlx::PgConnection::connect(url).await?;
+        let has: bool =
+            sqlx::query_scalar("SELECT to_regclass('switchboard_migrations') IS NOT NULL")
+                .fetch_one(&mut conn)
+                .await?;
+        let applied = if has {
+            Some(
+                sqlx::query_scalar("SELECT version FROM switchboard_migrations WHERE success")
+                    .fetch_all(&mut conn)
+                    .await?,
+            )
+        } else {
+            None
+        };
+        conn.close().await?;
+        let expected = sqlx::migrate!("./migrations/postgres")
+            .iter()
+            .map(|m| m.version)
+            .collect();
+        (applied, expected)
+    };
+    match applied {
+        None => anyhow::bail!("database {shown} has no Switchboard tables; {fix}"),
+        Some(applied) => {
+            let missing: Vec<String> = expected
+                .iter()
+                .filter(|v| !applied.contains(v))
+                .map(i64::to_string)
+                .collect();
+            if !missing.is_empty() {
+                anyhow::bail!(
+                    "database {shown} lacks Switchboard migration(s) {}; {fix}",
+                    missing.join(", ")
+                );
+            }
+        }
+    }
+    Ok(crate::store::connect(url).await?)
+}
+
 /// Which stored events to test against.
 #[derive(Clone, Debug, Default)]
 pub struct BacktestFilter {
@@ -31,6 +116,8 @@ pub struct WouldSend {
     pub request: Option<Value>,
     /// Why it could not be rendered (e.g. it needs an earlier step's response) or was skipped.
     pub note: Option<String>,
+    /// The step would fail at run time (a template or URL that cannot render): `note` says why.
+    pub fails: bool,
 }
 
 /// The verdict on one event.
@@ -46,6 +133,58 @@ pub struct BacktestResult {
     pub requests: Vec<WouldSend>,
     /// For setup workflows without lookups: the answer it would have given.
     pub answer: Option<Value>,
+    /// It would have run, then failed: the first failing step and why.
+    pub would_fail: Option<String>,
+}
+
+/// The earlier steps a step reads (`steps.X` in its `if:` or request templates).
+fn reads_steps(step: &super::Step) -> Vec<String> {
+    let mut texts: Vec<String> = vec![step.http.url.clone()];
+    texts.extend(step.condition.iter().cloned());
+    texts.extend(step.http.headers.iter().map(|(_, v)| v.clone()));
+    texts.extend(step.http.query.iter().map(|(_, v)| v.clone()));
+    match &step.http.body {
+        super::BodySpec::Json(v) => template::strings_in(v, &mut texts),
+        super::BodySpec::Text { template, .. } => texts.push(template.clone()),
+        super::BodySpec::None => {}
+    }
+    let mut names: Vec<String> = texts
+        .iter()
+        .flat_map(|t| super::compile::referenced_names(t))
+        .filter(|(kind, _)| *kind == "steps")
+        .map(|(_, name)| name.to_owned())
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Why a step's request or `if:` could not be worked out: either it reads an
+/// earlier step's response (which a backtest does not have) or it would fail.
+fn unrendered(step: &super::Step, what: &str, message: &str) -> WouldSend {
+    let earlier = reads_steps(step);
+    if earlier.is_empty() {
+        WouldSend {
+            step_id: step.id.clone(),
+            request: None,
+            note: Some(format!("would fail: {what} cannot be rendered: {message}")),
+            fails: true,
+        }
+    } else {
+        let list = earlier
+            .iter()
+            .map(|s| format!("`{s}`"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        WouldSend {
+            step_id: step.id.clone(),
+            request: None,
+            note: Some(format!(
+                "not rendered: {what} reads the response of an earlier step ({list}), which a backtest does not send ({message})"
+            )),
+            fails: false,
+        }
+    }
 }
 
 /// Evaluates `wf` against the stored events of its event type.
@@ -108,6 +247,7 @@ pub async fn run(
             reason: decision.reason().map(str::to_owned),
             requests: Vec::new(),
             answer: None,
+            would_fail: None,
         };
         if decision.matched() {
             let mut ctx = base_context(&facts);
@@ -128,17 +268,17 @@ pub async fn run(
                                 step_id: step.id.clone(),
                                 request: None,
                                 note: Some(format!("skipped: `if: {cond}` is false")),
+                                fails: false,
                             });
                             continue;
                         }
                         Err(e) => {
-                            result.requests.push(WouldSend {
-                                step_id: step.id.clone(),
-                                request: None,
-                                note: Some(format!(
-                                    "`if` cannot be evaluated without live responses: {e}"
-                                )),
-                            });
+                            result
+                                .requests
+                                .push(unrendered(step, "`if`", &e.to_string()));
+                            if result.requests.last().is_some_and(|w| w.fails) {
+                                break;
+                            }
                             continue;
                         }
                     }
@@ -148,16 +288,26 @@ pub async fn run(
                         step_id: step.id.clone(),
                         request: Some(req.record()),
                         note: None,
+                        fails: false,
                     }),
-                    Err((_, message)) => result.requests.push(WouldSend {
-                        step_id: step.id.clone(),
-                        request: None,
-                        note: Some(format!(
-                            "not rendered (it may need an earlier step's response): {message}"
-                        )),
-                    }),
+                    Err((_, message)) => {
+                        result
+                            .requests
+                            .push(unrendered(step, "the request", &message))
+                    }
+                }
+                // A run stops at a step that fails: later steps would not be sent.
+                if result.requests.last().is_some_and(|w| w.fails) {
+                    break;
                 }
             }
+            result.would_fail = result.requests.iter().find(|w| w.fails).map(|w| {
+                format!(
+                    "step `{}`: {}",
+                    w.step_id,
+                    w.note.as_deref().unwrap_or_default()
+                )
+            });
             if wf.respond.is_some() && wf.steps.is_empty() {
                 let produced = answer::render(wf, &ctx);
                 result.answer = serde_json::from_str(&produced.body).ok();

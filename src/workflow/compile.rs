@@ -26,9 +26,9 @@ fn pos(l: &Location) -> Pos {
 }
 
 use super::diagnostic::{Diagnostic, Severity};
-use super::format::{HttpSpec, StepSpec, WorkflowFile};
-use super::template;
+use super::format::{self, HttpSpec, StepSpec, WorkflowFile};
 use super::{Backoff, BodySpec, HttpAction, RetryPolicy, Step, Trigger, Workflow};
+use super::{lint, template};
 use crate::webhook::envelope::{ENDED_STATUSES, EventKind};
 
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -38,6 +38,21 @@ struct Checker<'a> {
     file: &'a Path,
     source: &'a str,
     out: Vec<Diagnostic>,
+    /// A `conversation.setup` workflow (answers inline: no `run`).
+    is_setup: bool,
+    /// A `conversation.custom_fields.updated` workflow (templates see `change`).
+    has_change: bool,
+}
+
+/// Where a template or expression is used, which decides the roots it can read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Scope {
+    /// `when:`, decided before any step runs.
+    When,
+    /// A step's `if:` and request templates.
+    Step,
+    /// A setup answer (`respond`, `fallback`).
+    Answer,
 }
 
 impl Checker<'_> {
@@ -85,7 +100,7 @@ impl Checker<'_> {
         }
     }
 
-    fn expression(&mut self, spec: &Spanned<String>, field: &str) {
+    fn expression(&mut self, spec: &Spanned<String>, field: &str, scope: Scope) {
         if let Err(e) = template::check_expression(&spec.value) {
             self.error(
                 pos(&spec.referenced),
@@ -95,16 +110,121 @@ impl Checker<'_> {
                 "expressions use minijinja syntax, e.g. event.payload.status == \"completed\""
                     .into(),
             );
+            return;
         }
+        let findings = lint::check_expression(&spec.value, &self.roots(scope));
+        self.findings(findings, pos(&spec.referenced), field);
     }
 
-    fn template(&mut self, text: &str, loc: Pos, field: &str, refs: &Refs<'_>) {
+    fn template(&mut self, text: &str, loc: Pos, field: &str, refs: &Refs<'_>, scope: Scope) {
         if let Err(e) = template::check_template(text) {
             self.error(loc, format!("`{field}` does not compile: {}", e.message))
                 .help = Some("templates use minijinja syntax: {{ event.conversation_id }}".into());
             return;
         }
+        let findings = lint::check_template(text, &self.roots(scope));
+        self.findings(findings, loc, field);
         self.references(text, loc, field, refs);
+    }
+
+    /// The root variables a template can read in `scope` of this workflow.
+    fn roots(&self, scope: Scope) -> lint::Roots {
+        let mut roots = lint::Roots {
+            allowed: vec!["event", "conversation"],
+            ..Default::default()
+        };
+        if self.has_change {
+            roots.allowed.push("change");
+        } else {
+            roots.unavailable.push((
+                "change",
+                "it is only set in workflows on conversation.custom_fields.updated".into(),
+            ));
+        }
+        let later = |name: &str| match scope {
+            Scope::When => Some(format!(
+                "`when` is decided before any step runs; it reads only event, conversation{} (use a step's `if:` for {name})",
+                if self.has_change { " and change" } else { "" }
+            )),
+            _ => None,
+        };
+        for name in ["steps", "secrets"] {
+            match later(name) {
+                Some(why) => roots.unavailable.push((name, why)),
+                None => roots.allowed.push(name),
+            }
+        }
+        if let Some(why) = later("run") {
+            roots.unavailable.push(("run", why));
+        } else if self.is_setup {
+            roots.unavailable.push((
+                "run",
+                "a conversation.setup workflow answers inline, without a run".into(),
+            ));
+        } else {
+            roots.allowed.push("run");
+        }
+        roots
+    }
+
+    /// Reports the unknown names of a template that starts at `loc` in the file.
+    fn findings(&mut self, findings: Vec<lint::Finding>, loc: Pos, field: &str) {
+        for f in findings {
+            let at = self
+                .exact(loc, f.line, f.column, &f.name)
+                .unwrap_or_else(|| self.locate(loc, f.line, &f.name));
+            self.error(at, format!("`{field}`: {}", f.message)).help = f.help;
+        }
+    }
+
+    /// Where a template position falls in the file when the template is a
+    /// one-line scalar starting at `loc` (plain or quoted, no escapes before it),
+    /// if `name` is indeed written there.
+    fn exact(&self, loc: Pos, line: usize, column: usize, name: &str) -> Option<Pos> {
+        if line != 1 {
+            return None;
+        }
+        let text = self.source.lines().nth(loc.line.checked_sub(1)?)?;
+        let chars: Vec<char> = text.chars().collect();
+        let start = loc.column.checked_sub(1)?;
+        let quoted = matches!(chars.get(start), Some('"' | '\''));
+        let at = start + usize::from(quoted) + column - 1;
+        let found: String = chars.get(at..at + name.chars().count())?.iter().collect();
+        (found == name).then_some(Pos {
+            line: loc.line,
+            column: at + 1,
+        })
+    }
+
+    /// Finds `name` (as a word) in the file at or after the template's start, on
+    /// the template's `line` or later; `loc` itself when it cannot be found.
+    fn locate(&self, loc: Pos, line: usize, name: &str) -> Pos {
+        let Ok(word) = Regex::new(&format!(r"\b{}\b", regex::escape(name))) else {
+            return loc;
+        };
+        let first = loc.line + line.saturating_sub(1);
+        for (i, text) in self
+            .source
+            .lines()
+            .enumerate()
+            .skip(first.saturating_sub(1))
+            .take(200)
+        {
+            let from = if i + 1 == loc.line {
+                text.char_indices()
+                    .nth(loc.column.saturating_sub(1))
+                    .map_or(text.len(), |(b, _)| b)
+            } else {
+                0
+            };
+            if let Some(m) = word.find_at(text, from) {
+                return Pos {
+                    line: i + 1,
+                    column: text[..m.start()].chars().count() + 1,
+                };
+            }
+        }
+        loc
     }
 
     /// Checks `steps.X` names an earlier step and `secrets.X` a declared secret.
@@ -186,24 +306,47 @@ fn parse_error(file: &Path, source: &str, e: &serde_saphyr::Error) -> Diagnostic
     let prefix = PREFIX
         .get_or_init(|| Regex::new(r"^(error: )?(line \d+ column \d+: )?").expect("valid regex"));
     let first = prefix.replace(first, "").into_owned();
-    let mut d = Diagnostic::new(Severity::Error, file, source, line, column, first);
-    if text.contains("unknown field") {
-        d.help = Some(
-            "the keys a workflow may use are listed in README \"Workflows\" and workflows/workflow.schema.json".into(),
-        );
-    }
-    d
+    Diagnostic::new(Severity::Error, file, source, line, column, first)
 }
 
 /// Parses and checks one workflow file. On success returns the workflow and its warnings;
 /// otherwise every diagnostic (errors and warnings).
 pub fn compile(file: &Path, source: &str) -> Result<(Workflow, Vec<Diagnostic>), Vec<Diagnostic>> {
-    let spec: WorkflowFile =
+    // First pass: the tree as it is, for every unknown key with its position.
+    let tree: format::Node =
         serde_saphyr::from_str(source).map_err(|e| vec![parse_error(file, source, &e)])?;
     let mut c = Checker {
         file,
         source,
         out: Vec::new(),
+        is_setup: false,
+        has_change: false,
+    };
+    for (key, part, allowed) in format::unknown_keys(&tree) {
+        let d = c.error(
+            pos(&key.referenced),
+            format!(
+                "unknown field `{}` in {part}, expected one of {}",
+                key.value,
+                allowed
+                    .iter()
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
+        d.help = Some(match lint::did_you_mean(&key.value, allowed.iter().copied()) {
+            Some(k) => format!("did you mean `{k}`?"),
+            None => "the keys a workflow may use are listed in README \"Workflows\" and workflows/workflow.schema.json".into(),
+        });
+    }
+    // Second pass: the typed file (unknown keys ignored: reported above).
+    let spec: WorkflowFile = match serde_saphyr::from_str(source) {
+        Ok(spec) => spec,
+        Err(e) => {
+            c.out.push(parse_error(file, source, &e));
+            return Err(c.out);
+        }
     };
     let workflow = check(&mut c, spec);
     if c.out.iter().any(Diagnostic::is_error) {
@@ -228,10 +371,12 @@ fn check(c: &mut Checker<'_>, spec: WorkflowFile) -> Workflow {
     };
     let event = spec.on.event.value.trim().to_owned();
     let is_setup = event == EventKind::SETUP;
+    c.is_setup = is_setup;
+    c.has_change = event == EventKind::CUSTOM_FIELDS_UPDATED;
     let trigger = check_trigger(c, &spec, &event);
 
     if let Some(w) = &spec.when {
-        c.expression(w, "when");
+        c.expression(w, "when", Scope::When);
     }
     let mut secrets = HashSet::new();
     for s in &spec.secrets {
@@ -465,7 +610,7 @@ fn check_answer(c: &mut Checker<'_>, field: &str, v: &Spanned<Value>, refs: &Ref
             template::strings_in(&v.value, &mut strings);
             for s in strings {
                 let loc = c.find(pos(&v.referenced), s.lines().next().unwrap_or(&s));
-                c.template(&s, loc, field, refs);
+                c.template(&s, loc, field, refs, Scope::Answer);
             }
         }
         _ => {
@@ -480,7 +625,7 @@ fn check_answer(c: &mut Checker<'_>, field: &str, v: &Spanned<Value>, refs: &Ref
 fn check_step(c: &mut Checker<'_>, step: &StepSpec, refs: &Refs<'_>, is_setup: bool) -> Step {
     let id = step.id.value.trim().to_owned();
     if let Some(cond) = &step.condition {
-        c.expression(cond, "if");
+        c.expression(cond, "if", Scope::Step);
         c.references(&cond.value, pos(&cond.referenced), "if", refs);
     }
     let http = check_http(c, &step.http, refs);
@@ -571,7 +716,13 @@ fn check_http(c: &mut Checker<'_>, http: &HttpSpec, refs: &Refs<'_>) -> HttpActi
             upper
         }
     };
-    c.template(&http.url.value, pos(&http.url.referenced), "http.url", refs);
+    c.template(
+        &http.url.value,
+        pos(&http.url.referenced),
+        "http.url",
+        refs,
+        Scope::Step,
+    );
     let url_literal = http.url.value.trim_start();
     if !url_literal.starts_with("http://")
         && !url_literal.starts_with("https://")
@@ -588,6 +739,7 @@ fn check_http(c: &mut Checker<'_>, http: &HttpSpec, refs: &Refs<'_>) -> HttpActi
             pos(&v.referenced),
             &format!("http.headers.{k}"),
             refs,
+            Scope::Step,
         );
     }
     for (k, v) in &http.query {
@@ -596,6 +748,7 @@ fn check_http(c: &mut Checker<'_>, http: &HttpSpec, refs: &Refs<'_>) -> HttpActi
             pos(&v.referenced),
             &format!("http.query.{k}"),
             refs,
+            Scope::Step,
         );
     }
     let body = match (&http.json, &http.body) {
@@ -611,12 +764,12 @@ fn check_http(c: &mut Checker<'_>, http: &HttpSpec, refs: &Refs<'_>) -> HttpActi
             template::strings_in(&j.value, &mut strings);
             for s in strings {
                 let loc = c.find(pos(&j.referenced), s.lines().next().unwrap_or(&s));
-                c.template(&s, loc, "http.json", refs);
+                c.template(&s, loc, "http.json", refs, Scope::Step);
             }
             BodySpec::Json(j.value.clone())
         }
         (None, Some(b)) => {
-            c.template(&b.value, pos(&b.referenced), "http.body", refs);
+            c.template(&b.value, pos(&b.referenced), "http.body", refs, Scope::Step);
             BodySpec::Text {
                 template: b.value.clone(),
                 content_type: http

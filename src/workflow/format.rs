@@ -1,8 +1,10 @@
 //! The YAML format of a workflow file, as written (see README "Workflows").
 //!
-//! These types mirror the file one to one, reject unknown keys and keep the
-//! position of every value that validation may complain about, so each
-//! error can point at a line and column. [`super::compile`] turns them into
+//! These types mirror the file one to one and keep the position of every
+//! value that validation may complain about, so each error can point at a
+//! line and column. Unknown keys are found by a lenient first pass over the
+//! whole tree ([`Node`], [`unknown_keys`]), so every one of them is reported,
+//! not only the first. [`super::compile`] turns them into
 //! the checked [`super::Workflow`].
 
 use std::collections::BTreeMap;
@@ -34,7 +36,6 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct WorkflowFile {
     pub name: Option<Spanned<String>>,
     pub description: Option<String>,
@@ -53,7 +54,6 @@ pub struct WorkflowFile {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct TriggerSpec {
     pub event: Spanned<String>,
     pub status: Option<Spanned<OneOrMany<String>>>,
@@ -65,7 +65,6 @@ pub struct TriggerSpec {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct StepSpec {
     pub id: Spanned<String>,
     #[serde(rename = "if")]
@@ -78,7 +77,6 @@ pub struct StepSpec {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct HttpSpec {
     pub method: Option<Spanned<String>>,
     pub url: Spanned<String>,
@@ -92,10 +90,189 @@ pub struct HttpSpec {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RetrySpec {
     pub max_attempts: Option<Spanned<u32>>,
     pub backoff: Option<Spanned<String>>,
     pub initial_delay: Option<Spanned<String>>,
     pub max_delay: Option<Spanned<String>>,
+}
+
+/// A YAML document as a tree that keeps the position of every mapping key:
+/// the lenient first pass that finds every unknown key of a file (the typed
+/// pass would stop at the first).
+#[derive(Debug)]
+pub enum Node {
+    Map(Vec<(Spanned<String>, Node)>),
+    Seq(Vec<Node>),
+    Scalar,
+}
+
+/// A mapping key as text, whatever scalar it is.
+struct KeyText(String);
+
+impl<'de> Deserialize<'de> for KeyText {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Asked for a string, so `on` stays `on` (not YAML 1.1's `true`).
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = KeyText;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a mapping key")
+            }
+            fn visit_str<E>(self, s: &str) -> Result<KeyText, E> {
+                Ok(KeyText(s.to_owned()))
+            }
+            fn visit_bool<E>(self, b: bool) -> Result<KeyText, E> {
+                Ok(KeyText(b.to_string()))
+            }
+            fn visit_i64<E>(self, n: i64) -> Result<KeyText, E> {
+                Ok(KeyText(n.to_string()))
+            }
+            fn visit_u64<E>(self, n: u64) -> Result<KeyText, E> {
+                Ok(KeyText(n.to_string()))
+            }
+            fn visit_f64<E>(self, n: f64) -> Result<KeyText, E> {
+                Ok(KeyText(n.to_string()))
+            }
+            fn visit_unit<E>(self) -> Result<KeyText, E> {
+                Ok(KeyText("null".into()))
+            }
+        }
+        d.deserialize_string(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for Node {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Node;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any YAML value")
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Node, E> {
+                Ok(Node::Scalar)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Node, E> {
+                Ok(Node::Scalar)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Node, E> {
+                Ok(Node::Scalar)
+            }
+            fn visit_i128<E>(self, _: i128) -> Result<Node, E> {
+                Ok(Node::Scalar)
+            }
+            fn visit_u128<E>(self, _: u128) -> Result<Node, E> {
+                Ok(Node::Scalar)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Node, E> {
+                Ok(Node::Scalar)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Node, E> {
+                Ok(Node::Scalar)
+            }
+            fn visit_bytes<E>(self, _: &[u8]) -> Result<Node, E> {
+                Ok(Node::Scalar)
+            }
+            fn visit_unit<E>(self) -> Result<Node, E> {
+                Ok(Node::Scalar)
+            }
+            fn visit_none<E>(self) -> Result<Node, E> {
+                Ok(Node::Scalar)
+            }
+            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Node, D::Error> {
+                Node::deserialize(d)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Node, A::Error> {
+                let mut items = Vec::new();
+                while let Some(n) = a.next_element::<Node>()? {
+                    items.push(n);
+                }
+                Ok(Node::Seq(items))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Node, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(k) = a.next_key::<Spanned<KeyText>>()? {
+                    let v = a.next_value::<Node>()?;
+                    entries.push((Spanned::new(k.value.0, k.referenced, k.defined), v));
+                }
+                Ok(Node::Map(entries))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The keys each part of a workflow file may have (the typed structs above, as lists).
+pub const TOP_KEYS: &[&str] = &[
+    "name",
+    "description",
+    "on",
+    "when",
+    "secrets",
+    "steps",
+    "deadline",
+    "respond",
+    "fallback",
+];
+pub const ON_KEYS: &[&str] = &["event", "status", "field", "from", "to"];
+pub const STEP_KEYS: &[&str] = &["id", "if", "http", "timeout", "retry", "cache"];
+pub const HTTP_KEYS: &[&str] = &[
+    "method",
+    "url",
+    "headers",
+    "query",
+    "json",
+    "body",
+    "content_type",
+];
+pub const RETRY_KEYS: &[&str] = &["max_attempts", "backoff", "initial_delay", "max_delay"];
+
+/// Every key of the tree that is not part of the format: (key, where, the keys allowed there).
+pub fn unknown_keys(root: &Node) -> Vec<(&Spanned<String>, &'static str, &'static [&'static str])> {
+    fn keys<'n>(
+        node: &'n Node,
+        part: &'static str,
+        allowed: &'static [&'static str],
+        out: &mut Vec<(&'n Spanned<String>, &'static str, &'static [&'static str])>,
+    ) -> Vec<(&'n str, &'n Node)> {
+        let Node::Map(entries) = node else {
+            return Vec::new();
+        };
+        let mut known = Vec::new();
+        for (k, v) in entries {
+            if allowed.contains(&k.value.as_str()) {
+                known.push((k.value.as_str(), v));
+            } else {
+                out.push((k, part, allowed));
+            }
+        }
+        known
+    }
+    let mut out = Vec::new();
+    for (k, v) in keys(root, "the workflow", TOP_KEYS, &mut out) {
+        match k {
+            "on" => {
+                keys(v, "`on`", ON_KEYS, &mut out);
+            }
+            "steps" => {
+                let Node::Seq(steps) = v else { continue };
+                for step in steps {
+                    for (k, v) in keys(step, "a step", STEP_KEYS, &mut out) {
+                        match k {
+                            "http" => {
+                                keys(v, "`http`", HTTP_KEYS, &mut out);
+                            }
+                            "retry" => {
+                                keys(v, "`retry`", RETRY_KEYS, &mut out);
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out
 }

@@ -55,9 +55,51 @@ pub fn conversation_json(state: Option<&ConversationState>) -> Value {
     }
 }
 
-/// The context `when` is evaluated in: `event` and `conversation`.
+/// The context `when` is evaluated in (and a run starts from): `event`,
+/// `conversation` and, for a custom field update, `change`.
 pub fn base_context(facts: &EventFacts<'_>) -> Value {
-    json!({"event": facts.event_json, "conversation": conversation_json(facts.after)})
+    let mut ctx =
+        json!({"event": facts.event_json, "conversation": conversation_json(facts.after)});
+    if let Some(change) = change_json(facts) {
+        ctx["change"] = change;
+    }
+    ctx
+}
+
+/// A custom field's value before this event, and where it came from: the
+/// payload's `previous_value` when Operator sent one, else the conversation's
+/// history (`null` when the field was not set).
+fn previous_of(
+    facts: &EventFacts<'_>,
+    field: &str,
+    previous_value: Option<Value>,
+) -> (Value, &'static str) {
+    match previous_value {
+        Some(v) => (v, "payload"),
+        None => (
+            facts
+                .before
+                .and_then(|s| s.field(field).cloned())
+                .unwrap_or(Value::Null),
+            "history",
+        ),
+    }
+}
+
+/// `change` as templates see it on `conversation.custom_fields.updated`:
+/// `{field, from, to, from_source}`, exactly the transition matching judged.
+pub fn change_json(facts: &EventFacts<'_>) -> Option<Value> {
+    let EventKind::CustomFieldUpdated {
+        key,
+        value,
+        previous_value,
+    } = facts.envelope.kind()
+    else {
+        return None;
+    };
+    let key = key.unwrap_or_default();
+    let (from, from_source) = previous_of(facts, &key, previous_value);
+    Some(json!({"field": key, "from": from, "to": value, "from_source": from_source}))
 }
 
 fn show(v: &Value) -> String {
@@ -107,9 +149,7 @@ pub fn decide(wf: &Workflow, facts: &EventFacts<'_>) -> Decision {
             if &key != field {
                 return Decision::Skipped(format!("custom field `{key}` changed, not `{field}`"));
             }
-            let previous = previous_value
-                .or_else(|| facts.before.and_then(|s| s.field(field).cloned()))
-                .unwrap_or(Value::Null);
+            let (previous, _) = previous_of(facts, field, previous_value);
             if previous == value {
                 return Decision::Skipped(format!(
                     "`{field}` did not change (still {})",

@@ -11,6 +11,7 @@ pub mod backtest;
 pub mod compile;
 pub mod diagnostic;
 pub mod format;
+pub mod lint;
 pub mod matching;
 pub mod registry;
 pub mod template;

@@ -262,3 +262,82 @@ fn field_transitions() {
         .contains("`other` changed")
     );
 }
+
+#[test]
+fn change_is_the_transition_matching_used() {
+    let change_of = |payload: Value, before: Option<&ConversationState>| {
+        let (env, json) = envelope(payload);
+        let facts = EventFacts {
+            envelope: &env,
+            event_json: &json,
+            before,
+            after: before,
+        };
+        (
+            super::matching::change_json(&facts),
+            super::matching::base_context(&facts).get("change").cloned(),
+        )
+    };
+    let upd = |prev: Option<Value>, value: &str| {
+        let mut p = json!({"type": "conversation.custom_fields.updated", "key": "lead_status", "value": value});
+        if let Some(prev) = prev {
+            p["previous_value"] = prev;
+        }
+        p
+    };
+    let mut state = ConversationState::new("conv_1");
+    let (setter, _) = envelope(upd(None, "contacted"));
+    state.apply(1, &setter, chrono::Utc::now());
+    // From the payload, even when history says otherwise; an explicit null is "was not set".
+    let (change, in_ctx) = change_of(upd(Some(json!("new")), "qualified"), Some(&state));
+    assert_eq!(
+        change,
+        Some(
+            json!({"field": "lead_status", "from": "new", "to": "qualified", "from_source": "payload"})
+        )
+    );
+    assert_eq!(in_ctx, change);
+    let (change, _) = change_of(upd(Some(Value::Null), "qualified"), Some(&state));
+    assert_eq!(change.unwrap()["from"], Value::Null);
+    // Left out: from history, or null when the field was never set.
+    let (change, _) = change_of(upd(None, "qualified"), Some(&state));
+    assert_eq!(
+        change,
+        Some(
+            json!({"field": "lead_status", "from": "contacted", "to": "qualified", "from_source": "history"})
+        )
+    );
+    let (change, _) = change_of(upd(None, "qualified"), None);
+    assert_eq!(change.unwrap()["from"], Value::Null);
+    // Other events have no `change`.
+    let (change, in_ctx) = change_of(
+        json!({"type": "conversation.ended", "status": "completed"}),
+        None,
+    );
+    assert_eq!((change, in_ctx), (None, None));
+}
+
+#[test]
+fn an_unknown_name_points_at_itself_not_at_the_same_word_earlier() {
+    let mut e = errors(
+        "on: { event: conversation.ended }\nwhen: event.id == \"evnt\" and evnt.x\nsteps:\n  - id: a\n    http: { url: 'https://x/evnt/{{ evnt.id }}' }\n    if: >\n      event.id ==\n        evnt.id\n",
+    );
+    assert_eq!(e.len(), 3, "{e:?}");
+    e.sort();
+    assert!(
+        e[0].starts_with("wf/test.yaml:2:30: error: `when`: unknown variable `evnt`"),
+        "{}",
+        e[0]
+    );
+    assert!(
+        e[1].starts_with("wf/test.yaml:5:37: error: `http.url`: unknown variable `evnt`"),
+        "{}",
+        e[1]
+    );
+    // A folded scalar: found on the template's own line.
+    assert!(
+        e[2].starts_with("wf/test.yaml:8:9: error: `if`: unknown variable `evnt`"),
+        "{}",
+        e[2]
+    );
+}
