@@ -62,6 +62,11 @@ pub enum ConfigError {
     #[error("SWITCHBOARD_MAX_BODY_BYTES must be at least 1")]
     ZeroBodyLimit,
     #[error(
+        "{0}: no such file or directory: set SWITCHBOARD_WORKFLOWS (or --workflows) to the \
+         directory that holds your workflow YAML files (an empty directory runs none)"
+    )]
+    WorkflowsDirMissing(String),
+    #[error(
         "{0} is not a directory of workflow files: set SWITCHBOARD_WORKFLOWS (or --workflows) to the \
          directory that holds your workflow YAML files (an empty directory runs none)"
     )]
@@ -73,6 +78,8 @@ pub enum ConfigError {
 pub fn check_workflows_dir(dir: &Path) -> Result<(), ConfigError> {
     if dir.is_dir() {
         Ok(())
+    } else if !dir.exists() {
+        Err(ConfigError::WorkflowsDirMissing(dir.display().to_string()))
     } else {
         Err(ConfigError::WorkflowsDir(dir.display().to_string()))
     }

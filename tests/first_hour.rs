@@ -207,7 +207,7 @@ fn a_workflows_directory_that_does_not_exist_refuses_to_start() {
     let missing = tmp.path().join("workflowz");
     let missing = missing.to_str().unwrap();
     let db = format!("sqlite://{}/sb.db", tmp.path().display());
-    let expected = format!("{missing} is not a directory of workflow files");
+    let expected = format!("{missing}: no such file or directory");
     let (code, out) = run(&["validate", missing], &[]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains(&expected), "validate: {out}");
