@@ -12,7 +12,9 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home-dir /var/lib/switchboard --create-home switchboard
 COPY --from=build /src/target/release/switchboard /usr/local/bin/switchboard
-COPY workflows /etc/switchboard/workflows
+# An empty workflows directory: mount yours there (./workflows holds the quick start's
+# workflow, which posts to a sink on 127.0.0.1 and has no place in a container).
+RUN mkdir -p /etc/switchboard/workflows
 USER switchboard
 WORKDIR /var/lib/switchboard
 ENV SWITCHBOARD_LISTEN=0.0.0.0:8080 \
