@@ -60,7 +60,7 @@ impl From<&Run> for RunSummary {
         Self {
             id: r.run_id.clone(),
             workflow: r.workflow.clone(),
-            status: r.status.clone(),
+            status: r.status.as_str().to_owned(),
             event_id: r.event_id.clone(),
             event_sequence: r.event_seq,
             conversation_id: r.conversation_id.clone(),
