@@ -230,9 +230,8 @@ impl reqwest::dns::Resolve for PolicyResolver {
         let policy = self.0.clone();
         let host = name.as_str().to_owned();
         Box::pin(async move {
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .collect();
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             let mut refused = None;
             let allowed: Vec<SocketAddr> = addrs
                 .into_iter()
@@ -313,7 +312,11 @@ impl Request {
     /// traceparent) unless the step sets them itself, the step's headers, and
     /// `Content-Type` for a body unless the step sets it.
     pub fn wire_headers(&self, extra: &[(&str, String)]) -> Vec<(String, String)> {
-        let set_by_step = |name: &str| self.headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(name));
+        let set_by_step = |name: &str| {
+            self.headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case(name))
+        };
         let mut out = Vec::new();
         if !set_by_step("user-agent") {
             out.push(("user-agent".to_owned(), super::user_agent()));
@@ -574,12 +577,16 @@ pub async fn send(
     timeout: Duration,
 ) -> Result<Response, (ErrorClass, String)> {
     // The resolver checks names; an IP literal is never resolved, so check it here.
-    if let Some(ip) = req
-        .url
-        .host_str()
-        .and_then(|h| h.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().ok())
-    {
-        client.policy.check(ip).map_err(|e| (ErrorClass::Egress, e))?;
+    if let Some(ip) = req.url.host_str().and_then(|h| {
+        h.trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .ok()
+    }) {
+        client
+            .policy
+            .check(ip)
+            .map_err(|e| (ErrorClass::Egress, e))?;
     }
     let mut builder = client
         .inner

@@ -417,9 +417,8 @@ impl Engine {
                         continue;
                     }
                     Err(e) => {
-                        let update = state.failed(
-                            masker.text(&format!("step `{}`: `if` failed: {e}", step.id)),
-                        );
+                        let update = state
+                            .failed(masker.text(&format!("step `{}`: `if` failed: {e}", step.id)));
                         if self.save(&run, None, &update).await? {
                             trace.emit_step(
                                 &run,
@@ -593,7 +592,9 @@ impl Engine {
         let prepared = if let Some(name) = missing.first() {
             Err(http::Failure {
                 class: ErrorClass::Secret,
-                message: format!("secret {name} is declared but its environment variable is not set"),
+                message: format!(
+                    "secret {name} is declared but its environment variable is not set"
+                ),
                 retryable: false,
                 retry_after: None,
             })
@@ -710,10 +711,7 @@ impl From<&Run> for RunState {
 impl RunState {
     /// Records the id of the step at `step_index` (none once past the last).
     fn at(&mut self, wf: &Workflow) {
-        self.step_id = wf
-            .steps
-            .get(self.step_index as usize)
-            .map(|s| s.id.clone());
+        self.step_id = wf.steps.get(self.step_index as usize).map(|s| s.id.clone());
     }
 
     fn update(

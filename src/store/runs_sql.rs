@@ -31,7 +31,8 @@ pub(crate) fn now_sql(db_clock: bool, n: u8) -> String {
 /// The local expiry of a lease (SQLite).
 pub(crate) fn local_lease_until(lease: std::time::Duration) -> chrono::DateTime<chrono::Utc> {
     use chrono::SubsecRound;
-    chrono::Utc::now().trunc_subsecs(6) + chrono::TimeDelta::from_std(lease).unwrap_or(chrono::TimeDelta::MAX)
+    chrono::Utc::now().trunc_subsecs(6)
+        + chrono::TimeDelta::from_std(lease).unwrap_or(chrono::TimeDelta::MAX)
 }
 
 pub(crate) const ATTEMPT_COLUMNS: &str = "run_id, number, step_index, step_id, attempt, started_at, duration_ms, \
