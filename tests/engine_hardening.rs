@@ -265,6 +265,12 @@ async fn a_redirect_is_a_failure_and_not_followed(db: &TestDb) {
     let d = run_detail(&app, &runs[0].run_id).await;
     let attempts = d["attempts"].as_array().unwrap();
     assert_eq!(attempts.len(), 1, "not retried");
+    assert_eq!(
+        d["step"], "post",
+        "a failed run shows the step it failed at"
+    );
+    assert_eq!(d["attempt"], 1);
+    assert_eq!(d["attempts_total"], 1);
     assert_eq!(attempts[0]["error_class"], "http_3xx");
     assert_eq!(attempts[0]["response_status"], 301);
     assert!(

@@ -213,10 +213,10 @@ impl Engine {
         if run.attempts_total == 0 && run.step_index == 0 {
             crate::prometheus::run_started(&run.workflow);
         }
-        let driven = {
+        let work = {
             let me = self.clone();
             let run = run.clone();
-            tokio::spawn(async move { me.drive(run).await })
+            async move { me.drive(run).await }
         };
         let renew = async {
             loop {
@@ -234,28 +234,14 @@ impl Engine {
                     Err(e) => tracing::warn!(run_id, error = %e, "could not renew lease"),
                 }
             }
-            std::future::pending::<()>().await
         };
-        let outcome = tokio::select! {
-            joined = driven => joined,
-            () = renew => unreachable!("renewal never ends by itself"),
-        };
+        let outcome = supervised(work, renew).await;
         match outcome {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 tracing::error!(run_id, error = %e, "run interrupted by a store error; it resumes when its lease lapses");
             }
-            Err(e) => {
-                let why = match e.try_into_panic() {
-                    Ok(p) => p
-                        .downcast_ref::<&str>()
-                        .map(|s| (*s).to_owned())
-                        .or_else(|| p.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "a panic".into()),
-                    Err(e) => e.to_string(),
-                };
-                self.fail_on_panic(&run, why).await;
-            }
+            Err(why) => self.fail_on_panic(&run, why).await,
         }
     }
 
@@ -686,6 +672,33 @@ impl Engine {
     }
 }
 
+/// Runs `work` in a task of its own with `renew` alongside, and returns its
+/// output, or the message of its panic. `renew` ends when `work` ends,
+/// however it ends; if `renew` finishes first (the lease is lost), `work`
+/// goes on alone (its saves are refused by the fencing token).
+async fn supervised<T: Send + 'static>(
+    work: impl std::future::Future<Output = T> + Send + 'static,
+    renew: impl std::future::Future<Output = ()>,
+) -> Result<T, String> {
+    let mut task = tokio::spawn(work);
+    tokio::pin!(renew);
+    let mut renewing = true;
+    let joined = loop {
+        tokio::select! {
+            joined = &mut task => break joined,
+            () = &mut renew, if renewing => renewing = false,
+        }
+    };
+    joined.map_err(|e| match e.try_into_panic() {
+        Ok(p) => p
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into()),
+        Err(e) => e.to_string(),
+    })
+}
+
 /// The mutable part of a run while a worker drives it.
 #[derive(Clone)]
 struct RunState {
@@ -795,4 +808,43 @@ fn hostname() -> String {
                 .map(|h| h.trim().to_owned())
         })
         .unwrap_or_else(|| "switchboard".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    #[tokio::test]
+    async fn renewal_ends_with_the_run_and_a_panic_is_caught() {
+        let renewals = Arc::new(AtomicUsize::new(0));
+        let counter = renewals.clone();
+        let renew = async move {
+            loop {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        let work = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = after(Duration::MAX);
+            panic!("boom in step");
+        };
+        let outcome: Result<(), String> = supervised(work, renew).await;
+        assert_eq!(outcome, Err("boom in step".to_owned()));
+        let seen = renewals.load(Ordering::SeqCst);
+        assert!(seen > 1, "renewed while the run worked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            renewals.load(Ordering::SeqCst),
+            seen,
+            "renewal outlived the run"
+        );
+    }
+
+    #[test]
+    fn a_huge_delay_is_capped_not_a_panic() {
+        let t = after(Duration::from_secs(300_000 * 366 * 86_400));
+        assert_eq!(t.format("%Y").to_string(), "9999");
+    }
 }
