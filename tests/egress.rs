@@ -44,15 +44,23 @@ async fn denied_addresses_are_refused(db: &TestDb) {
 
     // An IP literal on the deny list; 127.0.0.1 still works.
     set_policy("127.0.0.2/32", None);
+    let setup = format!(
+        "name: lookup\non: {{ event: conversation.setup }}\nsteps:\n  - id: lookup\n    http: {{ method: GET, url: \"http://127.0.0.2:{port}/ok/contacts\" }}\n\
+         deadline: 2s\nrespond: {{ context: {{ $variables: {{ found: \"{{{{ steps.lookup.json.ok }}}}\" }} }} }}\n\
+         fallback: {{ context: {{ $variables: {{ plan: unknown }} }} }}\n"
+    );
     let (app, _dir) = TestApp::with_workflows(
         db,
-        &[(
-            "literal.yaml",
-            &workflow(&[
-                ("fine", format!("http://127.0.0.1:{port}/ok/fine")),
-                ("denied", format!("http://127.0.0.2:{port}/ok/denied")),
-            ]),
-        )],
+        &[
+            (
+                "literal.yaml",
+                &workflow(&[
+                    ("fine", format!("http://127.0.0.1:{port}/ok/fine")),
+                    ("denied", format!("http://127.0.0.2:{port}/ok/denied")),
+                ]),
+            ),
+            ("setup.yaml", &setup),
+        ],
     )
     .await;
     app.deliver(&ended_body("ev_eg1", "conv_eg1", "completed"))
@@ -73,6 +81,23 @@ async fn denied_addresses_are_refused(db: &TestDb) {
     );
     assert_eq!(sink.received().len(), 1);
     assert_eq!(sink.received()[0].path, "/ok/fine");
+    // Setup lookups obey the same policy: the fallback answers.
+    let resp = app
+        .deliver(&common::fixture("conversation_setup_inbound_phone.json"))
+        .await;
+    assert_eq!(resp.status(), 200);
+    let answer: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(
+        answer,
+        serde_json::json!({"context": {"$variables": {"plan": "unknown"}}})
+    );
+    let (_, ev) = app.admin_get("/api/v1/events/ev_fDsVNA3cQ5X").await;
+    assert_eq!(ev["setup_answer"]["used_fallback"], true, "{ev}");
+    assert_eq!(
+        ev["setup_answer"]["lookups"][0]["error_class"], "egress",
+        "{ev}"
+    );
+    assert_eq!(sink.received().len(), 1, "nothing reached the sink");
     drop(app);
 
     // A name that resolves into a denied range is refused too.
