@@ -477,8 +477,6 @@ async fn a_run_resumes_at_its_step_by_id(db: &TestDb) {
     assert_eq!(d["attempts_total"], 5);
 
     // The step itself removed while the run waits to retry it.
-    app.deliver(&ended_body("ev_steps2", "conv_steps2", "completed"))
-        .await;
     std::fs::write(
         dir.path().join("steps.yaml"),
         on_ended(&format!(
@@ -489,6 +487,8 @@ async fn a_run_resumes_at_its_step_by_id(db: &TestDb) {
     )
     .unwrap();
     app.admin_post("/api/v1/workflows/reload").await;
+    app.deliver(&ended_body("ev_steps2", "conv_steps2", "completed"))
+        .await;
     sink.wait_for("/status/503/d", 1, 10).await;
     std::fs::write(
         dir.path().join("steps.yaml"),
