@@ -525,7 +525,7 @@ impl Engine {
         state: &RunState,
         secrets: &HashMap<String, Option<String>>,
     ) -> Value {
-        let mut ctx = with_steps(&run.context.0, &state.results, secrets, false);
+        let mut ctx = with_steps(&run.context.0, &state.results, secrets);
         if let Value::Object(map) = &mut ctx {
             map.insert(
                 "run".into(),
@@ -766,24 +766,19 @@ impl RunState {
 }
 
 /// The template context: `base` (`event`, `conversation`) with `steps` and `secrets`
-/// (their values, or `***` when `masked`; unset secrets are left out).
+/// (their real values: requests are rendered once and masked afterwards, see
+/// [`http::Masker`]; unset secrets are left out).
 pub(crate) fn with_steps(
     base: &Value,
     results: &serde_json::Map<String, Value>,
     secrets: &HashMap<String, Option<String>>,
-    masked: bool,
 ) -> Value {
     let mut ctx = base.clone();
     if let Value::Object(map) = &mut ctx {
         map.insert("steps".into(), Value::Object(results.clone()));
         let secrets: serde_json::Map<String, Value> = secrets
             .iter()
-            .filter_map(|(k, v)| {
-                Some((
-                    k.clone(),
-                    Value::String(if masked { "***".into() } else { v.clone()? }),
-                ))
-            })
+            .filter_map(|(k, v)| Some((k.clone(), Value::String(v.clone()?))))
             .collect();
         map.insert("secrets".into(), Value::Object(secrets));
     }

@@ -231,7 +231,7 @@ impl SetupResponder {
         let masker = http::Masker::new(secrets.values().flatten());
         let mut results = Map::new();
         for step in &wf.steps {
-            let ctx = with_steps(base, &results, &secrets, false);
+            let ctx = with_steps(base, &results, &secrets);
             if let Some(cond) = &step.condition
                 && !template::truthy(cond, &ctx)
                     .map_err(|e| masker.text(&format!("step `{}`: {e}", step.id)))?
@@ -326,7 +326,7 @@ impl SetupResponder {
                 }
             }
         }
-        let ctx = with_steps(base, &results, &secrets, false);
+        let ctx = with_steps(base, &results, &secrets);
         let respond = wf
             .respond
             .as_ref()
