@@ -1,11 +1,15 @@
 //! The engine: workers that take due runs from the store and execute their
 //! steps as HTTP actions, with retries and backoff scheduled in the database.
 //!
-//! A worker holds a run with a lease of [`LEASE`], renewed while it works,
-//! so a crashed process's runs are taken over once the lease lapses (within
-//! seconds, by this process after a restart or by another instance). Every
-//! state change is saved before the next action: a kill -9 loses at most the
-//! attempt in flight, which is sent again with the same `Idempotency-Key`.
+//! A worker holds a run with a lease of [`LEASE`], renewed inside the run's
+//! own task while it works, so a crashed process's runs are taken over once
+//! the lease lapses (within seconds, by this process after a restart or by
+//! another instance). Each claim carries a fencing token that every save and
+//! renewal must match; on PostgreSQL lease expiry is the database's clock.
+//! Every state change is saved before the next action: a kill -9 loses at
+//! most the attempt in flight, which is sent again with the same
+//! `Idempotency-Key`; an outcome that cannot be saved is recorded as a
+//! `store` failure rather than sent again. A run resumes at its step by id.
 //! New runs wake the workers at once (in-process, and through
 //! LISTEN/NOTIFY on PostgreSQL); polling is only a safety net.
 
