@@ -116,6 +116,7 @@ async fn api_span<E: Endpoint>(next: E, req: poem::Request) -> poem::Result<poem
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        crate::engine::http::EgressPolicy::from_env().map_err(anyhow::Error::msg)?;
         let store = crate::config::open_store(&settings.database_url).await?;
         store
             .migrate()
@@ -312,6 +313,7 @@ pub async fn run_workers(
         );
     }
     let registry = Arc::new(Registry::new(load_workflows(workflows_dir)?));
+    crate::engine::http::EgressPolicy::from_env().map_err(anyhow::Error::msg)?;
     let wake = Arc::new(Notify::new());
     prometheus::install();
     let mut tasks = Vec::new();

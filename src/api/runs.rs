@@ -43,8 +43,13 @@ pub struct RunSummary {
     pub replay_of: Option<String>,
     /// Index of the step it is at (0-based); equals the step count once done.
     pub step_index: i64,
-    /// Attempts made at that step.
-    pub attempt: i64,
+    /// The id of the step it is at (absent once every step is done); a run
+    /// resumes at this step even if the workflow's steps were reordered.
+    #[oai(skip_serializing_if_is_none)]
+    pub step: Option<String>,
+    /// Attempts made at that step (absent before the first and once the run succeeded).
+    #[oai(skip_serializing_if_is_none)]
+    pub attempt: Option<i64>,
     /// Attempts made in all.
     pub attempts_total: i64,
     /// When the next attempt is due (while scheduled or retrying).
@@ -62,13 +67,14 @@ impl From<&Run> for RunSummary {
         Self {
             id: r.run_id.clone(),
             workflow: r.workflow.clone(),
-            status: r.status.clone(),
+            status: r.status.as_str().to_owned(),
             event_id: r.event_id.clone(),
             event_sequence: r.event_seq,
             conversation_id: r.conversation_id.clone(),
             replay_of: r.replay_of.clone(),
             step_index: r.step_index,
-            attempt: r.attempt,
+            step: r.step_id.clone(),
+            attempt: (r.attempt > 0 && r.status != RunStatus::Succeeded).then_some(r.attempt),
             attempts_total: r.attempts_total,
             next_attempt_at: waiting.then_some(r.next_attempt_at),
             last_error: r.last_error.clone(),
@@ -90,7 +96,8 @@ pub struct AttemptView {
     pub attempt: i64,
     pub started_at: DateTime<Utc>,
     pub duration_ms: i64,
-    /// `{method, url, headers, body}` as sent.
+    /// `{method, url, headers, body}` exactly as sent: every header, `User-Agent`,
+    /// `Idempotency-Key` and `traceparent` included (secrets as `***`).
     pub request: Value,
     pub response_status: Option<i64>,
     pub response_headers: Option<Value>,
@@ -98,7 +105,8 @@ pub struct AttemptView {
     pub response_body: Option<String>,
     /// `succeeded`, `retrying` or `failed`.
     pub outcome: String,
-    /// `dns`, `connect`, `tls`, `timeout`, `http_3xx`, `http_4xx`, `http_5xx`, `template`, `secret`, `request`.
+    /// `dns`, `connect`, `tls`, `timeout`, `http_3xx`, `http_4xx`, `http_5xx`, `template`, `secret`,
+    /// `egress`, `store`, `request`.
     pub error_class: Option<String>,
     pub error_message: Option<String>,
     /// The backoff chosen before the next attempt.

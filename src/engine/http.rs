@@ -1,10 +1,17 @@
-//! One HTTP action: render a step's request from its templates, send it with
-//! a timeout, and classify what happened. Used by workflow runs (and by setup
-//! lookups), so there is one implementation of an outbound call.
+//! One HTTP action: render a step's request from its templates (once, with
+//! the real secret values), mask it for the record, send it under the
+//! egress policy with a timeout and without following redirects, and
+//! classify what happened. Workflow runs and setup lookups both go through
+//! [`prepare`] and [`exchange`], so there is one implementation of an
+//! outbound call.
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
+use ipnet::IpNet;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::{Value, json};
 
 use crate::workflow::template::{self, TemplateError};
@@ -20,6 +27,7 @@ pub enum ErrorClass {
     Connect,
     Tls,
     Timeout,
+    /// A redirect: not followed (not retried).
     Http3xx,
     Http4xx,
     Http5xx,
@@ -27,6 +35,10 @@ pub enum ErrorClass {
     Template,
     /// A declared secret is not set (not retried).
     Secret,
+    /// The destination address is refused by the egress policy (not retried).
+    Egress,
+    /// The attempt's outcome could not be stored (not retried).
+    Store,
     /// Anything else about the request (bad URL, protocol error).
     Request,
 }
@@ -43,12 +55,248 @@ impl ErrorClass {
             ErrorClass::Http5xx => "http_5xx",
             ErrorClass::Template => "template",
             ErrorClass::Secret => "secret",
+            ErrorClass::Egress => "egress",
+            ErrorClass::Store => "store",
             ErrorClass::Request => "request",
         }
     }
 }
 
-/// A request ready to send.
+// ---------------------------------------------------------------- secrets
+
+/// Replaces secret values in text and JSON with `***`, in every form a
+/// value takes on its way out: plain, percent-encoded (path, query and form
+/// encodings) and JSON-escaped.
+#[derive(Clone, Debug, Default)]
+pub struct Masker {
+    /// Longest first, so a form that contains another is replaced whole.
+    forms: Vec<String>,
+}
+
+const MASK: &str = "***";
+
+impl Masker {
+    pub fn new<'a>(values: impl IntoIterator<Item = &'a String>) -> Self {
+        let mut forms = Vec::new();
+        for v in values.into_iter().filter(|v| !v.is_empty()) {
+            forms.push(v.clone());
+            forms.push(utf8_percent_encode(v, COMPONENT).to_string());
+            forms.push(utf8_percent_encode(v, NON_ALPHANUMERIC).to_string());
+            let json = serde_json::to_string(v).expect("a string serializes");
+            forms.push(json[1..json.len() - 1].to_owned());
+            let mut url = reqwest::Url::parse("http://x/").expect("a valid URL");
+            url.query_pairs_mut().append_pair("k", v);
+            if let Some(q) = url.query() {
+                forms.push(q.trim_start_matches("k=").to_owned());
+            }
+            if let Ok(mut url) = reqwest::Url::parse("http://x/") {
+                if let Ok(mut segments) = url.path_segments_mut() {
+                    segments.pop().push(v);
+                }
+                forms.push(url.path().trim_start_matches('/').to_owned());
+            }
+            if let Ok(url) = reqwest::Url::parse(&format!("http://x/?{v}"))
+                && let Some(q) = url.query()
+            {
+                forms.push(q.to_owned());
+            }
+        }
+        forms.retain(|f| !f.is_empty());
+        forms.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+        forms.dedup();
+        Self { forms }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.forms.is_empty()
+    }
+
+    /// `text` with every secret form replaced by `***`.
+    pub fn text(&self, text: &str) -> String {
+        let mut out = text.to_owned();
+        for f in &self.forms {
+            if out.contains(f.as_str()) {
+                out = out.replace(f.as_str(), MASK);
+            }
+        }
+        out
+    }
+
+    /// Every string (and key) inside `v`, masked.
+    pub fn value(&self, v: &Value) -> Value {
+        if self.forms.is_empty() {
+            return v.clone();
+        }
+        match v {
+            Value::String(s) => Value::String(self.text(s)),
+            Value::Array(items) => Value::Array(items.iter().map(|i| self.value(i)).collect()),
+            Value::Object(map) => Value::Object(
+                map.iter()
+                    .map(|(k, v)| (self.text(k), self.value(v)))
+                    .collect(),
+            ),
+            other => other.clone(),
+        }
+    }
+}
+
+/// Replaces every secret value (in all its forms, see [`Masker`]) in `text` with `***`.
+pub fn scrub(text: &str, secrets: &[String]) -> String {
+    Masker::new(secrets).text(text)
+}
+
+// ---------------------------------------------------------------- egress policy
+
+/// Which destination addresses outbound calls may connect to
+/// (`SWITCHBOARD_EGRESS_DENY`, `SWITCHBOARD_EGRESS_ALLOW`). Checked on the
+/// resolved address of every connection.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EgressPolicy {
+    pub deny: Vec<IpNet>,
+    /// When set, only these.
+    pub allow: Option<Vec<IpNet>>,
+}
+
+/// Link-local (which holds most clouds' metadata services) and the other
+/// well-known metadata addresses, IPv4 and IPv6.
+pub const DEFAULT_EGRESS_DENY: &str =
+    "169.254.0.0/16,fe80::/10,fd00:ec2::254/128,100.100.100.200/32,168.63.129.16/32";
+
+impl Default for EgressPolicy {
+    fn default() -> Self {
+        Self {
+            deny: parse_nets("", DEFAULT_EGRESS_DENY).expect("valid defaults"),
+            allow: None,
+        }
+    }
+}
+
+fn parse_nets(var: &str, text: &str) -> Result<Vec<IpNet>, String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<IpNet>()
+                .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    format!(
+                        "{var}: `{s}` is not a CIDR (like 10.0.0.0/8 or fd00::/8) or an IP address"
+                    )
+                })
+        })
+        .collect()
+}
+
+impl EgressPolicy {
+    /// From `SWITCHBOARD_EGRESS_DENY` (default [`DEFAULT_EGRESS_DENY`]; empty
+    /// denies nothing) and `SWITCHBOARD_EGRESS_ALLOW` (when set, only these).
+    pub fn from_env() -> Result<Self, String> {
+        let deny = match std::env::var("SWITCHBOARD_EGRESS_DENY") {
+            Ok(v) => parse_nets("SWITCHBOARD_EGRESS_DENY", &v)?,
+            Err(_) => Self::default().deny,
+        };
+        let allow = match std::env::var("SWITCHBOARD_EGRESS_ALLOW") {
+            Ok(v) if !v.trim().is_empty() => Some(parse_nets("SWITCHBOARD_EGRESS_ALLOW", &v)?),
+            _ => None,
+        };
+        Ok(Self { deny, allow })
+    }
+
+    /// Err: why the address is refused.
+    pub fn check(&self, ip: IpAddr) -> Result<(), String> {
+        let ip = ip.to_canonical();
+        if let Some(net) = self.deny.iter().find(|n| n.contains(&ip)) {
+            return Err(format!(
+                "egress policy refuses {ip}: it is in {net} (SWITCHBOARD_EGRESS_DENY)"
+            ));
+        }
+        if let Some(allow) = &self.allow
+            && !allow.iter().any(|n| n.contains(&ip))
+        {
+            return Err(format!(
+                "egress policy refuses {ip}: it is not in SWITCHBOARD_EGRESS_ALLOW"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Resolves names with the system resolver, then drops (or refuses) the
+/// addresses the policy does not allow.
+struct PolicyResolver(Arc<EgressPolicy>);
+
+impl reqwest::dns::Resolve for PolicyResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let policy = self.0.clone();
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let mut refused = None;
+            let allowed: Vec<SocketAddr> = addrs
+                .into_iter()
+                .filter(|a| match policy.check(a.ip()) {
+                    Ok(()) => true,
+                    Err(why) => {
+                        refused.get_or_insert(why);
+                        false
+                    }
+                })
+                .collect();
+            if allowed.is_empty() {
+                let why = refused.unwrap_or_else(|| format!("no address found for {host}"));
+                return Err(format!("{why} (resolved from {host})").into());
+            }
+            let addrs: reqwest::dns::Addrs = Box::new(allowed.into_iter());
+            Ok(addrs)
+        })
+    }
+}
+
+/// The HTTP client every outbound call uses, with its egress policy.
+#[derive(Clone)]
+pub struct Client {
+    inner: reqwest::Client,
+    policy: Arc<EgressPolicy>,
+}
+
+impl Client {
+    /// Redirects are not followed; every resolved address is checked against `policy`.
+    pub fn new(policy: EgressPolicy) -> Self {
+        let policy = Arc::new(policy);
+        let inner = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .dns_resolver(PolicyResolver(policy.clone()))
+            .build()
+            .expect("HTTP client");
+        Self { inner, policy }
+    }
+
+    pub fn policy(&self) -> &EgressPolicy {
+        &self.policy
+    }
+}
+
+/// The client with the policy from the environment (an invalid policy is
+/// refused at startup, see [`EgressPolicy::from_env`]; here it falls back to the default).
+pub fn client() -> Client {
+    Client::new(EgressPolicy::from_env().unwrap_or_else(|e| {
+        tracing::error!("{e}; using the default egress policy");
+        EgressPolicy::default()
+    }))
+}
+
+// ---------------------------------------------------------------- rendering
+
+/// What a templated value may contain in a URL path or query without being
+/// encoded: the unreserved characters.
+const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// A request ready to send (real values; see [`Prepared`] for the record).
 #[derive(Clone, Debug)]
 pub struct Request {
     pub method: reqwest::Method,
@@ -60,13 +308,36 @@ pub struct Request {
 }
 
 impl Request {
-    /// The request as recorded in the attempt history.
-    pub fn record(&self) -> Value {
-        let headers: BTreeMap<&str, &str> = self
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
+    /// Every header as sent, in order: `User-Agent`, `extra` (Idempotency-Key,
+    /// traceparent) unless the step sets them itself, the step's headers, and
+    /// `Content-Type` for a body unless the step sets it.
+    pub fn wire_headers(&self, extra: &[(&str, String)]) -> Vec<(String, String)> {
+        let set_by_step = |name: &str| {
+            self.headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case(name))
+        };
+        let mut out = Vec::new();
+        if !set_by_step("user-agent") {
+            out.push(("user-agent".to_owned(), super::user_agent()));
+        }
+        for (k, v) in extra {
+            if !set_by_step(k) {
+                out.push(((*k).to_owned(), v.clone()));
+            }
+        }
+        out.extend(self.headers.iter().cloned());
+        if let Some((_, content_type)) = &self.body
+            && !set_by_step("content-type")
+        {
+            out.push(("content-type".to_owned(), content_type.clone()));
+        }
+        out
+    }
+
+    /// The request as recorded: method, URL, every header sent and the body (unmasked).
+    pub fn record(&self, extra: &[(&str, String)]) -> Value {
+        let headers: BTreeMap<String, String> = self.wire_headers(extra).into_iter().collect();
         json!({
             "method": self.method.as_str(),
             "url": self.url.as_str(),
@@ -76,10 +347,66 @@ impl Request {
     }
 }
 
-/// Renders a step's request in a template context.
+/// Renders a URL template: each `{{ expression }}` in the path is
+/// percent-encoded as a path segment, in the query as a query value (so a
+/// value cannot add segments, parameters or a fragment); in the scheme and
+/// host it is taken as is. A URL that is one whole expression (a secret
+/// holding a URL, say) is taken as is.
+pub fn render_url(url: &str, ctx: &Value) -> Result<String, TemplateError> {
+    if template::sole_expression(url).is_some() {
+        return template::render_str(url, ctx);
+    }
+    let mut out = String::new();
+    let mut rest = url;
+    while let Some(start) = rest.find("{{") {
+        literal(&rest[..start], url)?;
+        out.push_str(&rest[..start]);
+        let after = &rest[start..];
+        let end = after.find("}}").ok_or_else(|| TemplateError {
+            what: "template",
+            source_text: url.to_owned(),
+            message: "`{{` without a closing `}}`".into(),
+        })? + 2;
+        let value = template::render_str(&after[..end], ctx)?;
+        let in_host = match out.find("://") {
+            Some(i) => !out[i + 3..].contains(['/', '?', '#']),
+            None => out.is_empty(),
+        };
+        if in_host {
+            out.push_str(&value);
+        } else {
+            let encoded = utf8_percent_encode(&value, COMPONENT).to_string();
+            if !out.contains(['?', '#']) && (encoded == "." || encoded == "..") {
+                return Err(TemplateError {
+                    what: "template",
+                    source_text: url.to_owned(),
+                    message: format!("the value `{value}` would change the URL's path"),
+                });
+            }
+            out.push_str(&encoded);
+        }
+        rest = &after[end..];
+    }
+    literal(rest, url)?;
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn literal(text: &str, url: &str) -> Result<(), TemplateError> {
+    if text.contains("{%") || text.contains("{#") || text.contains("}}") {
+        return Err(TemplateError {
+            what: "template",
+            source_text: url.to_owned(),
+            message: "a URL may hold `{{ expressions }}` only (no `{% %}` blocks or comments); compute the value in an expression".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Renders a step's request in a template context (with the real values).
 pub fn render(action: &HttpAction, ctx: &Value) -> Result<Request, (ErrorClass, String)> {
     let t = |e: TemplateError| (ErrorClass::Template, e.to_string());
-    let url_text = template::render_str(&action.url, ctx).map_err(t)?;
+    let url_text = render_url(&action.url, ctx).map_err(t)?;
     let mut url = reqwest::Url::parse(url_text.trim()).map_err(|e| {
         (
             ErrorClass::Request,
@@ -135,8 +462,30 @@ pub fn render(action: &HttpAction, ctx: &Value) -> Result<Request, (ErrorClass, 
     })
 }
 
-/// A URL fit for a span's `url.full`: user and password removed (secrets in
-/// templates are already rendered as `***` in the masked request).
+/// A rendered request and what may be shown of it.
+pub struct Prepared {
+    pub real: Request,
+    /// The URL with secrets masked (and user/password redacted), for spans and logs.
+    pub shown_url: String,
+}
+
+/// Renders once with the real values; an error's message is already masked.
+pub fn prepare(action: &HttpAction, ctx: &Value, masker: &Masker) -> Result<Prepared, Failure> {
+    match render(action, ctx) {
+        Ok(real) => Ok(Prepared {
+            shown_url: masker.text(&redacted_url(&real.url)),
+            real,
+        }),
+        Err((class, message)) => Err(Failure {
+            class,
+            message: masker.text(&message),
+            retryable: false,
+            retry_after: None,
+        }),
+    }
+}
+
+/// A URL fit for a span's `url.full`: user and password removed.
 pub fn redacted_url(url: &reqwest::Url) -> String {
     let mut url = url.clone();
     if !url.username().is_empty() {
@@ -147,6 +496,8 @@ pub fn redacted_url(url: &reqwest::Url) -> String {
     }
     url.to_string()
 }
+
+// ---------------------------------------------------------------- sending
 
 /// What came back.
 #[derive(Clone, Debug)]
@@ -162,6 +513,23 @@ impl Response {
     /// What later steps read as `steps.<id>`.
     pub fn as_step_result(&self) -> Value {
         json!({"status": self.status, "headers": self.headers, "json": self.json, "body": self.body})
+    }
+
+    /// The response with every secret form masked.
+    pub fn masked(&self, masker: &Masker) -> Response {
+        if masker.is_empty() {
+            return self.clone();
+        }
+        Response {
+            status: self.status,
+            headers: self
+                .headers
+                .iter()
+                .map(|(k, v)| (k.clone(), masker.text(v)))
+                .collect(),
+            body: masker.text(&self.body),
+            json: self.json.as_ref().map(|j| masker.value(j)),
+        }
     }
 }
 
@@ -180,7 +548,9 @@ fn chain_text(e: &dyn std::error::Error) -> String {
 pub fn classify(e: &reqwest::Error) -> (ErrorClass, String) {
     let text = chain_text(e);
     let lower = text.to_ascii_lowercase();
-    let class = if e.is_timeout() {
+    let class = if lower.contains("egress policy refuses") {
+        ErrorClass::Egress
+    } else if e.is_timeout() {
         ErrorClass::Timeout
     } else if lower.contains("dns error")
         || lower.contains("failed to lookup")
@@ -198,30 +568,34 @@ pub fn classify(e: &reqwest::Error) -> (ErrorClass, String) {
     (class, text)
 }
 
-/// Sends a request with `extra` headers (Idempotency-Key, User-Agent, traceparent) and a timeout.
+/// Sends `req` with exactly `headers` (see [`Request::wire_headers`]) and a
+/// timeout, under the client's egress policy. Redirects are not followed.
 pub async fn send(
-    client: &reqwest::Client,
+    client: &Client,
     req: &Request,
-    extra: &[(&str, String)],
+    headers: &[(String, String)],
     timeout: Duration,
 ) -> Result<Response, (ErrorClass, String)> {
+    // The resolver checks names; an IP literal is never resolved, so check it here.
+    if let Some(ip) = req.url.host_str().and_then(|h| {
+        h.trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .ok()
+    }) {
+        client
+            .policy
+            .check(ip)
+            .map_err(|e| (ErrorClass::Egress, e))?;
+    }
     let mut builder = client
+        .inner
         .request(req.method.clone(), req.url.clone())
         .timeout(timeout);
-    for (k, v) in extra {
-        builder = builder.header(*k, v);
-    }
-    for (k, v) in &req.headers {
+    for (k, v) in headers {
         builder = builder.header(k, v);
     }
-    if let Some((bytes, content_type)) = &req.body {
-        if !req
-            .headers
-            .iter()
-            .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
-        {
-            builder = builder.header("content-type", content_type);
-        }
+    if let Some((bytes, _)) = &req.body {
         builder = builder.body(bytes.clone());
     }
     let read = async {
@@ -267,12 +641,44 @@ pub async fn send(
     }
 }
 
-/// The HTTP client every outbound call uses (`User-Agent: switchboard/<version>`).
-pub fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .user_agent(super::user_agent())
-        .build()
-        .expect("HTTP client")
+/// One exchange, as recorded: everything in it already masked.
+#[derive(Clone, Debug)]
+pub struct Exchange {
+    /// `{method, url, headers, body}` exactly as sent, secrets masked.
+    pub request: Value,
+    /// The response (masked), when one came.
+    pub response: Option<Response>,
+    /// Why it failed (masked message), or `None` for a 2xx.
+    pub failure: Option<Failure>,
+    pub duration_ms: i64,
+}
+
+/// Sends a prepared request with `extra` headers and records the exchange
+/// (the one path for run attempts and setup lookups). The span (current)
+/// gets the result attributes.
+pub async fn exchange(
+    client: &Client,
+    prepared: &Prepared,
+    extra: &[(&str, String)],
+    timeout: Duration,
+    masker: &Masker,
+) -> Exchange {
+    let clock = std::time::Instant::now();
+    let headers = prepared.real.wire_headers(extra);
+    let request = masker.value(&prepared.real.record(extra));
+    let result = send(client, &prepared.real, &headers, timeout).await;
+    let duration_ms = clock.elapsed().as_millis() as i64;
+    let failure = failure(&result).map(|f| Failure {
+        message: masker.text(&f.message),
+        ..f
+    });
+    super::trace::record_result(&tracing::Span::current(), &result, failure.as_ref());
+    Exchange {
+        request,
+        response: result.ok().map(|r| r.masked(masker)),
+        failure,
+        duration_ms,
+    }
 }
 
 /// Why an attempt failed, and whether (and after what the server asked) to try again.
@@ -286,12 +692,21 @@ pub struct Failure {
 }
 
 /// Classifies an attempt's result: `None` for a 2xx response. Connection errors, DNS, TLS,
-/// timeouts, 408, 429 and 5xx are retryable; other statuses are final.
+/// timeouts, 408, 429 and 5xx are retryable; other statuses (a redirect too) are final.
 pub fn failure(result: &Result<Response, (ErrorClass, String)>) -> Option<Failure> {
     match result {
         Ok(resp) => status_class(resp.status).map(|(class, retryable)| Failure {
             class,
-            message: format!("HTTP {}", resp.status),
+            message: match (class, resp.headers.get("location")) {
+                (ErrorClass::Http3xx, Some(to)) => format!(
+                    "HTTP {} redirect to {to} (redirects are not followed; use the final URL)",
+                    resp.status
+                ),
+                (ErrorClass::Http3xx, None) => {
+                    format!("HTTP {} (redirects are not followed)", resp.status)
+                }
+                _ => format!("HTTP {}", resp.status),
+            },
             retryable,
             retry_after: resp
                 .headers
@@ -319,15 +734,6 @@ pub fn status_class(status: u16) -> Option<(ErrorClass, bool)> {
         300..=399 => Some((ErrorClass::Http3xx, false)),
         _ => Some((ErrorClass::Http4xx, false)),
     }
-}
-
-/// Replaces every secret value in `text` with `***`.
-pub fn scrub(text: &str, secrets: &[String]) -> String {
-    let mut out = text.to_owned();
-    for s in secrets.iter().filter(|s| !s.is_empty()) {
-        out = out.replace(s.as_str(), "***");
-    }
-    out
 }
 
 #[cfg(test)]
@@ -369,5 +775,49 @@ mod tests {
             ..action
         };
         assert_eq!(render(&bad, &ctx).unwrap_err().0, ErrorClass::Template);
+    }
+
+    #[test]
+    fn templated_url_values_are_encoded_where_they_land() {
+        let ctx = json!({"v": "../admin?drop=1#x", "host": "h.example:8080", "u": "https://hooks.example/services/T/B?x=1"});
+        assert_eq!(
+            render_url("https://{{ host }}/records/{{ v }}?q={{ v }}", &ctx).unwrap(),
+            "https://h.example:8080/records/..%2Fadmin%3Fdrop%3D1%23x?q=..%2Fadmin%3Fdrop%3D1%23x"
+        );
+        assert_eq!(
+            render_url("{{ u }}", &ctx).unwrap(),
+            "https://hooks.example/services/T/B?x=1"
+        );
+        assert!(render_url("https://x/a/{{ '..' }}", &ctx).is_err());
+        assert!(render_url("https://x/{% if true %}a{% endif %}", &ctx).is_err());
+    }
+
+    #[test]
+    fn masks_every_form_of_a_secret() {
+        let m = Masker::new(&["a+b/c= d\"".to_owned()]);
+        for shown in [
+            "a+b/c= d\"",
+            "a%2Bb%2Fc%3D%20d%22",
+            "a%2Bb%2Fc%3D+d%22",
+            "a+b/c= d\\\"",
+        ] {
+            assert_eq!(m.text(&format!("x{shown}y")), "x***y", "{shown}");
+        }
+    }
+
+    #[test]
+    fn egress_policy() {
+        let p = EgressPolicy::default();
+        assert!(p.check("169.254.169.254".parse().unwrap()).is_err());
+        assert!(p.check("::ffff:169.254.169.254".parse().unwrap()).is_err());
+        assert!(p.check("fd00:ec2::254".parse().unwrap()).is_err());
+        assert!(p.check("127.0.0.1".parse().unwrap()).is_ok());
+        let only = EgressPolicy {
+            deny: vec![],
+            allow: Some(parse_nets("X", "127.0.0.0/8").unwrap()),
+        };
+        assert!(only.check("127.0.0.9".parse().unwrap()).is_ok());
+        assert!(only.check("10.0.0.1".parse().unwrap()).is_err());
+        assert!(parse_nets("X", "10.0.0.0/33").is_err());
     }
 }

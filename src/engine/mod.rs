@@ -1,11 +1,15 @@
 //! The engine: workers that take due runs from the store and execute their
 //! steps as HTTP actions, with retries and backoff scheduled in the database.
 //!
-//! A worker holds a run with a lease of [`LEASE`], renewed while it works,
-//! so a crashed process's runs are taken over once the lease lapses (within
-//! seconds, by this process after a restart or by another instance). Every
-//! state change is saved before the next action: a kill -9 loses at most the
-//! attempt in flight, which is sent again with the same `Idempotency-Key`.
+//! A worker holds a run with a lease of [`LEASE`], renewed inside the run's
+//! own task while it works, so a crashed process's runs are taken over once
+//! the lease lapses (within seconds, by this process after a restart or by
+//! another instance). Each claim carries a fencing token that every save and
+//! renewal must match; on PostgreSQL lease expiry is the database's clock.
+//! Every state change is saved before the next action: a kill -9 loses at
+//! most the attempt in flight, which is sent again with the same
+//! `Idempotency-Key`; an outcome that cannot be saved is recorded as a
+//! `store` failure rather than sent again. A run resumes at its step by id.
 //! New runs wake the workers at once (in-process, and through
 //! LISTEN/NOTIFY on PostgreSQL); polling is only a safety net.
 
@@ -35,6 +39,9 @@ use tracing::Instrument;
 /// How long a claimed run stays with its worker without a renewal.
 pub const LEASE: Duration = Duration::from_secs(5);
 const RENEW_EVERY: Duration = Duration::from_millis(1500);
+/// How often a progress save is tried before the attempt is recorded as a `store` failure.
+const SAVE_TRIES: u32 = 3;
+const SAVE_RETRY_DELAY: Duration = Duration::from_millis(300);
 /// The safety-net poll when nothing else wakes the workers.
 const POLL: Duration = Duration::from_secs(1);
 
@@ -46,7 +53,7 @@ pub fn user_agent() -> String {
 pub struct Engine {
     store: Arc<dyn EventStore>,
     registry: Arc<Registry>,
-    client: reqwest::Client,
+    client: http::Client,
     wake: Arc<Notify>,
     owner: String,
     concurrency: usize,
@@ -66,8 +73,13 @@ fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
 }
 
+/// `d` from now; a delay past the year 9999 (say `max_delay: 300000y`) is capped there.
 fn after(d: Duration) -> DateTime<Utc> {
-    now() + chrono::TimeDelta::from_std(d).unwrap_or(chrono::TimeDelta::MAX)
+    let last = DateTime::from_timestamp(253_402_300_799, 0).expect("a valid time");
+    chrono::TimeDelta::from_std(d)
+        .ok()
+        .and_then(|d| now().checked_add_signed(d))
+        .map_or(last, |t| t.min(last))
 }
 
 impl Engine {
@@ -151,7 +163,7 @@ impl Engine {
             if free > 0 {
                 match self
                     .store
-                    .claim_due(&self.owner, now(), after(LEASE), free as u32)
+                    .claim_due(&self.owner, now(), LEASE, free as u32)
                     .await
                 {
                     Ok(runs) => {
@@ -197,51 +209,141 @@ impl Engine {
         }
     }
 
+    /// Drives one claimed run. The lease is renewed inside the run's own
+    /// future, so renewal ends with the run, a panic included (a panic is
+    /// caught and recorded as the run's failure).
     async fn execute(self: &Arc<Self>, run: Run) {
         let run_id = run.run_id.clone();
-        let renew = {
-            let store = self.store.clone();
-            let owner = self.owner.clone();
-            let run_id = run_id.clone();
-            let me = self.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(RENEW_EVERY).await;
-                    if me.phase.load(Ordering::SeqCst) == HANDED_BACK {
-                        break;
-                    }
-                    match store.renew_lease(&run_id, &owner, after(LEASE)).await {
-                        Ok(true) => {}
-                        Ok(false) => break,
-                        Err(e) => tracing::warn!(run_id, error = %e, "could not renew lease"),
-                    }
-                }
-            })
-        };
         if run.attempts_total == 0 && run.step_index == 0 {
             crate::prometheus::run_started(&run.workflow);
         }
-        if let Err(e) = self.drive(run).await {
-            tracing::error!(run_id, error = %e, "run interrupted by a store error; it resumes when its lease lapses");
+        let work = {
+            let me = self.clone();
+            let run = run.clone();
+            async move { me.drive(run).await }
+        };
+        let renew = async {
+            loop {
+                tokio::time::sleep(RENEW_EVERY).await;
+                if self.phase.load(Ordering::SeqCst) == HANDED_BACK {
+                    break;
+                }
+                match self
+                    .store
+                    .renew_lease(&run.run_id, &self.owner, run.lease_token, LEASE)
+                    .await
+                {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(e) => tracing::warn!(run_id, error = %e, "could not renew lease"),
+                }
+            }
+        };
+        let outcome = supervised(work, renew).await;
+        match outcome {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(run_id, error = %e, "run interrupted by a store error; it resumes when its lease lapses");
+            }
+            Err(why) => self.fail_on_panic(&run, why).await,
         }
-        renew.abort();
     }
 
-    /// Saves progress; false when the lease was lost (another worker has the run).
+    /// Records a panic in the engine as the run's failure (as of its last save).
+    async fn fail_on_panic(&self, claimed: &Run, why: String) {
+        let run = self
+            .store
+            .get_run(&claimed.run_id)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| claimed.clone());
+        let trace = RunTrace::new(&run);
+        let state = RunState::from(&run);
+        let update = state.failed(format!(
+            "the engine failed while running step `{}`: {why}",
+            state.step_id.as_deref().unwrap_or("?")
+        ));
+        match self.save(claimed, None, &update).await {
+            Ok(true) => self.finished(&run, &trace, &update),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(run_id = %run.run_id, error = %e, "run panicked ({why}) and its failure could not be stored; it resumes when its lease lapses")
+            }
+        }
+    }
+
+    /// Saves progress; false when the lease was lost (another claim has the run).
     async fn save(
         &self,
         run: &Run,
         attempt: Option<&Attempt>,
         update: &RunUpdate,
     ) -> Result<bool, crate::store::StoreError> {
-        let saved = self
-            .store
-            .save_progress(&run.run_id, &self.owner, attempt, update, now())
-            .await?;
+        let mut tries = 0;
+        let saved = loop {
+            tries += 1;
+            match self
+                .store
+                .save_progress(
+                    &run.run_id,
+                    &self.owner,
+                    run.lease_token,
+                    attempt,
+                    update,
+                    now(),
+                )
+                .await
+            {
+                Ok(saved) => break saved,
+                Err(e) if tries < SAVE_TRIES => {
+                    tracing::warn!(run_id = %run.run_id, error = %e, tries, "could not save a run's progress; trying again");
+                    tokio::time::sleep(SAVE_RETRY_DELAY * tries).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         if !saved {
             tracing::warn!(run_id = %run.run_id, "lost the lease on a run; leaving it to its new worker");
         }
         Ok(saved)
+    }
+
+    /// Saves an attempt and its outcome. If that keeps failing, the attempt is
+    /// recorded as a failure of class `store` (without the response that
+    /// could not be stored) and the run fails: a request is never sent again
+    /// only because its outcome could not be written. Returns the update
+    /// that was saved, or `None` when the lease was lost.
+    async fn save_attempt(
+        &self,
+        run: &Run,
+        before: &RunState,
+        mut attempt: Attempt,
+        update: RunUpdate,
+    ) -> Result<Option<(Attempt, RunUpdate)>, crate::store::StoreError> {
+        let e = match self.save(run, Some(&attempt), &update).await {
+            Ok(true) => return Ok(Some((attempt, update))),
+            Ok(false) => return Ok(None),
+            Err(e) => e,
+        };
+        let why = format!(
+            "the outcome of the attempt could not be stored ({e}); the request is not sent again"
+        );
+        tracing::error!(run_id = %run.run_id, step = %attempt.step_id, "{why}");
+        attempt.outcome = "failed".into();
+        attempt.error_class = Some(ErrorClass::Store.as_str().into());
+        attempt.error_message = Some(why.clone());
+        attempt.response_headers = None;
+        attempt.response_body = None;
+        attempt.next_delay_ms = None;
+        let mut state = before.clone();
+        state.attempt = attempt.attempt;
+        state.attempts_total = attempt.number;
+        let update = state.failed(format!("step `{}`: {why}", attempt.step_id));
+        Ok(self
+            .save(run, Some(&attempt), &update)
+            .await?
+            .then_some((attempt, update)))
     }
 
     async fn drive(&self, run: Run) -> Result<(), crate::store::StoreError> {
@@ -255,13 +357,30 @@ impl Engine {
             }
             return Ok(());
         };
+        // Resume at the step by its id (the index only for runs saved before ids were).
+        if let Some(id) = state.step_id.clone() {
+            match wf.steps.iter().position(|s| s.id == id) {
+                Some(i) => state.step_index = i as i64,
+                None => {
+                    let update = state.failed(format!(
+                        "step `{id}` is no longer in workflow `{}`; the run cannot resume (replay the event to run the workflow as it is now)",
+                        run.workflow
+                    ));
+                    if self.save(&run, None, &update).await? {
+                        self.finished(&run, &trace, &update);
+                    }
+                    return Ok(());
+                }
+            }
+        }
+        state.at(wf);
         let secrets = read_secrets(wf);
-        let secret_values: Vec<String> = secrets.values().flatten().cloned().collect();
+        let masker = http::Masker::new(secrets.values().flatten());
         while let Some(step) = wf.steps.get(state.step_index as usize) {
-            let ctx_real = self.context(&run, &state, &secrets, false);
-            let ctx_masked = self.context(&run, &state, &secrets, true);
+            let ctx = self.context(&run, &state, &secrets);
             if let Some(cond) = &step.condition {
-                match template::truthy(cond, &ctx_masked) {
+                // Conditions see the real values (they yield booleans).
+                match template::truthy(cond, &ctx) {
                     Ok(true) => {}
                     Ok(false) => {
                         state
@@ -270,6 +389,7 @@ impl Engine {
                         let index = state.step_index;
                         state.step_index += 1;
                         state.attempt = 0;
+                        state.at(wf);
                         if !self.save(&run, None, &state.running()).await? {
                             return Ok(());
                         }
@@ -287,7 +407,8 @@ impl Engine {
                         continue;
                     }
                     Err(e) => {
-                        let update = state.failed(format!("step `{}`: `if` failed: {e}", step.id));
+                        let update = state
+                            .failed(masker.text(&format!("step `{}`: `if` failed: {e}", step.id)));
                         if self.save(&run, None, &update).await? {
                             trace.emit_step(
                                 &run,
@@ -307,25 +428,16 @@ impl Engine {
                 }
             }
             let index = state.step_index;
-            let outcome = self
-                .attempt(
-                    &run,
-                    &trace,
-                    wf,
-                    step,
-                    &mut state,
-                    &ctx_real,
-                    &ctx_masked,
-                    &secrets,
-                    &secret_values,
-                )
+            let before = state.clone();
+            let (attempt, update, done) = self
+                .attempt(&run, &trace, wf, step, &mut state, &ctx, &secrets, &masker)
                 .await;
-            let (attempt, update, done) = outcome;
-            if !self.save(&run, Some(&attempt), &update).await? {
+            let Some((attempt, update)) = self.save_attempt(&run, &before, attempt, update).await?
+            else {
                 return Ok(());
-            }
+            };
             self.observe(&run, &trace, index, &attempt, &update).await;
-            if done {
+            if done || update.status.is_final() {
                 return Ok(());
             }
         }
@@ -389,8 +501,19 @@ impl Engine {
         }
     }
 
-    /// A run reached a final state: count it and emit its span.
+    /// A run reached a final state: count it and emit its span; a failure
+    /// is logged once, at WARN, with its cause (secrets masked, by name only).
     fn finished(&self, run: &Run, trace: &RunTrace, update: &RunUpdate) {
+        if update.status == RunStatus::Failed {
+            tracing::warn!(
+                run_id = %run.run_id,
+                workflow = %run.workflow,
+                step = update.step_id.as_deref().unwrap_or("-"),
+                error = update.last_error.as_deref().unwrap_or(""),
+                "run failed: {}",
+                update.last_error.as_deref().unwrap_or("")
+            );
+        }
         crate::prometheus::run_finished(&run.workflow, update.status.as_str());
         trace.emit_run(
             run,
@@ -405,9 +528,8 @@ impl Engine {
         run: &Run,
         state: &RunState,
         secrets: &HashMap<String, Option<String>>,
-        masked: bool,
     ) -> Value {
-        let mut ctx = with_steps(&run.context.0, &state.results, secrets, masked);
+        let mut ctx = with_steps(&run.context.0, &state.results, secrets);
         if let Value::Object(map) = &mut ctx {
             map.insert(
                 "run".into(),
@@ -427,15 +549,13 @@ impl Engine {
         wf: &Workflow,
         step: &Step,
         state: &mut RunState,
-        ctx_real: &Value,
-        ctx_masked: &Value,
+        ctx: &Value,
         secrets: &HashMap<String, Option<String>>,
-        secret_values: &[String],
+        masker: &http::Masker,
     ) -> (Attempt, RunUpdate, bool) {
         state.attempt += 1;
         state.attempts_total += 1;
         let started = now();
-        let clock = std::time::Instant::now();
         let mut record = Attempt {
             run_id: run.run_id.clone(),
             number: state.attempts_total,
@@ -453,38 +573,36 @@ impl Engine {
             error_message: None,
             next_delay_ms: None,
         };
-        let missing: Vec<&str> = secrets
+        let mut missing: Vec<&str> = secrets
             .iter()
             .filter(|(_, v)| v.is_none())
             .map(|(k, _)| k.as_str())
             .collect();
+        missing.sort_unstable();
         let prepared = if let Some(name) = missing.first() {
-            Err((
-                ErrorClass::Secret,
-                format!("secret {name} is declared but its environment variable is not set"),
-            ))
+            Err(http::Failure {
+                class: ErrorClass::Secret,
+                message: format!(
+                    "secret {name} is declared but its environment variable is not set"
+                ),
+                retryable: false,
+                retry_after: None,
+            })
         } else {
-            http::render(&step.http, ctx_real)
-                .and_then(|real| Ok((real, http::render(&step.http, ctx_masked)?)))
+            // Rendered once, with the real values; only the record is masked.
+            http::prepare(&step.http, ctx, masker)
         };
-        let (real, masked) = match prepared {
-            Ok(pair) => pair,
-            Err((class, message)) => {
+        let prepared = match prepared {
+            Ok(p) => p,
+            Err(f) => {
                 record.outcome = "failed".into();
-                record.error_class = Some(class.as_str().into());
-                record.error_message = Some(http::scrub(&message, secret_values));
-                let update = state.failed(format!(
-                    "step `{}`: {}",
-                    step.id,
-                    record.error_message.as_deref().unwrap_or("")
-                ));
+                record.error_class = Some(f.class.as_str().into());
+                record.error_message = Some(f.message.clone());
+                let update = state.failed(format!("step `{}`: {}", step.id, f.message));
                 return (record, update, true);
             }
         };
-        // Secrets are masked by rendering with `***`; scrubbing catches values that leaked some other way.
-        let recorded = http::scrub(&masked.record().to_string(), secret_values);
-        record.request = sqlx::types::Json(serde_json::from_str(&recorded).unwrap_or(Value::Null));
-        let span = trace.attempt_span(run, state.step_index, &step.id, state.attempt, &masked);
+        let span = trace.attempt_span(run, state.step_index, &step.id, state.attempt, &prepared);
         let extra = [
             ("idempotency-key", format!("{}:{}", run.run_id, step.id)),
             (
@@ -492,34 +610,30 @@ impl Engine {
                 crate::telemetry::outbound_traceparent(&span, trace.root()),
             ),
         ];
-        let result = http::send(&self.client, &real, &extra, step.timeout)
+        let ex = http::exchange(&self.client, &prepared, &extra, step.timeout, masker)
             .instrument(span.clone())
             .await;
-        record.duration_ms = clock.elapsed().as_millis() as i64;
-        let failure = http::failure(&result);
-        trace::record_result(&span, &result, failure.as_ref());
         let _entered = span.enter();
-        if let (Ok(resp), _) = (&result, &failure) {
+        record.duration_ms = ex.duration_ms;
+        record.request = sqlx::types::Json(ex.request);
+        if let Some(resp) = &ex.response {
             record.response_status = Some(i64::from(resp.status));
             record.response_headers = Some(sqlx::types::Json(json!(resp.headers)));
-            record.response_body = Some(http::scrub(&resp.body, secret_values));
+            record.response_body = Some(resp.body.clone());
         }
         let Some(http::Failure {
             class,
             message,
             retryable,
             retry_after,
-        }) = failure
+        }) = ex.failure
         else {
-            let resp = result.expect("no failure means a response");
+            let resp = ex.response.expect("no failure means a response");
             record.outcome = "succeeded".into();
-            let result = http::scrub(&resp.as_step_result().to_string(), secret_values);
-            state.results.insert(
-                step.id.clone(),
-                serde_json::from_str(&result).unwrap_or(Value::Null),
-            );
+            state.results.insert(step.id.clone(), resp.as_step_result());
             state.step_index += 1;
             state.attempt = 0;
+            state.at(wf);
             let done = state.step_index as usize >= wf.steps.len();
             let update = if done {
                 state.succeeded()
@@ -530,7 +644,7 @@ impl Engine {
             return (record, update, done);
         };
         record.error_class = Some(class.as_str().into());
-        record.error_message = Some(http::scrub(&message, secret_values));
+        record.error_message = Some(message.clone());
         if retryable && (state.attempt as u32) < step.retry.max_attempts {
             let delay = backoff::delay(
                 &step.retry,
@@ -539,43 +653,61 @@ impl Engine {
                 rand::random::<f64>(),
             );
             record.outcome = "retrying".into();
-            record.next_delay_ms = Some(delay.as_millis() as i64);
-            span.record("switchboard.retry.delay_ms", delay.as_millis() as u64);
-            tracing::info!(run_id = %run.run_id, step = %step.id, attempt = state.attempt, error = class.as_str(), delay_ms = delay.as_millis() as u64, "attempt failed; retrying");
-            let update = state.retrying(
-                after(delay),
-                format!(
-                    "step `{}`: {}",
-                    step.id,
-                    record.error_message.as_deref().unwrap_or("")
-                ),
+            record.next_delay_ms = Some(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
+            span.record(
+                "switchboard.retry.delay_ms",
+                u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
             );
+            tracing::info!(run_id = %run.run_id, step = %step.id, attempt = state.attempt, error = class.as_str(), delay = %humantime::format_duration(delay), "attempt failed; retrying");
+            let update = state.retrying(after(delay), format!("step `{}`: {message}", step.id));
             (record, update, true)
         } else {
             record.outcome = "failed".into();
             let why = if retryable {
                 format!(
-                    "step `{}`: {} (after {} attempts)",
-                    step.id,
-                    record.error_message.as_deref().unwrap_or(""),
-                    state.attempt
+                    "step `{}`: {message} (after {} attempts)",
+                    step.id, state.attempt
                 )
             } else {
-                format!(
-                    "step `{}`: {}",
-                    step.id,
-                    record.error_message.as_deref().unwrap_or("")
-                )
+                format!("step `{}`: {message}", step.id)
             };
-            tracing::warn!(run_id = %run.run_id, step = %step.id, error = class.as_str(), "run failed: {why}");
             (record, state.failed(why), true)
         }
     }
 }
 
+/// Runs `work` in a task of its own with `renew` alongside, and returns its
+/// output, or the message of its panic. `renew` ends when `work` ends,
+/// however it ends; if `renew` finishes first (the lease is lost), `work`
+/// goes on alone (its saves are refused by the fencing token).
+async fn supervised<T: Send + 'static>(
+    work: impl std::future::Future<Output = T> + Send + 'static,
+    renew: impl std::future::Future<Output = ()>,
+) -> Result<T, String> {
+    let mut task = tokio::spawn(work);
+    tokio::pin!(renew);
+    let mut renewing = true;
+    let joined = loop {
+        tokio::select! {
+            joined = &mut task => break joined,
+            () = &mut renew, if renewing => renewing = false,
+        }
+    };
+    joined.map_err(|e| match e.try_into_panic() {
+        Ok(p) => p
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into()),
+        Err(e) => e.to_string(),
+    })
+}
+
 /// The mutable part of a run while a worker drives it.
+#[derive(Clone)]
 struct RunState {
     step_index: i64,
+    step_id: Option<String>,
     attempt: i64,
     attempts_total: i64,
     results: serde_json::Map<String, Value>,
@@ -585,6 +717,7 @@ impl From<&Run> for RunState {
     fn from(run: &Run) -> Self {
         Self {
             step_index: run.step_index,
+            step_id: run.step_id.clone(),
             attempt: run.attempt,
             attempts_total: run.attempts_total,
             results: run.step_results.0.as_object().cloned().unwrap_or_default(),
@@ -593,20 +726,26 @@ impl From<&Run> for RunState {
 }
 
 impl RunState {
+    /// Records the id of the step at `step_index` (none once past the last).
+    fn at(&mut self, wf: &Workflow) {
+        self.step_id = wf.steps.get(self.step_index as usize).map(|s| s.id.clone());
+    }
+
     fn update(
         &self,
         status: RunStatus,
         next: DateTime<Utc>,
-        lease: Option<DateTime<Utc>>,
+        lease: Option<Duration>,
         error: Option<String>,
     ) -> RunUpdate {
         RunUpdate {
             status,
             step_index: self.step_index,
+            step_id: self.step_id.clone(),
             attempt: self.attempt,
             attempts_total: self.attempts_total,
             next_attempt_at: next,
-            lease_until: lease,
+            lease,
             step_results: Value::Object(self.results.clone()),
             last_error: error,
             finished_at: status.is_final().then(now),
@@ -614,7 +753,7 @@ impl RunState {
     }
 
     fn running(&self) -> RunUpdate {
-        self.update(RunStatus::Running, now(), Some(after(LEASE)), None)
+        self.update(RunStatus::Running, now(), Some(LEASE), None)
     }
 
     fn succeeded(&self) -> RunUpdate {
@@ -631,24 +770,19 @@ impl RunState {
 }
 
 /// The template context: `base` (`event`, `conversation`) with `steps` and `secrets`
-/// (their values, or `***` when `masked`; unset secrets are left out).
+/// (their real values: requests are rendered once and masked afterwards, see
+/// [`http::Masker`]; unset secrets are left out).
 pub(crate) fn with_steps(
     base: &Value,
     results: &serde_json::Map<String, Value>,
     secrets: &HashMap<String, Option<String>>,
-    masked: bool,
 ) -> Value {
     let mut ctx = base.clone();
     if let Value::Object(map) = &mut ctx {
         map.insert("steps".into(), Value::Object(results.clone()));
         let secrets: serde_json::Map<String, Value> = secrets
             .iter()
-            .filter_map(|(k, v)| {
-                Some((
-                    k.clone(),
-                    Value::String(if masked { "***".into() } else { v.clone()? }),
-                ))
-            })
+            .filter_map(|(k, v)| Some((k.clone(), Value::String(v.clone()?))))
             .collect();
         map.insert("secrets".into(), Value::Object(secrets));
     }
@@ -673,4 +807,43 @@ fn hostname() -> String {
                 .map(|h| h.trim().to_owned())
         })
         .unwrap_or_else(|| "switchboard".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    #[tokio::test]
+    async fn renewal_ends_with_the_run_and_a_panic_is_caught() {
+        let renewals = Arc::new(AtomicUsize::new(0));
+        let counter = renewals.clone();
+        let renew = async move {
+            loop {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        let work = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = after(Duration::MAX);
+            panic!("boom in step");
+        };
+        let outcome: Result<(), String> = supervised(work, renew).await;
+        assert_eq!(outcome, Err("boom in step".to_owned()));
+        let seen = renewals.load(Ordering::SeqCst);
+        assert!(seen > 1, "renewed while the run worked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            renewals.load(Ordering::SeqCst),
+            seen,
+            "renewal outlived the run"
+        );
+    }
+
+    #[test]
+    fn a_huge_delay_is_capped_not_a_panic() {
+        let t = after(Duration::from_secs(300_000 * 366 * 86_400));
+        assert_eq!(t.format("%Y").to_string(), "9999");
+    }
 }

@@ -43,7 +43,7 @@ pub enum Slot {
 pub struct SetupResponder {
     registry: Arc<Registry>,
     store: Arc<dyn EventStore>,
-    client: reqwest::Client,
+    client: http::Client,
     cache: Mutex<HashMap<String, (Instant, http::Response)>>,
     inflight: Mutex<HashMap<String, watch::Receiver<Option<Arc<str>>>>>,
 }
@@ -228,25 +228,21 @@ impl SetupResponder {
                 "secret {name} is declared but its environment variable is not set"
             ));
         }
-        let secret_values: Vec<String> = secrets.values().flatten().cloned().collect();
+        let masker = http::Masker::new(secrets.values().flatten());
         let mut results = Map::new();
         for step in &wf.steps {
-            let ctx = with_steps(base, &results, &secrets, false);
-            let ctx_masked = with_steps(base, &results, &secrets, true);
+            let ctx = with_steps(base, &results, &secrets);
             if let Some(cond) = &step.condition
-                && !template::truthy(cond, &ctx_masked)
-                    .map_err(|e| format!("step `{}`: {e}", step.id))?
+                && !template::truthy(cond, &ctx)
+                    .map_err(|e| masker.text(&format!("step `{}`: {e}", step.id)))?
             {
                 results.insert(step.id.clone(), json!({"skipped": true}));
                 continue;
             }
-            let real = http::render(&step.http, &ctx)
-                .map_err(|(_, m)| format!("step `{}`: {m}", step.id))?;
-            let masked = http::render(&step.http, &ctx_masked)
-                .map_err(|(_, m)| format!("step `{}`: {m}", step.id))?;
-            let record =
-                serde_json::from_str(&http::scrub(&masked.record().to_string(), &secret_values))
-                    .unwrap_or(Value::Null);
+            let prepared = http::prepare(&step.http, &ctx, &masker)
+                .map_err(|f| format!("step `{}`: {}", step.id, f.message))?;
+            let real = &prepared.real;
+            let record = masker.value(&real.record(&[]));
             let cache_key = step.cache.map(|_| {
                 format!(
                     "{}\n{}\n{:?}\n{:?}",
@@ -265,8 +261,7 @@ impl SetupResponder {
             let mut attempt = 0u32;
             loop {
                 attempt += 1;
-                let clock = Instant::now();
-                let span = super::trace::client_span(&masked, &step.id, i64::from(attempt));
+                let span = super::trace::client_span(&prepared, &step.id, i64::from(attempt));
                 span.record("switchboard.workflow", wf.name.as_str());
                 if let Some(id) = base["event"]["id"].as_str() {
                     span.record("operator.event.id", id);
@@ -291,21 +286,20 @@ impl SetupResponder {
                         ),
                     ),
                 ];
-                let result = http::send(&self.client, &real, &extra, step.timeout)
+                let ex = http::exchange(&self.client, &prepared, &extra, step.timeout, &masker)
                     .instrument(span.clone())
                     .await;
-                let failure = http::failure(&result);
-                super::trace::record_result(&span, &result, failure.as_ref());
                 lookups.lock().expect("lookups lock").push(json!({
                     "step_id": step.id,
                     "attempt": attempt,
-                    "request": record,
-                    "response_status": result.as_ref().ok().map(|r| r.status),
-                    "response_body": result.as_ref().ok().map(|r| http::scrub(&r.body, &secret_values)),
-                    "error_class": failure.as_ref().map(|f| f.class.as_str()),
-                    "error_message": failure.as_ref().map(|f| http::scrub(&f.message, &secret_values)),
-                    "duration_ms": clock.elapsed().as_millis() as u64,
+                    "request": ex.request,
+                    "response_status": ex.response.as_ref().map(|r| r.status),
+                    "response_body": ex.response.as_ref().map(|r| r.body.clone()),
+                    "error_class": ex.failure.as_ref().map(|f| f.class.as_str()),
+                    "error_message": ex.failure.as_ref().map(|f| f.message.clone()),
+                    "duration_ms": ex.duration_ms,
                 }));
+                let (result, failure) = (ex.response.ok_or(()), ex.failure);
                 match (result, failure) {
                     (Ok(resp), None) => {
                         if let Some(key) = cache_key {
@@ -326,17 +320,13 @@ impl SetupResponder {
                         tracing::debug!(step = %step.id, attempt, "setup lookup failed ({}); retrying", f.message);
                     }
                     (_, Some(http::Failure { message, .. })) => {
-                        return Err(format!(
-                            "lookup `{}` failed: {}",
-                            step.id,
-                            http::scrub(&message, &secret_values)
-                        ));
+                        return Err(format!("lookup `{}` failed: {message}", step.id));
                     }
                     (Err(_), None) => unreachable!("an error always has a failure"),
                 }
             }
         }
-        let ctx = with_steps(base, &results, &secrets, false);
+        let ctx = with_steps(base, &results, &secrets);
         let respond = wf
             .respond
             .as_ref()

@@ -88,7 +88,7 @@ impl RunTrace {
         index: i64,
         step_id: &str,
         attempt: i64,
-        request: &http::Request,
+        request: &http::Prepared,
     ) -> Span {
         let span = client_span(request, step_id, attempt);
         span.record("operator.event.id", run.event_id.as_str());
@@ -163,16 +163,16 @@ impl RunTrace {
 /// An `attempt` span: one outbound HTTP request (a client span with the
 /// OpenTelemetry HTTP attributes; the URL as recorded, secrets masked).
 /// Child of the current span unless given another parent.
-pub fn client_span(request: &http::Request, step_id: &str, attempt: i64) -> Span {
-    let url = &request.url;
+pub fn client_span(request: &http::Prepared, step_id: &str, attempt: i64) -> Span {
+    let shown = reqwest::Url::parse(&request.shown_url).ok();
     tracing::info_span!(
         "attempt",
         otel.kind = "client",
         otel.status_code = Empty,
-        http.request.method = request.method.as_str(),
-        url.full = %http::redacted_url(url),
-        server.address = url.host_str().unwrap_or_default(),
-        server.port = url.port_or_known_default(),
+        http.request.method = request.real.method.as_str(),
+        url.full = request.shown_url.as_str(),
+        server.address = shown.as_ref().and_then(|u| u.host_str()).unwrap_or_default(),
+        server.port = request.real.url.port_or_known_default(),
         http.response.status_code = Empty,
         error.type = Empty,
         operator.event.id = Empty,

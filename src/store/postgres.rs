@@ -108,5 +108,6 @@ impl_run_store!(
     sqlx::Postgres,
     "FOR UPDATE SKIP LOCKED",
     Some("SET LOCAL synchronous_commit TO OFF"),
-    "FOR UPDATE"
+    "FOR UPDATE",
+    true
 );

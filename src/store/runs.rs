@@ -28,6 +28,26 @@ pub enum RunStatus {
     Cancelled,
 }
 
+impl TryFrom<String> for RunStatus {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        Self::parse(&s).ok_or_else(|| format!("`{s}` is not a run status"))
+    }
+}
+
+impl std::fmt::Display for RunStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for RunStatus {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 impl RunStatus {
     pub const ALL: [RunStatus; 6] = [
         RunStatus::Scheduled,
@@ -70,13 +90,21 @@ pub struct Run {
     pub event_id: String,
     pub conversation_id: Option<String>,
     pub replay_of: Option<String>,
-    pub status: String,
+    #[sqlx(try_from = "String")]
+    pub status: RunStatus,
     pub step_index: i64,
+    /// The id of the step the run is at (`None` before this was recorded,
+    /// and once every step is done); a run resumes at its step by this id.
+    pub step_id: Option<String>,
     pub attempt: i64,
     pub attempts_total: i64,
     pub next_attempt_at: DateTime<Utc>,
     pub lease_owner: Option<String>,
     pub lease_until: Option<DateTime<Utc>>,
+    /// The fencing token of the current claim: raised by every claim, checked
+    /// by every save and renewal, so a worker whose claim was superseded
+    /// (even in the same process) writes nothing.
+    pub lease_token: i64,
     pub context: sqlx::types::Json<Value>,
     pub step_results: sqlx::types::Json<Value>,
     pub trace_context: Option<String>,
@@ -87,8 +115,9 @@ pub struct Run {
 }
 
 impl Run {
+    /// The status (always `Some`; kept for callers written when it was text).
     pub fn status(&self) -> Option<RunStatus> {
-        RunStatus::parse(&self.status)
+        Some(self.status)
     }
 }
 
@@ -117,14 +146,55 @@ pub struct Attempt {
 pub struct RunUpdate {
     pub status: RunStatus,
     pub step_index: i64,
+    pub step_id: Option<String>,
     pub attempt: i64,
     pub attempts_total: i64,
     pub next_attempt_at: DateTime<Utc>,
-    /// `Some` while the worker keeps the run (status running); `None` releases it.
-    pub lease_until: Option<DateTime<Utc>>,
+    /// `Some` while the worker keeps the run (status running): the lease is
+    /// extended by this much from now, by the database's clock; `None` releases it.
+    pub lease: Option<std::time::Duration>,
     pub step_results: Value,
     pub last_error: Option<String>,
     pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// What a text or JSON column stores for `text`: every NUL (U+0000, which
+/// PostgreSQL refuses in TEXT and JSONB) becomes U+FFFD, on both backends.
+pub fn storable_text(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('\0') {
+        std::borrow::Cow::Owned(text.replace('\0', "\u{FFFD}"))
+    } else {
+        std::borrow::Cow::Borrowed(text)
+    }
+}
+
+/// [`storable_text`] for every string (and key) inside a JSON value.
+pub fn storable_json(v: &Value) -> std::borrow::Cow<'_, Value> {
+    fn has_nul(v: &Value) -> bool {
+        match v {
+            Value::String(s) => s.contains('\0'),
+            Value::Array(items) => items.iter().any(has_nul),
+            Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+            _ => false,
+        }
+    }
+    fn clean(v: &Value) -> Value {
+        match v {
+            Value::String(s) => Value::String(storable_text(s).into_owned()),
+            Value::Array(items) => Value::Array(items.iter().map(clean).collect()),
+            Value::Object(map) => Value::Object(
+                map.iter()
+                    .map(|(k, v)| (storable_text(k).into_owned(), clean(v)))
+                    .collect(),
+            ),
+            other => other.clone(),
+        }
+    }
+    if has_nul(v) {
+        std::borrow::Cow::Owned(clean(v))
+    } else {
+        std::borrow::Cow::Borrowed(v)
+    }
 }
 
 /// Filters and keyset pagination for listing runs (newest first).
@@ -152,29 +222,35 @@ pub enum RunChange {
 /// The run queue and its history.
 #[async_trait]
 pub trait RunStore: Send + Sync + 'static {
-    /// Takes up to `limit` runs that are due (or whose lease lapsed) for `owner`.
+    /// Takes up to `limit` runs that are due (or whose lease lapsed) for `owner`,
+    /// each with a new fencing token. Lease expiry is computed and compared by
+    /// the database's clock on PostgreSQL (instances may disagree about the
+    /// time); SQLite, shared only by processes on one host, uses that host's clock.
     async fn claim_due(
         &self,
         owner: &str,
         now: DateTime<Utc>,
-        lease_until: DateTime<Utc>,
+        lease: std::time::Duration,
         limit: u32,
     ) -> Result<Vec<Run>, StoreError>;
 
-    /// Extends `owner`'s lease; false if the run is no longer held by it.
+    /// Extends the lease of the claim `token`; false if the run is no longer held by it.
     async fn renew_lease(
         &self,
         run_id: &str,
         owner: &str,
-        until: DateTime<Utc>,
+        token: i64,
+        lease: std::time::Duration,
     ) -> Result<bool, StoreError>;
 
-    /// Records an attempt (if any) and the run's new state, atomically, if `owner`
-    /// still holds the run. False if the lease was lost (nothing written).
+    /// Records an attempt (if any) and the run's new state, atomically, if the
+    /// claim `token` still holds the run. False if the lease was lost (nothing
+    /// written). Text and JSON are stored as [`storable_text`] makes them.
     async fn save_progress(
         &self,
         run_id: &str,
         owner: &str,
+        token: i64,
         attempt: Option<&Attempt>,
         update: &RunUpdate,
         now: DateTime<Utc>,

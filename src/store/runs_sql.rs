@@ -6,8 +6,34 @@
 //! does anyway.
 
 pub(crate) const RUN_COLUMNS: &str = "run_id, workflow, event_seq, event_id, conversation_id, replay_of, status, \
-     step_index, attempt, attempts_total, next_attempt_at, lease_owner, lease_until, context, step_results, \
-     trace_context, last_error, created_at, updated_at, finished_at";
+     step_index, step_id, attempt, attempts_total, next_attempt_at, lease_owner, lease_until, lease_token, context, \
+     step_results, trace_context, last_error, created_at, updated_at, finished_at";
+
+/// Lease expiry as SQL: `$n` seconds from the database's clock (PostgreSQL),
+/// or `$n` as a time computed by this host (SQLite: one host, one clock).
+pub(crate) fn lease_sql(db_clock: bool, n: u8) -> String {
+    if db_clock {
+        format!("clock_timestamp() + make_interval(secs => ${n})")
+    } else {
+        format!("${n}")
+    }
+}
+
+/// "Now" for lease comparisons: the database's clock, or the bound `$n`.
+pub(crate) fn now_sql(db_clock: bool, n: u8) -> String {
+    if db_clock {
+        "clock_timestamp()".to_owned()
+    } else {
+        format!("${n}")
+    }
+}
+
+/// The local expiry of a lease (SQLite).
+pub(crate) fn local_lease_until(lease: std::time::Duration) -> chrono::DateTime<chrono::Utc> {
+    use chrono::SubsecRound;
+    chrono::Utc::now().trunc_subsecs(6)
+        + chrono::TimeDelta::from_std(lease).unwrap_or(chrono::TimeDelta::MAX)
+}
 
 pub(crate) const ATTEMPT_COLUMNS: &str = "run_id, number, step_index, step_id, attempt, started_at, duration_ms, \
      request, response_status, response_headers, response_body, outcome, error_class, error_message, next_delay_ms";
@@ -16,7 +42,7 @@ pub(crate) const REPLAY_COLUMNS: &str = "replay_id, filter, status, total, done,
      cursor_seq, created_at, finished_at";
 
 macro_rules! impl_run_store {
-    ($store:ty, $db:ty, $lock_clause:expr, $claim_prelude:expr, $row_lock:expr) => {
+    ($store:ty, $db:ty, $lock_clause:expr, $claim_prelude:expr, $row_lock:expr, $db_clock:expr) => {
         impl $store {
             /// Applies a state change guarded by the run's current status (`$1` is now,
             /// `$2` the run id) and says what happened.
@@ -32,7 +58,7 @@ macro_rules! impl_run_store {
                 Ok(match (r.rows_affected(), run) {
                     (_, None) => RunChange::NotFound,
                     (1, Some(run)) => RunChange::Changed(Box::new(run)),
-                    (_, Some(run)) => RunChange::WrongState(run.status),
+                    (_, Some(run)) => RunChange::WrongState(run.status.as_str().to_owned()),
                 })
             }
         }
@@ -43,16 +69,20 @@ macro_rules! impl_run_store {
                 &self,
                 owner: &str,
                 now: chrono::DateTime<chrono::Utc>,
-                lease_until: chrono::DateTime<chrono::Utc>,
+                lease: std::time::Duration,
                 limit: u32,
             ) -> Result<Vec<$crate::store::runs::Run>, $crate::store::StoreError> {
+                use $crate::store::runs_sql::{lease_sql, now_sql};
                 let sql = format!(
-                    "UPDATE runs SET status = 'running', lease_owner = $1, lease_until = $2, updated_at = $3 \
+                    "UPDATE runs SET status = 'running', lease_owner = $1, lease_until = {}, \
+                     lease_token = lease_token + 1, updated_at = $3 \
                      WHERE run_id IN (SELECT run_id FROM runs \
                         WHERE (status IN ('scheduled', 'retrying') AND next_attempt_at <= $3) \
-                           OR (status = 'running' AND lease_until < $3) \
+                           OR (status = 'running' AND lease_until < {}) \
                         ORDER BY next_attempt_at LIMIT $4 {}) \
                      RETURNING {}",
+                    lease_sql($db_clock, 2),
+                    now_sql($db_clock, 3),
                     $lock_clause,
                     $crate::store::runs_sql::RUN_COLUMNS
                 );
@@ -61,9 +91,13 @@ macro_rules! impl_run_store {
                 if let Some(prelude) = prelude {
                     sqlx::query(prelude).execute(&mut *tx).await?;
                 }
-                let runs = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-                    .bind(owner)
-                    .bind(lease_until)
+                let q = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(owner);
+                let q = if $db_clock {
+                    q.bind(lease.as_secs_f64())
+                } else {
+                    q.bind($crate::store::runs_sql::local_lease_until(lease))
+                };
+                let runs = q
                     .bind(now)
                     .bind(i64::from(limit))
                     .fetch_all(&mut *tx)
@@ -76,16 +110,26 @@ macro_rules! impl_run_store {
                 &self,
                 run_id: &str,
                 owner: &str,
-                until: chrono::DateTime<chrono::Utc>,
+                token: i64,
+                lease: std::time::Duration,
             ) -> Result<bool, $crate::store::StoreError> {
-                let r = sqlx::query(
-                    "UPDATE runs SET lease_until = $1 WHERE run_id = $2 AND lease_owner = $3 AND status = 'running'",
-                )
-                .bind(until)
-                .bind(run_id)
-                .bind(owner)
-                .execute(&self.writer)
-                .await?;
+                let sql = format!(
+                    "UPDATE runs SET lease_until = {} \
+                     WHERE run_id = $2 AND lease_owner = $3 AND lease_token = $4 AND status = 'running'",
+                    $crate::store::runs_sql::lease_sql($db_clock, 1)
+                );
+                let q = sqlx::query(sqlx::AssertSqlSafe(sql));
+                let q = if $db_clock {
+                    q.bind(lease.as_secs_f64())
+                } else {
+                    q.bind($crate::store::runs_sql::local_lease_until(lease))
+                };
+                let r = q
+                    .bind(run_id)
+                    .bind(owner)
+                    .bind(token)
+                    .execute(&self.writer)
+                    .await?;
                 Ok(r.rows_affected() == 1)
             }
 
@@ -94,13 +138,15 @@ macro_rules! impl_run_store {
                 owner: &str,
                 now: chrono::DateTime<chrono::Utc>,
             ) -> Result<u64, $crate::store::StoreError> {
-                let r = sqlx::query(
-                    "UPDATE runs SET lease_until = $1 WHERE lease_owner = $2 AND status = 'running'",
-                )
-                .bind(now)
-                .bind(owner)
-                .execute(&self.writer)
-                .await?;
+                let sql = format!(
+                    "UPDATE runs SET lease_until = {} WHERE lease_owner = $2 AND status = 'running'",
+                    $crate::store::runs_sql::now_sql($db_clock, 1)
+                );
+                let r = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(now)
+                    .bind(owner)
+                    .execute(&self.writer)
+                    .await?;
                 Ok(r.rows_affected())
             }
 
@@ -108,10 +154,12 @@ macro_rules! impl_run_store {
                 &self,
                 run_id: &str,
                 owner: &str,
+                token: i64,
                 attempt: Option<&$crate::store::runs::Attempt>,
                 u: &$crate::store::runs::RunUpdate,
                 now: chrono::DateTime<chrono::Utc>,
             ) -> Result<bool, $crate::store::StoreError> {
+                use $crate::store::runs::{storable_json, storable_text};
                 let mut tx = self.writer.begin().await?;
                 // Same as claims: progress is at-least-once anyway (a lost save means the
                 // attempt is made again, with the same Idempotency-Key).
@@ -119,28 +167,39 @@ macro_rules! impl_run_store {
                 if let Some(prelude) = prelude {
                     sqlx::query(prelude).execute(&mut *tx).await?;
                 }
-                let keep = u.lease_until.is_some();
-                let r = sqlx::query(
+                let keep = u.lease.is_some();
+                let sql = format!(
                     "UPDATE runs SET status = $1, step_index = $2, attempt = $3, attempts_total = $4, \
                      next_attempt_at = $5, lease_owner = CASE WHEN $6 THEN lease_owner ELSE NULL END, \
-                     lease_until = $7, step_results = $8, last_error = $9, finished_at = $10, updated_at = $11 \
-                     WHERE run_id = $12 AND lease_owner = $13 AND status = 'running'",
-                )
-                .bind(u.status.as_str())
-                .bind(u.step_index)
-                .bind(u.attempt)
-                .bind(u.attempts_total)
-                .bind(u.next_attempt_at)
-                .bind(keep)
-                .bind(u.lease_until)
-                .bind(sqlx::types::Json(&u.step_results))
-                .bind(u.last_error.as_deref())
-                .bind(u.finished_at)
-                .bind(now)
-                .bind(run_id)
-                .bind(owner)
-                .execute(&mut *tx)
-                .await?;
+                     lease_until = CASE WHEN $6 THEN {} ELSE NULL END, step_results = $8, last_error = $9, \
+                     finished_at = $10, updated_at = $11, step_id = $15 \
+                     WHERE run_id = $12 AND lease_owner = $13 AND lease_token = $14 AND status = 'running'",
+                    $crate::store::runs_sql::lease_sql($db_clock, 7)
+                );
+                let q = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(u.status.as_str())
+                    .bind(u.step_index)
+                    .bind(u.attempt)
+                    .bind(u.attempts_total)
+                    .bind(u.next_attempt_at)
+                    .bind(keep);
+                let lease = u.lease.unwrap_or_default();
+                let q = if $db_clock {
+                    q.bind(lease.as_secs_f64())
+                } else {
+                    q.bind($crate::store::runs_sql::local_lease_until(lease))
+                };
+                let r = q
+                    .bind(sqlx::types::Json(storable_json(&u.step_results).as_ref()))
+                    .bind(u.last_error.as_deref().map(storable_text))
+                    .bind(u.finished_at)
+                    .bind(now)
+                    .bind(run_id)
+                    .bind(owner)
+                    .bind(token)
+                    .bind(u.step_id.as_deref())
+                    .execute(&mut *tx)
+                    .await?;
                 if r.rows_affected() != 1 {
                     tx.rollback().await?;
                     return Ok(false);
@@ -153,17 +212,17 @@ macro_rules! impl_run_store {
                     .bind(&a.run_id)
                     .bind(a.number)
                     .bind(a.step_index)
-                    .bind(&a.step_id)
+                    .bind(storable_text(&a.step_id))
                     .bind(a.attempt)
                     .bind(a.started_at)
                     .bind(a.duration_ms)
-                    .bind(&a.request)
+                    .bind(sqlx::types::Json(storable_json(&a.request.0).as_ref()))
                     .bind(a.response_status)
-                    .bind(&a.response_headers)
-                    .bind(a.response_body.as_deref())
+                    .bind(a.response_headers.as_ref().map(|h| sqlx::types::Json(storable_json(&h.0).into_owned())))
+                    .bind(a.response_body.as_deref().map(storable_text))
                     .bind(&a.outcome)
                     .bind(a.error_class.as_deref())
-                    .bind(a.error_message.as_deref())
+                    .bind(a.error_message.as_deref().map(storable_text))
                     .bind(a.next_delay_ms)
                     .execute(&mut *tx)
                     .await?;
@@ -301,7 +360,7 @@ macro_rules! impl_run_store {
                     if workflows.is_some_and(|w| !w.contains(&original.workflow)) {
                         continue;
                     }
-                    if only_failed && original.status != "failed" {
+                    if only_failed && original.status != $crate::store::runs::RunStatus::Failed {
                         continue;
                     }
                     let in_flight: i64 = sqlx::query_scalar(

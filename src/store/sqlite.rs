@@ -101,4 +101,4 @@ impl_event_store!(SqliteStore, sqlx::Sqlite, {
     }
 });
 
-impl_run_store!(SqliteStore, sqlx::Sqlite, "", None, "");
+impl_run_store!(SqliteStore, sqlx::Sqlite, "", None, "", false);

@@ -286,7 +286,7 @@ pub async fn run(
                 match http::render(&step.http, &ctx) {
                     Ok(req) => result.requests.push(WouldSend {
                         step_id: step.id.clone(),
-                        request: Some(req.record()),
+                        request: Some(req.record(&[])),
                         note: None,
                         fails: false,
                     }),

@@ -6,6 +6,9 @@
 //! - `/status/<code>/...`: that status
 //! - `/slow/<ms>/...`: waits, then 200 (`/slow-once/<ms>/...`: only the first time)
 //! - `/retry-after/<secs>/...`: first request 429 with Retry-After, then 200
+//! - `/nul/...`: 200 with a raw NUL byte in a text body; `/nul-json/...`: 200 with `\u0000` in a JSON string
+//! - `/redirect/...`: 301 to `/ok/redirected`
+//! - `/echo/...`: 200, the request's `x-echo` header as the response's, the query as the body
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -106,6 +109,28 @@ async fn record(req: &Request, body: Body, state: Data<&Arc<State>>) -> Response
             .status(StatusCode::TOO_MANY_REQUESTS)
             .header("retry-after", *secs)
             .body("slow down"),
+        ["nul", ..] => Response::builder()
+            .status(StatusCode::OK)
+            .content_type("text/plain")
+            .body("before\0after"),
+        ["nul-json", ..] => Response::builder()
+            .status(StatusCode::OK)
+            .content_type("application/json")
+            .body(r#"{"note": "a\u0000b"}"#),
+        ["redirect", ..] => Response::builder()
+            .status(StatusCode::MOVED_PERMANENTLY)
+            .header("location", "/ok/redirected")
+            .body("moved"),
+        ["echo", ..] => Response::builder()
+            .status(StatusCode::OK)
+            .header(
+                "x-echo",
+                req.headers()
+                    .get("x-echo")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default(),
+            )
+            .body(req.uri().query().unwrap_or_default().to_owned()),
         _ => ok(),
     }
 }
