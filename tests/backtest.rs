@@ -356,9 +356,27 @@ async fn the_change_reaches_runs_and_backtests(db: &TestDb) {
     );
 }
 
+/// A secret may be a whole URL: the backtest renders it (as a placeholder that
+/// parses as a URL), shows `***`, and does not call the run a failure.
+async fn a_secret_url_is_rendered_masked_not_a_failure(db: &TestDb) {
+    let app = TestApp::spawn(db).await;
+    app.deliver(&ended_body("ev_su1", "conv_su1", "completed"))
+        .await;
+    let wf = "name: slack-draft\non: { event: conversation.ended }\nsecrets: [SLACK_URL_BT]\nsteps:\n  - id: post\n    http:\n      url: \"{{ secrets.SLACK_URL_BT }}\"\n      json: { text: \"{{ event.conversation_id }}\" }\n";
+    let (status, report) = backtest(&app, json!({"workflow": wf})).await;
+    assert_eq!(status, 200, "{report}");
+    let event = &report["events"][0];
+    assert_eq!(event["matched"], true, "{report}");
+    assert!(event["would_fail"].is_null(), "{report}");
+    let request = &event["requests"][0]["request"];
+    assert_eq!(request["url"], "***", "{report}");
+    assert!(!report.to_string().contains("secret.invalid"), "{report}");
+}
+
 on_both_backends!(
     a_backtest_reports_matches_reasons_and_requests_and_sends_nothing,
     a_backtest_never_migrates_the_database_it_reads,
     a_step_that_cannot_render_is_a_failure_with_its_reason,
     the_change_reaches_runs_and_backtests,
+    a_secret_url_is_rendered_masked_not_a_failure,
 );

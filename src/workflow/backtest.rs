@@ -251,10 +251,19 @@ pub async fn run(
         };
         if decision.matched() {
             let mut ctx = base_context(&facts);
+            // Secrets render as placeholders that also parse as URLs (a secret may be a
+            // whole URL), and are masked to `***` in what is shown.
+            let placeholders: Vec<String> = wf
+                .secrets
+                .iter()
+                .map(|s| format!("https://secret.invalid/{s}"))
+                .collect();
+            let masker = http::Masker::new(placeholders.iter());
             let secrets: serde_json::Map<String, Value> = wf
                 .secrets
                 .iter()
-                .map(|s| (s.clone(), Value::String("***".into())))
+                .zip(&placeholders)
+                .map(|(s, p)| (s.clone(), Value::String(p.clone())))
                 .collect();
             ctx["secrets"] = Value::Object(secrets);
             ctx["steps"] = json!({});
@@ -273,9 +282,11 @@ pub async fn run(
                             continue;
                         }
                         Err(e) => {
-                            result
-                                .requests
-                                .push(unrendered(step, "`if`", &e.to_string()));
+                            result.requests.push(unrendered(
+                                step,
+                                "`if`",
+                                &masker.text(&e.to_string()),
+                            ));
                             if result.requests.last().is_some_and(|w| w.fails) {
                                 break;
                             }
@@ -286,15 +297,15 @@ pub async fn run(
                 match http::render(&step.http, &ctx) {
                     Ok(req) => result.requests.push(WouldSend {
                         step_id: step.id.clone(),
-                        request: Some(req.record(&[])),
+                        request: Some(masker.value(&req.record(&[]))),
                         note: None,
                         fails: false,
                     }),
-                    Err((_, message)) => {
-                        result
-                            .requests
-                            .push(unrendered(step, "the request", &message))
-                    }
+                    Err((_, message)) => result.requests.push(unrendered(
+                        step,
+                        "the request",
+                        &masker.text(&message),
+                    )),
                 }
                 // A run stops at a step that fails: later steps would not be sent.
                 if result.requests.last().is_some_and(|w| w.fails) {
