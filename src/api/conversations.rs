@@ -17,8 +17,8 @@ use super::events::EventSummary;
 use super::runs::RunSummary;
 use crate::store::projection::ConversationState;
 use crate::store::runs::RunQuery;
-use crate::store::{ConversationQuery, EventStore, StoreError};
-use crate::webhook::envelope::{Envelope, EventKind};
+use crate::store::{ConversationQuery, EventStore};
+use crate::webhook::envelope::EventKind;
 
 #[derive(Tags)]
 enum ConversationTags {
@@ -172,9 +172,7 @@ impl ConversationsApi {
         let mut history: BTreeMap<String, Vec<FieldChange>> = BTreeMap::new();
         let mut events = Vec::with_capacity(log.len());
         for item in log {
-            let envelope = Envelope::parse(&item.raw_body)
-                .map_err(|e| StoreError::Corrupt(format!("event {}: {e}", item.event.event_id)))?;
-            state.apply(item.event.seq, &envelope, item.event.received_at);
+            let envelope = state.apply_stored(&item)?;
             if let EventKind::CustomFieldUpdated {
                 key: Some(key),
                 value,

@@ -640,18 +640,11 @@ macro_rules! rebuild_in_tx {
                 let item: $crate::store::StoredEventWithBody = row.into();
                 after = item.event.seq;
                 read += 1;
-                let envelope =
-                    $crate::webhook::envelope::Envelope::parse(&item.raw_body).map_err(|e| {
-                        $crate::store::StoreError::Corrupt(format!(
-                            "event {}: {e}",
-                            item.event.event_id
-                        ))
-                    })?;
                 if let Some(conv) = &item.event.conversation_id {
                     states
                         .entry(conv.clone())
                         .or_insert_with(|| ConversationState::new(conv.as_str()))
-                        .apply(item.event.seq, &envelope, item.event.received_at);
+                        .apply_stored(&item)?;
                 }
             }
         }

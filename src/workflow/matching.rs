@@ -95,21 +95,27 @@ pub fn decide(wf: &Workflow, facts: &EventFacts<'_>) -> Decision {
                 ));
             }
         }
-        (
-            Trigger::FieldChanged { field, from, to },
-            EventKind::CustomFieldUpdated {
-                key,
-                value,
-                previous_value,
-            },
-        ) => {
+        (Trigger::FieldChanged { field, from, to }, EventKind::CustomFieldUpdated { key, .. }) => {
             let key = key.unwrap_or_default();
             if &key != field {
                 return Decision::Skipped(format!("custom field `{key}` changed, not `{field}`"));
             }
-            let previous = previous_value
-                .or_else(|| facts.before.and_then(|s| s.field(field).cloned()))
-                .unwrap_or(Value::Null);
+            // The projection's own rule decides what the update did (and what it replaced).
+            let unseen = ConversationState::default();
+            let Some(update) = facts.before.unwrap_or(&unseen).field_update(env) else {
+                return Decision::Skipped("the update names no custom field".into());
+            };
+            let (previous, value) = (update.previous, update.value);
+            if let Some(current) = &update.older_than {
+                return Decision::Skipped(format!(
+                    "this update of `{field}` (created_at {}) is older than its current value {} \
+                     (created_at {}, event #{}): the conversation keeps that value, so nothing changed",
+                    env.created_at.as_deref().unwrap_or("unknown"),
+                    show(&current.value),
+                    current.created_at.as_deref().unwrap_or("unknown"),
+                    current.seq,
+                ));
+            }
             if previous == value {
                 return Decision::Skipped(format!(
                     "`{field}` did not change (still {})",
