@@ -49,11 +49,7 @@ pub fn json(v: &Value) -> Cow<'_, Value> {
 /// Replaces every NUL in `v`'s strings and keys, in place.
 pub fn json_in_place(v: &mut Value) {
     match v {
-        Value::String(s) => {
-            if s.contains('\0') {
-                *s = s.replace('\0', "\u{FFFD}");
-            }
-        }
+        Value::String(s) if s.contains('\0') => *s = s.replace('\0', "\u{FFFD}"),
         Value::Array(a) => a.iter_mut().for_each(json_in_place),
         Value::Object(o) => {
             if o.keys().any(|k| k.contains('\0')) {
