@@ -67,4 +67,57 @@ async fn an_older_field_update_arriving_late_fires_no_transition(db: &TestDb) {
     assert!(sink.received().is_empty());
 }
 
-on_both_backends!(an_older_field_update_arriving_late_fires_no_transition);
+/// A webhook with NUL (`\u0000`) in a custom-field value, in `created_at`
+/// and in an ended status is acknowledged (not 503 on every retry): the raw
+/// body reads back byte-exact, the payload as sent, the projection with NUL
+/// replaced by U+FFFD, and the run the update starts is created.
+async fn nul_in_a_webhook_is_stored_safely(db: &TestDb) {
+    let sink = Sink::start().await;
+    let wf = format!(
+        "on:\n  event: conversation.custom_fields.updated\n  field: lead_status\nsteps:\n  - id: post\n    http:\n      url: \"{}\"\n      json: {{ value: \"{{{{ event.payload.value }}}}\" }}\n",
+        sink.url("/ok/nul")
+    );
+    let (app, _dir) = TestApp::with_workflows(db, &[("nul.yaml", &wf)]).await;
+    let update = br#"{"id":"ev_nul1","conversation_id":"conv_nul","agent_id":"ca_t@v1","created_at":"2025-07-14T15:00:01Z\u0000","payload":{"type":"conversation.custom_fields.updated","key":"lead_status","value":"a\u0000b","extra":{"k\u0000":"\u0000"}}}"#;
+    let ended = br#"{"id":"ev_nul2","conversation_id":"conv_nul","payload":{"type":"conversation.ended","status":"completed\u0000","failure_reason":"x\u0000"}}"#;
+    for body in [&update[..], &ended[..]] {
+        let resp = app.deliver(body).await;
+        assert_eq!(
+            resp.status().as_u16(),
+            200,
+            "{}",
+            resp.text().await.unwrap()
+        );
+    }
+    for (id, body) in [("ev_nul1", &update[..]), ("ev_nul2", &ended[..])] {
+        let (status, ev) = app.admin_get(&format!("/api/v1/events/{id}")).await;
+        assert_eq!(status, 200, "{ev}");
+        assert_eq!(ev["raw_body"].as_str().unwrap().as_bytes(), body);
+        let stored = app.store.get_event(id).await.unwrap().unwrap();
+        assert_eq!(stored.raw_body, body, "byte-exact");
+    }
+    let (_, ev) = app.admin_get("/api/v1/events/ev_nul1").await;
+    assert_eq!(
+        ev["body"]["payload"]["value"], "a\u{0}b",
+        "the payload as sent"
+    );
+    let (status, conv) = app.admin_get("/api/v1/conversations/conv_nul").await;
+    assert_eq!(status, 200, "{conv}");
+    assert_eq!(conv["custom_fields"]["lead_status"], "a\u{FFFD}b");
+    assert_eq!(conv["status"], "completed\u{FFFD}");
+    let (status, list) = app.admin_get("/api/v1/conversations").await;
+    assert_eq!(status, 200, "{list}");
+    let runs = app.wait_runs_final(1, 10).await;
+    assert_eq!(runs.len(), 1);
+    let got = sink.wait_for("/ok/nul", 1, 10).await;
+    assert_eq!(got[0].json()["value"], "a\u{FFFD}b");
+    // A rebuild folds the same projection again.
+    app.store.rebuild_projections().await.unwrap();
+    let state = app.store.conversation("conv_nul").await.unwrap().unwrap();
+    assert_eq!(state.field("lead_status"), Some(&json!("a\u{FFFD}b")));
+}
+
+on_both_backends!(
+    an_older_field_update_arriving_late_fires_no_transition,
+    nul_in_a_webhook_is_stored_safely,
+);
