@@ -117,7 +117,122 @@ async fn nul_in_a_webhook_is_stored_safely(db: &TestDb) {
     assert_eq!(state.field("lead_status"), Some(&json!("a\u{FFFD}b")));
 }
 
+/// Holds the store's write lock from another connection (SQLite: a write
+/// transaction; PostgreSQL: the append's advisory lock) until dropped.
+enum WriteLock {
+    Sqlite(sqlx::SqliteConnection),
+    Postgres(sqlx::PgConnection),
+}
+
+impl WriteLock {
+    async fn take(db: &TestDb) -> Self {
+        use sqlx::Connection;
+        match db {
+            TestDb::Sqlite { .. } => {
+                let mut c = sqlx::SqliteConnection::connect(db.url()).await.unwrap();
+                sqlx::query("BEGIN IMMEDIATE")
+                    .execute(&mut c)
+                    .await
+                    .unwrap();
+                WriteLock::Sqlite(c)
+            }
+            TestDb::Postgres { .. } => {
+                let mut c = sqlx::PgConnection::connect(db.url()).await.unwrap();
+                sqlx::query("SELECT pg_advisory_lock(91634239012865)") // the append lock, "SWBD" 1
+                    .execute(&mut c)
+                    .await
+                    .unwrap();
+                WriteLock::Postgres(c)
+            }
+        }
+    }
+
+    async fn release(self) {
+        use sqlx::Connection;
+        match self {
+            WriteLock::Sqlite(mut c) => {
+                sqlx::query("ROLLBACK").execute(&mut c).await.unwrap();
+                c.close().await.unwrap();
+            }
+            WriteLock::Postgres(c) => c.close().await.unwrap(),
+        }
+    }
+}
+
+const SETUP_WITH_DEADLINE: &str = r#"name: greet
+on: { event: conversation.setup }
+deadline: 400ms
+respond:
+  context: { $variables: { greeting: "hello {{ event.payload.direction }}" } }
+fallback:
+  context: { $variables: { greeting: "hello" } }
+"#;
+
+/// The deadline bounds the whole setup request, storing included: with the
+/// store's write lock held, the fallback arrives by the deadline; the event
+/// is still stored once the lock is released, and its stored answer is the
+/// fallback that was sent, saying it was sent before the event's commit.
+async fn a_slow_store_still_gets_the_setup_answer_by_the_deadline(db: &TestDb) {
+    let (app, _dir) = TestApp::with_workflows(db, &[("greet.yaml", SETUP_WITH_DEADLINE)]).await;
+    // Warm up (connections open, migrations done) with a first setup.
+    let warm = br#"{"id":"ev_warm","conversation_id":"conv_warm","payload":{"type":"conversation.setup","direction":"inbound"}}"#;
+    let resp = app.deliver(warm).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.json::<Value>().await.unwrap(),
+        json!({"context": {"$variables": {"greeting": "hello inbound"}}})
+    );
+    let lock = WriteLock::take(db).await;
+    let body = br#"{"id":"ev_slow","conversation_id":"conv_slow","payload":{"type":"conversation.setup","direction":"inbound"}}"#;
+    let started = std::time::Instant::now();
+    let resp = app.deliver(body).await;
+    let took = started.elapsed();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.json::<Value>().await.unwrap(),
+        json!({"context": {"$variables": {"greeting": "hello"}}}),
+        "the fallback"
+    );
+    // Held 1.5 s: the old code answered only once the lock was released.
+    assert!(
+        took < std::time::Duration::from_millis(1200),
+        "answered after {took:?}, deadline 400ms"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(1500).saturating_sub(took)).await;
+    lock.release().await;
+    // The write was not abandoned: the event is stored, and with it the answer that was sent.
+    let mut stored = None;
+    for _ in 0..100 {
+        if let Some(ev) = app.store.get_event("ev_slow").await.unwrap()
+            && let Some(a) = app.store.setup_answer(ev.event.seq).await.unwrap()
+            && a.used_fallback
+        {
+            stored = Some(a);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let stored = stored.expect("the event and the answer sent are stored");
+    assert_eq!(
+        stored.body,
+        r#"{"context":{"$variables":{"greeting":"hello"}}}"#
+    );
+    let reason = stored.reason.unwrap();
+    assert!(
+        reason.contains("sent before the event's commit"),
+        "{reason}"
+    );
+    // A retried delivery gets the bytes that were sent.
+    let resp = app.deliver(body).await;
+    assert_eq!(resp.headers()["x-switchboard-duplicate"], "true");
+    assert_eq!(
+        resp.text().await.unwrap(),
+        r#"{"context":{"$variables":{"greeting":"hello"}}}"#
+    );
+}
+
 on_both_backends!(
     an_older_field_update_arriving_late_fires_no_transition,
     nul_in_a_webhook_is_stored_safely,
+    a_slow_store_still_gets_the_setup_answer_by_the_deadline,
 );

@@ -165,6 +165,11 @@ pub trait EventStore: runs::RunStore + Send + Sync + 'static {
 
     /// Checks the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Records the setup answer that was actually sent (it went out before
+    /// it could be stored, at the deadline): inserted, or replacing an answer
+    /// stored meanwhile, so a retried delivery gets the bytes that were sent.
+    async fn record_sent_setup_answer(&self, answer: &runs::SetupAnswer) -> Result<(), StoreError>;
 }
 
 /// Opens the store a URL names: `sqlite://…` or `postgres://…` / `postgresql://…`.

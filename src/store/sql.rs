@@ -613,6 +613,32 @@ macro_rules! impl_event_store {
             sqlx::query("SELECT 1").execute(&self.reader).await?;
             Ok(())
         }
+
+        async fn record_sent_setup_answer(
+            &self,
+            a: &$crate::store::runs::SetupAnswer,
+        ) -> Result<(), $crate::store::StoreError> {
+            use $crate::store::sanitize;
+            sqlx::query(
+                "INSERT INTO setup_answers (event_seq, event_id, workflow, used_fallback, reason, body, lookups, \
+                 duration_ms, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                 ON CONFLICT (event_seq) DO UPDATE SET workflow = excluded.workflow, \
+                 used_fallback = excluded.used_fallback, reason = excluded.reason, body = excluded.body, \
+                 duration_ms = excluded.duration_ms, created_at = excluded.created_at",
+            )
+            .bind(a.event_seq)
+            .bind(&a.event_id)
+            .bind(sanitize::opt_text(a.workflow.as_deref()).map(|w| w.into_owned()))
+            .bind(a.used_fallback)
+            .bind(sanitize::opt_text(a.reason.as_deref()).map(|r| r.into_owned()))
+            .bind(sanitize::text(&a.body).into_owned())
+            .bind(sqlx::types::Json(sanitize::json(&a.lookups.0).into_owned()))
+            .bind(a.duration_ms)
+            .bind(a.created_at)
+            .execute(&self.writer)
+            .await?;
+            Ok(())
+        }
         }
     };
 }
