@@ -231,8 +231,113 @@ async fn a_slow_store_still_gets_the_setup_answer_by_the_deadline(db: &TestDb) {
     );
 }
 
+/// Without `SWITCHBOARD_PUBLIC_URL`, `X-Forwarded-Proto/Host` choose the
+/// URL the signature is checked on only when the peer is a trusted proxy.
+async fn forwarded_headers_are_trusted_only_from_trusted_proxies(db: &TestDb) {
+    let forged = "https://hooks.example.com/webhooks/operator";
+    let deliver = |app: &TestApp, signed_for: String, id: &str| {
+        let body = common::ended_body(id, "conv_fwd", "completed");
+        let ts = chrono::Utc::now().timestamp().to_string();
+        let idem = uuid::Uuid::new_v4().to_string();
+        let sig = common::sign_headers(common::KEY, &signed_for, &idem, &ts, &body);
+        app.client
+            .post(app.webhook_url())
+            .header("X-Forwarded-Proto", "https")
+            .header("X-Forwarded-Host", "hooks.example.com")
+            .header("X-Timestamp", ts)
+            .header("X-Idempotency-Key", idem)
+            .header("X-Signature", sig)
+            .body(body)
+            .send()
+    };
+    // No trusted proxy: the headers are ignored, the URL is the one the request reached.
+    let app = TestApp::spawn(db).await;
+    let resp = deliver(&app, forged.to_owned(), "ev_fwd1").await.unwrap();
+    assert_eq!(
+        resp.status(),
+        401,
+        "a forged X-Forwarded-Host is not believed"
+    );
+    let resp = deliver(&app, app.webhook_url(), "ev_fwd1").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    drop(app);
+    // The test client (127.0.0.1) as a trusted proxy: its headers rebuild the URL.
+    let mut s = common::settings(db);
+    s.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
+    let app = TestApp::spawn_with(s).await;
+    let resp = deliver(&app, forged.to_owned(), "ev_fwd2").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let stored = app.store.get_event("ev_fwd2").await.unwrap().unwrap();
+    assert_eq!(stored.event.verification.signed_url, forged);
+}
+
+const RUNAWAY: &str = r#"name: runaway
+on: { event: conversation.setup }
+respond:
+  context:
+    $variables:
+      n: "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}x"
+fallback:
+  context: { $variables: { n: "fallback" } }
+"#;
+
+const HUGE: &str = r#"name: huge
+on: { event: conversation.setup }
+when: event.payload.direction == "outbound"
+respond:
+  context:
+    $variables:
+      n: "{% for i in range(50) %}{{ 'x' * 1000000 }}{% endfor %}"
+fallback:
+  context: { $variables: { n: "too big" } }
+"#;
+
+/// A runaway template (a loop of 10^10 steps) in an answer rendered inside
+/// the append transaction, and one that renders 50 MB: each fails its own
+/// evaluation with a clear message (the fallback answers), the event and
+/// others in the log are stored, and nothing hangs.
+async fn a_runaway_template_fails_its_workflow_not_the_batch(db: &TestDb) {
+    let (app, _dir) =
+        TestApp::with_workflows(db, &[("a_huge.yaml", HUGE), ("b_runaway.yaml", RUNAWAY)]).await;
+    let inbound = br#"{"id":"ev_run1","conversation_id":"conv_run","payload":{"type":"conversation.setup","direction":"inbound"}}"#;
+    let outbound = br#"{"id":"ev_run2","conversation_id":"conv_run2","payload":{"type":"conversation.setup","direction":"outbound"}}"#;
+    let ended = common::ended_body("ev_run3", "conv_run", "completed");
+    let (a, b, c) = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        tokio::join!(
+            app.deliver(inbound),
+            app.deliver(outbound),
+            app.deliver(&ended)
+        )
+    })
+    .await
+    .expect("no delivery hangs on a runaway template");
+    assert_eq!(a.status(), 200);
+    assert_eq!(
+        a.json::<Value>().await.unwrap(),
+        json!({"context": {"$variables": {"n": "fallback"}}})
+    );
+    assert_eq!(b.status(), 200);
+    assert_eq!(
+        b.json::<Value>().await.unwrap(),
+        json!({"context": {"$variables": {"n": "too big"}}})
+    );
+    assert_eq!(c.status(), 200);
+    for (id, needle) in [("ev_run1", "ran too long"), ("ev_run2", "KiB of text")] {
+        let ev = app.store.get_event(id).await.unwrap().unwrap();
+        let answer = app.store.setup_answer(ev.event.seq).await.unwrap().unwrap();
+        let reason = answer.reason.unwrap_or_default();
+        assert!(
+            answer.used_fallback && reason.contains(needle),
+            "{id}: {reason}"
+        );
+    }
+    assert_eq!(app.all_events().await.len(), 3);
+}
+
 on_both_backends!(
     an_older_field_update_arriving_late_fires_no_transition,
     nul_in_a_webhook_is_stored_safely,
     a_slow_store_still_gets_the_setup_answer_by_the_deadline,
+    forwarded_headers_are_trusted_only_from_trusted_proxies,
+    a_runaway_template_fails_its_workflow_not_the_batch,
 );

@@ -37,7 +37,8 @@ use tracing::Instrument;
 use tracing::field::Empty;
 
 pub use crate::workflow::answer::EMPTY_ANSWER;
-const CACHE_CAPACITY: usize = 10_000;
+/// Memory for cached lookup responses unless configured (`SWITCHBOARD_SETUP_CACHE_BYTES`).
+pub const DEFAULT_CACHE_BYTES: usize = 32 * 1024 * 1024;
 
 /// The default `deadline` of a setup workflow.
 const DEFAULT_DEADLINE: Duration = Duration::from_secs(2);
@@ -127,7 +128,7 @@ pub struct SetupResponder {
     registry: Arc<Registry>,
     store: Arc<dyn EventStore>,
     client: reqwest::Client,
-    cache: Mutex<HashMap<String, (Instant, http::Response)>>,
+    cache: Mutex<LookupCache>,
     inflight: Mutex<HashMap<String, watch::Receiver<Option<Arc<str>>>>>,
 }
 
@@ -147,9 +148,15 @@ impl SetupResponder {
             registry,
             store,
             client,
-            cache: Mutex::default(),
+            cache: Mutex::new(LookupCache::new(DEFAULT_CACHE_BYTES)),
             inflight: Mutex::default(),
         }
+    }
+
+    /// Bounds the lookup cache to `bytes` (default [`DEFAULT_CACHE_BYTES`]).
+    pub fn with_cache_bytes(self, bytes: usize) -> Self {
+        *self.cache.lock().expect("cache lock") = LookupCache::new(bytes);
+        self
     }
 
     /// Joins the computation of `event_id`'s answer in this process.
@@ -730,23 +737,108 @@ impl SetupResponder {
     }
 
     fn cached(&self, key: &str) -> Option<http::Response> {
-        let cache = self.cache.lock().expect("cache lock");
-        cache
-            .get(key)
-            .filter(|(expires, _)| *expires > Instant::now())
-            .map(|(_, r)| r.clone())
+        self.cache.lock().expect("cache lock").get(key)
     }
 
     fn remember(&self, key: String, ttl: Duration, resp: http::Response) {
-        let mut cache = self.cache.lock().expect("cache lock");
-        if cache.len() >= CACHE_CAPACITY {
+        self.cache
+            .lock()
+            .expect("cache lock")
+            .insert(key, Instant::now() + ttl, resp);
+    }
+}
+
+/// Cached lookup responses, bounded by their size in bytes (key, body and
+/// headers): expired entries go first, then the oldest inserted.
+struct LookupCache {
+    capacity: usize,
+    used: usize,
+    entries: HashMap<String, (Instant, http::Response, usize)>,
+    /// Keys in insertion order (a key re-inserted appears again; stale positions are skipped).
+    order: std::collections::VecDeque<(String, u64)>,
+    generation: u64,
+    generations: HashMap<String, u64>,
+}
+
+impl LookupCache {
+    fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            used: 0,
+            entries: HashMap::new(),
+            order: Default::default(),
+            generation: 0,
+            generations: HashMap::new(),
+        }
+    }
+
+    /// What one entry costs: its key, body (twice when it was parsed as
+    /// JSON, for the parsed copy) and headers, plus a fixed overhead.
+    fn cost(key: &str, resp: &http::Response) -> usize {
+        key.len()
+            + resp.body.len() * if resp.json.is_some() { 2 } else { 1 }
+            + resp
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 16)
+                .sum::<usize>()
+            + 128
+    }
+
+    fn get(&self, key: &str) -> Option<http::Response> {
+        self.entries
+            .get(key)
+            .filter(|(expires, _, _)| *expires > Instant::now())
+            .map(|(_, r, _)| r.clone())
+    }
+
+    fn remove(&mut self, key: &str) {
+        if let Some((_, _, cost)) = self.entries.remove(key) {
+            self.used -= cost;
+            self.generations.remove(key);
+        }
+    }
+
+    fn insert(&mut self, key: String, expires: Instant, resp: http::Response) {
+        let cost = Self::cost(&key, &resp);
+        self.remove(&key);
+        if cost > self.capacity {
+            return; // larger than the whole cache: not kept
+        }
+        if self.used + cost > self.capacity {
             let now = Instant::now();
-            cache.retain(|_, (expires, _)| *expires > now);
-            if cache.len() >= CACHE_CAPACITY {
-                cache.clear();
+            let expired: Vec<String> = self
+                .entries
+                .iter()
+                .filter(|(_, (e, _, _))| *e <= now)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in expired {
+                self.remove(&k);
             }
         }
-        cache.insert(key, (Instant::now() + ttl, resp));
+        while self.used + cost > self.capacity {
+            let Some((oldest, generation)) = self.order.pop_front() else {
+                break;
+            };
+            if self.generations.get(&oldest) == Some(&generation) {
+                self.remove(&oldest);
+            }
+        }
+        if self.order.len() > 2 * self.entries.len() + 64 {
+            let generations = &self.generations;
+            self.order.retain(|(k, g)| generations.get(k) == Some(g));
+        }
+        self.generation += 1;
+        self.generations.insert(key.clone(), self.generation);
+        self.order.push_back((key.clone(), self.generation));
+        self.used += cost;
+        self.entries.insert(key, (expires, resp, cost));
+    }
+
+    #[cfg(test)]
+    fn used(&self) -> usize {
+        self.used
     }
 }
 
@@ -758,4 +850,38 @@ fn retry_delay(
     retry_after: Option<Duration>,
 ) -> Duration {
     backoff::delay(policy, attempt, retry_after, 1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn response(body_len: usize) -> http::Response {
+        http::Response {
+            status: 200,
+            headers: Default::default(),
+            body: "x".repeat(body_len),
+            json: None,
+        }
+    }
+
+    #[test]
+    fn the_lookup_cache_is_bounded_by_bytes_and_drops_the_oldest() {
+        let mut cache = LookupCache::new(10_000);
+        let later = Instant::now() + Duration::from_secs(60);
+        for i in 0..100 {
+            cache.insert(format!("k{i}"), later, response(1_000));
+            assert!(cache.used() <= 10_000, "{} bytes", cache.used());
+        }
+        assert!(cache.get("k99").is_some(), "the newest is kept");
+        assert!(cache.get("k0").is_none(), "the oldest went first");
+        // A response larger than the whole cache is not kept, and evicts nothing.
+        cache.insert("huge".into(), later, response(20_000));
+        assert!(cache.get("huge").is_none());
+        assert!(cache.get("k99").is_some());
+        // Re-inserting a key replaces it without counting it twice.
+        let used = cache.used();
+        cache.insert("k99".into(), later, response(1_000));
+        assert_eq!(cache.used(), used);
+    }
 }

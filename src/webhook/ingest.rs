@@ -37,6 +37,8 @@ pub struct IngestState {
     pub keys: SigningKeys,
     /// The URL registered in Operator; `None` rebuilds it from each request.
     pub public_url: Option<String>,
+    /// Peers whose `X-Forwarded-Proto/Host` are believed when rebuilding it.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     pub tolerance: Tolerance,
     pub max_body_bytes: usize,
     pub appender: Appender,
@@ -55,14 +57,21 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 /// The URL Operator signed: the configured one, or scheme://host/path of this
-/// request (X-Forwarded-Proto / X-Forwarded-Host honoured), without the query.
-pub fn signed_url(req: &Request, configured: Option<&str>) -> String {
+/// request, without the query. `X-Forwarded-Proto` / `X-Forwarded-Host` are
+/// honoured only when the peer is one of the `trusted` proxies: from anyone
+/// else they would let a client choose the URL its signature is checked on.
+pub fn signed_url(req: &Request, configured: Option<&str>, trusted: &[ipnet::IpNet]) -> String {
     if let Some(url) = configured {
         return url.to_owned();
     }
     let headers = req.headers();
+    let from_proxy = req.remote_addr().as_socket_addr().is_some_and(|peer| {
+        let ip = peer.ip().to_canonical();
+        trusted.iter().any(|net| net.contains(&ip))
+    });
     let first = |name: &str| {
         header_str(headers, name)
+            .filter(|_| from_proxy)
             .and_then(|v| v.split(',').next())
             .map(str::trim)
     };
@@ -151,7 +160,7 @@ async fn handle(
             );
         }
     };
-    let url = signed_url(req, state.public_url.as_deref());
+    let url = signed_url(req, state.public_url.as_deref(), &state.trusted_proxies);
     let headers = req.headers();
     let delivery = DeliveryHeaders {
         timestamp: header_str(headers, TIMESTAMP_HEADER),
