@@ -334,10 +334,34 @@ async fn a_runaway_template_fails_its_workflow_not_the_batch(db: &TestDb) {
     assert_eq!(app.all_events().await.len(), 3);
 }
 
+/// A leader that is dropped mid-flight (its request cancelled, or a panic)
+/// leaves no in-flight entry behind: the next delivery of the same event
+/// leads (computes) instead of waiting on a computation nobody finishes.
+async fn a_dropped_leader_leaves_no_inflight_entry(db: &TestDb) {
+    use std::sync::Arc;
+    use switchboard::engine::setup::{SetupResponder, Slot};
+    let store = switchboard::store::connect(db.url()).await.unwrap();
+    store.migrate().await.unwrap();
+    let registry = Arc::new(switchboard::workflow::registry::Registry::default());
+    let setup = Arc::new(SetupResponder::new(registry, store));
+    let first = setup.join("ev_dropped");
+    assert!(matches!(first, Slot::Leader(_)));
+    assert!(
+        matches!(setup.join("ev_dropped"), Slot::Follower(_)),
+        "while it leads"
+    );
+    drop(first);
+    assert!(
+        matches!(setup.join("ev_dropped"), Slot::Leader(_)),
+        "the entry left with its leader"
+    );
+}
+
 on_both_backends!(
     an_older_field_update_arriving_late_fires_no_transition,
     nul_in_a_webhook_is_stored_safely,
     a_slow_store_still_gets_the_setup_answer_by_the_deadline,
     forwarded_headers_are_trusted_only_from_trusted_proxies,
     a_runaway_template_fails_its_workflow_not_the_batch,
+    a_dropped_leader_leaves_no_inflight_entry,
 );
