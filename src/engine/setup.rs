@@ -25,10 +25,10 @@ use tokio::sync::watch;
 
 use super::http;
 use super::{backoff, read_secrets, with_steps};
+use crate::operator::envelope::Envelope;
 use crate::store::projection::ConversationState;
 use crate::store::runs::SetupAnswer;
 use crate::store::{AppendOutcome, EventStore, NewEvent};
-use crate::webhook::envelope::Envelope;
 use crate::workflow::answer::{self, Produced};
 use crate::workflow::matching::{EventFacts, base_context};
 use crate::workflow::registry::Registry;

@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use super::sanitize;
 use super::{StoreError, StoredEventWithBody};
-use crate::webhook::envelope::{Envelope, EventKind};
+use crate::operator::envelope::{Envelope, EventKind};
 
 /// Status before `conversation.ended` arrives, once `conversation.setup` was seen.
 pub const STATUS_SETUP: &str = "setup";

@@ -9,9 +9,9 @@ use serde_json::{Value, json};
 use super::matching::{EventFacts, base_context, decide};
 use super::{Workflow, answer, template};
 use crate::engine::http;
+use crate::operator::envelope::Envelope;
 use crate::store::projection::{ConversationState, fold_log};
 use crate::store::{EventQuery, EventStore, Order, StoreError};
-use crate::webhook::envelope::Envelope;
 
 /// Which stored events to test against.
 #[derive(Clone, Debug, Default)]

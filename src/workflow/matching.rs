@@ -4,8 +4,8 @@
 use serde_json::{Value, json};
 
 use super::{Trigger, Workflow, template};
+use crate::operator::envelope::{Envelope, EventKind};
 use crate::store::projection::ConversationState;
-use crate::webhook::envelope::{Envelope, EventKind};
 
 /// One event, with the conversation around it.
 pub struct EventFacts<'a> {
