@@ -86,6 +86,15 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHBOARD_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
 
+    /// Proxies (comma-separated CIDRs, e.g. 10.0.0.0/8,::1/128) whose X-Forwarded-Proto/Host are
+    /// trusted to rebuild the signed URL when SWITCHBOARD_PUBLIC_URL is unset. Unset: none.
+    #[arg(long, env = "SWITCHBOARD_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<String>,
+
+    /// Memory for cached setup lookup responses (`cache:`), in bytes; the oldest go first.
+    #[arg(long, env = "SWITCHBOARD_SETUP_CACHE_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub setup_cache_bytes: usize,
+
     #[command(flatten)]
     pub engine: EngineArgs,
 }

@@ -37,6 +37,10 @@ pub struct Settings {
     pub worker_concurrency: usize,
     /// A separate address for `/metrics`; `None` serves it on `listen`.
     pub metrics_listen: Option<SocketAddr>,
+    /// Peers whose `X-Forwarded-Proto/Host` may rebuild the signed URL (without `public_url`).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Bytes of cached setup lookup responses kept in memory.
+    pub setup_cache_bytes: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +65,10 @@ pub enum ConfigError {
     EmptyAdminToken,
     #[error("SWITCHBOARD_MAX_BODY_BYTES must be at least 1")]
     ZeroBodyLimit,
+    #[error(
+        "SWITCHBOARD_TRUSTED_PROXIES: `{0}` is not an IP address or CIDR range: give addresses or ranges, comma-separated, e.g. 10.0.0.0/8,192.168.1.7"
+    )]
+    TrustedProxy(String),
     #[error(
         "{0}: no such file or directory: set SWITCHBOARD_WORKFLOWS (or --workflows) to the \
          directory that holds your workflow YAML files (an empty directory runs none)"
@@ -292,6 +300,17 @@ impl Settings {
             return Err(ConfigError::ZeroBodyLimit);
         }
         check_workflows_dir(&args.engine.workflows)?;
+        let trusted_proxies = args
+            .trusted_proxies
+            .iter()
+            .map(|p| p.trim())
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                p.parse::<ipnet::IpNet>()
+                    .or_else(|_| p.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| ConfigError::TrustedProxy(p.to_owned()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let tolerance_secs = i64::try_from(args.timestamp_tolerance.as_secs()).unwrap_or(i64::MAX);
         Ok(Self {
             database_url: args.db.database_url,
@@ -309,6 +328,8 @@ impl Settings {
             shutdown_grace: args.engine.shutdown_grace,
             worker_concurrency: args.engine.worker_concurrency.max(1),
             metrics_listen: args.engine.metrics_listen,
+            trusted_proxies,
+            setup_cache_bytes: args.setup_cache_bytes,
         })
     }
 }
@@ -363,6 +384,22 @@ mod tests {
         .unwrap();
         assert_eq!(s.public_url.as_deref(), Some("https://x/y/"));
         assert!(!s.admin_token_generated);
+        let s = parse(&[
+            "--signing-keys",
+            "k",
+            "--trusted-proxies",
+            "10.0.0.0/8, 127.0.0.1,::1/128",
+        ])
+        .unwrap();
+        assert_eq!(s.trusted_proxies.len(), 3);
+        assert_eq!(s.setup_cache_bytes, 32 * 1024 * 1024);
+        let err = parse(&["--signing-keys", "k", "--trusted-proxies", "10.0.0.0/33"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`10.0.0.0/33` is not an IP address or CIDR"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod engine;
+pub mod operator;
 pub mod prometheus;
 pub mod sink;
 pub mod startup;

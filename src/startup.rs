@@ -138,9 +138,13 @@ impl Application {
             spawn_listener(&settings.database_url, wake.clone()),
         ];
         let ingest = Arc::new(IngestState {
-            setup: Arc::new(SetupResponder::new(registry.clone(), store.clone())),
+            setup: Arc::new(
+                SetupResponder::new(registry.clone(), store.clone())
+                    .with_cache_bytes(settings.setup_cache_bytes),
+            ),
             keys: settings.signing_keys.clone(),
             public_url: settings.public_url.clone(),
+            trusted_proxies: settings.trusted_proxies.clone(),
             tolerance: settings.tolerance,
             max_body_bytes: settings.max_body_bytes,
             appender,

@@ -15,10 +15,10 @@ use super::auth::AdminAuth;
 use super::error::ApiError;
 use super::events::EventSummary;
 use super::runs::RunSummary;
+use crate::operator::envelope::{ENDED_STATUSES, EventKind};
 use crate::store::projection::ConversationState;
 use crate::store::runs::RunQuery;
-use crate::store::{ConversationQuery, EventStore, StoreError};
-use crate::webhook::envelope::{ENDED_STATUSES, Envelope, EventKind};
+use crate::store::{ConversationQuery, EventStore};
 
 #[derive(Tags)]
 enum ConversationTags {
@@ -175,9 +175,7 @@ impl ConversationsApi {
         let mut history: BTreeMap<String, Vec<FieldChange>> = BTreeMap::new();
         let mut events = Vec::with_capacity(log.len());
         for item in log {
-            let envelope = Envelope::parse(&item.raw_body)
-                .map_err(|e| StoreError::Corrupt(format!("event {}: {e}", item.event.event_id)))?;
-            state.apply(item.event.seq, &envelope, item.event.received_at);
+            let envelope = state.apply_stored(&item)?;
             if let EventKind::CustomFieldUpdated {
                 key: Some(key),
                 value,

@@ -8,6 +8,12 @@
 //! (or `{"context": {}}`) is sent at once. Each answer is stored with its
 //! event, so a retried delivery gets the same bytes without new lookups;
 //! a retry that arrives while the first is still computing waits for it.
+//!
+//! The deadline bounds the whole request, storing included
+//! ([`SetupResponder::respond_to`]): the work (append, lookups, saving the
+//! answer) runs in a task of its own; when the deadline passes first, the
+//! fallback is answered and the task goes on storing, then records that
+//! this fallback is the answer that was sent, and that it was sent first.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -19,9 +25,10 @@ use tokio::sync::watch;
 
 use super::http;
 use super::{backoff, read_secrets, with_steps};
-use crate::store::EventStore;
+use crate::operator::envelope::Envelope;
+use crate::store::projection::ConversationState;
 use crate::store::runs::SetupAnswer;
-use crate::webhook::envelope::Envelope;
+use crate::store::{AppendOutcome, EventStore, NewEvent};
 use crate::workflow::answer::{self, Produced};
 use crate::workflow::matching::{EventFacts, base_context};
 use crate::workflow::registry::Registry;
@@ -30,27 +37,106 @@ use tracing::Instrument;
 use tracing::field::Empty;
 
 pub use crate::workflow::answer::EMPTY_ANSWER;
-const CACHE_CAPACITY: usize = 10_000;
+/// Memory for cached lookup responses unless configured (`SWITCHBOARD_SETUP_CACHE_BYTES`).
+pub const DEFAULT_CACHE_BYTES: usize = 32 * 1024 * 1024;
+
+/// The default `deadline` of a setup workflow.
+const DEFAULT_DEADLINE: Duration = Duration::from_secs(2);
+
+/// How many more times (once a second) an event answered at its deadline is
+/// appended when the store refuses it.
+const STORE_RETRIES: u32 = 30;
 
 /// What a handler does for one setup delivery.
 pub enum Slot {
-    /// Computes (or loads) the answer and publishes it.
-    Leader(watch::Sender<Option<Arc<str>>>),
+    /// Computes (or loads) the answer and publishes it; the entry leaves the
+    /// in-flight table when this guard is dropped, whatever happens.
+    Leader(InflightGuard),
     /// Another delivery of the same event is computing it in this process: wait.
     Follower(watch::Receiver<Option<Arc<str>>>),
+}
+
+/// The leader's hold on an in-flight entry: publishes the answer, and removes
+/// the entry when dropped (also when the work panics or is cancelled), so
+/// followers never wait on an entry nobody will finish.
+pub struct InflightGuard {
+    responder: Arc<SetupResponder>,
+    event_id: String,
+    tx: watch::Sender<Option<Arc<str>>>,
+}
+
+impl InflightGuard {
+    /// Publishes the answer to the deliveries waiting for it.
+    pub fn publish(&self, body: Arc<str>) {
+        let _ = self.tx.send(Some(body));
+    }
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        if let Ok(mut inflight) = self.responder.inflight.lock() {
+            inflight.remove(&self.event_id);
+        }
+    }
+}
+
+/// An answer to one setup delivery.
+pub struct SetupReply {
+    pub body: Arc<str>,
+    /// The event was stored before (a retried delivery).
+    pub duplicate: bool,
+}
+
+/// Appends a delivery (the webhook handler's append, with its spans and metrics).
+pub type AppendFn = Arc<
+    dyn Fn(
+            NewEvent,
+        ) -> std::pin::Pin<
+            Box<
+                dyn std::future::Future<Output = Result<AppendOutcome, crate::store::StoreError>>
+                    + Send,
+            >,
+        > + Send
+        + Sync,
+>;
+
+/// Where the background work of one setup delivery is, shared with the
+/// request waiting for it. Every transition happens under its lock, so the
+/// request and the work agree on which answer was sent.
+enum Progress {
+    Working {
+        /// When the request must be answered.
+        deadline_at: Instant,
+        /// The chosen workflow's fallback, once known.
+        fallback: Option<Produced>,
+        /// Whether the event is committed.
+        committed: bool,
+    },
+    /// The work finished first: the request answers with this.
+    Done(Option<Result<SetupReply, crate::store::StoreError>>),
+    /// The deadline came first: this was sent; the work must store it.
+    SentEarly {
+        body: Arc<str>,
+        reason: String,
+        workflow: Option<String>,
+        /// How long after the arrival it was sent.
+        sent_after: Duration,
+    },
 }
 
 pub struct SetupResponder {
     registry: Arc<Registry>,
     store: Arc<dyn EventStore>,
     client: http::Client,
-    cache: Mutex<HashMap<String, (Instant, http::Response)>>,
+    cache: Mutex<LookupCache>,
     inflight: Mutex<HashMap<String, watch::Receiver<Option<Arc<str>>>>>,
 }
 
 /// One setup event to answer.
 pub struct SetupEvent<'a> {
     pub seq: i64,
+    /// When the delivery arrived: the deadline counts from here.
+    pub started: Instant,
     pub envelope: &'a Envelope,
     pub raw_body: &'a [u8],
 }
@@ -62,35 +148,305 @@ impl SetupResponder {
             registry,
             store,
             client,
-            cache: Mutex::default(),
+            cache: Mutex::new(LookupCache::new(DEFAULT_CACHE_BYTES)),
             inflight: Mutex::default(),
         }
     }
 
+    /// Bounds the lookup cache to `bytes` (default [`DEFAULT_CACHE_BYTES`]).
+    pub fn with_cache_bytes(self, bytes: usize) -> Self {
+        *self.cache.lock().expect("cache lock") = LookupCache::new(bytes);
+        self
+    }
+
     /// Joins the computation of `event_id`'s answer in this process.
-    pub fn join(&self, event_id: &str) -> Slot {
+    pub fn join(self: &Arc<Self>, event_id: &str) -> Slot {
         let mut inflight = self.inflight.lock().expect("inflight lock");
         if let Some(rx) = inflight.get(event_id) {
             return Slot::Follower(rx.clone());
         }
         let (tx, rx) = watch::channel(None);
         inflight.insert(event_id.to_owned(), rx);
-        Slot::Leader(tx)
+        Slot::Leader(InflightGuard {
+            responder: self.clone(),
+            event_id: event_id.to_owned(),
+            tx,
+        })
     }
 
-    /// Publishes the answer (or gives up, with `None`) and leaves the slot.
-    pub fn finish(
+    /// How long a setup request may take before the answering workflow is
+    /// known: the shortest `deadline` among the setup workflows that answer
+    /// (2 s, the default, when there are none).
+    fn first_deadline(&self) -> Duration {
+        let set = self.registry.current();
+        answer::answering(&set)
+            .map(|w| w.deadline)
+            .min()
+            .unwrap_or(DEFAULT_DEADLINE)
+    }
+
+    /// Answers one `conversation.setup` delivery by its deadline, counted
+    /// from `started` (its arrival), whatever the store does: the append,
+    /// the lookups and the answer's save run in a task of their own. If the
+    /// deadline passes first, the fallback is answered now and the task goes
+    /// on: it stores the event, then records this fallback as the answer
+    /// sent (and that it was sent before the event or its answer was
+    /// stored). Err only when the store refused the event before the deadline.
+    pub async fn respond_to(
+        self: &Arc<Self>,
+        event: NewEvent,
+        append: AppendFn,
+        started: Instant,
+    ) -> Result<SetupReply, crate::store::StoreError> {
+        let event_id = event.envelope.id.to_string();
+        let first_deadline = started + self.first_deadline();
+        match self.join(&event_id) {
+            Slot::Follower(rx) => {
+                match tokio::time::timeout_at(first_deadline.into(), Self::wait(rx)).await {
+                    Ok(Some(body)) => Ok(SetupReply {
+                        body,
+                        duplicate: true,
+                    }),
+                    // The leader gave up (its store failed): this delivery tries again.
+                    Ok(None) => Box::pin(self.respond_to(event, append, started)).await,
+                    Err(_) => Ok(SetupReply {
+                        body: self.early_fallback(&event, None).body.into(),
+                        duplicate: true,
+                    }),
+                }
+            }
+            Slot::Leader(guard) => {
+                let progress = Arc::new(Mutex::new(Progress::Working {
+                    deadline_at: first_deadline,
+                    fallback: None,
+                    committed: false,
+                }));
+                let (done_tx, mut done_rx) = watch::channel(false);
+                let work = self.clone().work(
+                    event.clone(),
+                    started,
+                    append,
+                    progress.clone(),
+                    guard,
+                    done_tx,
+                );
+                tokio::spawn(work.instrument(tracing::Span::current()));
+                loop {
+                    let deadline_at = match &*progress.lock().expect("progress lock") {
+                        Progress::Working { deadline_at, .. } => *deadline_at,
+                        _ => Instant::now(),
+                    };
+                    let finished =
+                        tokio::time::timeout_at(deadline_at.into(), done_rx.wait_for(|d| *d)).await;
+                    let mut state = progress.lock().expect("progress lock");
+                    match &mut *state {
+                        Progress::Done(reply) => {
+                            return reply
+                                .take()
+                                .unwrap_or(Err(crate::store::StoreError::Closed));
+                        }
+                        Progress::SentEarly { body, .. } => {
+                            return Ok(SetupReply {
+                                body: body.clone(),
+                                duplicate: false,
+                            });
+                        }
+                        Progress::Working {
+                            deadline_at: now_due,
+                            fallback,
+                            committed,
+                        } => {
+                            if finished.is_ok_and(|r| r.is_err()) {
+                                // The work ended without a result (it panicked).
+                                return Err(crate::store::StoreError::Closed);
+                            }
+                            if *now_due > Instant::now() {
+                                continue; // the chosen workflow's own deadline is later
+                            }
+                            let produced = fallback
+                                .take()
+                                .unwrap_or_else(|| self.early_fallback(&event, None));
+                            let reason = format!(
+                                "the deadline of {} passed before {}",
+                                humantime::format_duration(
+                                    now_due.saturating_duration_since(started)
+                                ),
+                                if *committed {
+                                    "the answer was ready and stored: this fallback was sent first"
+                                } else {
+                                    "the event was stored: this fallback was sent before the event's commit"
+                                },
+                            );
+                            let body: Arc<str> = produced.body.into();
+                            tracing::warn!(event_id, "setup answered with the fallback: {reason}");
+                            crate::prometheus::setup_fallback(produced.workflow.as_deref());
+                            *state = Progress::SentEarly {
+                                body: body.clone(),
+                                reason,
+                                workflow: produced.workflow,
+                                sent_after: started.elapsed(),
+                            };
+                            return Ok(SetupReply {
+                                body,
+                                duplicate: false,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The fallback of the workflow that would answer, judged without the
+    /// conversation's stored state (when the store has not given it yet).
+    fn early_fallback(
         &self,
-        event_id: &str,
-        tx: watch::Sender<Option<Arc<str>>>,
-        body: Option<Arc<str>>,
+        event: &NewEvent,
+        conversation: Option<&ConversationState>,
+    ) -> Produced {
+        let set = self.registry.current();
+        let event_json: Value = serde_json::from_slice(&event.raw_body).unwrap_or_default();
+        let facts = EventFacts {
+            envelope: &event.envelope,
+            event_json: &event_json,
+            before: None,
+            after: conversation,
+        };
+        match answer::choose(&set, &facts) {
+            Some(wf) => answer::fallback(wf, &base_context(&facts), String::new()),
+            None => Produced::empty(),
+        }
+    }
+
+    /// The work behind one setup delivery: append, answer (stored or new),
+    /// and, when the request was answered early, record what was sent.
+    #[allow(clippy::too_many_arguments)]
+    async fn work(
+        self: Arc<Self>,
+        event: NewEvent,
+        started: Instant,
+        append: AppendFn,
+        progress: Arc<Mutex<Progress>>,
+        guard: InflightGuard,
+        done: watch::Sender<bool>,
     ) {
-        self.inflight
-            .lock()
-            .expect("inflight lock")
-            .remove(event_id);
-        if body.is_some() {
-            let _ = tx.send(body);
+        let envelope = event.envelope.clone();
+        let raw_body = event.raw_body.clone();
+        let outcome = self.append_until_stored(&event, &append, &progress).await;
+        let finish = |reply: Result<SetupReply, crate::store::StoreError>| {
+            let mut state = progress.lock().expect("progress lock");
+            match &*state {
+                Progress::SentEarly { body, .. } => Some(body.clone()),
+                _ => {
+                    if let Ok(r) = &reply {
+                        guard.publish(r.body.clone());
+                    }
+                    *state = Progress::Done(Some(reply));
+                    let _ = done.send(true);
+                    None
+                }
+            }
+        };
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(e) => {
+                finish(Err(e));
+                return;
+            }
+        };
+        if let Progress::Working { committed, .. } = &mut *progress.lock().expect("progress lock") {
+            *committed = true;
+        }
+        let setup_event = SetupEvent {
+            seq: outcome.event().seq,
+            started,
+            envelope: &envelope,
+            raw_body: &raw_body,
+        };
+        let sent_early = || {
+            matches!(
+                &*progress.lock().expect("progress lock"),
+                Progress::SentEarly { .. }
+            )
+        };
+        if !sent_early() {
+            let reply = self
+                .answer(&setup_event, &progress)
+                .await
+                .map(|body| SetupReply {
+                    body,
+                    duplicate: outcome.is_duplicate(),
+                });
+            if finish(reply).is_none() {
+                return; // answered in time, with this reply
+            }
+        }
+        // The deadline passed first: record the answer that was sent.
+        let (body, reason, workflow, sent_after) = match &*progress.lock().expect("progress lock") {
+            Progress::SentEarly {
+                body,
+                reason,
+                workflow,
+                sent_after,
+            } => (body.clone(), reason.clone(), workflow.clone(), *sent_after),
+            _ => return,
+        };
+        {
+            guard.publish(body.clone());
+            let record = SetupAnswer {
+                event_seq: setup_event.seq,
+                event_id: envelope.id.to_string(),
+                workflow,
+                used_fallback: true,
+                reason: Some(reason),
+                body: body.to_string(),
+                lookups: sqlx::types::Json(Value::Array(Vec::new())),
+                duration_ms: sent_after.as_millis() as i64,
+                created_at: Utc::now().trunc_subsecs(6),
+            };
+            // A retried delivery whose answer was stored before keeps that record.
+            let recorded = if outcome.is_duplicate() {
+                self.store.save_setup_answer(&record).await.map(drop)
+            } else {
+                self.store.record_sent_setup_answer(&record).await
+            };
+            if let Err(e) = recorded {
+                tracing::error!(error = %e, event_id = %envelope.id, "the setup answer sent at the deadline could not be recorded; a retried delivery may get a different answer");
+            }
+        }
+    }
+
+    /// Appends the event. Before the request is answered, a failure is
+    /// returned (the request answers 503, Operator retries); once the
+    /// fallback was sent (200), the write is not abandoned: it is tried again,
+    /// once a second, for up to [`STORE_RETRIES`] times.
+    async fn append_until_stored(
+        &self,
+        event: &NewEvent,
+        append: &AppendFn,
+        progress: &Mutex<Progress>,
+    ) -> Result<AppendOutcome, crate::store::StoreError> {
+        let mut tries = 0;
+        loop {
+            let result = append(event.clone()).await;
+            let answered = matches!(
+                &*progress.lock().expect("progress lock"),
+                Progress::SentEarly { .. }
+            );
+            match result {
+                Ok(outcome) => return Ok(outcome),
+                Err(e) if answered && tries < STORE_RETRIES => {
+                    tries += 1;
+                    tracing::warn!(error = %e, event_id = %event.envelope.id, tries, "a setup event answered at its deadline is not stored yet; trying again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => {
+                    if answered {
+                        tracing::error!(error = %e, event_id = %event.envelope.id, "a setup event answered at its deadline could not be stored: it is lost");
+                    }
+                    return Err(e);
+                }
+            }
         }
     }
 
@@ -105,9 +461,10 @@ impl SetupResponder {
     }
 
     /// The stored answer, or a new one computed and stored (the first stored wins).
-    pub async fn answer(
+    async fn answer(
         &self,
         event: &SetupEvent<'_>,
+        progress: &Mutex<Progress>,
     ) -> Result<Arc<str>, crate::store::StoreError> {
         let span = tracing::info_span!(
             "setup",
@@ -120,15 +477,22 @@ impl SetupResponder {
             switchboard.setup.reason = Empty,
             switchboard.setup.stored = Empty,
         );
-        self.answer_in(event, &span).instrument(span.clone()).await
+        self.answer_in(event, &span, progress)
+            .instrument(span.clone())
+            .await
     }
 
     async fn answer_in(
         &self,
         event: &SetupEvent<'_>,
         span: &tracing::Span,
+        progress: &Mutex<Progress>,
     ) -> Result<Arc<str>, crate::store::StoreError> {
-        if let Some(stored) = self.store.setup_answer(event.seq).await? {
+        let stored = self.store.setup_answer(event.seq).await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, event_id = %event.envelope.id, "could not read a stored setup answer; computing it");
+            None
+        });
+        if let Some(stored) = stored {
             // Computed before (in the event's own commit, or by an earlier delivery).
             span.record("switchboard.setup.stored", true);
             if let Some(w) = &stored.workflow {
@@ -139,7 +503,7 @@ impl SetupResponder {
         }
         let started = Instant::now();
         let lookups = Arc::new(Mutex::new(Vec::new()));
-        let produced = self.produce(event, &lookups).await;
+        let produced = self.produce(event, &lookups, progress).await;
         let lookups = std::mem::take(&mut *lookups.lock().expect("lookups lock"));
         if let Some(w) = &produced.workflow {
             span.record("switchboard.workflow", w.as_str());
@@ -153,6 +517,7 @@ impl SetupResponder {
             tracing::warn!(event_id = %event.envelope.id, workflow = produced.workflow.as_deref().unwrap_or("-"), "setup answered with the fallback: {reason}");
             crate::prometheus::setup_fallback(produced.workflow.as_deref());
         }
+        let body = produced.body.clone();
         let saved = self
             .store
             .save_setup_answer(&SetupAnswer {
@@ -167,10 +532,22 @@ impl SetupResponder {
                 created_at: Utc::now().trunc_subsecs(6),
             })
             .await;
-        Ok(saved?.body.into())
+        match saved {
+            Ok(stored) => Ok(stored.body.into()),
+            Err(e) => {
+                // The answer is still sent: a failed save must not cost the caller its answer.
+                tracing::error!(error = %e, event_id = %event.envelope.id, "the setup answer could not be stored; it is sent anyway, and a retried delivery may get a different answer");
+                Ok(body.into())
+            }
+        }
     }
 
-    async fn produce(&self, event: &SetupEvent<'_>, lookups: &Arc<Mutex<Vec<Value>>>) -> Produced {
+    async fn produce(
+        &self,
+        event: &SetupEvent<'_>,
+        lookups: &Arc<Mutex<Vec<Value>>>,
+        progress: &Mutex<Progress>,
+    ) -> Produced {
         let set = self.registry.current();
         if answer::answering(&set).next().is_none() {
             return Produced::empty();
@@ -194,8 +571,23 @@ impl SetupResponder {
             "switchboard.setup.deadline_ms",
             wf.deadline.as_millis() as u64,
         );
-        let deadline_at = Instant::now() + wf.deadline;
-        match tokio::time::timeout(wf.deadline, self.respond(wf, &base, lookups, deadline_at)).await
+        // The workflow's deadline, counted from the request's arrival, now bounds the request.
+        let mut deadline_at = Instant::now() + wf.deadline;
+        if let Progress::Working {
+            deadline_at: request_deadline,
+            fallback,
+            ..
+        } = &mut *progress.lock().expect("progress lock")
+        {
+            *request_deadline = event.started + wf.deadline;
+            deadline_at = deadline_at.min(*request_deadline);
+            *fallback = Some(answer::fallback(wf, &base, String::new()));
+        }
+        match tokio::time::timeout_at(
+            deadline_at.into(),
+            self.respond(wf, &base, lookups, deadline_at),
+        )
+        .await
         {
             Ok(Ok(body)) => Produced {
                 workflow: Some(wf.name.clone()),
@@ -335,23 +727,108 @@ impl SetupResponder {
     }
 
     fn cached(&self, key: &str) -> Option<http::Response> {
-        let cache = self.cache.lock().expect("cache lock");
-        cache
-            .get(key)
-            .filter(|(expires, _)| *expires > Instant::now())
-            .map(|(_, r)| r.clone())
+        self.cache.lock().expect("cache lock").get(key)
     }
 
     fn remember(&self, key: String, ttl: Duration, resp: http::Response) {
-        let mut cache = self.cache.lock().expect("cache lock");
-        if cache.len() >= CACHE_CAPACITY {
+        self.cache
+            .lock()
+            .expect("cache lock")
+            .insert(key, Instant::now() + ttl, resp);
+    }
+}
+
+/// Cached lookup responses, bounded by their size in bytes (key, body and
+/// headers): expired entries go first, then the oldest inserted.
+struct LookupCache {
+    capacity: usize,
+    used: usize,
+    entries: HashMap<String, (Instant, http::Response, usize)>,
+    /// Keys in insertion order (a key re-inserted appears again; stale positions are skipped).
+    order: std::collections::VecDeque<(String, u64)>,
+    generation: u64,
+    generations: HashMap<String, u64>,
+}
+
+impl LookupCache {
+    fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            used: 0,
+            entries: HashMap::new(),
+            order: Default::default(),
+            generation: 0,
+            generations: HashMap::new(),
+        }
+    }
+
+    /// What one entry costs: its key, body (twice when it was parsed as
+    /// JSON, for the parsed copy) and headers, plus a fixed overhead.
+    fn cost(key: &str, resp: &http::Response) -> usize {
+        key.len()
+            + resp.body.len() * if resp.json.is_some() { 2 } else { 1 }
+            + resp
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 16)
+                .sum::<usize>()
+            + 128
+    }
+
+    fn get(&self, key: &str) -> Option<http::Response> {
+        self.entries
+            .get(key)
+            .filter(|(expires, _, _)| *expires > Instant::now())
+            .map(|(_, r, _)| r.clone())
+    }
+
+    fn remove(&mut self, key: &str) {
+        if let Some((_, _, cost)) = self.entries.remove(key) {
+            self.used -= cost;
+            self.generations.remove(key);
+        }
+    }
+
+    fn insert(&mut self, key: String, expires: Instant, resp: http::Response) {
+        let cost = Self::cost(&key, &resp);
+        self.remove(&key);
+        if cost > self.capacity {
+            return; // larger than the whole cache: not kept
+        }
+        if self.used + cost > self.capacity {
             let now = Instant::now();
-            cache.retain(|_, (expires, _)| *expires > now);
-            if cache.len() >= CACHE_CAPACITY {
-                cache.clear();
+            let expired: Vec<String> = self
+                .entries
+                .iter()
+                .filter(|(_, (e, _, _))| *e <= now)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in expired {
+                self.remove(&k);
             }
         }
-        cache.insert(key, (Instant::now() + ttl, resp));
+        while self.used + cost > self.capacity {
+            let Some((oldest, generation)) = self.order.pop_front() else {
+                break;
+            };
+            if self.generations.get(&oldest) == Some(&generation) {
+                self.remove(&oldest);
+            }
+        }
+        if self.order.len() > 2 * self.entries.len() + 64 {
+            let generations = &self.generations;
+            self.order.retain(|(k, g)| generations.get(k) == Some(g));
+        }
+        self.generation += 1;
+        self.generations.insert(key.clone(), self.generation);
+        self.order.push_back((key.clone(), self.generation));
+        self.used += cost;
+        self.entries.insert(key, (expires, resp, cost));
+    }
+
+    #[cfg(test)]
+    fn used(&self) -> usize {
+        self.used
     }
 }
 
@@ -363,4 +840,38 @@ fn retry_delay(
     retry_after: Option<Duration>,
 ) -> Duration {
     backoff::delay(policy, attempt, retry_after, 1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn response(body_len: usize) -> http::Response {
+        http::Response {
+            status: 200,
+            headers: Default::default(),
+            body: "x".repeat(body_len),
+            json: None,
+        }
+    }
+
+    #[test]
+    fn the_lookup_cache_is_bounded_by_bytes_and_drops_the_oldest() {
+        let mut cache = LookupCache::new(10_000);
+        let later = Instant::now() + Duration::from_secs(60);
+        for i in 0..100 {
+            cache.insert(format!("k{i}"), later, response(1_000));
+            assert!(cache.used() <= 10_000, "{} bytes", cache.used());
+        }
+        assert!(cache.get("k99").is_some(), "the newest is kept");
+        assert!(cache.get("k0").is_none(), "the oldest went first");
+        // A response larger than the whole cache is not kept, and evicts nothing.
+        cache.insert("huge".into(), later, response(20_000));
+        assert!(cache.get("huge").is_none());
+        assert!(cache.get("k99").is_some());
+        // Re-inserting a key replaces it without counting it twice.
+        let used = cache.used();
+        cache.insert("k99".into(), later, response(1_000));
+        assert_eq!(cache.used(), used);
+    }
 }

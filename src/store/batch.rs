@@ -86,7 +86,7 @@ pub(crate) fn plan<'a>(
             .conversation_id
             .as_ref()
             .and_then(|c| conversations.get(c.as_str()));
-        if event.envelope.event_type == crate::webhook::envelope::EventKind::SETUP
+        if event.envelope.event_type == crate::operator::envelope::EventKind::SETUP
             && let Some(answer) = dispatcher.setup_answer(event, after)
         {
             answers.push((seq, id.to_owned(), answer));
@@ -189,8 +189,8 @@ fn dispatch_span(event: &NewEvent, decisions: &[super::model::DispatchDecision])
 mod tests {
     use super::*;
     use crate::domain::IdempotencyKey;
+    use crate::operator::envelope::Envelope;
     use crate::store::model::{NoWorkflows, Verification};
-    use crate::webhook::envelope::Envelope;
 
     fn new_event(id: &str, key: &str) -> NewEvent {
         let body = format!(

@@ -18,6 +18,7 @@ pub mod postgres;
 pub mod projection;
 pub mod runs;
 mod runs_sql;
+pub mod sanitize;
 mod sql;
 pub mod sqlite;
 
@@ -164,6 +165,11 @@ pub trait EventStore: runs::RunStore + Send + Sync + 'static {
 
     /// Checks the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Records the setup answer that was actually sent (it went out before
+    /// it could be stored, at the deadline): inserted, or replacing an answer
+    /// stored meanwhile, so a retried delivery gets the bytes that were sent.
+    async fn record_sent_setup_answer(&self, answer: &runs::SetupAnswer) -> Result<(), StoreError>;
 }
 
 /// Opens the store a URL names: `sqlite://…` or `postgres://…` / `postgresql://…`.
@@ -198,16 +204,7 @@ pub async fn conversation_as_of(
     as_of: Option<i64>,
 ) -> Result<Option<ConversationState>, StoreError> {
     let log = store.conversation_log(conversation_id, as_of).await?;
-    if log.is_empty() {
-        return Ok(None);
-    }
-    let mut state = ConversationState::new(conversation_id);
-    for item in &log {
-        let envelope = crate::webhook::envelope::Envelope::parse(&item.raw_body)
-            .map_err(|e| StoreError::Corrupt(format!("event {}: {e}", item.event.event_id)))?;
-        state.apply(item.event.seq, &envelope, item.event.received_at);
-    }
-    Ok(Some(state))
+    projection::fold_log(conversation_id, &log)
 }
 
 #[cfg(test)]

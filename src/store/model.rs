@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::domain::IdempotencyKey;
-use crate::webhook::envelope::Envelope;
+use crate::operator::envelope::Envelope;
 
 /// How long a repeated `X-Idempotency-Key` counts as a retry of the same
 /// delivery. Operator retries within 5 minutes and never reuses a key within

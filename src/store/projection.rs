@@ -11,7 +11,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::webhook::envelope::{Envelope, EventKind};
+use super::sanitize;
+use super::{StoreError, StoredEventWithBody};
+use crate::operator::envelope::{Envelope, EventKind};
 
 /// Status before `conversation.ended` arrives, once `conversation.setup` was seen.
 pub const STATUS_SETUP: &str = "setup";
@@ -24,6 +26,35 @@ pub struct CustomField {
     pub seq: i64,
     /// That event's `created_at`, as sent.
     pub created_at: Option<String>,
+}
+
+/// A custom-field update, as the fold sees it (see [`ConversationState::field_update`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FieldUpdate {
+    pub key: String,
+    /// The value the event sets.
+    pub value: Value,
+    /// The value before it: the payload's `previous_value` when Operator
+    /// sent it, else the field's current value, else null ("was not set").
+    pub previous: Value,
+    /// The field's current value, when it is newer (by `created_at`) than
+    /// this update: the projection keeps it and the update changes nothing.
+    pub older_than: Option<CustomField>,
+}
+
+/// Folds one conversation's log (in log order) into its state; `None` if the log is empty.
+pub fn fold_log(
+    conversation_id: &str,
+    log: &[StoredEventWithBody],
+) -> Result<Option<ConversationState>, StoreError> {
+    if log.is_empty() {
+        return Ok(None);
+    }
+    let mut state = ConversationState::new(conversation_id);
+    for item in log {
+        state.apply_stored(item)?;
+    }
+    Ok(Some(state))
 }
 
 /// The state of a conversation after some prefix of its events.
@@ -57,13 +88,17 @@ impl ConversationState {
         }
     }
 
-    /// Applies one event, in log order.
+    /// Applies one event, in log order. This is the one conversation fold:
+    /// the append, a rebuild, reads "as of" a sequence, the API's history
+    /// and backtests all go through it ([`fold_log`], [`Self::apply_stored`]).
     ///
     /// Operator guarantees no ordering, so: `conversation.ended` is terminal
     /// for the status (a late setup does not revert it), and a custom-field
     /// update older (by `created_at`) than the field's current value does not
-    /// replace it.
+    /// replace it ([`Self::field_update`] is that rule; matching uses it too).
+    /// Strings are kept with NUL replaced ([`super::sanitize`]), as stored.
     pub fn apply(&mut self, seq: i64, envelope: &Envelope, received_at: DateTime<Utc>) {
+        let update = self.field_update(envelope);
         if self.event_count == 0 {
             self.first_seq = seq;
         }
@@ -76,6 +111,7 @@ impl ConversationState {
         if envelope.livemode.is_some() {
             self.livemode = envelope.livemode;
         }
+        let clean = |s: Option<String>| s.map(|s| sanitize::text(&s).into_owned());
         match envelope.kind() {
             EventKind::Setup {
                 direction,
@@ -84,47 +120,77 @@ impl ConversationState {
                 if !self.ended {
                     self.status = Some(STATUS_SETUP.to_owned());
                 }
-                self.direction = direction.or(self.direction.take());
-                self.channel_type = channel_type.or(self.channel_type.take());
+                self.direction = clean(direction).or(self.direction.take());
+                self.channel_type = clean(channel_type).or(self.channel_type.take());
             }
             EventKind::Ended {
                 status,
                 failure_reason,
             } => {
                 self.ended = true;
-                self.status = status.or(self.status.take());
-                self.failure_reason = failure_reason;
+                self.status = clean(status).or(self.status.take());
+                self.failure_reason = clean(failure_reason);
             }
-            EventKind::CustomFieldUpdated {
-                key: Some(key),
-                value,
-                ..
-            } => {
-                let newer = match self.custom_fields.get(&key) {
-                    Some(current) => {
-                        match (
-                            parse_time(envelope.created_at.as_deref()),
-                            parse_time(current.created_at.as_deref()),
-                        ) {
-                            (Some(new), Some(old)) => new >= old,
-                            _ => true,
-                        }
-                    }
-                    None => true,
-                };
-                if newer {
-                    self.custom_fields.insert(
-                        key,
-                        CustomField {
-                            value,
-                            seq,
-                            created_at: envelope.created_at.clone(),
-                        },
-                    );
-                }
-            }
-            EventKind::CustomFieldUpdated { key: None, .. } | EventKind::Other => {}
+            EventKind::CustomFieldUpdated { .. } | EventKind::Other => {}
         }
+        if let Some(update) = update
+            && update.older_than.is_none()
+        {
+            self.custom_fields.insert(
+                update.key,
+                CustomField {
+                    value: update.value,
+                    seq,
+                    created_at: clean(envelope.created_at.clone()),
+                },
+            );
+        }
+    }
+
+    /// What a `conversation.custom_fields.updated` event does to this state
+    /// (`None` for other events, or an update without a key). The order rule
+    /// lives here only: an update whose `created_at` is older than the
+    /// field's current value's does not replace it (`older_than` says so).
+    pub fn field_update(&self, envelope: &Envelope) -> Option<FieldUpdate> {
+        let EventKind::CustomFieldUpdated {
+            key: Some(key),
+            value,
+            previous_value,
+        } = envelope.kind()
+        else {
+            return None;
+        };
+        let key = sanitize::text(&key).into_owned();
+        let current = self.custom_fields.get(&key);
+        let older_than = current
+            .filter(|current| {
+                match (
+                    parse_time(envelope.created_at.as_deref()),
+                    parse_time(current.created_at.as_deref()),
+                ) {
+                    (Some(new), Some(old)) => new < old,
+                    _ => false,
+                }
+            })
+            .cloned();
+        let previous = match previous_value {
+            Some(p) => sanitize::json(&p).into_owned(),
+            None => current.map(|c| c.value.clone()).unwrap_or(Value::Null),
+        };
+        Some(FieldUpdate {
+            value: sanitize::json(&value).into_owned(),
+            key,
+            previous,
+            older_than,
+        })
+    }
+
+    /// Applies one stored event (parsing its raw body); returns its envelope.
+    pub fn apply_stored(&mut self, item: &StoredEventWithBody) -> Result<Envelope, StoreError> {
+        let envelope = Envelope::parse(&item.raw_body)
+            .map_err(|e| StoreError::Corrupt(format!("event {}: {e}", item.event.event_id)))?;
+        self.apply(item.event.seq, &envelope, item.event.received_at);
+        Ok(envelope)
     }
 
     /// The value a field had in this state (`None` if never set).

@@ -11,6 +11,7 @@ use sqlx::{Database, Encode, QueryBuilder, Type, types::Json};
 use super::batch::{Existing, Plan};
 use super::model::{EventQuery, EventRef, NewEvent, Order, StoredEvent, Verification};
 use super::projection::ConversationState;
+use super::sanitize;
 
 /// The columns of [`EventRow`], in order.
 pub(crate) const EVENT_COLUMNS: &str = "seq, event_id, idempotency_key, event_type, conversation_id, \
@@ -181,6 +182,8 @@ where
     for<'t> Option<bool>: Encode<'t, DB> + Type<DB>,
     for<'t> DateTime<Utc>: Encode<'t, DB> + Type<DB>,
     for<'t> &'t [u8]: Encode<'t, DB> + Type<DB>,
+    for<'t> String: Encode<'t, DB> + Type<DB>,
+    for<'t> Option<String>: Encode<'t, DB> + Type<DB>,
 {
     if plan.inserts.is_empty() {
         return None;
@@ -192,12 +195,12 @@ where
         row.push_bind(insert.seq)
             .push_bind(env.id.as_str())
             .push_bind(e.idempotency_key.as_str())
-            .push_bind(env.event_type.as_str())
+            .push_bind(sanitize::text(&env.event_type).into_owned())
             .push_bind(env.conversation_id.as_ref().map(|c| c.as_str()))
             .push_bind(insert.stream_version)
             .push_bind(env.agent_id.as_ref().map(|a| a.as_str()))
             .push_bind(env.livemode)
-            .push_bind(env.created_at.as_deref())
+            .push_bind(sanitize::opt_text(env.created_at.as_deref()).map(|c| c.into_owned()))
             .push_bind(e.received_at)
             .push_bind(e.verification.signed_url.as_str())
             .push_bind(e.verification.timestamp.as_str())
@@ -247,7 +250,7 @@ where
     for<'t> &'t str: Encode<'t, DB> + Type<DB>,
     for<'t> i64: Encode<'t, DB> + Type<DB>,
     for<'t> bool: Encode<'t, DB> + Type<DB>,
-    for<'t> Option<&'t str>: Encode<'t, DB> + Type<DB>,
+    for<'t> Option<String>: Encode<'t, DB> + Type<DB>,
 {
     if decisions.is_empty() {
         return None;
@@ -258,7 +261,7 @@ where
         row.push_bind(d.event_seq)
             .push_bind(d.workflow.as_str())
             .push_bind(d.matched)
-            .push_bind(d.reason.as_deref());
+            .push_bind(sanitize::opt_text(d.reason.as_deref()).map(|c| c.into_owned()));
     });
     Some(qb)
 }
@@ -303,7 +306,7 @@ where
     for<'t> i64: Encode<'t, DB> + Type<DB>,
     for<'t> Option<&'t str>: Encode<'t, DB> + Type<DB>,
     for<'t> DateTime<Utc>: Encode<'t, DB> + Type<DB>,
-    for<'t> Json<&'t serde_json::Value>: Encode<'t, DB> + Type<DB>,
+    for<'t> Json<serde_json::Value>: Encode<'t, DB> + Type<DB>,
 {
     if runs.is_empty() {
         return None;
@@ -320,7 +323,7 @@ where
             .push_bind(r.conversation_id.as_deref())
             .push_bind("scheduled")
             .push_bind(r.created_at)
-            .push_bind(Json(&r.context))
+            .push_bind(Json(sanitize::json(&r.context).into_owned()))
             .push("'{}'")
             .push_bind(r.created_at)
             .push_bind(r.created_at)
@@ -610,6 +613,32 @@ macro_rules! impl_event_store {
             sqlx::query("SELECT 1").execute(&self.reader).await?;
             Ok(())
         }
+
+        async fn record_sent_setup_answer(
+            &self,
+            a: &$crate::store::runs::SetupAnswer,
+        ) -> Result<(), $crate::store::StoreError> {
+            use $crate::store::sanitize;
+            sqlx::query(
+                "INSERT INTO setup_answers (event_seq, event_id, workflow, used_fallback, reason, body, lookups, \
+                 duration_ms, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                 ON CONFLICT (event_seq) DO UPDATE SET workflow = excluded.workflow, \
+                 used_fallback = excluded.used_fallback, reason = excluded.reason, body = excluded.body, \
+                 duration_ms = excluded.duration_ms, created_at = excluded.created_at",
+            )
+            .bind(a.event_seq)
+            .bind(&a.event_id)
+            .bind(sanitize::opt_text(a.workflow.as_deref()).map(|w| w.into_owned()))
+            .bind(a.used_fallback)
+            .bind(sanitize::opt_text(a.reason.as_deref()).map(|r| r.into_owned()))
+            .bind(sanitize::text(&a.body).into_owned())
+            .bind(sqlx::types::Json(sanitize::json(&a.lookups.0).into_owned()))
+            .bind(a.duration_ms)
+            .bind(a.created_at)
+            .execute(&self.writer)
+            .await?;
+            Ok(())
+        }
         }
     };
 }
@@ -640,18 +669,11 @@ macro_rules! rebuild_in_tx {
                 let item: $crate::store::StoredEventWithBody = row.into();
                 after = item.event.seq;
                 read += 1;
-                let envelope =
-                    $crate::webhook::envelope::Envelope::parse(&item.raw_body).map_err(|e| {
-                        $crate::store::StoreError::Corrupt(format!(
-                            "event {}: {e}",
-                            item.event.event_id
-                        ))
-                    })?;
                 if let Some(conv) = &item.event.conversation_id {
                     states
                         .entry(conv.clone())
                         .or_insert_with(|| ConversationState::new(conv.as_str()))
-                        .apply(item.event.seq, &envelope, item.event.received_at);
+                        .apply_stored(&item)?;
                 }
             }
         }

@@ -23,7 +23,7 @@ use super::signature::{
     Tolerance,
 };
 use crate::domain::IdempotencyKey;
-use crate::engine::setup::{EMPTY_ANSWER, SetupEvent, SetupResponder, Slot};
+use crate::engine::setup::{AppendFn, SetupResponder};
 use crate::prometheus;
 use crate::store::appender::Appender;
 use crate::store::{AppendOutcome, EventRef, NewEvent, Verification};
@@ -37,6 +37,8 @@ pub struct IngestState {
     pub keys: SigningKeys,
     /// The URL registered in Operator; `None` rebuilds it from each request.
     pub public_url: Option<String>,
+    /// Peers whose `X-Forwarded-Proto/Host` are believed when rebuilding it.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     pub tolerance: Tolerance,
     pub max_body_bytes: usize,
     pub appender: Appender,
@@ -55,14 +57,21 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 /// The URL Operator signed: the configured one, or scheme://host/path of this
-/// request (X-Forwarded-Proto / X-Forwarded-Host honoured), without the query.
-pub fn signed_url(req: &Request, configured: Option<&str>) -> String {
+/// request, without the query. `X-Forwarded-Proto` / `X-Forwarded-Host` are
+/// honoured only when the peer is one of the `trusted` proxies: from anyone
+/// else they would let a client choose the URL its signature is checked on.
+pub fn signed_url(req: &Request, configured: Option<&str>, trusted: &[ipnet::IpNet]) -> String {
     if let Some(url) = configured {
         return url.to_owned();
     }
     let headers = req.headers();
+    let from_proxy = req.remote_addr().as_socket_addr().is_some_and(|peer| {
+        let ip = peer.ip().to_canonical();
+        trusted.iter().any(|net| net.contains(&ip))
+    });
     let first = |name: &str| {
         header_str(headers, name)
+            .filter(|_| from_proxy)
             .and_then(|v| v.split(',').next())
             .map(str::trim)
     };
@@ -151,7 +160,7 @@ async fn handle(
             );
         }
     };
-    let url = signed_url(req, state.public_url.as_deref());
+    let url = signed_url(req, state.public_url.as_deref(), &state.trusted_proxies);
     let headers = req.headers();
     let delivery = DeliveryHeaders {
         timestamp: header_str(headers, TIMESTAMP_HEADER),
@@ -240,13 +249,13 @@ async fn handle(
         span: span.clone(),
     };
     if event.envelope.event_type == EventKind::SETUP {
-        let (resp, outcome) = receive_setup(state, event, span).await;
+        let (resp, outcome) = receive_setup(state, event, span, started).await;
         if outcome != "unavailable" {
             prometheus::setup_answered(started.elapsed());
         }
         return (resp, event_type, Some(outcome));
     }
-    match append(state, event, span).await {
+    match append(&state.appender, event, span).await {
         Ok(outcome) => {
             let duplicate = outcome.is_duplicate();
             let stored = outcome.event();
@@ -272,7 +281,7 @@ async fn handle(
 /// Appends inside an `append` span (waiting for the group commit included)
 /// and records the outcome on the `webhook` span.
 async fn append(
-    state: &IngestState,
+    appender: &Appender,
     event: NewEvent,
     span: &Span,
 ) -> Result<AppendOutcome, crate::store::StoreError> {
@@ -282,7 +291,7 @@ async fn append(
         operator.conversation.id = event.envelope.conversation_id.as_ref().map(|c| c.as_str()),
         operator.agent.id = event.envelope.agent_id.as_ref().map(|a| a.as_str()),
     );
-    let result = state.appender.append(event).instrument(append_span).await;
+    let result = appender.append(event).instrument(append_span).await;
     if let Ok(outcome) = &result {
         span.record("switchboard.event.seq", outcome.event().seq);
         span.record("switchboard.duplicate", outcome.is_duplicate());
@@ -343,51 +352,32 @@ fn acknowledge(body: impl Into<Body>, duplicate: bool) -> Response {
         .body(body)
 }
 
-/// `conversation.setup`: store the event, then answer it (or wait for the
-/// answer another delivery of it is computing), always with 200 and a context.
+/// `conversation.setup`: store the event and answer it, by the deadline
+/// counted from `started` whatever the store does (see
+/// [`SetupResponder::respond_to`]), always with 200 and a context; 503 only
+/// when the store refused the event before the deadline.
 async fn receive_setup(
     state: &IngestState,
     event: NewEvent,
     span: &Span,
+    started: Instant,
 ) -> (Response, &'static str) {
-    let envelope = event.envelope.clone();
-    let raw_body = event.raw_body.clone();
-    let event_id = envelope.id.to_string();
-    let slot = state.setup.join(&event_id);
-    let outcome = match append(state, event, span).await {
-        Ok(outcome) => outcome,
-        Err(e) => {
-            if let Slot::Leader(tx) = slot {
-                state.setup.finish(&event_id, tx, None);
-            }
-            return (unavailable(&e), "unavailable");
-        }
-    };
-    let setup_event = SetupEvent {
-        seq: outcome.event().seq,
-        envelope: &envelope,
-        raw_body: &raw_body,
-    };
-    let body = match slot {
-        Slot::Follower(rx) => match SetupResponder::wait(rx).await {
-            Some(body) => Ok(body),
-            None => state.setup.answer(&setup_event).await,
-        },
-        Slot::Leader(tx) => {
-            let body = state.setup.answer(&setup_event).await;
-            state
-                .setup
-                .finish(&event_id, tx, body.as_ref().ok().cloned());
-            body
-        }
-    };
-    let body = body.unwrap_or_else(|e| {
-        tracing::error!(error = %e, event_id, "could not store the setup answer; answering with an empty context");
-        EMPTY_ANSWER.into()
+    let appender = state.appender.clone();
+    let webhook_span = span.clone();
+    let append_fn: AppendFn = Arc::new(move |event| {
+        let appender = appender.clone();
+        let span = webhook_span.clone();
+        Box::pin(async move { append(&appender, event, &span).await })
     });
-    let duplicate = outcome.is_duplicate();
-    (
-        acknowledge(body.to_string(), duplicate),
-        if duplicate { "duplicate" } else { "stored" },
-    )
+    match state.setup.respond_to(event, append_fn, started).await {
+        Ok(reply) => (
+            acknowledge(reply.body.to_string(), reply.duplicate),
+            if reply.duplicate {
+                "duplicate"
+            } else {
+                "stored"
+            },
+        ),
+        Err(e) => (unavailable(&e), "unavailable"),
+    }
 }

@@ -9,9 +9,9 @@ use serde_json::{Value, json};
 use super::matching::{EventFacts, base_context, decide};
 use super::{Workflow, answer, template};
 use crate::engine::http;
-use crate::store::projection::ConversationState;
+use crate::operator::envelope::Envelope;
+use crate::store::projection::{ConversationState, fold_log};
 use crate::store::{EventQuery, EventStore, Order, StoreError};
-use crate::webhook::envelope::Envelope;
 
 /// Opens the store for a read-only tool (`backtest`): nothing is created,
 /// migrated or written. A database without Switchboard's tables (or with
@@ -218,19 +218,17 @@ pub async fn run(
         let envelope =
             Envelope::parse(&raw.raw_body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let event_json: Value = serde_json::from_slice(&raw.raw_body).unwrap_or_default();
-        let (mut before, mut after) = (None::<ConversationState>, None::<ConversationState>);
-        if let Some(c) = &event.conversation_id {
-            let mut state = ConversationState::new(c.as_str());
-            for item in &log {
-                if item.event.seq == event.seq {
-                    before = Some(state.clone());
-                }
-                let env = Envelope::parse(&item.raw_body)
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                state.apply(item.event.seq, &env, item.event.received_at);
+        // The one fold: the state before this event (its log minus itself), then with it.
+        let (before, after) = match (&event.conversation_id, log.split_last()) {
+            (Some(c), Some((last, earlier))) if last.event.seq == event.seq => {
+                let before =
+                    fold_log(c, earlier)?.unwrap_or_else(|| ConversationState::new(c.as_str()));
+                let mut after = before.clone();
+                after.apply_stored(last)?;
+                (Some(before), Some(after))
             }
-            after = Some(state);
-        }
+            _ => (None, None),
+        };
         let facts = EventFacts {
             envelope: &envelope,
             event_json: &event_json,

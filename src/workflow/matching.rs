@@ -4,8 +4,8 @@
 use serde_json::{Value, json};
 
 use super::{Trigger, Workflow, template};
+use crate::operator::envelope::{Envelope, EventKind};
 use crate::store::projection::ConversationState;
-use crate::webhook::envelope::{Envelope, EventKind};
 
 /// One event, with the conversation around it.
 pub struct EventFacts<'a> {
@@ -97,6 +97,18 @@ pub fn change_json(facts: &EventFacts<'_>) -> Option<Value> {
     else {
         return None;
     };
+    let from_source = if previous_value.is_some() {
+        "payload"
+    } else {
+        "history"
+    };
+    // The projection's own rule, as `decide` uses it.
+    let unseen = ConversationState::default();
+    if let Some(update) = facts.before.unwrap_or(&unseen).field_update(facts.envelope) {
+        return Some(
+            json!({"field": update.key, "from": update.previous, "to": update.value, "from_source": from_source}),
+        );
+    }
     let key = key.unwrap_or_default();
     let (from, from_source) = previous_of(facts, &key, previous_value);
     Some(json!({"field": key, "from": from, "to": value, "from_source": from_source}))
@@ -137,19 +149,27 @@ pub fn decide(wf: &Workflow, facts: &EventFacts<'_>) -> Decision {
                 ));
             }
         }
-        (
-            Trigger::FieldChanged { field, from, to },
-            EventKind::CustomFieldUpdated {
-                key,
-                value,
-                previous_value,
-            },
-        ) => {
+        (Trigger::FieldChanged { field, from, to }, EventKind::CustomFieldUpdated { key, .. }) => {
             let key = key.unwrap_or_default();
             if &key != field {
                 return Decision::Skipped(format!("custom field `{key}` changed, not `{field}`"));
             }
-            let (previous, _) = previous_of(facts, field, previous_value);
+            // The projection's own rule decides what the update did (and what it replaced).
+            let unseen = ConversationState::default();
+            let Some(update) = facts.before.unwrap_or(&unseen).field_update(env) else {
+                return Decision::Skipped("the update names no custom field".into());
+            };
+            let (previous, value) = (update.previous, update.value);
+            if let Some(current) = &update.older_than {
+                return Decision::Skipped(format!(
+                    "this update of `{field}` (created_at {}) is older than its current value {} \
+                     (created_at {}, event #{}): the conversation keeps that value, so nothing changed",
+                    env.created_at.as_deref().unwrap_or("unknown"),
+                    show(&current.value),
+                    current.created_at.as_deref().unwrap_or("unknown"),
+                    current.seq,
+                ));
+            }
             if previous == value {
                 return Decision::Skipped(format!(
                     "`{field}` did not change (still {})",

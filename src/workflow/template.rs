@@ -7,14 +7,41 @@ use std::sync::OnceLock;
 use minijinja::{Environment, UndefinedBehavior};
 use serde_json::Value;
 
-/// The shared environment: strict about undefined values, no auto-escaping.
+/// How many instructions one template or expression may execute: far more
+/// than any real workflow needs, few enough that a runaway loop stops in
+/// milliseconds (templates are evaluated inside the append transaction).
+pub const FUEL: u64 = 200_000;
+
+/// The most text one template may render.
+pub const MAX_OUTPUT_BYTES: usize = 1024 * 1024;
+
+/// The shared environment: strict about undefined values, no auto-escaping,
+/// bounded by [`FUEL`].
 pub fn env() -> &'static Environment<'static> {
     static ENV: OnceLock<Environment<'static>> = OnceLock::new();
     ENV.get_or_init(|| {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
+        env.set_fuel(Some(FUEL));
         env
     })
+}
+
+/// A writer that refuses to grow past [`MAX_OUTPUT_BYTES`].
+struct Bounded(Vec<u8>);
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > MAX_OUTPUT_BYTES {
+            return Err(std::io::Error::other("output limit"));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A template or expression failed: says which and why.
@@ -30,6 +57,17 @@ fn error(what: &'static str, source_text: &str, e: &minijinja::Error) -> Templat
     let mut message = e.kind().to_string();
     if let Some(detail) = e.detail() {
         message = format!("{message}: {detail}");
+    }
+    if e.kind() == minijinja::ErrorKind::OutOfFuel {
+        message = format!(
+            "it ran too long (more than {FUEL} steps, e.g. a loop that is too large) and was stopped"
+        );
+    }
+    if e.kind() == minijinja::ErrorKind::WriteFailure {
+        message = format!(
+            "it renders more than {} KiB of text and was stopped",
+            MAX_OUTPUT_BYTES / 1024
+        );
     }
     if e.kind() == minijinja::ErrorKind::UndefinedError {
         message.push_str(
@@ -100,9 +138,16 @@ pub fn render_str(s: &str, ctx: &Value) -> Result<String, TemplateError> {
     if !s.contains("{{") && !s.contains("{%") {
         return Ok(s.to_owned());
     }
+    let mut out = Bounded(Vec::new());
     env()
-        .render_str(s, ctx)
-        .map_err(|e| error("template", s, &e))
+        .template_from_str(s)
+        .and_then(|t| t.render_captured_to(ctx, &mut out).map(drop))
+        .map_err(|e| error("template", s, &e))?;
+    String::from_utf8(out.0).map_err(|e| TemplateError {
+        what: "template",
+        source_text: s.to_owned(),
+        message: e.to_string(),
+    })
 }
 
 /// Renders a string that may be a sole expression (keeps its JSON type).

@@ -182,6 +182,8 @@ pub fn settings(db: &TestDb) -> Settings {
         shutdown_grace: Duration::from_secs(1),
         worker_concurrency: 8,
         metrics_listen: None,
+        trusted_proxies: Vec::new(),
+        setup_cache_bytes: 32 * 1024 * 1024,
     }
 }
 
