@@ -34,6 +34,10 @@ pub struct Settings {
     pub worker_concurrency: usize,
     /// A separate address for `/metrics`; `None` serves it on `listen`.
     pub metrics_listen: Option<SocketAddr>,
+    /// Longest a webhook waits for its commit before its 503 (`SWITCHBOARD_APPEND_TIMEOUT`).
+    pub append_timeout: Duration,
+    /// Bearer token `/metrics` requires, when set (`SWITCHBOARD_METRICS_TOKEN`).
+    pub metrics_token: Option<AdminToken>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +62,10 @@ pub enum ConfigError {
     EmptyAdminToken,
     #[error("SWITCHBOARD_MAX_BODY_BYTES must be at least 1")]
     ZeroBodyLimit,
+    #[error(
+        "SWITCHBOARD_APPEND_TIMEOUT must be more than 0 (e.g. 2s): it is how long a webhook may wait for its commit"
+    )]
+    ZeroAppendTimeout,
 }
 
 impl Settings {
@@ -84,6 +92,9 @@ impl Settings {
         if args.max_body_bytes == 0 {
             return Err(ConfigError::ZeroBodyLimit);
         }
+        if args.append_timeout.is_zero() {
+            return Err(ConfigError::ZeroAppendTimeout);
+        }
         let tolerance_secs = i64::try_from(args.timestamp_tolerance.as_secs()).unwrap_or(i64::MAX);
         Ok(Self {
             database_url: args.db.database_url,
@@ -101,6 +112,14 @@ impl Settings {
             shutdown_grace: args.engine.shutdown_grace,
             worker_concurrency: args.engine.worker_concurrency.max(1),
             metrics_listen: args.engine.metrics_listen,
+            append_timeout: args.append_timeout,
+            metrics_token: args
+                .engine
+                .metrics_token
+                .as_deref()
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(AdminToken::new),
         })
     }
 }

@@ -13,6 +13,7 @@ pub mod engine;
 pub mod prometheus;
 pub mod startup;
 pub mod store;
+pub mod supervisor;
 pub mod telemetry;
 pub mod webhook;
 pub mod workflow;

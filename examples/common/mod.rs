@@ -42,6 +42,8 @@ pub async fn start_server(database_url: &str, workflows_dir: &Path) -> anyhow::R
         shutdown_grace: Duration::from_secs(1),
         worker_concurrency: 32,
         metrics_listen: None,
+        append_timeout: switchboard::store::appender::APPEND_TIMEOUT,
+        metrics_token: None,
     };
     let server = Application::build(settings).await?;
     let base = format!("http://{}", server.local_addr());

@@ -182,6 +182,8 @@ pub fn settings(db: &TestDb) -> Settings {
         shutdown_grace: Duration::from_secs(1),
         worker_concurrency: 8,
         metrics_listen: None,
+        append_timeout: switchboard::store::appender::APPEND_TIMEOUT,
+        metrics_token: None,
     }
 }
 
