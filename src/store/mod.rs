@@ -173,9 +173,55 @@ pub async fn connect(url: &str) -> Result<Arc<dyn EventStore>, StoreError> {
     if url.starts_with("sqlite:") {
         Ok(Arc::new(sqlite::SqliteStore::connect(url).await?))
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        warn_unknown_parameters(url);
         Ok(Arc::new(postgres::PostgresStore::connect(url).await?))
     } else {
         Err(StoreError::UnsupportedUrl(redact_url(url)))
+    }
+}
+
+/// The PostgreSQL URL parameters sqlx 0.9 understands.
+const KNOWN_PG_PARAMETERS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
+/// Names (never values: one may be a password) the parameters of a
+/// PostgreSQL URL that will be ignored (sqlx's own notice, which prints the
+/// value, is filtered out of the log).
+fn warn_unknown_parameters(url: &str) {
+    let Some(query) = url
+        .split('#')
+        .next()
+        .and_then(|u| u.split_once('?'))
+        .map(|(_, q)| q)
+    else {
+        return;
+    };
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let key = pair.split('=').next().unwrap_or_default();
+        if !KNOWN_PG_PARAMETERS.contains(&key) && !key.starts_with("options[") {
+            tracing::warn!(
+                parameter = key,
+                "the database URL parameter `{key}` is not understood and is ignored (names are case-sensitive)"
+            );
+        }
     }
 }
 
