@@ -137,17 +137,17 @@ async fn run(
         }
         refuse_until = None;
         let deadline = tokio::time::Instant::now() + timeout;
-        let appended =
-            tokio::time::timeout_at(deadline, store.append_batch(&events, dispatcher.as_ref()))
-                .await
-                .unwrap_or_else(|_| {
-                    // Dropping the transaction rolls it back. If it had in fact committed,
-                    // Operator's retry is recognised as a duplicate: nothing is stored twice.
-                    Err(StoreError::Unavailable(format!(
-                        "the database did not answer within {}",
-                        humantime::format_duration(timeout)
-                    )))
-                });
+        let batch = Arc::new(std::mem::take(&mut events));
+        let appended = append_isolated(&store, &dispatcher, &batch, 0..batch.len(), deadline)
+            .await
+            .unwrap_or_else(|_| {
+                // Dropping the transaction rolls it back. If it had in fact committed,
+                // Operator's retry is recognised as a duplicate: nothing is stored twice.
+                Err(StoreError::Unavailable(format!(
+                    "the database did not answer within {}",
+                    humantime::format_duration(timeout)
+                )))
+            });
         match appended {
             Ok((outcomes, runs)) => {
                 if runs > 0 {
@@ -169,21 +169,24 @@ async fn run(
                     let _ = reply.send(Err(StoreError::Unavailable(message.clone())));
                 }
             }
-            Err(err) if events.len() == 1 => {
+            Err(err) if batch.len() == 1 => {
                 let _ = replies.pop().expect("one reply").send(Err(err));
             }
             Err(err) => {
                 // One bad delivery must not fail its neighbours: retry them one by
                 // one, within the batch's own deadline (what is left over gets 503
                 // and comes back with Operator's retry).
-                tracing::warn!(error = %err, batch = events.len(), "batch append failed; retrying one by one");
-                for (event, reply) in events.iter().zip(replies.drain(..)) {
+                tracing::warn!(error = %err, batch = batch.len(), "batch append failed; retrying one by one");
+                for (i, reply) in replies.drain(..).enumerate() {
                     if reply.is_closed() {
                         continue;
                     }
-                    let result = match tokio::time::timeout_at(
+                    let result = match append_isolated(
+                        &store,
+                        &dispatcher,
+                        &batch,
+                        i..i + 1,
                         deadline,
-                        store.append_batch(std::slice::from_ref(event), dispatcher.as_ref()),
                     )
                     .await
                     {
@@ -202,6 +205,48 @@ async fn run(
                 }
             }
         }
+        events = Arc::try_unwrap(batch).unwrap_or_default();
         events.clear();
+    }
+}
+
+/// Appends `batch[range]` in a task of its own, so that a panic (in a
+/// workflow's evaluation, say) fails these deliveries, not the appender
+/// (a one-by-one retry then isolates the delivery that causes it). Aborted
+/// (rolled back) at `deadline`.
+async fn append_isolated(
+    store: &Arc<dyn EventStore>,
+    dispatcher: &Arc<dyn Dispatcher>,
+    batch: &Arc<Vec<NewEvent>>,
+    range: std::ops::Range<usize>,
+    deadline: tokio::time::Instant,
+) -> Result<Result<(Vec<AppendOutcome>, usize), StoreError>, tokio::time::error::Elapsed> {
+    let (store, dispatcher, batch) = (store.clone(), dispatcher.clone(), batch.clone());
+    let mut task = AbortOnDrop(tokio::spawn(async move {
+        store.append_batch(&batch[range], dispatcher.as_ref()).await
+    }));
+    let joined = tokio::time::timeout_at(deadline, &mut task.0).await?;
+    Ok(joined.unwrap_or_else(|e| {
+        let why = if e.is_panic() {
+            let payload = e.into_panic();
+            payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".to_owned())
+        } else {
+            "cancelled".to_owned()
+        };
+        tracing::error!(error = %why, "appending a batch panicked; its deliveries are answered 503");
+        Err(StoreError::Internal(format!("appending panicked: {why}")))
+    }))
+}
+
+/// Aborts the task when dropped (a batch past its deadline is rolled back, not left running).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -58,6 +58,8 @@ pub enum StoreError {
     Closed,
     #[error("the database is unavailable: {0}")]
     Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl StoreError {
