@@ -451,6 +451,70 @@ async fn no_database_password_reaches_the_log(db: &TestDb) {
     assert!(log.contains("`sslpassword` is not understood"), "{log}");
 }
 
+/// A bulk replay whose work fails (here: SQLite's write lock held past its
+/// busy timeout) is resumed from its saved position by the process itself,
+/// not left "running" until the next start.
+async fn an_interrupted_replay_resumes_without_a_restart(db: &TestDb) {
+    if !matches!(db, TestDb::Sqlite { .. }) {
+        return; // the fault used (a held write lock that times out) is SQLite's
+    }
+    let app = Arc::new(TestApp::spawn(db).await);
+    let mut tasks = tokio::task::JoinSet::new();
+    for chunk in 0..20 {
+        let app = app.clone();
+        tasks.spawn(async move {
+            for i in 0..40 {
+                let body = common::ended_body(
+                    &format!("ev_rp_{chunk}_{i}"),
+                    &format!("c_rp_{chunk}"),
+                    "completed",
+                );
+                assert_eq!(app.deliver(&body).await.status(), 200);
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    for attempt in 0..3 {
+        let resp = app
+            .client
+            .post(app.url("/api/v1/replays"))
+            .bearer_auth(common::TOKEN)
+            .json(&serde_json::json!({"type": "conversation.ended"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let replay: serde_json::Value = resp.json().await.unwrap();
+        let id = replay["id"].as_str().unwrap().to_owned();
+        let blocker = block_appends(db).await;
+        let (_, during) = app.admin_get(&format!("/api/v1/replays/{id}")).await;
+        if during["status"] != "running" {
+            // It finished before the lock was taken: try again with a new one.
+            blocker.release().await;
+            assert!(
+                attempt < 2,
+                "the replay always finished before the lock: {during}"
+            );
+            continue;
+        }
+        // Past the 5 s busy timeout: the replay's save fails.
+        tokio::time::sleep(Duration::from_millis(6500)).await;
+        blocker.release().await;
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            let (_, r) = app.admin_get(&format!("/api/v1/replays/{id}")).await;
+            if r["status"] == "succeeded" {
+                assert_eq!(r["done"], r["total"], "{r}");
+                return;
+            }
+            assert!(Instant::now() < deadline, "the replay was not resumed: {r}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
 on_both_backends!(
     a_full_batch_of_many_matches_commits_in_one_transaction,
     forty_workflows_and_300_concurrent_deliveries,
@@ -459,4 +523,5 @@ on_both_backends!(
     corrupt_data_is_an_internal_error_not_unavailable,
     refused_signatures_are_throttled_and_choose_no_trace,
     no_database_password_reaches_the_log,
+    an_interrupted_replay_resumes_without_a_restart,
 );
