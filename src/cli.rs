@@ -95,6 +95,10 @@ pub struct ServeArgs {
     #[arg(long, env = "SWITCHBOARD_SETUP_CACHE_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub setup_cache_bytes: usize,
 
+    /// Longest a webhook waits for its commit before it is answered 503 with Retry-After (e.g. 2s, 500ms).
+    #[arg(long, env = "SWITCHBOARD_APPEND_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub append_timeout: Duration,
+
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -119,6 +123,10 @@ pub struct EngineArgs {
     /// (`serve` otherwise serves /metrics on its main address; `worker` only here).
     #[arg(long, env = "SWITCHBOARD_METRICS_LISTEN", value_parser = crate::config::parse_listen)]
     pub metrics_listen: Option<SocketAddr>,
+
+    /// When set, /metrics answers only requests with `Authorization: Bearer <this token>`.
+    #[arg(long, env = "SWITCHBOARD_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -215,6 +223,12 @@ pub async fn run(cli: Cli) -> ExitCode {
                     args.engine.worker_concurrency,
                     args.engine.shutdown_grace,
                     args.engine.metrics_listen,
+                    args.engine
+                        .metrics_token
+                        .as_deref()
+                        .map(str::trim)
+                        .filter(|t| !t.is_empty())
+                        .map(crate::api::AdminToken::new),
                 )
                 .await
             }

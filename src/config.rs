@@ -41,6 +41,10 @@ pub struct Settings {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Bytes of cached setup lookup responses kept in memory.
     pub setup_cache_bytes: usize,
+    /// Longest a webhook waits for its commit before its 503 (`SWITCHBOARD_APPEND_TIMEOUT`).
+    pub append_timeout: Duration,
+    /// Bearer token `/metrics` requires, when set (`SWITCHBOARD_METRICS_TOKEN`).
+    pub metrics_token: Option<AdminToken>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +69,10 @@ pub enum ConfigError {
     EmptyAdminToken,
     #[error("SWITCHBOARD_MAX_BODY_BYTES must be at least 1")]
     ZeroBodyLimit,
+    #[error(
+        "SWITCHBOARD_APPEND_TIMEOUT must be more than 0 (e.g. 2s): it is how long a webhook may wait for its commit"
+    )]
+    ZeroAppendTimeout,
     #[error(
         "SWITCHBOARD_TRUSTED_PROXIES: `{0}` is not an IP address or CIDR range: give addresses or ranges, comma-separated, e.g. 10.0.0.0/8,192.168.1.7"
     )]
@@ -311,6 +319,9 @@ impl Settings {
                     .map_err(|_| ConfigError::TrustedProxy(p.to_owned()))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        if args.append_timeout.is_zero() {
+            return Err(ConfigError::ZeroAppendTimeout);
+        }
         let tolerance_secs = i64::try_from(args.timestamp_tolerance.as_secs()).unwrap_or(i64::MAX);
         Ok(Self {
             database_url: args.db.database_url,
@@ -330,6 +341,14 @@ impl Settings {
             metrics_listen: args.engine.metrics_listen,
             trusted_proxies,
             setup_cache_bytes: args.setup_cache_bytes,
+            append_timeout: args.append_timeout,
+            metrics_token: args
+                .engine
+                .metrics_token
+                .as_deref()
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(AdminToken::new),
         })
     }
 }

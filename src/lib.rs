@@ -15,6 +15,7 @@ pub mod prometheus;
 pub mod sink;
 pub mod startup;
 pub mod store;
+pub mod supervisor;
 pub mod telemetry;
 pub mod webhook;
 pub mod workflow;

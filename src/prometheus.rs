@@ -4,7 +4,9 @@
 //! `metrics` crate's macros and the small helpers below (so every call site
 //! uses the same names and labels). Gauges about the store (runs waiting,
 //! age of the oldest, events, size) are read from the database when
-//! `/metrics` is scraped, so they are right across several instances.
+//! `/metrics` is scraped, at most once a second whatever the scrape rate, so
+//! they are right across several instances. With `SWITCHBOARD_METRICS_TOKEN`
+//! set, `/metrics` answers only requests that present it as a bearer token.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -13,9 +15,43 @@ use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gau
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use poem::http::StatusCode;
 use poem::web::Data;
-use poem::{Response, handler};
+use poem::{Request, Response, handler};
 
+use crate::api::AdminToken;
 use crate::store::EventStore;
+
+/// The store gauges are read from the database at most this often.
+pub const GAUGES_EVERY: Duration = Duration::from_secs(1);
+
+/// Who may read `/metrics`, and when its store gauges were last read.
+pub struct MetricsGate {
+    token: Option<AdminToken>,
+    last_read: tokio::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl MetricsGate {
+    /// `token`: the bearer token required (`SWITCHBOARD_METRICS_TOKEN`), if any.
+    pub fn new(token: Option<AdminToken>) -> Arc<Self> {
+        Arc::new(Self {
+            token,
+            last_read: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    fn allows(&self, req: &Request) -> bool {
+        let Some(token) = &self.token else {
+            return true;
+        };
+        req.headers()
+            .get(poem::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .is_some_and(|presented| token.matches(presented.trim()))
+    }
+}
 
 /// Latency buckets, in seconds: 0.25 ms to 30 s.
 const BUCKETS: &[f64] = &[
@@ -186,11 +222,43 @@ pub fn attempt(workflow: &str, outcome: &str, error_class: Option<&str>, elapsed
         .record(elapsed.as_secs_f64());
 }
 
-/// `GET /metrics`: Prometheus text format. Store gauges are read now; if the
-/// store cannot be read, the rest is still served (and the failure logged).
+/// `GET /metrics`: Prometheus text format. Store gauges are read at most
+/// once per [`GAUGES_EVERY`] (concurrent scrapes share one read); if the store
+/// cannot be read, the rest is still served (and the failure logged).
 #[handler]
-pub async fn endpoint(Data(store): Data<&Arc<dyn EventStore>>) -> Response {
+pub async fn endpoint(
+    req: &Request,
+    Data(store): Data<&Arc<dyn EventStore>>,
+    Data(gate): Data<&Arc<MetricsGate>>,
+) -> Response {
+    if !gate.allows(req) {
+        return Response::builder()
+            .status(StatusCode::UNAUTHORIZED)
+            .header(poem::http::header::WWW_AUTHENTICATE, "Bearer")
+            .content_type("application/json")
+            .body(
+                serde_json::json!({"error": {
+                    "code": "unauthorized",
+                    "message": "/metrics needs `Authorization: Bearer <token>` with the value of SWITCHBOARD_METRICS_TOKEN",
+                }})
+                .to_string(),
+            );
+    }
     let handle = install();
+    {
+        let mut last_read = gate.last_read.lock().await;
+        if last_read.is_none_or(|t| t.elapsed() >= GAUGES_EVERY) {
+            read_store_gauges(store.as_ref()).await;
+            *last_read = Some(std::time::Instant::now());
+        }
+    }
+    Response::builder()
+        .status(StatusCode::OK)
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(handle.render())
+}
+
+async fn read_store_gauges(store: &dyn EventStore) {
     let now = chrono::Utc::now();
     match store.stats(now).await {
         Ok(stats) => {
@@ -206,8 +274,4 @@ pub async fn endpoint(Data(store): Data<&Arc<dyn EventStore>>) -> Response {
         }
         Err(e) => tracing::warn!(error = %e, "/metrics: cannot read the store's sizes"),
     }
-    Response::builder()
-        .status(StatusCode::OK)
-        .content_type("text/plain; version=0.0.4; charset=utf-8")
-        .body(handle.render())
 }

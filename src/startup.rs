@@ -18,6 +18,7 @@ use crate::engine::setup::SetupResponder;
 use crate::prometheus;
 use crate::store::appender::Appender;
 use crate::store::{self, EventStore};
+use crate::supervisor::Supervisor;
 use crate::webhook::ingest::{self, IngestState, WEBHOOK_PATH};
 use crate::workflow::WorkflowSet;
 use crate::workflow::registry::Registry;
@@ -32,17 +33,19 @@ pub struct Application {
     app: poem::endpoint::BoxEndpoint<'static>,
     settings: Settings,
     store: Arc<dyn EventStore>,
+    supervisor: Arc<Supervisor>,
 }
 
 /// All routes: the webhook, the admin API with its docs, the health probes,
-/// and `/metrics` unless it has a listener of its own (`with_metrics`).
+/// and `/metrics` when `metrics` is given (else it has a listener of its own).
 pub fn routes(
     store: Arc<dyn EventStore>,
     registry: Arc<Registry>,
     wake: Arc<Notify>,
     ingest: Arc<IngestState>,
     admin_token: AdminToken,
-    with_metrics: bool,
+    supervisor: Arc<Supervisor>,
+    metrics: Option<Arc<prometheus::MetricsGate>>,
 ) -> impl Endpoint<Output = poem::Response> {
     let service = api::service();
     let docs = service.swagger_ui();
@@ -55,23 +58,33 @@ pub fn routes(
         .nest("/docs", docs)
         .at("/openapi.json", spec)
         .nest("/", service.around(api_span));
-    if with_metrics {
-        route = route.at("/metrics", get(prometheus::endpoint));
+    if let Some(gate) = metrics {
+        route = route.at(
+            "/metrics",
+            get(prometheus::endpoint).with(AddData::new(gate)),
+        );
     }
     route
         .with(AddData::new(store))
         .with(AddData::new(registry))
         .with(AddData::new(wake))
         .with(AddData::new(admin_token))
+        .with(AddData::new(supervisor))
         .catch_all_error(api::error::to_json_error)
 }
 
 /// `/metrics` and `/healthz` alone, for a separate listen address.
-pub fn metrics_routes(store: Arc<dyn EventStore>) -> impl Endpoint<Output = poem::Response> {
+pub fn metrics_routes(
+    store: Arc<dyn EventStore>,
+    supervisor: Arc<Supervisor>,
+    metrics_token: Arc<prometheus::MetricsGate>,
+) -> impl Endpoint<Output = poem::Response> {
     Route::new()
         .at("/metrics", get(prometheus::endpoint))
         .nest("/", api::service())
         .with(AddData::new(store))
+        .with(AddData::new(supervisor))
+        .with(AddData::new(metrics_token))
         .catch_all_error(api::error::to_json_error)
 }
 
@@ -125,7 +138,14 @@ impl Application {
         let workflows = load_workflows(&settings.workflows_dir)?;
         let registry = Arc::new(Registry::new(workflows));
         let wake = Arc::new(Notify::new());
-        let appender = Appender::spawn(store.clone(), registry.clone(), wake.clone());
+        let supervisor = Supervisor::new();
+        let (appender, appender_task) = Appender::spawn(
+            store.clone(),
+            registry.clone(),
+            wake.clone(),
+            settings.append_timeout,
+            &supervisor,
+        );
         let engine = Arc::new(Engine::new(
             store.clone(),
             registry.clone(),
@@ -133,10 +153,12 @@ impl Application {
             settings.worker_concurrency,
         ));
         crate::engine::replay::resume_all(store.clone(), wake.clone()).await?;
-        let workers = vec![
-            engine.clone().spawn(),
-            spawn_listener(&settings.database_url, wake.clone()),
-        ];
+        let mut workers = vec![appender_task, supervise_engine(&supervisor, &engine)];
+        workers.extend(supervise_listener(
+            &supervisor,
+            &settings.database_url,
+            &wake,
+        ));
         let ingest = Arc::new(IngestState {
             setup: Arc::new(
                 SetupResponder::new(registry.clone(), store.clone())
@@ -159,9 +181,11 @@ impl Application {
             .and_then(|a| a.as_socket_addr().copied())
             .context("listener has no address")?;
         prometheus::install();
-        let mut workers = workers;
+        let metrics_token = prometheus::MetricsGate::new(settings.metrics_token.clone());
         if let Some(addr) = settings.metrics_listen {
-            workers.push(serve_metrics(addr, store.clone()).await?);
+            workers.push(
+                serve_metrics(addr, store.clone(), &supervisor, metrics_token.clone()).await?,
+            );
         }
         let app = routes(
             store.clone(),
@@ -169,7 +193,8 @@ impl Application {
             wake,
             ingest,
             settings.admin_token.clone(),
-            settings.metrics_listen.is_none(),
+            supervisor.clone(),
+            settings.metrics_listen.is_none().then_some(metrics_token),
         )
         .boxed();
         Ok(Self {
@@ -180,7 +205,13 @@ impl Application {
             app,
             settings,
             store,
+            supervisor,
         })
+    }
+
+    /// The supervisor of this server's background tasks (fault tests stop them through it).
+    pub fn supervisor(&self) -> Arc<Supervisor> {
+        self.supervisor.clone()
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -214,9 +245,11 @@ impl Application {
             result
         };
         let engine = self.engine.clone();
+        let supervisor = self.supervisor.clone();
         let drain = async move {
             let mut stopped = stopped;
             let _ = stopped.wait_for(|s| *s).await;
+            supervisor.stop();
             engine.shutdown(grace).await
         };
         let (served, _handed_back) = tokio::join!(server, drain);
@@ -305,6 +338,7 @@ pub async fn run_workers(
     concurrency: usize,
     shutdown_grace: std::time::Duration,
     metrics_listen: Option<SocketAddr>,
+    metrics_token: Option<AdminToken>,
 ) -> anyhow::Result<()> {
     let store = crate::config::open_store(database_url).await?;
     store
@@ -320,9 +354,18 @@ pub async fn run_workers(
     crate::engine::http::EgressPolicy::from_env().map_err(anyhow::Error::msg)?;
     let wake = Arc::new(Notify::new());
     prometheus::install();
+    let supervisor = Supervisor::new();
     let mut tasks = Vec::new();
     if let Some(addr) = metrics_listen {
-        tasks.push(serve_metrics(addr, store.clone()).await?);
+        tasks.push(
+            serve_metrics(
+                addr,
+                store.clone(),
+                &supervisor,
+                prometheus::MetricsGate::new(metrics_token),
+            )
+            .await?,
+        );
     }
     let engine = Arc::new(Engine::new(store, registry, wake.clone(), concurrency));
     tracing::info!(
@@ -330,32 +373,69 @@ pub async fn run_workers(
         concurrency,
         "switchboard worker started"
     );
-    tasks.push(engine.clone().spawn());
-    tasks.push(spawn_listener(database_url, wake));
+    tasks.push(supervise_engine(&supervisor, &engine));
+    tasks.extend(supervise_listener(&supervisor, database_url, &wake));
     let _workers = AbortOnDrop(tasks);
     shutdown_signal().await;
+    supervisor.stop();
     engine.shutdown(shutdown_grace).await;
     tracing::info!("stopped");
     Ok(())
 }
 
-/// Serves `/metrics` (and the health probes) on their own address.
+/// Serves `/metrics` (and the health probes) on their own address, supervised
+/// as `metrics-listener` (bound here, so that a bad address stops startup;
+/// bound again if it has to restart).
 async fn serve_metrics(
     addr: SocketAddr,
     store: Arc<dyn EventStore>,
+    supervisor: &Arc<Supervisor>,
+    metrics_token: Arc<prometheus::MetricsGate>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let acceptor = TcpListener::bind(addr)
         .into_acceptor()
         .await
         .with_context(|| format!("cannot listen on {addr} for /metrics"))?;
     tracing::info!(listen = %addr, "metrics at http://{addr}/metrics");
-    Ok(tokio::spawn(async move {
-        if let Err(e) = Server::new_with_acceptor(acceptor)
-            .run(metrics_routes(store))
-            .await
-        {
-            tracing::error!(error = %e, "the /metrics listener stopped");
-        }
+    let mut first = Some(acceptor);
+    let health = supervisor.clone();
+    Ok(supervisor.spawn("metrics-listener", move || {
+        let acceptor = first.take();
+        let routes = metrics_routes(store.clone(), health.clone(), metrics_token.clone());
+        tokio::spawn(async move {
+            let served = match acceptor {
+                Some(acceptor) => Server::new_with_acceptor(acceptor).run(routes).await,
+                None => Server::new(TcpListener::bind(addr)).run(routes).await,
+            };
+            if let Err(e) = served {
+                tracing::error!(error = %e, "the /metrics listener stopped");
+            }
+        })
+    }))
+}
+
+/// The workers' claim loop, supervised as `workers`.
+fn supervise_engine(
+    supervisor: &Arc<Supervisor>,
+    engine: &Arc<Engine>,
+) -> tokio::task::JoinHandle<()> {
+    let engine = engine.clone();
+    supervisor.spawn("workers", move || engine.clone().spawn())
+}
+
+/// On PostgreSQL, the LISTEN task, supervised as `postgres-listen`.
+fn supervise_listener(
+    supervisor: &Arc<Supervisor>,
+    database_url: &str,
+    wake: &Arc<Notify>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    if !(database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")) {
+        return None;
+    }
+    let url = database_url.to_owned();
+    let wake = wake.clone();
+    Some(supervisor.spawn("postgres-listen", move || {
+        spawn_listener(&url, wake.clone())
     }))
 }
 

@@ -74,7 +74,14 @@ pub fn tracing_enabled() -> bool {
 pub fn init() -> anyhow::Result<Telemetry> {
     let provider = tracer_provider()?;
     let log_filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,poem=warn"));
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,poem=warn"))
+        // sqlx logs an unrecognised URL parameter with its value (`sslpassword=…`
+        // included): `store::connect` names them instead, without values.
+        .add_directive(
+            "sqlx_postgres::options::parse=error"
+                .parse()
+                .expect("a valid directive"),
+        );
     let json =
         std::env::var("SWITCHBOARD_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
     let logs = if json {

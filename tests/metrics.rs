@@ -82,6 +82,8 @@ async fn counters_move_with_webhooks_runs_and_attempts(db: &TestDb) {
         200
     );
 
+    // Store gauges are read at most once a second.
+    tokio::time::sleep(switchboard::prometheus::GAUGES_EVERY).await;
     let after = scrape(&app).await;
     let delta = |name: &str, labels: &[(&str, &str)]| {
         value(&after, name, labels) - value(&before, name, labels)
@@ -219,8 +221,77 @@ async fn metrics_can_have_their_own_address(db: &TestDb) {
     );
 }
 
+/// Scrapes faster than once a second read the store's gauges once: the
+/// COUNT queries do not follow the scrape rate.
+async fn store_gauges_are_read_at_most_once_a_second(db: &TestDb) {
+    let _turn = TURN.lock().await;
+    let app = TestApp::spawn(db).await;
+    let first = scrape(&app).await;
+    let read_at = std::time::Instant::now();
+    assert_eq!(value(&first, "switchboard_store_events", &[]), 0.0);
+    let body = common::ended_body("ev_gauge_1", "c_gauge", "completed");
+    assert_eq!(app.deliver(&body).await.status(), 200);
+    for _ in 0..20 {
+        let text = scrape(&app).await;
+        if read_at.elapsed() < Duration::from_millis(900) {
+            // Still within the second: the value read by the first scrape.
+            assert_eq!(value(&text, "switchboard_store_events", &[]), 0.0);
+        }
+    }
+    tokio::time::sleep(switchboard::prometheus::GAUGES_EVERY).await;
+    let later = scrape(&app).await;
+    assert_eq!(value(&later, "switchboard_store_events", &[]), 1.0);
+}
+
+/// With SWITCHBOARD_METRICS_TOKEN set, /metrics needs it as a bearer token.
+async fn metrics_token_is_required_when_set(db: &TestDb) {
+    let _turn = TURN.lock().await;
+    let mut s = settings(db);
+    s.metrics_token = Some(switchboard::api::AdminToken::new("metrics-secret"));
+    let app = TestApp::spawn_with(s).await;
+    let url = app.url("/metrics");
+    let none = app.client.get(&url).send().await.unwrap();
+    assert_eq!(none.status(), 401);
+    let body: serde_json::Value = none.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unauthorized");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("SWITCHBOARD_METRICS_TOKEN")
+    );
+    let wrong = app
+        .client
+        .get(&url)
+        .bearer_auth("nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    let right = app
+        .client
+        .get(&url)
+        .bearer_auth("metrics-secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(right.status(), 200);
+    assert!(
+        right
+            .text()
+            .await
+            .unwrap()
+            .contains("switchboard_store_events")
+    );
+    // The probes stay open.
+    let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+}
+
 on_both_backends!(
     counters_move_with_webhooks_runs_and_attempts,
     waiting_jobs_and_their_age_are_reported,
     metrics_can_have_their_own_address,
+    store_gauges_are_read_at_most_once_a_second,
+    metrics_token_is_required_when_set,
 );

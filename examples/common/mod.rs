@@ -44,6 +44,8 @@ pub async fn start_server(database_url: &str, workflows_dir: &Path) -> anyhow::R
         metrics_listen: None,
         trusted_proxies: Vec::new(),
         setup_cache_bytes: 32 * 1024 * 1024,
+        append_timeout: switchboard::store::appender::APPEND_TIMEOUT,
+        metrics_token: None,
     };
     let server = Application::build(settings).await?;
     let base = format!("http://{}", server.local_addr());

@@ -55,7 +55,11 @@ pub enum ApiError {
     /// The input is well-formed but invalid (e.g. workflow files that do not validate).
     #[oai(status = 422)]
     Invalid(Json<ErrorBody>),
-    /// The database is unreachable; retry later.
+    /// Stored data could not be read back (`store_corrupt`), or another
+    /// internal failure (`internal_error`); see the server log.
+    #[oai(status = 500)]
+    Internal(Json<ErrorBody>),
+    /// The database is unreachable or overloaded (`store_unavailable`); retry later.
     #[oai(status = 503)]
     Unavailable(Json<ErrorBody>),
 }
@@ -80,12 +84,30 @@ impl ApiError {
 }
 
 impl From<StoreError> for ApiError {
+    /// Unavailable (the database is down, busy or full: 503, retry) is told
+    /// apart from corrupt data or an internal failure (500, with a code).
     fn from(e: StoreError) -> Self {
+        if e.is_unavailable() {
+            tracing::warn!(error = %e, "admin API: the database is unavailable");
+            return Self::Unavailable(ErrorBody::new(
+                "store_unavailable",
+                "the database could not be reached; retry later",
+            ));
+        }
         tracing::error!(error = %e, "admin API store error");
-        Self::Unavailable(ErrorBody::new(
-            "store_unavailable",
-            "the database could not be read; retry later",
-        ))
+        match e {
+            StoreError::Corrupt(detail) => Self::Internal(ErrorBody::new(
+                "store_corrupt",
+                format!(
+                    "stored data could not be read ({detail}); `switchboard rebuild-projections` \
+                     rebuilds derived tables, anything else needs an operator: see the server log"
+                ),
+            )),
+            _ => Self::Internal(ErrorBody::new(
+                "internal_error",
+                "a database statement failed; see the server log",
+            )),
+        }
     }
 }
 

@@ -1,4 +1,5 @@
-//! `/healthz` (the process answers) and `/readyz` (the database answers); no auth, no data.
+//! `/healthz` (the process answers) and `/readyz` (the database answers and
+//! every background task the process needs is running); no auth, no data.
 
 use std::sync::Arc;
 
@@ -7,6 +8,7 @@ use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object, OpenApi, Tags};
 
 use crate::store::EventStore;
+use crate::supervisor::Supervisor;
 
 #[derive(Tags)]
 enum HealthTags {
@@ -18,14 +20,18 @@ enum HealthTags {
 pub struct Health {
     /// `ok` or `unavailable`.
     pub status: String,
+    /// When unavailable: what is down (the database, or a background task by
+    /// name, e.g. `appender`, `workers`, `postgres-listen`) and why.
+    #[oai(skip_serializing_if_is_none)]
+    pub reason: Option<String>,
 }
 
 #[derive(ApiResponse)]
 pub enum ReadyResponse {
-    /// The database answers.
+    /// The database answers and every background task runs.
     #[oai(status = 200)]
     Ready(Json<Health>),
-    /// The database does not answer.
+    /// The database does not answer, or a background task is down (being restarted).
     #[oai(status = 503)]
     NotReady(Json<Health>),
 }
@@ -39,20 +45,44 @@ impl HealthApi {
     async fn healthz(&self) -> Json<Health> {
         Json(Health {
             status: "ok".into(),
+            reason: None,
         })
     }
 
-    /// The process is up and its database answers.
+    /// The process is up, its database answers and its background tasks run.
     #[oai(path = "/readyz", method = "get")]
-    async fn readyz(&self, store: Data<&Arc<dyn EventStore>>) -> ReadyResponse {
+    async fn readyz(
+        &self,
+        store: Data<&Arc<dyn EventStore>>,
+        supervisor: Data<&Arc<Supervisor>>,
+    ) -> ReadyResponse {
+        let down = supervisor.down();
+        if !down.is_empty() {
+            let reason = down
+                .iter()
+                .map(|t| {
+                    format!(
+                        "background task `{}` is down ({}); it is being restarted",
+                        t.name, t.reason
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            return ReadyResponse::NotReady(Json(Health {
+                status: "unavailable".into(),
+                reason: Some(reason),
+            }));
+        }
         match store.ping().await {
             Ok(()) => ReadyResponse::Ready(Json(Health {
                 status: "ok".into(),
+                reason: None,
             })),
             Err(e) => {
                 tracing::warn!(error = %e, "readiness check failed");
                 ReadyResponse::NotReady(Json(Health {
                     status: "unavailable".into(),
+                    reason: Some("the database does not answer".into()),
                 }))
             }
         }

@@ -72,11 +72,40 @@ pub async fn resume_all(store: Arc<dyn EventStore>, wake: Arc<Notify>) -> Result
     Ok(())
 }
 
+/// Drives one replay, supervised: if its work fails (the database is away)
+/// or panics, the error is logged and it starts again from its last saved
+/// position after a pause (1 s, doubling to 30 s), for as long as the replay
+/// is still running in the store.
 fn spawn(store: Arc<dyn EventStore>, wake: Arc<Notify>, replay: Replay) {
     tokio::spawn(async move {
         let id = replay.replay_id.clone();
-        if let Err(e) = work(store.as_ref(), &wake, replay).await {
-            tracing::error!(replay_id = %id, error = %e, "replay interrupted; it resumes at the next start");
+        let mut replay = Some(replay);
+        let mut pause = std::time::Duration::from_secs(1);
+        loop {
+            let current = match replay.take() {
+                Some(r) => r,
+                None => match store.get_replay(&id).await {
+                    Ok(Some(r)) if r.status == "running" => r,
+                    Ok(_) => return, // finished or cancelled meanwhile
+                    Err(e) => {
+                        tracing::error!(replay_id = %id, error = %e, "replay interrupted; retrying in {}", humantime::format_duration(pause));
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(std::time::Duration::from_secs(30));
+                        continue;
+                    }
+                },
+            };
+            let (s, w) = (store.clone(), wake.clone());
+            let task = tokio::spawn(async move { work(s.as_ref(), &w, current).await });
+            let error = match task.await {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => e.to_string(),
+                Err(e) if e.is_panic() => "the replay task panicked".to_owned(),
+                Err(_) => return, // aborted: the process is stopping
+            };
+            tracing::error!(replay_id = %id, error = %error, "replay interrupted; resuming from its last saved position in {}", humantime::format_duration(pause));
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(std::time::Duration::from_secs(30));
         }
     });
 }

@@ -12,46 +12,85 @@ use super::{AppendOutcome, Dispatcher, EventStore, NewEvent, StoreError};
 /// Most deliveries written in one transaction.
 pub const MAX_BATCH: usize = 256;
 
-/// How long one batch may take before its deliveries get 503 (so that a
-/// database that hangs, e.g. while PostgreSQL shuts down, cannot hold
-/// webhooks until Operator's own timeout).
+/// Fewer deliveries go in one transaction when each may start many runs:
+/// at most about this many runs per batch, so that one batch (and every
+/// webhook waiting behind it) is not held by a large fan-out.
+pub const MAX_RUNS_PER_BATCH: usize = 2048;
+
+/// Deliveries per transaction for a dispatcher that starts up to `fan_out` runs per event.
+pub fn batch_size(fan_out: usize) -> usize {
+    (MAX_RUNS_PER_BATCH / fan_out.max(1)).clamp(1, MAX_BATCH)
+}
+
+/// The default of `SWITCHBOARD_APPEND_TIMEOUT`: how long a webhook may wait
+/// for its commit (handing the event to the append task, waiting behind the
+/// batch before it, its own batch, a one-by-one retry) before it is answered
+/// 503, so that a database that hangs, e.g. while PostgreSQL shuts down,
+/// cannot hold webhooks until Operator's own timeout.
 pub const APPEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// After a batch failed because the database is unavailable, deliveries are
 /// answered 503 without trying for this long; then one batch probes again.
-/// A delivery thus waits at most about [`APPEND_TIMEOUT`] for its 503.
 const REFUSE_FOR: std::time::Duration = std::time::Duration::from_secs(1);
 
 type Reply = oneshot::Sender<Result<AppendOutcome, StoreError>>;
+type Queue = Arc<tokio::sync::Mutex<mpsc::Receiver<(NewEvent, Reply)>>>;
 
 /// A handle to the append task; cheap to clone.
 #[derive(Clone)]
 pub struct Appender {
     tx: mpsc::Sender<(NewEvent, Reply)>,
+    timeout: std::time::Duration,
 }
 
 impl Appender {
-    /// Starts the append task on the current runtime. It ends when every handle is dropped.
-    /// `dispatcher` decides which workflows each new event starts; `wake` is notified
-    /// after a commit that created runs, so workers pick them up at once.
+    /// Starts the append task on the current runtime, supervised by
+    /// `supervisor` as `appender` (restarted if it ever ends; deliveries wait
+    /// in the queue meanwhile, each at most `timeout`). Its loop ends when
+    /// every handle is dropped. `dispatcher` decides which workflows each new
+    /// event starts; `wake` is notified after a commit that created runs.
     pub fn spawn(
         store: Arc<dyn EventStore>,
         dispatcher: Arc<dyn Dispatcher>,
         wake: Arc<Notify>,
-    ) -> Self {
+        timeout: std::time::Duration,
+        supervisor: &Arc<crate::supervisor::Supervisor>,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
-        tokio::spawn(run(store, dispatcher, wake, rx));
-        Self { tx }
+        let queue: Queue = Arc::new(tokio::sync::Mutex::new(rx));
+        let task = supervisor.spawn("appender", move || {
+            tokio::spawn(run(
+                store.clone(),
+                dispatcher.clone(),
+                wake.clone(),
+                queue.clone(),
+                timeout,
+            ))
+        });
+        (Self { tx, timeout }, task)
     }
 
-    /// Appends one delivery; returns once it is durably committed (or refused as a duplicate).
+    /// Appends one delivery; returns once it is durably committed (or refused
+    /// as a duplicate), or `Unavailable` once the append timeout has passed,
+    /// whatever the store is doing (the delivery may still commit later:
+    /// Operator's retry is then recognised as a duplicate).
     pub async fn append(&self, event: NewEvent) -> Result<AppendOutcome, StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.tx
-            .send((event, reply))
+        let wait = async {
+            self.tx
+                .send((event, reply))
+                .await
+                .map_err(|_| StoreError::Closed)?;
+            answer.await.map_err(|_| StoreError::Closed)?
+        };
+        tokio::time::timeout(self.timeout, wait)
             .await
-            .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+            .unwrap_or_else(|_| {
+                Err(StoreError::Unavailable(format!(
+                    "the event was not committed within {} (SWITCHBOARD_APPEND_TIMEOUT)",
+                    humantime::format_duration(self.timeout)
+                )))
+            })
     }
 }
 
@@ -59,25 +98,35 @@ async fn run(
     store: Arc<dyn EventStore>,
     dispatcher: Arc<dyn Dispatcher>,
     wake: Arc<Notify>,
-    mut rx: mpsc::Receiver<(NewEvent, Reply)>,
+    queue: Queue,
+    timeout: std::time::Duration,
 ) {
+    let mut rx = queue.lock_owned().await;
     let mut events = Vec::with_capacity(MAX_BATCH);
-    let mut replies = Vec::with_capacity(MAX_BATCH);
+    let mut replies: Vec<Reply> = Vec::with_capacity(MAX_BATCH);
     // While the database is unavailable, deliveries are refused at once for a
     // moment instead of each waiting out a timeout behind the batch before it.
     let mut refuse_until: Option<std::time::Instant> = None;
     let mut last_error = String::new();
+    let push = |events: &mut Vec<NewEvent>, replies: &mut Vec<Reply>, event, reply: Reply| {
+        // A delivery whose handler has already answered 503 is not written:
+        // Operator sends it again.
+        if !reply.is_closed() {
+            events.push(event);
+            replies.push(reply);
+        }
+    };
     while let Some((event, reply)) = rx.recv().await {
-        events.push(event);
-        replies.push(reply);
-        while events.len() < MAX_BATCH {
+        push(&mut events, &mut replies, event, reply);
+        let max_batch = batch_size(dispatcher.fan_out());
+        while events.len() < max_batch {
             match rx.try_recv() {
-                Ok((event, reply)) => {
-                    events.push(event);
-                    replies.push(reply);
-                }
+                Ok((event, reply)) => push(&mut events, &mut replies, event, reply),
                 Err(_) => break,
             }
+        }
+        if events.is_empty() {
+            continue;
         }
         if refuse_until.is_some_and(|t| std::time::Instant::now() < t) {
             for reply in replies.drain(..) {
@@ -87,18 +136,18 @@ async fn run(
             continue;
         }
         refuse_until = None;
-        let appended = tokio::time::timeout(
-            APPEND_TIMEOUT,
-            store.append_batch(&events, dispatcher.as_ref()),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            // Dropping the transaction rolls it back. If it had in fact committed,
-            // Operator's retry is recognised as a duplicate: nothing is stored twice.
-            Err(StoreError::Unavailable(format!(
-                "the database did not answer within {APPEND_TIMEOUT:?}"
-            )))
-        });
+        let deadline = tokio::time::Instant::now() + timeout;
+        let batch = Arc::new(std::mem::take(&mut events));
+        let appended = append_isolated(&store, &dispatcher, &batch, 0..batch.len(), deadline)
+            .await
+            .unwrap_or_else(|_| {
+                // Dropping the transaction rolls it back. If it had in fact committed,
+                // Operator's retry is recognised as a duplicate: nothing is stored twice.
+                Err(StoreError::Unavailable(format!(
+                    "the database did not answer within {}",
+                    humantime::format_duration(timeout)
+                )))
+            });
         match appended {
             Ok((outcomes, runs)) => {
                 if runs > 0 {
@@ -120,26 +169,84 @@ async fn run(
                     let _ = reply.send(Err(StoreError::Unavailable(message.clone())));
                 }
             }
-            Err(err) if events.len() == 1 => {
+            Err(err) if batch.len() == 1 => {
                 let _ = replies.pop().expect("one reply").send(Err(err));
             }
             Err(err) => {
-                // One bad delivery must not fail its neighbours: retry them one by one.
-                tracing::warn!(error = %err, batch = events.len(), "batch append failed; retrying one by one");
-                for (event, reply) in events.iter().zip(replies.drain(..)) {
-                    let result = store
-                        .append_batch(std::slice::from_ref(event), dispatcher.as_ref())
-                        .await
-                        .map(|(mut o, runs)| {
+                // One bad delivery must not fail its neighbours: retry them one by
+                // one, within the batch's own deadline (what is left over gets 503
+                // and comes back with Operator's retry).
+                tracing::warn!(error = %err, batch = batch.len(), "batch append failed; retrying one by one");
+                for (i, reply) in replies.drain(..).enumerate() {
+                    if reply.is_closed() {
+                        continue;
+                    }
+                    let result = match append_isolated(
+                        &store,
+                        &dispatcher,
+                        &batch,
+                        i..i + 1,
+                        deadline,
+                    )
+                    .await
+                    {
+                        Ok(result) => result.map(|(mut o, runs)| {
                             if runs > 0 {
                                 wake.notify_one();
                             }
                             o.remove(0)
-                        });
+                        }),
+                        Err(_) => Err(StoreError::Unavailable(format!(
+                            "the one-by-one retry of a failed batch did not finish within {}",
+                            humantime::format_duration(timeout)
+                        ))),
+                    };
                     let _ = reply.send(result);
                 }
             }
         }
+        events = Arc::try_unwrap(batch).unwrap_or_default();
         events.clear();
+    }
+}
+
+/// Appends `batch[range]` in a task of its own, so that a panic (in a
+/// workflow's evaluation, say) fails these deliveries, not the appender
+/// (a one-by-one retry then isolates the delivery that causes it). Aborted
+/// (rolled back) at `deadline`.
+async fn append_isolated(
+    store: &Arc<dyn EventStore>,
+    dispatcher: &Arc<dyn Dispatcher>,
+    batch: &Arc<Vec<NewEvent>>,
+    range: std::ops::Range<usize>,
+    deadline: tokio::time::Instant,
+) -> Result<Result<(Vec<AppendOutcome>, usize), StoreError>, tokio::time::error::Elapsed> {
+    let (store, dispatcher, batch) = (store.clone(), dispatcher.clone(), batch.clone());
+    let mut task = AbortOnDrop(tokio::spawn(async move {
+        store.append_batch(&batch[range], dispatcher.as_ref()).await
+    }));
+    let joined = tokio::time::timeout_at(deadline, &mut task.0).await?;
+    Ok(joined.unwrap_or_else(|e| {
+        let why = if e.is_panic() {
+            let payload = e.into_panic();
+            payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".to_owned())
+        } else {
+            "cancelled".to_owned()
+        };
+        tracing::error!(error = %why, "appending a batch panicked; its deliveries are answered 503");
+        Err(StoreError::Internal(format!("appending panicked: {why}")))
+    }))
+}
+
+/// Aborts the task when dropped (a batch past its deadline is rolled back, not left running).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

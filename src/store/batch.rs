@@ -1,7 +1,8 @@
 //! The part of an append that is the same on every database: deciding, for
 //! a batch, which deliveries are new and which repeat a stored (or an
 //! earlier, same-batch) delivery; numbering the new ones; and folding them
-//! into the conversation projections.
+//! into the conversation projections; and how many rows one statement may
+//! carry so that no statement passes its database's bind-parameter limit.
 
 use std::collections::HashMap;
 
@@ -9,6 +10,29 @@ use super::model::{
     AppendOutcome, Dispatcher, DuplicateOf, EventRef, MatchRecord, NewEvent, NewRun, PreparedAnswer,
 };
 use super::projection::ConversationState;
+
+/// Most bind parameters one statement may carry: PostgreSQL counts them in
+/// 16 bits (65,535); SQLite's `SQLITE_MAX_VARIABLE_NUMBER` is 32,766.
+pub(crate) fn max_binds(database: &str) -> usize {
+    if database.eq_ignore_ascii_case("sqlite") {
+        32_766
+    } else {
+        65_535
+    }
+}
+
+/// Bind parameters per row of each multi-row insert in [`super::sql`]
+/// (checked against the builders by a test there).
+pub(crate) const EVENT_BINDS: usize = 14;
+pub(crate) const CONVERSATION_BINDS: usize = 6;
+pub(crate) const DECISION_BINDS: usize = 4;
+pub(crate) const ANSWER_BINDS: usize = 8;
+pub(crate) const RUN_BINDS: usize = 11;
+
+/// How many rows of `binds_per_row` parameters fit in one statement on `database`.
+pub(crate) fn rows_per_statement(database: &str, binds_per_row: usize) -> usize {
+    (max_binds(database) / binds_per_row).max(1)
+}
 
 /// Stored events that share an envelope id or a (recent) idempotency key with the batch.
 #[derive(Default)]
@@ -254,5 +278,66 @@ mod tests {
         assert!(plan.inserts.is_empty());
         assert!(plan.conversations.is_empty());
         assert_eq!(plan.outcomes[0].event(), &stored);
+    }
+
+    #[test]
+    fn bind_counts_match_the_insert_builders() {
+        use crate::store::model::{MatchRecord, NewRun, PreparedAnswer};
+        use crate::store::sql;
+        // One row of each insert, in PostgreSQL's numbered placeholders.
+        fn binds(qb: sqlx::QueryBuilder<sqlx::Postgres>) -> usize {
+            qb.sql().as_str().matches('$').count()
+        }
+        let event = new_event("ev_a", "k1");
+        let insert = Insert {
+            event: &event,
+            seq: 1,
+            stream_version: Some(1),
+        };
+        assert_eq!(
+            binds(sql::insert_events(std::slice::from_ref(&insert)).unwrap()),
+            EVENT_BINDS
+        );
+        let state = ConversationState::new("conv_1");
+        assert_eq!(
+            binds(sql::upsert_conversations([&state]).unwrap()),
+            CONVERSATION_BINDS
+        );
+        let decision = MatchRecord {
+            event_seq: 1,
+            workflow: "w".into(),
+            matched: true,
+            reason: None,
+        };
+        assert_eq!(
+            binds(sql::insert_decisions(&[decision]).unwrap()),
+            DECISION_BINDS
+        );
+        let answer = PreparedAnswer {
+            workflow: None,
+            body: "{}".into(),
+            fallback_reason: None,
+        };
+        assert_eq!(
+            binds(sql::insert_answers(&[(1, "ev_a".into(), answer)]).unwrap()),
+            ANSWER_BINDS
+        );
+        let run = NewRun {
+            run_id: "r".into(),
+            workflow: "w".into(),
+            event_seq: 1,
+            event_id: "ev_a".into(),
+            conversation_id: None,
+            context: serde_json::json!({}),
+            created_at: chrono::Utc::now(),
+            trace_context: None,
+        };
+        assert_eq!(binds(sql::insert_runs(&[run]).unwrap()), RUN_BINDS);
+        // 256 events, each matching 40 workflows, fit in statements under both limits.
+        for db in ["PostgreSQL", "SQLite"] {
+            let per_statement = rows_per_statement(db, RUN_BINDS);
+            assert!(per_statement * RUN_BINDS <= max_binds(db));
+            assert!(per_statement < 256 * 40);
+        }
     }
 }

@@ -59,6 +59,8 @@ pub enum StoreError {
     Closed,
     #[error("the database is unavailable: {0}")]
     Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl StoreError {
@@ -72,8 +74,10 @@ impl StoreError {
                 | sqlx::Error::PoolTimedOut
                 | sqlx::Error::PoolClosed
                 | sqlx::Error::Tls(_)
-                | sqlx::Error::Protocol(_)
                 | sqlx::Error::WorkerCrashed => true,
+                // A statement the driver refuses to send (e.g. more bind parameters than
+                // the protocol can count) is this statement's fault, not the database's.
+                sqlx::Error::Protocol(message) => !message.contains("too many"),
                 sqlx::Error::Database(db) => {
                     let code = db.code().unwrap_or_default();
                     if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
@@ -177,24 +181,142 @@ pub async fn connect(url: &str) -> Result<Arc<dyn EventStore>, StoreError> {
     if url.starts_with("sqlite:") {
         Ok(Arc::new(sqlite::SqliteStore::connect(url).await?))
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        warn_unknown_parameters(url);
         Ok(Arc::new(postgres::PostgresStore::connect(url).await?))
     } else {
         Err(StoreError::UnsupportedUrl(redact_url(url)))
     }
 }
 
-/// The URL with any password replaced, for messages and logs.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let userinfo = &url[scheme_end + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
-                None => url.to_owned(),
-            }
+/// The PostgreSQL URL parameters sqlx 0.9 understands.
+const KNOWN_PG_PARAMETERS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
+/// Names (never values: one may be a password) the parameters of a
+/// PostgreSQL URL that will be ignored (sqlx's own notice, which prints the
+/// value, is filtered out of the log).
+fn warn_unknown_parameters(url: &str) {
+    let Some(query) = url
+        .split('#')
+        .next()
+        .and_then(|u| u.split_once('?'))
+        .map(|(_, q)| q)
+    else {
+        return;
+    };
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let key = pair.split('=').next().unwrap_or_default();
+        if !KNOWN_PG_PARAMETERS.contains(&key) && !key.starts_with("options[") {
+            tracing::warn!(
+                parameter = key,
+                "the database URL parameter `{key}` is not understood and is ignored (names are case-sensitive)"
+            );
         }
-        _ => url.to_owned(),
     }
+}
+
+/// The URL with every credential replaced by `***`, for messages and logs:
+/// the password of the userinfo (`user:pass@`), and the value of every query
+/// parameter that can carry one (`password=`, `sslpassword=`, … in any case,
+/// percent-encoded or not, anywhere in the query). Everything that prints a
+/// database URL goes through here.
+pub fn redact_url(url: &str) -> String {
+    const MASK: &str = "***";
+    let (head, fragment) = match url.find('#') {
+        Some(i) => (&url[..i], Some(&url[i + 1..])),
+        None => (url, None),
+    };
+    let (base, query) = match head.find('?') {
+        Some(i) => (&head[..i], Some(&head[i + 1..])),
+        None => (head, None),
+    };
+    let mut out = String::with_capacity(url.len());
+    match base.find("://") {
+        Some(scheme_end) => {
+            let rest = &base[scheme_end + 3..];
+            // The authority ends at the first `/`; its userinfo at the last `@` in it.
+            let authority_end = rest.find('/').unwrap_or(rest.len());
+            let authority = &rest[..authority_end];
+            out.push_str(&base[..scheme_end + 3]);
+            match authority.rfind('@') {
+                Some(at) => {
+                    let userinfo = &authority[..at];
+                    match userinfo.split_once(':') {
+                        Some((user, _)) => {
+                            out.push_str(user);
+                            out.push(':');
+                            out.push_str(MASK);
+                        }
+                        None => out.push_str(userinfo),
+                    }
+                    out.push_str(&authority[at..]);
+                }
+                None => out.push_str(authority),
+            }
+            out.push_str(&rest[authority_end..]);
+        }
+        None => out.push_str(base),
+    }
+    if let Some(query) = query {
+        out.push('?');
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((key, _)) if is_secret_parameter(key) => format!("{key}={MASK}"),
+                _ => pair.to_owned(),
+            })
+            .collect();
+        out.push_str(&pairs.join("&"));
+    }
+    if let Some(fragment) = fragment {
+        // A fragment is never needed to connect; it is not printed.
+        if !fragment.is_empty() {
+            out.push_str("#***");
+        }
+    }
+    out
+}
+
+/// A query parameter that may carry a credential: its (percent-decoded,
+/// case-folded) name mentions a password, a secret or a token.
+fn is_secret_parameter(key: &str) -> bool {
+    let mut decoded = Vec::with_capacity(key.len());
+    let bytes = key.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: Option<&u8>| b.and_then(|b| (*b as char).to_digit(16));
+        if bytes[i] == b'%'
+            && let (Some(h), Some(l)) = (hex(bytes.get(i + 1)), hex(bytes.get(i + 2)))
+        {
+            decoded.push((h * 16 + l) as u8);
+            i += 3;
+            continue;
+        }
+        decoded.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
+        i += 1;
+    }
+    let name = String::from_utf8_lossy(&decoded).to_ascii_lowercase();
+    ["pass", "pwd", "secret", "token", "credential"]
+        .iter()
+        .any(|word| name.contains(word))
 }
 
 /// Folds a conversation's log, up to `as_of`, into its state.
@@ -217,5 +339,50 @@ mod tests {
         );
         assert_eq!(super::redact_url("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(super::redact_url("sqlite://x.db"), "sqlite://x.db");
+        assert_eq!(
+            super::redact_url("postgres://u@h/db?sslmode=require&application_name=x"),
+            "postgres://u@h/db?sslmode=require&application_name=x"
+        );
+    }
+
+    #[test]
+    fn a_statement_over_the_bind_limit_is_not_the_database_being_down() {
+        let too_many = super::StoreError::Database(sqlx::Error::Protocol(
+            "PgConnection::run(): too many arguments for query: 112640".into(),
+        ));
+        assert!(!too_many.is_unavailable());
+        let broken = super::StoreError::Database(sqlx::Error::Protocol(
+            "unexpected message from server".into(),
+        ));
+        assert!(broken.is_unavailable());
+    }
+
+    #[test]
+    fn redacts_every_credential_form_sqlx_accepts() {
+        let cases = [
+            "postgres://u@h/db?password=hunter2",
+            "postgres://u@h/db?sslmode=require&password=hunter2",
+            "postgres://u@h/db?PASSWORD=hunter2&sslmode=require",
+            "postgresql://u@h/db?sslpassword=hunter2",
+            "postgres://u@h/db?SslPassword=hunter2",
+            "postgres://u@h/db?pass%77ord=hunter2",
+            "postgres://u:hunter2@h/db?password=hunter2",
+            "postgres://u:hun%40ter2@h/db",
+            "postgres://u:hunter2@/db?host=/var/run/postgresql",
+            "postgres:///db?user=u&password=hunter2&host=h",
+            "mysql://u:hunter2@h/db",
+            "postgres://u@h/db?password=hunter2#frag",
+            "postgres://u@h/db#hunter2",
+        ];
+        for url in cases {
+            let shown = super::redact_url(url);
+            assert!(!shown.contains("hunter2"), "{url} printed as {shown}");
+            assert!(!shown.contains("hun%40ter2"), "{url} printed as {shown}");
+            assert!(shown.contains("***"), "{url} printed as {shown}");
+        }
+        assert_eq!(
+            super::redact_url("postgres:///db?user=u&Password=x&host=h"),
+            "postgres:///db?user=u&Password=***&host=h"
+        );
     }
 }

@@ -182,6 +182,11 @@ pub trait Dispatcher: Send + Sync {
     ) -> Option<PreparedAnswer> {
         None
     }
+
+    /// The most workflows one event can start (the appender sizes batches by it).
+    fn fan_out(&self) -> usize {
+        0
+    }
 }
 
 /// No workflows: every event is only stored.

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use chrono::{DateTime, Utc};
 use sqlx::{Database, Encode, QueryBuilder, Type, types::Json};
 
-use super::batch::{Existing, Plan};
+use super::batch::{Existing, Insert};
 use super::model::{EventQuery, EventRef, NewEvent, Order, StoredEvent, Verification};
 use super::projection::ConversationState;
 use super::sanitize;
@@ -172,8 +172,8 @@ pub(crate) fn by_conversation(
         .collect()
 }
 
-/// Inserts the new events of a plan, or `None` if there are none.
-pub(crate) fn insert_events<DB: Database>(plan: &Plan<'_>) -> Option<QueryBuilder<DB>>
+/// Inserts new events of a plan, or `None` if there are none.
+pub(crate) fn insert_events<DB: Database>(inserts: &[Insert<'_>]) -> Option<QueryBuilder<DB>>
 where
     for<'t> &'t str: Encode<'t, DB> + Type<DB>,
     for<'t> i64: Encode<'t, DB> + Type<DB>,
@@ -185,11 +185,11 @@ where
     for<'t> String: Encode<'t, DB> + Type<DB>,
     for<'t> Option<String>: Encode<'t, DB> + Type<DB>,
 {
-    if plan.inserts.is_empty() {
+    if inserts.is_empty() {
         return None;
     }
     let mut qb = QueryBuilder::new(format!("INSERT INTO events ({EVENT_COLUMNS}, raw_body) "));
-    qb.push_values(&plan.inserts, |mut row, insert| {
+    qb.push_values(inserts, |mut row, insert| {
         let e = insert.event;
         let env = &e.envelope;
         row.push_bind(insert.seq)
@@ -465,20 +465,38 @@ macro_rules! append_in_tx {
             None => Default::default(),
         };
         let plan = batch::plan(batch, existing, last_seq, states, $dispatcher);
-        if let Some(mut qb) = sql::insert_events::<$db>(&plan) {
-            qb.build().execute(&mut **tx).await?;
+        // Each multi-row insert is cut into statements under the database's
+        // bind-parameter limit (a batch of 256 events each matching many
+        // workflows would pass it), all in the same transaction.
+        let db_name = <$db as sqlx::Database>::NAME;
+        let rows = |binds| batch::rows_per_statement(db_name, binds);
+        for chunk in plan.inserts.chunks(rows(batch::EVENT_BINDS)) {
+            if let Some(mut qb) = sql::insert_events::<$db>(chunk) {
+                qb.build().execute(&mut **tx).await?;
+            }
         }
-        if let Some(mut qb) = sql::upsert_conversations::<$db>(plan.conversations.values()) {
-            qb.build().execute(&mut **tx).await?;
+        let conversations: Vec<&ConversationState> = plan.conversations.values().collect();
+        for chunk in conversations.chunks(rows(batch::CONVERSATION_BINDS)) {
+            if let Some(mut qb) = sql::upsert_conversations::<$db>(chunk.iter().copied()) {
+                qb.build().execute(&mut **tx).await?;
+            }
         }
-        if let Some(mut qb) = sql::insert_decisions::<$db>(&plan.decisions) {
-            qb.build().execute(&mut **tx).await?;
+        for chunk in plan.decisions.chunks(rows(batch::DECISION_BINDS)) {
+            if let Some(mut qb) = sql::insert_decisions::<$db>(chunk) {
+                qb.build().execute(&mut **tx).await?;
+            }
         }
-        if let Some(mut qb) = sql::insert_answers::<$db>(&plan.answers) {
-            qb.build().execute(&mut **tx).await?;
+        for chunk in plan.answers.chunks(rows(batch::ANSWER_BINDS)) {
+            if let Some(mut qb) = sql::insert_answers::<$db>(chunk) {
+                qb.build().execute(&mut **tx).await?;
+            }
         }
-        if let Some(mut qb) = sql::insert_runs::<$db>(&plan.runs) {
-            qb.build().execute(&mut **tx).await?;
+        for chunk in plan.runs.chunks(rows(batch::RUN_BINDS)) {
+            if let Some(mut qb) = sql::insert_runs::<$db>(chunk) {
+                qb.build().execute(&mut **tx).await?;
+            }
+        }
+        if !plan.runs.is_empty() {
             let notify: Option<&str> = $notify;
             if let Some(notify) = notify {
                 sqlx::query(notify).execute(&mut **tx).await?;

@@ -90,10 +90,31 @@ fn acknowledgement(event: &EventRef) -> String {
 }
 
 /// `POST /webhooks/operator`, inside its `webhook` span (a trace root, or
-/// the child of an inbound `traceparent`).
+/// the child of an inbound `traceparent` once the signature verified: an
+/// unauthenticated sender cannot choose the trace or force sampling).
 #[handler]
 pub async fn receive(req: &Request, body: Body, Data(state): Data<&Arc<IngestState>>) -> Response {
     let started = Instant::now();
+    // Read and verify first (no I/O besides the body), so that the span is
+    // created knowing whether the inbound trace context may be trusted.
+    let body = body.into_bytes_limit(state.max_body_bytes).await;
+    let url = signed_url(req, state.public_url.as_deref(), &state.trusted_proxies);
+    let headers = req.headers();
+    let delivery = DeliveryHeaders {
+        timestamp: header_str(headers, TIMESTAMP_HEADER),
+        idempotency_key: header_str(headers, IDEMPOTENCY_KEY_HEADER),
+        signature: header_str(headers, SIGNATURE_HEADER),
+    };
+    let verified = body.as_ref().ok().map(|body| {
+        signature::verify_delivery(
+            &state.keys,
+            &url,
+            delivery,
+            body,
+            Utc::now().timestamp(),
+            state.tolerance,
+        )
+    });
     let span = tracing::info_span!(
         parent: None,
         "webhook",
@@ -110,8 +131,16 @@ pub async fn receive(req: &Request, body: Body, Data(state): Data<&Arc<IngestSta
         switchboard.event.seq = Empty,
         switchboard.duplicate = Empty,
     );
-    crate::telemetry::set_parent(&span, header_str(req.headers(), "traceparent"));
-    let (resp, event_type, outcome) = handle(req, body, state, &span, started)
+    if let Some(Ok(_)) = &verified {
+        crate::telemetry::set_parent(&span, header_str(req.headers(), "traceparent"));
+    }
+    let received = Received {
+        body,
+        url,
+        delivery,
+        verified,
+    };
+    let (resp, event_type, outcome) = handle(received, state, &span, started)
         .instrument(span.clone())
         .await;
     let status = resp.status();
@@ -126,11 +155,19 @@ pub async fn receive(req: &Request, body: Body, Data(state): Data<&Arc<IngestSta
     resp
 }
 
+/// A request as read and checked before its span exists.
+struct Received<'a, B> {
+    body: Result<B, poem::error::ReadBodyError>,
+    url: String,
+    delivery: DeliveryHeaders<'a>,
+    /// `None` when the body could not be read.
+    verified: Option<Result<i64, signature::VerifyError>>,
+}
+
 /// The handler's body: the response, the event type, and the outcome to count
 /// (`None` when a rejection was already counted with its reason).
 async fn handle(
-    req: &Request,
-    body: Body,
+    received: Received<'_, impl std::ops::Deref<Target = [u8]>>,
     state: &IngestState,
     span: &Span,
     started: Instant,
@@ -139,7 +176,13 @@ async fn handle(
         prometheus::webhook_rejected(reason, verification);
         (resp, String::new(), None)
     };
-    let body = match body.into_bytes_limit(state.max_body_bytes).await {
+    let Received {
+        body,
+        url,
+        delivery,
+        verified,
+    } = received;
+    let body = match body {
         Ok(b) => b,
         Err(poem::error::ReadBodyError::PayloadTooLarge) => {
             return rejected(
@@ -160,13 +203,6 @@ async fn handle(
             );
         }
     };
-    let url = signed_url(req, state.public_url.as_deref(), &state.trusted_proxies);
-    let headers = req.headers();
-    let delivery = DeliveryHeaders {
-        timestamp: header_str(headers, TIMESTAMP_HEADER),
-        idempotency_key: header_str(headers, IDEMPOTENCY_KEY_HEADER),
-        signature: header_str(headers, SIGNATURE_HEADER),
-    };
     // `verify` covers the signature and the envelope; it gets the event's ids once parsed.
     let verify = tracing::info_span!(
         "verify",
@@ -175,18 +211,14 @@ async fn handle(
         operator.conversation.id = Empty,
         operator.agent.id = Empty,
     );
-    let verified = verify.in_scope(|| {
-        signature::verify_delivery(
-            &state.keys,
-            &url,
-            delivery,
-            &body,
-            Utc::now().timestamp(),
-            state.tolerance,
-        )
-    });
+    // Verified before the span existed (see `receive`); the outcome is recorded under it.
+    let verified = verified.expect("verified whenever the body was read");
     if let Err(e) = verified {
-        tracing::warn!(reason = e.code(), signed_url = %url, "webhook refused: {e}");
+        if let Some(suppressed) = REFUSED_LOG.should_log() {
+            verify.in_scope(|| {
+                tracing::warn!(reason = e.code(), signed_url = %url, suppressed, "webhook refused: {e}");
+            });
+        }
         return rejected(
             error_response(StatusCode::UNAUTHORIZED, e.code(), e.to_string()),
             e.code(),
@@ -305,26 +337,52 @@ async fn append(
     result
 }
 
-/// Logs a store failure at most once per [`LOG_EVERY_SECS`], with how many were not logged.
-fn log_store_failure(e: &crate::store::StoreError) {
-    use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-    static LAST: AtomicI64 = AtomicI64::new(0);
-    static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
-    let now = Utc::now().timestamp();
-    let last = LAST.load(Ordering::Relaxed);
-    if now - last >= LOG_EVERY_SECS
-        && LAST
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-    {
-        let suppressed = SUPPRESSED.swap(0, Ordering::Relaxed);
-        tracing::error!(error = %e, suppressed, "could not store webhooks; answering 503 so Operator retries");
-    } else {
-        SUPPRESSED.fetch_add(1, Ordering::Relaxed);
+/// At most one log line per [`LOG_EVERY_SECS`] for a kind of failure that
+/// anyone can cause at any rate (refused signatures, a failing store), with
+/// the count of lines not written since the last one.
+struct LogThrottle {
+    last: std::sync::atomic::AtomicI64,
+    suppressed: std::sync::atomic::AtomicU64,
+}
+
+impl LogThrottle {
+    const fn new() -> Self {
+        Self {
+            last: std::sync::atomic::AtomicI64::new(0),
+            suppressed: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(lines suppressed since the last one)` when this one may be logged.
+    fn should_log(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering;
+        let now = Utc::now().timestamp();
+        let last = self.last.load(Ordering::Relaxed);
+        if now - last >= LOG_EVERY_SECS
+            && self
+                .last
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
     }
 }
 
-/// While the store fails, one log line per this many seconds.
+static STORE_FAILURE_LOG: LogThrottle = LogThrottle::new();
+static REFUSED_LOG: LogThrottle = LogThrottle::new();
+
+/// Logs a store failure at most once per [`LOG_EVERY_SECS`], with how many were not logged.
+fn log_store_failure(e: &crate::store::StoreError) {
+    if let Some(suppressed) = STORE_FAILURE_LOG.should_log() {
+        tracing::error!(error = %e, suppressed, "could not store webhooks; answering 503 so Operator retries");
+    }
+}
+
+/// While the store fails (or signatures are refused), one log line per this many seconds.
 const LOG_EVERY_SECS: i64 = 10;
 
 fn unavailable(e: &crate::store::StoreError) -> Response {

@@ -32,6 +32,10 @@ impl Registry {
 }
 
 impl Dispatcher for Registry {
+    fn fan_out(&self) -> usize {
+        self.current().workflows.len()
+    }
+
     /// Records a verdict for every workflow on this event's type; setup
     /// workflows that answer (`respond`) are not runs and are left out.
     fn dispatch(

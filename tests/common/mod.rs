@@ -184,6 +184,8 @@ pub fn settings(db: &TestDb) -> Settings {
         metrics_listen: None,
         trusted_proxies: Vec::new(),
         setup_cache_bytes: 32 * 1024 * 1024,
+        append_timeout: switchboard::store::appender::APPEND_TIMEOUT,
+        metrics_token: None,
     }
 }
 
