@@ -78,8 +78,32 @@ const MASK: &str = "***";
 impl Masker {
     pub fn new<'a>(values: impl IntoIterator<Item = &'a String>) -> Self {
         let mut forms = Vec::new();
+        let mut all: Vec<String> = Vec::new();
         for v in values.into_iter().filter(|v| !v.is_empty()) {
+            all.push(v.clone());
+            // Mounted secrets often end in a newline; a URL secret is normalised by parsing.
+            let trimmed = v.trim();
+            if !trimmed.is_empty() && trimmed != v {
+                all.push(trimmed.to_owned());
+            }
+            if let Ok(url) = reqwest::Url::parse(trimmed) {
+                all.push(url.as_str().to_owned());
+                all.push(redacted_url(&url));
+                if let Some(password) = url.password() {
+                    all.push(password.to_owned());
+                }
+            }
+        }
+        for v in all.iter().filter(|v| !v.is_empty()) {
             forms.push(v.clone());
+            // minijinja's `tojson` escapes `< > & '`.
+            let json = serde_json::to_string(v).expect("a string serializes");
+            let html_safe = json
+                .replace('<', "\\u003c")
+                .replace('>', "\\u003e")
+                .replace('&', "\\u0026")
+                .replace('\'', "\\u0027");
+            forms.push(html_safe[1..html_safe.len() - 1].to_owned());
             forms.push(utf8_percent_encode(v, COMPONENT).to_string());
             forms.push(utf8_percent_encode(v, NON_ALPHANUMERIC).to_string());
             let json = serde_json::to_string(v).expect("a string serializes");
@@ -340,7 +364,7 @@ impl Request {
         let headers: BTreeMap<String, String> = self.wire_headers(extra).into_iter().collect();
         json!({
             "method": self.method.as_str(),
-            "url": self.url.as_str(),
+            "url": redacted_url(&self.url),
             "headers": headers,
             "body": self.body_record,
         })
@@ -373,6 +397,22 @@ pub fn render_url(url: &str, ctx: &Value) -> Result<String, TemplateError> {
             None => out.is_empty(),
         };
         if in_host {
+            // After `scheme://`, a value is part of the host: it may not end the host
+            // early (`evil.com/x#`) or add userinfo (`user@evil.com`). A value that
+            // starts the URL (a base URL from a secret, say) is the author's choice.
+            if !out.is_empty()
+                && value.chars().any(|c| {
+                    matches!(c, '/' | '\\' | '?' | '#' | '@') || c.is_whitespace() || c.is_control()
+                })
+            {
+                return Err(TemplateError {
+                    what: "template",
+                    source_text: url.to_owned(),
+                    message: format!(
+                        "the value `{value}` would change the URL's host (a host part may not hold `/ \\ ? # @`, spaces or control characters)"
+                    ),
+                });
+            }
             out.push_str(&value);
         } else {
             let encoded = utf8_percent_encode(&value, COMPONENT).to_string();
@@ -790,6 +830,52 @@ mod tests {
         );
         assert!(render_url("https://x/a/{{ '..' }}", &ctx).is_err());
         assert!(render_url("https://x/{% if true %}a{% endif %}", &ctx).is_err());
+        // A value in the host cannot end the host early or add userinfo.
+        for evil in [
+            "evil.com/x#",
+            "evil.com?",
+            "me@evil.com",
+            "evil.com\\x",
+            "a b",
+        ] {
+            let ctx = json!({"region": evil});
+            assert!(
+                render_url("https://{{ region }}.api.example.com/v1", &ctx).is_err(),
+                "{evil}"
+            );
+        }
+        let ctx = json!({"region": "eu-1", "base": "https://api.example.com"});
+        assert_eq!(
+            render_url("https://{{ region }}.api.example.com/v1", &ctx).unwrap(),
+            "https://eu-1.api.example.com/v1"
+        );
+        assert_eq!(
+            render_url("{{ base }}/v1/{{ region }}", &ctx).unwrap(),
+            "https://api.example.com/v1/eu-1"
+        );
+    }
+
+    #[test]
+    fn masks_filtered_trimmed_and_userinfo_forms_of_a_secret() {
+        // minijinja's tojson escapes `&`, `<`, `>`, `'`.
+        let ctx = json!({"t": "a&b<c>'d"});
+        let m = Masker::new(&["a&b<c>'d".to_owned()]);
+        let json = template::render_str("{{ t | tojson }}", &ctx).unwrap();
+        assert_eq!(m.text(&json), "\"***\"", "{json}");
+        // A mounted secret with a newline, a URL that parsing normalises.
+        let m = Masker::new(&["https://Hooks.Example:443/T/B\n".to_owned()]);
+        let url = reqwest::Url::parse("https://Hooks.Example:443/T/B").unwrap();
+        assert_eq!(m.text(url.as_str()), "***");
+        // A password in a URL's userinfo is not recorded.
+        let action = HttpAction {
+            method: "POST".into(),
+            url: "https://u:p%3Db@h.example/x".into(),
+            headers: vec![],
+            query: vec![],
+            body: BodySpec::None,
+        };
+        let req = render(&action, &json!({})).unwrap();
+        assert!(!req.record(&[])["url"].as_str().unwrap().contains("p%3Db"));
     }
 
     #[test]
