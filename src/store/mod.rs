@@ -239,6 +239,23 @@ fn warn_unknown_parameters(url: &str) {
 /// percent-encoded or not, anywhere in the query). Everything that prints a
 /// database URL goes through here.
 pub fn redact_url(url: &str) -> String {
+    // A password may hold `?`, `#` or `/` (sqlx accepts it unencoded): find the
+    // userinfo by the last `@` first, before splitting off query and fragment.
+    if let Some(scheme_end) = url.find("://") {
+        let prefix = &url[..scheme_end + 3];
+        let rest = &url[scheme_end + 3..];
+        if let Some(at) = rest.rfind('@')
+            && let Some((user, _)) = rest[..at].split_once(':')
+            && !user.contains(['/', '?', '#'])
+        {
+            let tail = redact_parts(&format!("{prefix}{}", &rest[at + 1..]));
+            return format!("{prefix}{user}:***@{}", &tail[prefix.len()..]);
+        }
+    }
+    redact_parts(url)
+}
+
+fn redact_parts(url: &str) -> String {
     const MASK: &str = "***";
     let (head, fragment) = match url.find('#') {
         Some(i) => (&url[..i], Some(&url[i + 1..])),
@@ -373,11 +390,15 @@ mod tests {
             "mysql://u:hunter2@h/db",
             "postgres://u@h/db?password=hunter2#frag",
             "postgres://u@h/db#hunter2",
+            "postgres://u:hun?ter2@h/db",
+            "postgres://u:hun#ter2@h/db?sslmode=disable",
+            "postgres://u:hun/ter2@h/db",
         ];
         for url in cases {
             let shown = super::redact_url(url);
             assert!(!shown.contains("hunter2"), "{url} printed as {shown}");
             assert!(!shown.contains("hun%40ter2"), "{url} printed as {shown}");
+            assert!(!shown.contains("ter2"), "{url} printed as {shown}");
             assert!(shown.contains("***"), "{url} printed as {shown}");
         }
         assert_eq!(
