@@ -222,30 +222,44 @@ impl Engine {
             let run = run.clone();
             async move { me.drive(run).await }
         };
+        // Renews the lease; ends with `true` when the lease is lost (taken over,
+        // or not renewed for nearly a whole lease), so the work stops before
+        // another worker may send the same step.
         let renew = async {
+            let mut renewed = std::time::Instant::now();
             loop {
                 tokio::time::sleep(RENEW_EVERY).await;
                 if self.phase.load(Ordering::SeqCst) == HANDED_BACK {
-                    break;
+                    return false;
                 }
                 match self
                     .store
                     .renew_lease(&run.run_id, &self.owner, run.lease_token, LEASE)
                     .await
                 {
-                    Ok(true) => {}
-                    Ok(false) => break,
-                    Err(e) => tracing::warn!(run_id, error = %e, "could not renew lease"),
+                    Ok(true) => renewed = std::time::Instant::now(),
+                    Ok(false) => return true,
+                    Err(e) => {
+                        tracing::warn!(run_id, error = %e, "could not renew lease");
+                        if renewed.elapsed() + RENEW_EVERY >= LEASE {
+                            return true;
+                        }
+                    }
                 }
             }
         };
-        let outcome = supervised(work, renew).await;
-        match outcome {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
+        match supervised(work, renew).await {
+            Supervised::Done(Ok(())) => {}
+            Supervised::Done(Err(e)) => {
                 tracing::error!(run_id, error = %e, "run interrupted by a store error; it resumes when its lease lapses");
             }
-            Err(why) => self.fail_on_panic(&run, why).await,
+            Supervised::Panicked(why) => self.fail_on_panic(&run, why).await,
+            Supervised::LeaseLost => {
+                tracing::warn!(
+                    run_id,
+                    "lost the lease on a run; stopped working on it (its new worker goes on, with the same Idempotency-Key)"
+                );
+            }
         }
     }
 
@@ -680,27 +694,45 @@ impl Engine {
 /// output, or the message of its panic. `renew` ends when `work` ends,
 /// however it ends; if `renew` finishes first (the lease is lost), `work`
 /// goes on alone (its saves are refused by the fencing token).
+/// How a run's work under [`supervised`] ended.
+enum Supervised<T> {
+    Done(T),
+    Panicked(String),
+    /// The renewal lost the lease: the work was stopped.
+    LeaseLost,
+}
+
 async fn supervised<T: Send + 'static>(
     work: impl std::future::Future<Output = T> + Send + 'static,
-    renew: impl std::future::Future<Output = ()>,
-) -> Result<T, String> {
+    renew: impl std::future::Future<Output = bool>,
+) -> Supervised<T> {
     let mut task = tokio::spawn(work);
     tokio::pin!(renew);
     let mut renewing = true;
     let joined = loop {
         tokio::select! {
             joined = &mut task => break joined,
-            () = &mut renew, if renewing => renewing = false,
+            lost = &mut renew, if renewing => {
+                renewing = false;
+                if lost {
+                    task.abort();
+                    let _ = (&mut task).await;
+                    return Supervised::LeaseLost;
+                }
+            }
         }
     };
-    joined.map_err(|e| match e.try_into_panic() {
-        Ok(p) => p
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| p.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a panic".into()),
-        Err(e) => e.to_string(),
-    })
+    match joined {
+        Ok(v) => Supervised::Done(v),
+        Err(e) => Supervised::Panicked(match e.try_into_panic() {
+            Ok(p) => p
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into()),
+            Err(e) => e.to_string(),
+        }),
+    }
 }
 
 /// The mutable part of a run while a worker drives it.
@@ -822,6 +854,9 @@ mod tests {
             loop {
                 counter.fetch_add(1, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(5)).await;
+                if counter.load(Ordering::SeqCst) == usize::MAX {
+                    return false;
+                }
             }
         };
         let work = async {
@@ -829,8 +864,8 @@ mod tests {
             let _ = after(Duration::MAX);
             panic!("boom in step");
         };
-        let outcome: Result<(), String> = supervised(work, renew).await;
-        assert_eq!(outcome, Err("boom in step".to_owned()));
+        let outcome: Supervised<()> = supervised(work, renew).await;
+        assert!(matches!(&outcome, Supervised::Panicked(why) if why == "boom in step"));
         let seen = renewals.load(Ordering::SeqCst);
         assert!(seen > 1, "renewed while the run worked");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -839,6 +874,29 @@ mod tests {
             seen,
             "renewal outlived the run"
         );
+    }
+
+    #[tokio::test]
+    async fn a_lost_lease_stops_the_work() {
+        let stopped = Arc::new(AtomicUsize::new(0));
+        struct Flag(Arc<AtomicUsize>);
+        impl Drop for Flag {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let flag = Flag(stopped.clone());
+        let work = async move {
+            let _flag = flag;
+            tokio::time::sleep(Duration::from_secs(30)).await; // an HTTP call in flight
+        };
+        let renew = async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            true // another worker took the run over
+        };
+        let outcome = supervised(work, renew).await;
+        assert!(matches!(outcome, Supervised::LeaseLost));
+        assert_eq!(stopped.load(Ordering::SeqCst), 1, "the work was dropped");
     }
 
     #[test]
