@@ -46,6 +46,23 @@ const DEFAULT_DEADLINE: Duration = Duration::from_secs(2);
 /// How many more times (once a second) an event answered at its deadline is
 /// appended when the store refuses it.
 const STORE_RETRIES: u32 = 30;
+/// The longest one store call of the setup path may take: a database that
+/// hangs must not keep an answer's task (and its in-flight entry) forever.
+const STORE_CALL: Duration = Duration::from_secs(5);
+
+/// `call`, or an `Unavailable` error after [`STORE_CALL`].
+async fn bounded<T>(
+    call: impl std::future::Future<Output = Result<T, crate::store::StoreError>>,
+) -> Result<T, crate::store::StoreError> {
+    tokio::time::timeout(STORE_CALL, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(crate::store::StoreError::Unavailable(format!(
+                "no answer from the database within {}",
+                humantime::format_duration(STORE_CALL)
+            )))
+        })
+}
 
 /// What a handler does for one setup delivery.
 pub enum Slot {
@@ -222,6 +239,8 @@ impl SetupResponder {
                     committed: false,
                 }));
                 let (done_tx, mut done_rx) = watch::channel(false);
+                // Deliveries waiting on this one get the fallback too, once it is sent.
+                let publisher = guard.tx.clone();
                 let work = self.clone().work(
                     event.clone(),
                     started,
@@ -280,6 +299,7 @@ impl SetupResponder {
                             let body: Arc<str> = produced.body.into();
                             tracing::warn!(event_id, "setup answered with the fallback: {reason}");
                             crate::prometheus::setup_fallback(produced.workflow.as_deref());
+                            let _ = publisher.send(Some(body.clone()));
                             *state = Progress::SentEarly {
                                 body: body.clone(),
                                 reason,
@@ -406,9 +426,11 @@ impl SetupResponder {
             };
             // A retried delivery whose answer was stored before keeps that record.
             let recorded = if outcome.is_duplicate() {
-                self.store.save_setup_answer(&record).await.map(drop)
+                bounded(self.store.save_setup_answer(&record))
+                    .await
+                    .map(drop)
             } else {
-                self.store.record_sent_setup_answer(&record).await
+                bounded(self.store.record_sent_setup_answer(&record)).await
             };
             if let Err(e) = recorded {
                 tracing::error!(error = %e, event_id = %envelope.id, "the setup answer sent at the deadline could not be recorded; a retried delivery may get a different answer");
@@ -488,7 +510,7 @@ impl SetupResponder {
         span: &tracing::Span,
         progress: &Mutex<Progress>,
     ) -> Result<Arc<str>, crate::store::StoreError> {
-        let stored = self.store.setup_answer(event.seq).await.unwrap_or_else(|e| {
+        let stored = bounded(self.store.setup_answer(event.seq)).await.unwrap_or_else(|e| {
             tracing::warn!(error = %e, event_id = %event.envelope.id, "could not read a stored setup answer; computing it");
             None
         });
@@ -518,20 +540,18 @@ impl SetupResponder {
             crate::prometheus::setup_fallback(produced.workflow.as_deref());
         }
         let body = produced.body.clone();
-        let saved = self
-            .store
-            .save_setup_answer(&SetupAnswer {
-                event_seq: event.seq,
-                event_id: event.envelope.id.to_string(),
-                workflow: produced.workflow,
-                used_fallback: produced.fallback_reason.is_some(),
-                reason: produced.fallback_reason,
-                body: produced.body,
-                lookups: sqlx::types::Json(Value::Array(lookups)),
-                duration_ms: started.elapsed().as_millis() as i64,
-                created_at: Utc::now().trunc_subsecs(6),
-            })
-            .await;
+        let saved = bounded(self.store.save_setup_answer(&SetupAnswer {
+            event_seq: event.seq,
+            event_id: event.envelope.id.to_string(),
+            workflow: produced.workflow,
+            used_fallback: produced.fallback_reason.is_some(),
+            reason: produced.fallback_reason,
+            body: produced.body,
+            lookups: sqlx::types::Json(Value::Array(lookups)),
+            duration_ms: started.elapsed().as_millis() as i64,
+            created_at: Utc::now().trunc_subsecs(6),
+        }))
+        .await;
         match saved {
             Ok(stored) => Ok(stored.body.into()),
             Err(e) => {
@@ -554,7 +574,10 @@ impl SetupResponder {
         }
         let event_json: Value = serde_json::from_slice(event.raw_body).unwrap_or_default();
         let conversation = match &event.envelope.conversation_id {
-            Some(c) => self.store.conversation(c.as_str()).await.ok().flatten(),
+            Some(c) => bounded(self.store.conversation(c.as_str()))
+                .await
+                .ok()
+                .flatten(),
             None => None,
         };
         let facts = EventFacts {
@@ -723,7 +746,7 @@ impl SetupResponder {
             .respond
             .as_ref()
             .ok_or("the workflow has only a fallback")?;
-        answer::answer_body(respond, &ctx)
+        answer::answer_body(respond, &ctx).map_err(|e| masker.text(&e))
     }
 
     fn cached(&self, key: &str) -> Option<http::Response> {
