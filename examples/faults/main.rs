@@ -405,7 +405,9 @@ async fn outage(ctx: &Ctx, db: &str, label: &str) -> anyhow::Result<Vec<String>>
     let retry = if ctx.long {
         "{ max_attempts: 12, backoff: exponential, initial_delay: 1s, max_delay: 30s }"
     } else {
-        "{ max_attempts: 10, backoff: exponential, initial_delay: 200ms, max_delay: 3s }"
+        // Full jitter can spend 10 attempts inside a 5 s outage (about one run in 150):
+        // the promise is "while max_attempts allows", so allow enough to outlast it.
+        "{ max_attempts: 20, backoff: exponential, initial_delay: 200ms, max_delay: 3s }"
     };
     workflow(&wf, port, retry)?;
     let srv = Server::start(&ctx.bin, db, &wf, ctx.tmp.path(), &[]).await?;
