@@ -229,7 +229,58 @@ async fn versions_are_content_addressed_and_served(db: &TestDb) {
     assert_eq!(status, 404);
 }
 
+/// Runs SQL on the test database from outside the server.
+async fn sql(db: &TestDb, statement: &str) {
+    match db {
+        TestDb::Sqlite { .. } => {
+            let pool = sqlx::SqlitePool::connect(db.url()).await.unwrap();
+            sqlx::query(sqlx::AssertSqlSafe(statement))
+                .execute(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+        }
+        TestDb::Postgres { .. } => {
+            let pool = sqlx::PgPool::connect(db.url()).await.unwrap();
+            sqlx::query(sqlx::AssertSqlSafe(statement))
+                .execute(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+        }
+    }
+}
+
+/// A run whose version is not in the database fails with a clear message
+/// (and does not fall back to whatever is loaded under its name).
+async fn a_run_whose_version_is_missing_fails_clearly(db: &TestDb) {
+    let sink = Sink::start().await;
+    let wf = format!(
+        "on: {{ event: conversation.ended }}\nsteps:\n  - id: post\n    retry: {{ max_attempts: 3, backoff: fixed, initial_delay: 2s }}\n    http: {{ url: \"{}\" }}\n",
+        sink.url("/flaky/1/m")
+    );
+    let (app, _dir) = TestApp::with_workflows(db, &[("m.yaml", &wf)]).await;
+    app.deliver(&ended_body("ev_m", "conv_m", "completed"))
+        .await;
+    sink.wait_for("/flaky/1/m", 1, 10).await;
+    let missing = "f".repeat(64);
+    sql(
+        db,
+        &format!("UPDATE runs SET version = '{missing}' WHERE event_id = 'ev_m'"),
+    )
+    .await;
+    let runs = app.wait_runs_final(1, 15).await;
+    assert_eq!(runs[0].status, RunStatus::Failed);
+    let err = runs[0].last_error.clone().unwrap_or_default();
+    assert!(
+        err.contains(&format!("version {missing} of workflow `m` is not stored")),
+        "{err}"
+    );
+    assert_eq!(sink.received_on("/flaky/1/m").len(), 1, "not sent again");
+}
+
 on_both_backends!(
+    a_run_whose_version_is_missing_fails_clearly,
     a_run_keeps_its_version_across_reloads,
     an_instance_without_the_workflow_executes_its_runs,
     versions_are_content_addressed_and_served,
