@@ -136,6 +136,9 @@ impl Application {
             .await
             .context("cannot apply database migrations")?;
         let workflows = load_workflows(&settings.workflows_dir)?;
+        crate::workflow::registry::record_versions(store.as_ref(), &workflows)
+            .await
+            .context("cannot store the workflow versions")?;
         let registry = Arc::new(Registry::new(workflows));
         let wake = Arc::new(Notify::new());
         let supervisor = Supervisor::new();
@@ -350,7 +353,11 @@ pub async fn run_workers(
             "a separate worker on SQLite shares one database file with the server; PostgreSQL is meant for scaling out"
         );
     }
-    let registry = Arc::new(Registry::new(load_workflows(workflows_dir)?));
+    let workflows = load_workflows(workflows_dir)?;
+    crate::workflow::registry::record_versions(store.as_ref(), &workflows)
+        .await
+        .context("cannot store the workflow versions")?;
+    let registry = Arc::new(Registry::new(workflows));
     crate::engine::http::EgressPolicy::from_env().map_err(anyhow::Error::msg)?;
     let wake = Arc::new(Notify::new());
     prometheus::install();

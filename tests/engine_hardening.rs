@@ -430,7 +430,8 @@ async fn secrets_are_used_once_and_masked_everywhere(db: &TestDb) {
 
 /// Defect 7: a run resumes at its step by id: removing an earlier step while
 /// it retries a later one does not skip the later one; removing the step
-/// itself fails the run with a clear message.
+/// itself fails a run without a recorded version (created before versions)
+/// with a clear message (versioned runs keep their own version: tests/workflow_versions.rs).
 async fn a_run_resumes_at_its_step_by_id(db: &TestDb) {
     let sink = Sink::start().await;
     let steps = |ids: &[&str]| {
@@ -490,6 +491,12 @@ async fn a_run_resumes_at_its_step_by_id(db: &TestDb) {
     app.deliver(&ended_body("ev_steps2", "conv_steps2", "completed"))
         .await;
     sink.wait_for("/status/503/d", 1, 10).await;
+    // A run recorded before versions (no version) resumes on the workflow loaded under its name.
+    sql(
+        db,
+        &["UPDATE runs SET version = NULL WHERE event_id = 'ev_steps2'"],
+    )
+    .await;
     std::fs::write(
         dir.path().join("steps.yaml"),
         on_ended(&format!(

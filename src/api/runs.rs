@@ -32,6 +32,10 @@ pub struct RunSummary {
     /// `run_…`.
     pub id: String,
     pub workflow: String,
+    /// The workflow version the run executes (the hash of its definition, see
+    /// `GET /workflows/{name}/versions/{hash}`); absent for runs created before versions were recorded.
+    #[oai(skip_serializing_if_is_none)]
+    pub version: Option<String>,
     /// `scheduled`, `running`, `retrying`, `succeeded`, `failed` or `cancelled`.
     pub status: String,
     /// The event that started it (`ev_…`).
@@ -67,6 +71,7 @@ impl From<&Run> for RunSummary {
         Self {
             id: r.run_id.clone(),
             workflow: r.workflow.clone(),
+            version: r.version.clone(),
             status: r.status.as_str().to_owned(),
             event_id: r.event_id.clone(),
             event_sequence: r.event_seq,
@@ -165,6 +170,38 @@ pub struct WorkflowView {
     pub valid: bool,
     /// Runs created in the last 24 hours, by status.
     pub runs_last_24h: BTreeMap<String, i64>,
+    /// The version loaded now (the hash of its definition).
+    pub version: String,
+    /// Runs not finished yet that execute another version of this workflow
+    /// (or none recorded: runs created before versions were).
+    pub runs_in_flight_on_older_versions: i64,
+}
+
+/// One stored version of a workflow.
+#[derive(Object, Debug)]
+pub struct WorkflowVersionView {
+    /// The hash of the workflow's name and its normalised YAML.
+    pub hash: String,
+    pub workflow: String,
+    /// The file it was first loaded from.
+    pub file: String,
+    /// When this definition was first loaded.
+    pub first_loaded_at: DateTime<Utc>,
+    /// Whether it is the version loaded now by the instance that answers.
+    pub current: bool,
+    /// Runs not finished yet that execute this version.
+    pub runs_in_flight: i64,
+}
+
+/// One stored version of a workflow, with its definition.
+#[derive(Object, Debug)]
+pub struct WorkflowVersionDetail {
+    pub hash: String,
+    pub workflow: String,
+    pub file: String,
+    pub first_loaded_at: DateTime<Utc>,
+    /// The YAML as first loaded.
+    pub definition: String,
 }
 
 /// A backtest: a workflow file's text and which stored events to try it on.
@@ -504,11 +541,13 @@ impl RunsApi {
     async fn reload_workflows(
         &self,
         _auth: AdminAuth,
+        store: Data<&Arc<dyn EventStore>>,
         registry: Data<&Arc<Registry>>,
     ) -> Result<Json<ReloadResult>, ApiError> {
         let dir = registry.current().dir.clone();
         match crate::workflow::WorkflowSet::load(&dir) {
             Ok(set) => {
+                crate::workflow::registry::record_versions(store.as_ref(), &set).await?;
                 let names = set.workflows.iter().map(|w| w.name.clone()).collect();
                 let warnings = set.warnings.iter().map(|d| d.to_string()).collect();
                 registry.replace(set);
@@ -587,6 +626,73 @@ impl RunsApi {
         }))
     }
 
+    /// A workflow's stored versions (every definition loaded under its name, oldest first),
+    /// with the runs in flight on each. 404 if none is stored.
+    #[oai(
+        path = "/workflows/:name/versions",
+        method = "get",
+        tag = "RunTags::Workflows"
+    )]
+    async fn workflow_versions(
+        &self,
+        _auth: AdminAuth,
+        store: Data<&Arc<dyn EventStore>>,
+        registry: Data<&Arc<Registry>>,
+        name: Path<String>,
+    ) -> Result<Json<Vec<WorkflowVersionView>>, ApiError> {
+        let versions = store.workflow_versions(&name.0).await?;
+        if versions.is_empty() {
+            return Err(ApiError::not_found(
+                "workflow with stored versions",
+                &name.0,
+            ));
+        }
+        let set = registry.current();
+        let current = set.get(&name.0).map(|w| w.version.clone());
+        Ok(Json(
+            versions
+                .into_iter()
+                .map(|(v, n)| WorkflowVersionView {
+                    current: current.as_deref() == Some(v.hash.as_str()),
+                    hash: v.hash,
+                    workflow: v.workflow,
+                    file: v.file,
+                    first_loaded_at: v.created_at,
+                    runs_in_flight: n,
+                })
+                .collect(),
+        ))
+    }
+
+    /// One stored version of a workflow with its definition (the YAML as first loaded).
+    /// 404 if no version of that workflow has this hash.
+    #[oai(
+        path = "/workflows/:name/versions/:hash",
+        method = "get",
+        tag = "RunTags::Workflows"
+    )]
+    async fn workflow_version(
+        &self,
+        _auth: AdminAuth,
+        store: Data<&Arc<dyn EventStore>>,
+        name: Path<String>,
+        hash: Path<String>,
+    ) -> Result<Json<WorkflowVersionDetail>, ApiError> {
+        match store.workflow_version(&hash.0).await? {
+            Some(v) if v.workflow == name.0 => Ok(Json(WorkflowVersionDetail {
+                hash: v.hash,
+                workflow: v.workflow,
+                file: v.file,
+                first_loaded_at: v.created_at,
+                definition: v.definition,
+            })),
+            _ => Err(ApiError::not_found(
+                &format!("version of workflow `{}`", name.0),
+                &hash.0,
+            )),
+        }
+    }
+
     /// The loaded workflows, with their runs of the last 24 hours by status.
     #[oai(path = "/workflows", method = "get", tag = "RunTags::Workflows")]
     async fn list_workflows(
@@ -598,11 +704,18 @@ impl RunsApi {
         let counts = store
             .run_counts_since(Utc::now() - chrono::TimeDelta::hours(24))
             .await?;
+        let in_flight = store.in_flight_by_version().await?;
         let set = registry.current();
         Ok(Json(
             set.workflows
                 .iter()
                 .map(|w| WorkflowView {
+                    version: w.version.clone(),
+                    runs_in_flight_on_older_versions: in_flight
+                        .iter()
+                        .filter(|(wf, v, _)| wf == &w.name && v.as_deref() != Some(&w.version))
+                        .map(|(_, _, n)| *n)
+                        .sum(),
                     name: w.name.clone(),
                     description: w.description.clone(),
                     file: w.file.display().to_string(),

@@ -61,6 +61,8 @@ pub struct Engine {
     permits: Arc<Semaphore>,
     /// [`RUNNING`], [`DRAINING`] or [`HANDED_BACK`].
     phase: AtomicU8,
+    /// Workflow versions not in the loaded set, compiled from the database, by hash.
+    versions: std::sync::Mutex<HashMap<String, Arc<Workflow>>>,
 }
 
 const RUNNING: u8 = 0;
@@ -99,6 +101,43 @@ impl Engine {
             concurrency: concurrency.max(1),
             permits: Arc::new(Semaphore::new(concurrency.max(1))),
             phase: AtomicU8::new(RUNNING),
+            versions: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The stored version `hash` of a workflow, compiled with the same
+    /// compiler as the loaded ones (cached by hash); `Err` says why it cannot run.
+    async fn stored_version(
+        &self,
+        name: &str,
+        hash: &str,
+    ) -> Result<Result<Arc<Workflow>, String>, crate::store::StoreError> {
+        if let Some(wf) = self.versions.lock().expect("versions lock").get(hash) {
+            return Ok(Ok(wf.clone()));
+        }
+        let Some(stored) = self.store.workflow_version(hash).await? else {
+            return Ok(Err(format!(
+                "version {hash} of workflow `{name}` is not stored in the database; the run cannot execute (replay the event to run the workflow as it is now)"
+            )));
+        };
+        match crate::workflow::compile::compile(
+            std::path::Path::new(&stored.file),
+            &stored.definition,
+        ) {
+            Ok((mut wf, _)) => {
+                // The stored hash is the address, whatever this compiler would compute.
+                wf.version = hash.to_owned();
+                let wf = Arc::new(wf);
+                self.versions
+                    .lock()
+                    .expect("versions lock")
+                    .insert(hash.to_owned(), wf.clone());
+                Ok(Ok(wf))
+            }
+            Err(d) => Ok(Err(format!(
+                "version {hash} of workflow `{name}` no longer compiles; the run cannot execute:\n{}",
+                crate::workflow::diagnostic::render_all(&d)
+            ))),
         }
     }
 
@@ -364,12 +403,34 @@ impl Engine {
         let set = self.registry.current();
         let trace = RunTrace::new(&run);
         let mut state = RunState::from(&run);
-        let Some(wf) = set.get(&run.workflow) else {
-            let update = state.failed(format!("workflow `{}` is no longer loaded", run.workflow));
-            if self.save(&run, None, &update).await? {
-                self.finished(&run, &trace, &update);
+        // The version the run matched: the loaded one when the hash is the same,
+        // else the stored one; runs without a version use the workflow loaded under their name.
+        let held: Arc<Workflow>;
+        let loaded = set.get(&run.workflow);
+        let wf: &Workflow = match (&run.version, loaded) {
+            (Some(hash), Some(wf)) if &wf.version == hash => wf,
+            (Some(hash), _) => match self.stored_version(&run.workflow, hash).await? {
+                Ok(wf) => {
+                    held = wf;
+                    &held
+                }
+                Err(why) => {
+                    let update = state.failed(why);
+                    if self.save(&run, None, &update).await? {
+                        self.finished(&run, &trace, &update);
+                    }
+                    return Ok(());
+                }
+            },
+            (None, Some(wf)) => wf,
+            (None, None) => {
+                let update =
+                    state.failed(format!("workflow `{}` is no longer loaded", run.workflow));
+                if self.save(&run, None, &update).await? {
+                    self.finished(&run, &trace, &update);
+                }
+                return Ok(());
             }
-            return Ok(());
         };
         // Resume at the step by its id (the index only for runs saved before ids were).
         if let Some(id) = state.step_id.clone() {

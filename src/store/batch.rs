@@ -27,7 +27,7 @@ pub(crate) const EVENT_BINDS: usize = 14;
 pub(crate) const CONVERSATION_BINDS: usize = 6;
 pub(crate) const DECISION_BINDS: usize = 4;
 pub(crate) const ANSWER_BINDS: usize = 8;
-pub(crate) const RUN_BINDS: usize = 11;
+pub(crate) const RUN_BINDS: usize = 12;
 
 /// How many rows of `binds_per_row` parameters fit in one statement on `database`.
 pub(crate) fn rows_per_statement(database: &str, binds_per_row: usize) -> usize {
@@ -133,6 +133,7 @@ pub(crate) fn plan<'a>(
                     context: d.context.unwrap_or_default(),
                     created_at: event.received_at,
                     trace_context: trace_context.clone(),
+                    version: d.version.clone(),
                 });
             }
             decisions.push(MatchRecord {
@@ -331,6 +332,7 @@ mod tests {
             context: serde_json::json!({}),
             created_at: chrono::Utc::now(),
             trace_context: None,
+            version: None,
         };
         assert_eq!(binds(sql::insert_runs(&[run]).unwrap()), RUN_BINDS);
         // 256 events, each matching 40 workflows, fit in statements under both limits.

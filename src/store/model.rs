@@ -143,6 +143,8 @@ pub struct NewRun {
     pub created_at: DateTime<Utc>,
     /// W3C `traceparent` of the `dispatch` span that started the run; the worker continues it.
     pub trace_context: Option<String>,
+    /// The workflow version (content hash) the run executes.
+    pub version: Option<String>,
 }
 
 /// One workflow's verdict on one new event.
@@ -153,6 +155,8 @@ pub struct DispatchDecision {
     pub reason: Option<String>,
     /// For matched workflows: the run's template context.
     pub context: Option<serde_json::Value>,
+    /// The matched workflow's version (content hash).
+    pub version: Option<String>,
 }
 
 /// A setup answer computed inside the append transaction (no lookups needed),

@@ -112,6 +112,9 @@ pub struct Run {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// The workflow version (content hash) the run executes; `None` for runs
+    /// created before versions were recorded (they execute the workflow loaded under their name).
+    pub version: Option<String>,
 }
 
 impl Run {
@@ -313,6 +316,35 @@ pub trait RunStore: Send + Sync + 'static {
         &self,
         since: DateTime<Utc>,
     ) -> Result<Vec<(String, String, i64)>, StoreError>;
+
+    /// Stores workflow versions not stored yet (by hash; existing ones are kept as they are).
+    async fn save_workflow_versions(&self, versions: &[WorkflowVersion]) -> Result<(), StoreError>;
+
+    /// One stored version by its hash.
+    async fn workflow_version(&self, hash: &str) -> Result<Option<WorkflowVersion>, StoreError>;
+
+    /// A workflow's versions, oldest first, each with its runs in flight
+    /// (not finished): (version without definition, runs in flight).
+    async fn workflow_versions(
+        &self,
+        workflow: &str,
+    ) -> Result<Vec<(WorkflowVersion, i64)>, StoreError>;
+
+    /// Runs in flight (not finished) per workflow and version: (workflow, version, count).
+    async fn in_flight_by_version(&self) -> Result<Vec<(String, Option<String>, i64)>, StoreError>;
+}
+
+/// One stored workflow definition, content-addressed.
+#[derive(Clone, Debug, PartialEq, sqlx::FromRow)]
+pub struct WorkflowVersion {
+    pub hash: String,
+    pub workflow: String,
+    /// The file it was first loaded from.
+    pub file: String,
+    /// The YAML as first loaded (empty in listings).
+    pub definition: String,
+    /// First loaded at.
+    pub created_at: DateTime<Utc>,
 }
 
 /// The answer to one `conversation.setup` event.

@@ -7,7 +7,7 @@
 
 pub(crate) const RUN_COLUMNS: &str = "run_id, workflow, event_seq, event_id, conversation_id, replay_of, status, \
      step_index, step_id, attempt, attempts_total, next_attempt_at, lease_owner, lease_until, lease_token, context, \
-     step_results, trace_context, last_error, created_at, updated_at, finished_at";
+     step_results, trace_context, last_error, created_at, updated_at, finished_at, version";
 
 /// Lease expiry as SQL: `$n` seconds from the database's clock (PostgreSQL),
 /// or `$n` as a time computed by this host (SQLite: one host, one clock).
@@ -555,6 +555,81 @@ macro_rules! impl_run_store {
                     "SELECT workflow, status, COUNT(*) FROM runs WHERE created_at >= $1 GROUP BY workflow, status",
                 )
                 .bind(since)
+                .fetch_all(&self.reader)
+                .await?)
+            }
+
+            async fn save_workflow_versions(
+                &self,
+                versions: &[$crate::store::runs::WorkflowVersion],
+            ) -> Result<(), $crate::store::StoreError> {
+                let mut tx = self.writer.begin().await?;
+                for v in versions {
+                    sqlx::query(
+                        "INSERT INTO workflow_versions (hash, workflow, file, definition, created_at) \
+                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                    )
+                    .bind(&v.hash)
+                    .bind(&v.workflow)
+                    .bind(&v.file)
+                    .bind($crate::store::runs::storable_text(&v.definition).as_ref())
+                    .bind(v.created_at)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn workflow_version(
+                &self,
+                hash: &str,
+            ) -> Result<Option<$crate::store::runs::WorkflowVersion>, $crate::store::StoreError> {
+                Ok(sqlx::query_as(
+                    "SELECT hash, workflow, file, definition, created_at FROM workflow_versions WHERE hash = $1",
+                )
+                .bind(hash)
+                .fetch_optional(&self.reader)
+                .await?)
+            }
+
+            async fn workflow_versions(
+                &self,
+                workflow: &str,
+            ) -> Result<Vec<($crate::store::runs::WorkflowVersion, i64)>, $crate::store::StoreError> {
+                let rows: Vec<(String, String, String, chrono::DateTime<chrono::Utc>, i64)> = sqlx::query_as(
+                    "SELECT v.hash, v.workflow, v.file, v.created_at, \
+                     (SELECT COUNT(*) FROM runs r WHERE r.version = v.hash \
+                      AND r.status IN ('scheduled', 'running', 'retrying')) \
+                     FROM workflow_versions v WHERE v.workflow = $1 ORDER BY v.created_at, v.hash",
+                )
+                .bind(workflow)
+                .fetch_all(&self.reader)
+                .await?;
+                Ok(rows
+                    .into_iter()
+                    .map(|(hash, workflow, file, created_at, n)| {
+                        (
+                            $crate::store::runs::WorkflowVersion {
+                                hash,
+                                workflow,
+                                file,
+                                definition: String::new(),
+                                created_at,
+                            },
+                            n,
+                        )
+                    })
+                    .collect())
+            }
+
+            async fn in_flight_by_version(
+                &self,
+            ) -> Result<Vec<(String, Option<String>, i64)>, $crate::store::StoreError> {
+                Ok(sqlx::query_as(
+                    "SELECT workflow, version, COUNT(*) FROM runs \
+                     WHERE status IN ('scheduled', 'running', 'retrying') GROUP BY workflow, version",
+                )
                 .fetch_all(&self.reader)
                 .await?)
             }

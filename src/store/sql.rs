@@ -313,7 +313,7 @@ where
     }
     let mut qb = QueryBuilder::new(
         "INSERT INTO runs (run_id, workflow, event_seq, event_id, conversation_id, status, next_attempt_at, \
-         context, step_results, created_at, updated_at, trace_context) ",
+         context, step_results, created_at, updated_at, trace_context, version) ",
     );
     qb.push_values(runs, |mut row, r| {
         row.push_bind(r.run_id.as_str())
@@ -327,7 +327,8 @@ where
             .push("'{}'")
             .push_bind(r.created_at)
             .push_bind(r.created_at)
-            .push_bind(r.trace_context.as_deref());
+            .push_bind(r.trace_context.as_deref())
+            .push_bind(r.version.as_deref());
     });
     qb.push(" ON CONFLICT DO NOTHING");
     Some(qb)

@@ -348,7 +348,8 @@ pub fn compile(file: &Path, source: &str) -> Result<(Workflow, Vec<Diagnostic>),
             return Err(c.out);
         }
     };
-    let workflow = check(&mut c, spec);
+    let mut workflow = check(&mut c, spec);
+    workflow.version = version_hash(&workflow.name, source);
     if c.out.iter().any(Diagnostic::is_error) {
         Err(c.out)
     } else {
@@ -483,6 +484,43 @@ fn check(c: &mut Checker<'_>, spec: WorkflowFile) -> Workflow {
         respond: spec.respond.map(|r| r.value),
         fallback: spec.fallback.map(|f| f.value),
         source: c.source.to_owned(),
+        version: String::new(),
+    }
+}
+
+/// The content address of a workflow: sha256 (hex) of its name and its YAML
+/// normalised (parsed and written back as compact JSON with sorted keys), so
+/// comments, whitespace, quoting and key order do not make a new version.
+pub fn version_hash(name: &str, source: &str) -> String {
+    use sha2::Digest;
+    let normalised = serde_saphyr::from_str::<serde_json::Value>(source)
+        .map(|v| canonical_json(&v))
+        .unwrap_or_else(|_| source.to_owned());
+    let mut h = sha2::Sha256::new();
+    h.update(name.as_bytes());
+    h.update(b"\n");
+    h.update(normalised.as_bytes());
+    hex::encode(h.finalize())
+}
+
+/// JSON with object keys sorted at every level (whatever serde_json's map order is).
+fn canonical_json(v: &serde_json::Value) -> String {
+    use serde_json::Value;
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            let parts: Vec<String> = keys
+                .into_iter()
+                .map(|k| format!("{}:{}", Value::String(k.clone()), canonical_json(&m[k])))
+                .collect();
+            format!("{{{}}}", parts.join(","))
+        }
+        Value::Array(a) => format!(
+            "[{}]",
+            a.iter().map(canonical_json).collect::<Vec<_>>().join(",")
+        ),
+        other => other.to_string(),
     }
 }
 

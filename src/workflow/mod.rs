@@ -131,6 +131,9 @@ pub struct Workflow {
     /// The file's text.
     #[serde(skip)]
     pub source: String,
+    /// The version's content address ([`compile::version_hash`]), set when compiled.
+    #[serde(skip)]
+    pub version: String,
 }
 
 mod duration_text {

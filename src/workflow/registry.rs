@@ -31,6 +31,28 @@ impl Registry {
     }
 }
 
+/// Stores every workflow of `set` as a version (content-addressed: a
+/// definition stored before is not stored again). Call before the set is put
+/// in force, so every run it creates finds its version in the database.
+pub async fn record_versions(
+    store: &dyn crate::store::EventStore,
+    set: &WorkflowSet,
+) -> Result<(), crate::store::StoreError> {
+    let now = chrono::Utc::now();
+    let versions: Vec<_> = set
+        .workflows
+        .iter()
+        .map(|w| crate::store::runs::WorkflowVersion {
+            hash: w.version.clone(),
+            workflow: w.name.clone(),
+            file: w.file.display().to_string(),
+            definition: w.source.clone(),
+            created_at: now,
+        })
+        .collect();
+    store.save_workflow_versions(&versions).await
+}
+
 impl Dispatcher for Registry {
     fn fan_out(&self) -> usize {
         self.current().workflows.len()
@@ -72,6 +94,7 @@ impl Dispatcher for Registry {
                     matched: decision.matched(),
                     reason: decision.reason().map(str::to_owned),
                     context: decision.matched().then(|| base_context(&facts)),
+                    version: Some(wf.version.clone()),
                 }
             })
             .collect()

@@ -341,3 +341,19 @@ fn an_unknown_name_points_at_itself_not_at_the_same_word_earlier() {
         e[2]
     );
 }
+
+#[test]
+fn the_version_hash_ignores_comments_whitespace_and_key_order_but_not_content() {
+    use super::compile::version_hash;
+    let a = "on: { event: conversation.ended }\nsteps:\n  - id: a\n    http: { url: \"http://127.0.0.1/a\" }\n";
+    let b = "# comment\nsteps:\n  - http:\n      url:  'http://127.0.0.1/a'\n    id: a\non:\n  event: conversation.ended\n";
+    let c = a.replace("/a\"", "/b\"");
+    assert_eq!(version_hash("w", a), version_hash("w", b));
+    assert_ne!(version_hash("w", a), version_hash("w", &c));
+    assert_ne!(
+        version_hash("w", a),
+        version_hash("x", a),
+        "the name is part of it"
+    );
+    assert_eq!(version_hash("w", a).len(), 64);
+}
