@@ -77,16 +77,11 @@ async fn postgres_a_worker_with_a_clock_ahead_does_not_take_a_running_run() {
     // Well past a lease by the skewed clock, while the server still works on the run.
     let deadline = Instant::now() + Duration::from_secs(20);
     let run = loop {
-        let page: Value = client()
-            .get(format!("{}/api/v1/runs", server.base()))
-            .bearer_auth(common::TOKEN)
-            .send()
+        let run = common::runs_of(&server.base())
             .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let run = page["data"][0].clone();
+            .first()
+            .cloned()
+            .unwrap_or_default();
         if run["status"] == "succeeded" {
             break run;
         }

@@ -9,21 +9,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::sink::Sink;
-use common::{Delivery, ServerProcess, TestDb, client, deliver_to, ended_body, workflow_dir};
+use common::{
+    Delivery, ServerProcess, TestDb, client, deliver_to, ended_body, runs_of, workflow_dir,
+};
 use serde_json::Value;
-
-async fn runs_of(base: &str) -> Vec<Value> {
-    let page: Value = client()
-        .get(format!("{base}/api/v1/runs?limit=100"))
-        .bearer_auth(common::TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    page["data"].as_array().cloned().unwrap_or_default()
-}
 
 async fn every_failed_run_logs_one_warning(db: &TestDb) {
     let sink = Sink::start().await;

@@ -8,7 +8,9 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use common::sink::Sink;
-use common::{Delivery, ServerProcess, TestDb, client, deliver_to, ended_body, workflow_dir};
+use common::{
+    Delivery, ServerProcess, TestDb, client, deliver_to, ended_body, runs_of, workflow_dir,
+};
 use serde_json::Value;
 
 /// A sink, a workflow posting to one of its paths, and a log directory.
@@ -40,19 +42,6 @@ impl Fixture {
     fn env(&self) -> [(&str, &str); 1] {
         [("SWITCHBOARD_WORKFLOWS", self.wf_env.as_str())]
     }
-}
-
-async fn runs_of(base: &str) -> Vec<Value> {
-    let page: Value = client()
-        .get(format!("{base}/api/v1/runs?limit=500"))
-        .bearer_auth(common::TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    page["data"].as_array().unwrap().clone()
 }
 
 async fn wait_all_succeeded(base: &str, n: usize, secs: u64) -> Vec<Value> {

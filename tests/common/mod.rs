@@ -410,6 +410,20 @@ pub async fn deliver_with_headers(
     req.send().await.expect("send delivery")
 }
 
+/// The newest runs (up to 500) of a server process at `base`, as the admin API lists them.
+pub async fn runs_of(base: &str) -> Vec<Value> {
+    let page: Value = client()
+        .get(format!("{base}/api/v1/runs?limit=500"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    page["data"].as_array().unwrap().clone()
+}
+
 pub async fn all_events(client: &reqwest::Client, base: &str) -> Vec<Value> {
     let mut out = Vec::new();
     let mut cursor: Option<String> = None;
