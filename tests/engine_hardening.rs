@@ -288,11 +288,7 @@ async fn a_redirect_is_a_failure_and_not_followed(db: &TestDb) {
 }
 
 fn field_update(id: &str, value: &str) -> Vec<u8> {
-    serde_json::json!({"id": id, "conversation_id": "conv_f", "agent_id": "ca_t@v1", "livemode": true,
-        "created_at": "2025-07-14T15:00:00Z",
-        "payload": {"type": "conversation.custom_fields.updated", "key": "ref", "value": value}})
-    .to_string()
-    .into_bytes()
+    common::field_body(id, "conv_f", "2025-07-14T15:00:00Z", "ref", value.into())
 }
 
 /// Defect 4: a value templated into the URL's path or query is encoded as a

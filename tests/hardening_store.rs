@@ -11,11 +11,7 @@ use common::{TestApp, TestDb};
 use serde_json::{Value, json};
 
 fn field_update(id: &str, conv: &str, created_at: &str, value: Value) -> Vec<u8> {
-    json!({"id": id, "conversation_id": conv, "agent_id": "ca_t@v1", "livemode": true,
-        "created_at": created_at,
-        "payload": {"type": "conversation.custom_fields.updated", "key": "lead_status", "value": value}})
-    .to_string()
-    .into_bytes()
+    common::field_body(id, conv, created_at, "lead_status", value)
 }
 
 /// E2 sets `qualified`; E1 (`contacted`, older `created_at`, no

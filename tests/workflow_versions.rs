@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::sink::Sink;
 use common::{ServerProcess, TestApp, TestDb, client, deliver_to, ended_body};
-use serde_json::Value;
 use switchboard::store::runs::RunStatus;
 
 fn on_ended(steps: &str) -> String {
@@ -120,20 +119,14 @@ async fn an_instance_without_the_workflow_executes_its_runs(db: &TestDb) {
     // Wait until A has saved the failed attempt (the run waits to retry), then kill A.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let page: Value = client()
-            .get(format!("{}/api/v1/runs", a.base()))
-            .bearer_auth(common::TOKEN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if page["data"][0]["status"] == "retrying" {
-            assert!(page["data"][0]["version"].is_string(), "{page}");
+        let runs = common::runs_of(&a.base()).await;
+        if let Some(run) = runs.first()
+            && run["status"] == "retrying"
+        {
+            assert!(run["version"].is_string(), "{run}");
             break;
         }
-        assert!(Instant::now() < deadline, "not retrying: {page}");
+        assert!(Instant::now() < deadline, "not retrying: {runs:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     a.kill9();

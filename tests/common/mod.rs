@@ -471,6 +471,15 @@ pub const EVENT_FIXTURES: [&str; 9] = [
 ];
 
 /// A compact conversation.ended body with a given id.
+/// A `conversation.custom_fields.updated` body setting `key` to `value` (no `previous_value`).
+pub fn field_body(id: &str, conv: &str, created_at: &str, key: &str, value: Value) -> Vec<u8> {
+    serde_json::json!({"id": id, "conversation_id": conv, "agent_id": "ca_t@v1", "livemode": true,
+        "created_at": created_at,
+        "payload": {"type": "conversation.custom_fields.updated", "key": key, "value": value}})
+    .to_string()
+    .into_bytes()
+}
+
 pub fn ended_body(event_id: &str, conversation_id: &str, status: &str) -> Vec<u8> {
     serde_json::json!({
         "id": event_id,
