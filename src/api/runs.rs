@@ -36,7 +36,7 @@ pub struct RunSummary {
     /// `GET /workflows/{name}/versions/{hash}`); absent for runs created before versions were recorded.
     #[oai(skip_serializing_if_is_none)]
     pub version: Option<String>,
-    /// `scheduled`, `running`, `retrying`, `succeeded`, `failed` or `cancelled`.
+    /// `scheduled`, `running`, `retrying`, `waiting`, `succeeded`, `failed` or `cancelled`.
     pub status: String,
     /// The event that started it (`ev_…`).
     pub event_id: String,
@@ -67,7 +67,10 @@ pub struct RunSummary {
 
 impl From<&Run> for RunSummary {
     fn from(r: &Run) -> Self {
-        let waiting = matches!(r.status(), Some(RunStatus::Scheduled | RunStatus::Retrying));
+        let waiting = matches!(
+            r.status(),
+            Some(RunStatus::Scheduled | RunStatus::Retrying | RunStatus::Waiting)
+        );
         Self {
             id: r.run_id.clone(),
             workflow: r.workflow.clone(),
@@ -734,10 +737,11 @@ impl RunsApi {
 }
 
 /// The values `GET /runs?status=` accepts.
-const RUN_STATUSES: [&str; 6] = [
+const RUN_STATUSES: [&str; 7] = [
     "scheduled",
     "running",
     "retrying",
+    "waiting",
     "succeeded",
     "failed",
     "cancelled",

@@ -20,6 +20,9 @@ pub enum RunStatus {
     Running,
     /// A step failed with a retryable error; the next attempt is at `next_attempt_at`.
     Retrying,
+    /// Paused, holding no worker and no lease, until `next_attempt_at` or
+    /// until what `wait_reason` names lets it go on.
+    Waiting,
     /// Every step succeeded (or was skipped by its `if`).
     Succeeded,
     /// A step failed for good (non-retryable error or attempts exhausted).
@@ -49,10 +52,11 @@ impl PartialEq<&str> for RunStatus {
 }
 
 impl RunStatus {
-    pub const ALL: [RunStatus; 6] = [
+    pub const ALL: [RunStatus; 7] = [
         RunStatus::Scheduled,
         RunStatus::Running,
         RunStatus::Retrying,
+        RunStatus::Waiting,
         RunStatus::Succeeded,
         RunStatus::Failed,
         RunStatus::Cancelled,
@@ -63,6 +67,7 @@ impl RunStatus {
             RunStatus::Scheduled => "scheduled",
             RunStatus::Running => "running",
             RunStatus::Retrying => "retrying",
+            RunStatus::Waiting => "waiting",
             RunStatus::Succeeded => "succeeded",
             RunStatus::Failed => "failed",
             RunStatus::Cancelled => "cancelled",
@@ -115,6 +120,9 @@ pub struct Run {
     /// The workflow version (content hash) the run executes; `None` for runs
     /// created before versions were recorded (they execute the workflow loaded under their name).
     pub version: Option<String>,
+    /// Why a `waiting` run waits: `timer`, `event`, `order`, `rate_limited`,
+    /// `concurrency`, `circuit_open`, `paused_until` (`None` unless waiting).
+    pub wait_reason: Option<String>,
 }
 
 impl Run {

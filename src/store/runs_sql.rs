@@ -7,7 +7,7 @@
 
 pub(crate) const RUN_COLUMNS: &str = "run_id, workflow, event_seq, event_id, conversation_id, replay_of, status, \
      step_index, step_id, attempt, attempts_total, next_attempt_at, lease_owner, lease_until, lease_token, context, \
-     step_results, trace_context, last_error, created_at, updated_at, finished_at, version";
+     step_results, trace_context, last_error, created_at, updated_at, finished_at, version, wait_reason";
 
 /// Lease expiry as SQL: `$n` seconds from the database's clock (PostgreSQL),
 /// or `$n` as a time computed by this host (SQLite: one host, one clock).
@@ -77,7 +77,7 @@ macro_rules! impl_run_store {
                     "UPDATE runs SET status = 'running', lease_owner = $1, lease_until = {}, \
                      lease_token = lease_token + 1, updated_at = $3 \
                      WHERE run_id IN (SELECT run_id FROM runs \
-                        WHERE (status IN ('scheduled', 'retrying') AND next_attempt_at <= $3) \
+                        WHERE (status IN ('scheduled', 'retrying', 'waiting') AND next_attempt_at <= $3) \
                            OR (status = 'running' AND lease_until < {}) \
                         ORDER BY next_attempt_at LIMIT $4 {}) \
                      RETURNING {}",
@@ -237,7 +237,7 @@ macro_rules! impl_run_store {
                 // One statement, one round trip.
                 let (due, lapse): (Option<chrono::DateTime<chrono::Utc>>, Option<chrono::DateTime<chrono::Utc>>) =
                     sqlx::query_as(
-                        "SELECT (SELECT MIN(next_attempt_at) FROM runs WHERE status IN ('scheduled', 'retrying')), \
+                        "SELECT (SELECT MIN(next_attempt_at) FROM runs WHERE status IN ('scheduled', 'retrying', 'waiting')), \
                                 (SELECT MIN(lease_until) FROM runs WHERE status = 'running')",
                     )
                     .fetch_one(&self.reader)
@@ -331,7 +331,7 @@ macro_rules! impl_run_store {
                 self.change_run(
                     "UPDATE runs SET status = 'cancelled', finished_at = $1, updated_at = $1, \
                      last_error = COALESCE(last_error, 'cancelled') \
-                     WHERE run_id = $2 AND status IN ('scheduled', 'retrying')",
+                     WHERE run_id = $2 AND status IN ('scheduled', 'retrying', 'waiting')",
                     run_id,
                     now,
                 )
@@ -365,7 +365,7 @@ macro_rules! impl_run_store {
                     }
                     let in_flight: i64 = sqlx::query_scalar(
                         "SELECT COUNT(*) FROM runs WHERE event_id = $1 AND workflow = $2 \
-                         AND status IN ('scheduled', 'running', 'retrying')",
+                         AND status IN ('scheduled', 'running', 'retrying', 'waiting')",
                     )
                     .bind(event_id)
                     .bind(&original.workflow)
@@ -600,7 +600,7 @@ macro_rules! impl_run_store {
                 let rows: Vec<(String, String, String, chrono::DateTime<chrono::Utc>, i64)> = sqlx::query_as(
                     "SELECT v.hash, v.workflow, v.file, v.created_at, \
                      (SELECT COUNT(*) FROM runs r WHERE r.version = v.hash \
-                      AND r.status IN ('scheduled', 'running', 'retrying')) \
+                      AND r.status IN ('scheduled', 'running', 'retrying', 'waiting')) \
                      FROM workflow_versions v WHERE v.workflow = $1 ORDER BY v.created_at, v.hash",
                 )
                 .bind(workflow)
@@ -628,7 +628,7 @@ macro_rules! impl_run_store {
             ) -> Result<Vec<(String, Option<String>, i64)>, $crate::store::StoreError> {
                 Ok(sqlx::query_as(
                     "SELECT workflow, version, COUNT(*) FROM runs \
-                     WHERE status IN ('scheduled', 'running', 'retrying') GROUP BY workflow, version",
+                     WHERE status IN ('scheduled', 'running', 'retrying', 'waiting') GROUP BY workflow, version",
                 )
                 .fetch_all(&self.reader)
                 .await?)

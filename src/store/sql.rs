@@ -528,9 +528,9 @@ macro_rules! impl_event_store {
                 i64,
             ) = sqlx::query_as(
                 "SELECT (SELECT MAX(seq) FROM events), \
-                        (SELECT COUNT(*) FROM runs WHERE status IN ('scheduled', 'retrying') AND next_attempt_at <= $1), \
-                        (SELECT MIN(next_attempt_at) FROM runs WHERE status IN ('scheduled', 'retrying')), \
-                        (SELECT COUNT(*) FROM runs WHERE status IN ('scheduled', 'retrying', 'running'))",
+                        (SELECT COUNT(*) FROM runs WHERE status IN ('scheduled', 'retrying', 'waiting') AND next_attempt_at <= $1), \
+                        (SELECT MIN(next_attempt_at) FROM runs WHERE status IN ('scheduled', 'retrying', 'waiting')), \
+                        (SELECT COUNT(*) FROM runs WHERE status IN ('scheduled', 'retrying', 'waiting', 'running'))",
             )
             .bind(now)
             .fetch_one(&self.reader)
