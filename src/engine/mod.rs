@@ -13,15 +13,16 @@
 //! New runs wake the workers at once (in-process, and through
 //! LISTEN/NOTIFY on PostgreSQL); polling is only a safety net.
 
+pub mod backend;
 pub mod backoff;
 pub mod http;
 pub mod replay;
 pub mod setup;
 pub mod trace;
+mod worker;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound, Utc};
@@ -42,8 +43,6 @@ const RENEW_EVERY: Duration = Duration::from_millis(1500);
 /// How often a progress save is tried before the attempt is recorded as a `store` failure.
 const SAVE_TRIES: u32 = 3;
 const SAVE_RETRY_DELAY: Duration = Duration::from_millis(300);
-/// The safety-net poll when nothing else wakes the workers.
-const POLL: Duration = Duration::from_secs(1);
 
 /// The `User-Agent` of every outbound request.
 pub fn user_agent() -> String {
@@ -57,19 +56,17 @@ pub struct Engine {
     wake: Arc<Notify>,
     owner: String,
     concurrency: usize,
-    /// One permit per run executing now.
+    /// One permit per run executing now (tower's concurrency limit holds them).
     permits: Arc<Semaphore>,
-    /// [`RUNNING`], [`DRAINING`] or [`HANDED_BACK`].
-    phase: AtomicU8,
+    /// Runs this process leased to itself when it created them, in memory.
+    local: backend::LocalRuns,
+    /// Set (to the grace period) when shutdown begins.
+    stop: tokio::sync::watch::Sender<Option<Duration>>,
+    /// Set when the monitor has returned (every worker stopped).
+    stopped: tokio::sync::watch::Sender<bool>,
     /// Workflow versions not in the loaded set, compiled from the database, by hash.
     versions: std::sync::Mutex<HashMap<String, Arc<Workflow>>>,
 }
-
-const RUNNING: u8 = 0;
-/// Shutting down: no new claims; runs in flight may finish.
-const DRAINING: u8 = 1;
-/// The grace period is over: leases were released, stop renewing them.
-const HANDED_BACK: u8 = 2;
 
 fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
@@ -100,7 +97,9 @@ impl Engine {
             owner: format!("{}-{}", hostname(), uuid::Uuid::new_v4().simple()),
             concurrency: concurrency.max(1),
             permits: Arc::new(Semaphore::new(concurrency.max(1))),
-            phase: AtomicU8::new(RUNNING),
+            local: backend::LocalRuns::default(),
+            stop: tokio::sync::watch::Sender::new(None),
+            stopped: tokio::sync::watch::Sender::new(false),
             versions: std::sync::Mutex::new(HashMap::new()),
         }
     }
@@ -141,25 +140,25 @@ impl Engine {
         }
     }
 
-    /// Graceful shutdown: stop claiming runs, let the runs in flight finish
-    /// within `grace`, then hand the rest back (their leases end now, so
-    /// another instance, or this one after a restart, takes them at once;
-    /// an interrupted attempt is sent again with the same Idempotency-Key).
-    /// Returns how many runs were handed back.
+    /// Graceful shutdown: the monitor stops its workers claiming runs, lets
+    /// the runs in flight finish within `grace`, and past it drops them; then
+    /// every lease this process still holds is handed back (their leases end
+    /// now, so another instance, or this one after a restart, takes them at
+    /// once; an interrupted attempt is sent again with the same
+    /// Idempotency-Key). Returns how many runs were handed back.
     pub async fn shutdown(&self, grace: Duration) -> u64 {
-        self.phase.store(DRAINING, Ordering::SeqCst);
-        self.wake.notify_waiters();
         let in_flight = self.concurrency - self.permits.available_permits();
         if in_flight > 0 {
             tracing::info!(in_flight, grace = %humantime::format_duration(grace), "waiting for runs in flight");
         }
-        let all = u32::try_from(self.concurrency).unwrap_or(u32::MAX);
-        if let Ok(Ok(_all_idle)) = tokio::time::timeout(grace, self.permits.acquire_many(all)).await
-        {
-            return 0;
-        }
-        self.phase.store(HANDED_BACK, Ordering::SeqCst);
+        self.stop.send_replace(Some(grace));
+        let mut stopped = self.stopped.subscribe();
+        // The monitor returns within the grace (or just after it, when it drops the workers).
+        let _ =
+            tokio::time::timeout(grace + Duration::from_secs(2), stopped.wait_for(|s| *s)).await;
+        // After the monitor returned: past the grace, `poll_close` is not called.
         match self.store.release_leases(&self.owner, now()).await {
+            Ok(0) => 0,
             Ok(n) => {
                 tracing::warn!(
                     runs = n,
@@ -174,78 +173,36 @@ impl Engine {
         }
     }
 
-    fn draining(&self) -> bool {
-        self.phase.load(Ordering::SeqCst) != RUNNING
-    }
-
     pub fn owner(&self) -> &str {
         &self.owner
     }
 
-    /// Runs the worker loop until the task is dropped.
+    /// Runs the workers under apalis-core's [`Monitor`](apalis_core::monitor::Monitor)
+    /// until [`Engine::shutdown`] (or until the task is dropped).
     pub fn spawn(self: Arc<Self>) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(async move { self.run_loop().await })
-    }
-
-    async fn run_loop(self: Arc<Self>) {
-        let permits = self.permits.clone();
-        let mut failing_since: Option<std::time::Instant> = None;
-        loop {
-            let notified = self.wake.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.draining() {
-                return;
-            }
-            let free = permits.available_permits();
-            let mut look_ahead = false;
-            if free > 0 {
-                match self
-                    .store
-                    .claim_due(&self.owner, now(), LEASE, free as u32)
+        tokio::spawn(async move {
+            let mut stop = self.stop.subscribe();
+            let mut grace = stop.clone();
+            let signal = async move {
+                let _ = stop.wait_for(Option::is_some).await;
+                Ok(())
+            };
+            // Starts after the signal: past it, the workers (and their runs) are dropped.
+            let terminator = async move {
+                let grace = grace
+                    .wait_for(Option::is_some)
                     .await
-                {
-                    Ok(runs) => {
-                        if failing_since.take().is_some() {
-                            tracing::info!("run queue reachable again");
-                        }
-                        let claimed = runs.len();
-                        for run in runs {
-                            let permit = permits
-                                .clone()
-                                .acquire_owned()
-                                .await
-                                .expect("semaphore open");
-                            let me = self.clone();
-                            tokio::spawn(async move {
-                                me.execute(run).await;
-                                drop(permit);
-                                me.wake.notify_one();
-                            });
-                        }
-                        if claimed == free {
-                            continue; // there may be more due
-                        }
-                        look_ahead = true;
-                    }
-                    Err(e) => {
-                        if failing_since.is_none() {
-                            tracing::error!(error = %e, "cannot read the run queue; retrying every second");
-                            failing_since = Some(std::time::Instant::now());
-                        }
-                    }
-                }
+                    .ok()
+                    .and_then(|g| *g)
+                    .unwrap_or_default();
+                tokio::time::sleep(grace).await;
+            };
+            let monitor = worker::monitor(self.clone()).with_terminator(terminator);
+            if let Err(e) = monitor.run_with_signal(signal).await {
+                tracing::error!(error = %e, "the workers stopped with an error");
             }
-            // Sleep until the next run falls due (at most POLL), unless woken first.
-            let mut wait = POLL;
-            if look_ahead && let Ok(Some(next)) = self.store.next_wakeup().await {
-                wait = (next - now()).to_std().unwrap_or(Duration::ZERO).min(POLL);
-            }
-            tokio::select! {
-                _ = &mut notified => {}
-                _ = tokio::time::sleep(wait.max(Duration::from_millis(5))) => {}
-            }
-        }
+            self.stopped.send_replace(true);
+        })
     }
 
     /// Drives one claimed run. The lease is renewed inside the run's own
@@ -268,9 +225,6 @@ impl Engine {
             let mut renewed = std::time::Instant::now();
             loop {
                 tokio::time::sleep(RENEW_EVERY).await;
-                if self.phase.load(Ordering::SeqCst) == HANDED_BACK {
-                    return false;
-                }
                 match self
                     .store
                     .renew_lease(&run.run_id, &self.owner, run.lease_token, LEASE)
@@ -767,17 +721,19 @@ async fn supervised<T: Send + 'static>(
     work: impl std::future::Future<Output = T> + Send + 'static,
     renew: impl std::future::Future<Output = bool>,
 ) -> Supervised<T> {
-    let mut task = tokio::spawn(work);
+    // Aborted if this future is dropped (the monitor drops runs still going past the grace).
+    let mut task = AbortOnDrop(tokio::spawn(work));
+    let task = &mut task.0;
     tokio::pin!(renew);
     let mut renewing = true;
     let joined = loop {
         tokio::select! {
-            joined = &mut task => break joined,
+            joined = &mut *task => break joined,
             lost = &mut renew, if renewing => {
                 renewing = false;
                 if lost {
                     task.abort();
-                    let _ = (&mut task).await;
+                    let _ = (&mut *task).await;
                     return Supervised::LeaseLost;
                 }
             }
@@ -793,6 +749,15 @@ async fn supervised<T: Send + 'static>(
                 .unwrap_or_else(|| "a panic".into()),
             Err(e) => e.to_string(),
         }),
+    }
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -905,7 +870,7 @@ fn hostname() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     #[tokio::test]
     async fn renewal_ends_with_the_run_and_a_panic_is_caught() {
