@@ -142,19 +142,20 @@ impl Application {
         let registry = Arc::new(Registry::new(workflows));
         let wake = Arc::new(Notify::new());
         let supervisor = Supervisor::new();
-        let (appender, appender_task) = Appender::spawn(
-            store.clone(),
-            registry.clone(),
-            wake.clone(),
-            settings.append_timeout,
-            &supervisor,
-        );
         let engine = Arc::new(Engine::new(
             store.clone(),
             registry.clone(),
             wake.clone(),
             settings.worker_concurrency,
         ));
+        let (appender, appender_task) = Appender::spawn(
+            store.clone(),
+            registry.clone(),
+            Some(engine.clone()),
+            wake.clone(),
+            settings.append_timeout,
+            &supervisor,
+        );
         crate::engine::replay::resume_all(store.clone(), wake.clone()).await?;
         let mut workers = vec![appender_task, supervise_engine(&supervisor, &engine)];
         workers.extend(supervise_listener(

@@ -201,7 +201,11 @@ async fn fetch(engine: Arc<Engine>, mut claim_now: bool) -> (Vec<Run>, bool) {
         notified.as_mut().enable();
         let mut wait = POLL;
         if claim_now {
-            let free = engine.permits.available_permits() + 1;
+            // Free slots, this poll's own included, less those local runs will take.
+            let free = (engine.permits.available_permits() + 1).saturating_sub(engine.local.len());
+            if free == 0 {
+                return (Vec::new(), true);
+            }
             match engine
                 .store
                 .claim_due(&engine.owner, now(), LEASE, free as u32)

@@ -17,6 +17,7 @@ pub mod backend;
 pub mod backoff;
 pub mod http;
 pub mod replay;
+pub mod save;
 pub mod setup;
 pub mod trace;
 mod worker;
@@ -58,6 +59,8 @@ pub struct Engine {
     concurrency: usize,
     /// One permit per run executing now (tower's concurrency limit holds them).
     permits: Arc<Semaphore>,
+    /// Group-commits run saves.
+    saver: save::Saver,
     /// Runs this process leased to itself when it created them, in memory.
     local: backend::LocalRuns,
     /// Set (to the grace period) when shutdown begins.
@@ -89,6 +92,7 @@ impl Engine {
         concurrency: usize,
     ) -> Self {
         Self {
+            saver: save::Saver::spawn(store.clone()),
             store,
             registry,
             client: http::client(),
@@ -290,18 +294,14 @@ impl Engine {
         let mut tries = 0;
         let saved = loop {
             tries += 1;
-            match self
-                .store
-                .save_progress(
-                    &run.run_id,
-                    &self.owner,
-                    run.lease_token,
-                    attempt,
-                    update,
-                    now(),
-                )
-                .await
-            {
+            let save = crate::store::runs::Save {
+                run_id: run.run_id.clone(),
+                owner: self.owner.clone(),
+                token: run.lease_token,
+                attempt: attempt.cloned(),
+                update: update.clone(),
+            };
+            match self.saver.save(save).await {
                 Ok(saved) => break saved,
                 Err(e) if tries < SAVE_TRIES => {
                     tracing::warn!(run_id = %run.run_id, error = %e, tries, "could not save a run's progress; trying again");
@@ -702,6 +702,28 @@ impl Engine {
             };
             (record, state.failed(why), true)
         }
+    }
+}
+
+/// The appender leases runs it creates to this engine's free slots and hands them over here.
+impl crate::store::RunHandoff for Engine {
+    fn lease(&self) -> Option<crate::store::LocalLease> {
+        if self.stop.borrow().is_some() {
+            return None; // shutting down: leave new runs to a claim
+        }
+        let max = self
+            .permits
+            .available_permits()
+            .saturating_sub(self.local.len());
+        (max > 0).then(|| crate::store::LocalLease {
+            owner: self.owner.clone(),
+            lease: LEASE,
+            max,
+        })
+    }
+
+    fn hand_over(&self, runs: Vec<Run>) {
+        self.local.push(runs);
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use super::{AppendOutcome, Dispatcher, EventStore, NewEvent, StoreError};
+use super::{AppendOutcome, Dispatcher, EventStore, NewEvent, RunHandoff, StoreError};
 
 /// Most deliveries written in one transaction.
 pub const MAX_BATCH: usize = 256;
@@ -48,10 +48,14 @@ impl Appender {
     /// `supervisor` as `appender` (restarted if it ever ends; deliveries wait
     /// in the queue meanwhile, each at most `timeout`). Its loop ends when
     /// every handle is dropped. `dispatcher` decides which workflows each new
-    /// event starts; `wake` is notified after a commit that created runs.
+    /// event starts; runs it creates are leased to `local` (this process's
+    /// workers, as many as they have free slots) in the same transaction and
+    /// handed to them in memory after the commit; `wake` is notified after a
+    /// commit that created runs left for a claim.
     pub fn spawn(
         store: Arc<dyn EventStore>,
         dispatcher: Arc<dyn Dispatcher>,
+        local: Option<Arc<dyn RunHandoff>>,
         wake: Arc<Notify>,
         timeout: std::time::Duration,
         supervisor: &Arc<crate::supervisor::Supervisor>,
@@ -62,6 +66,7 @@ impl Appender {
             tokio::spawn(run(
                 store.clone(),
                 dispatcher.clone(),
+                local.clone(),
                 wake.clone(),
                 queue.clone(),
                 timeout,
@@ -97,6 +102,7 @@ impl Appender {
 async fn run(
     store: Arc<dyn EventStore>,
     dispatcher: Arc<dyn Dispatcher>,
+    local: Option<Arc<dyn RunHandoff>>,
     wake: Arc<Notify>,
     queue: Queue,
     timeout: std::time::Duration,
@@ -138,16 +144,23 @@ async fn run(
         refuse_until = None;
         let deadline = tokio::time::Instant::now() + timeout;
         let batch = Arc::new(std::mem::take(&mut events));
-        let appended = append_isolated(&store, &dispatcher, &batch, 0..batch.len(), deadline)
-            .await
-            .unwrap_or_else(|_| {
-                // Dropping the transaction rolls it back. If it had in fact committed,
-                // Operator's retry is recognised as a duplicate: nothing is stored twice.
-                Err(StoreError::Unavailable(format!(
-                    "the database did not answer within {}",
-                    humantime::format_duration(timeout)
-                )))
-            });
+        let appended = append_isolated(
+            &store,
+            &dispatcher,
+            &local,
+            &batch,
+            0..batch.len(),
+            deadline,
+        )
+        .await
+        .unwrap_or_else(|_| {
+            // Dropping the transaction rolls it back. If it had in fact committed,
+            // Operator's retry is recognised as a duplicate: nothing is stored twice.
+            Err(StoreError::Unavailable(format!(
+                "the database did not answer within {}",
+                humantime::format_duration(timeout)
+            )))
+        });
         match appended {
             Ok((outcomes, runs)) => {
                 if runs > 0 {
@@ -184,6 +197,7 @@ async fn run(
                     let result = match append_isolated(
                         &store,
                         &dispatcher,
+                        &local,
                         &batch,
                         i..i + 1,
                         deadline,
@@ -214,16 +228,32 @@ async fn run(
 /// workflow's evaluation, say) fails these deliveries, not the appender
 /// (a one-by-one retry then isolates the delivery that causes it). Aborted
 /// (rolled back) at `deadline`.
+/// Runs leased to this process's workers are handed to them after the
+/// commit; the count returned is of the runs left for a claim (another
+/// instance's, or this one's when its workers had no free slot).
 async fn append_isolated(
     store: &Arc<dyn EventStore>,
     dispatcher: &Arc<dyn Dispatcher>,
+    local: &Option<Arc<dyn RunHandoff>>,
     batch: &Arc<Vec<NewEvent>>,
     range: std::ops::Range<usize>,
     deadline: tokio::time::Instant,
 ) -> Result<Result<(Vec<AppendOutcome>, usize), StoreError>, tokio::time::error::Elapsed> {
     let (store, dispatcher, batch) = (store.clone(), dispatcher.clone(), batch.clone());
+    let local = local.clone();
     let mut task = AbortOnDrop(tokio::spawn(async move {
-        store.append_batch(&batch[range], dispatcher.as_ref()).await
+        let lease = local.as_ref().and_then(|l| l.lease());
+        let (outcomes, runs, handed) = store
+            .append_batch_leased(&batch[range], dispatcher.as_ref(), lease.as_ref())
+            .await?;
+        let claimable = runs - handed.len();
+        // Handed over at once, in this task: an append past its deadline may have committed.
+        if let Some(local) = local
+            && !handed.is_empty()
+        {
+            local.hand_over(handed);
+        }
+        Ok((outcomes, claimable))
     }));
     let joined = tokio::time::timeout_at(deadline, &mut task.0).await?;
     Ok(joined.unwrap_or_else(|e| {

@@ -334,7 +334,10 @@ mod tests {
             trace_context: None,
             version: None,
         };
-        assert_eq!(binds(sql::insert_runs(&[run]).unwrap()), RUN_BINDS);
+        assert_eq!(
+            binds(sql::insert_runs(&[run], None, false).unwrap()),
+            RUN_BINDS
+        );
         // 256 events, each matching 40 workflows, fit in statements under both limits.
         for db in ["PostgreSQL", "SQLite"] {
             let per_statement = rows_per_statement(db, RUN_BINDS);

@@ -131,7 +131,22 @@ pub trait EventStore: runs::RunStore + Send + Sync + 'static {
         &self,
         batch: &[NewEvent],
         dispatcher: &dyn Dispatcher,
-    ) -> Result<(Vec<AppendOutcome>, usize), StoreError>;
+    ) -> Result<(Vec<AppendOutcome>, usize), StoreError> {
+        let (outcomes, runs, _) = self.append_batch_leased(batch, dispatcher, None).await?;
+        Ok((outcomes, runs))
+    }
+
+    /// [`EventStore::append_batch`], and the first `local.max` runs it
+    /// creates are leased to `local.owner` in the same transaction (status
+    /// `running`, fencing token 1): they are returned, for this process's
+    /// workers to start without a claim. The others are created `scheduled`
+    /// (and announced to other instances on PostgreSQL).
+    async fn append_batch_leased(
+        &self,
+        batch: &[NewEvent],
+        dispatcher: &dyn Dispatcher,
+        local: Option<&LocalLease>,
+    ) -> Result<(Vec<AppendOutcome>, usize, Vec<runs::Run>), StoreError>;
 
     /// Sizes for `/metrics`: events stored, runs waiting, the database's size.
     async fn stats(&self, now: chrono::DateTime<chrono::Utc>) -> Result<StoreStats, StoreError>;

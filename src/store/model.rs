@@ -147,6 +147,39 @@ pub struct NewRun {
     pub version: Option<String>,
 }
 
+impl NewRun {
+    /// The run as stored with `lease` (what a claim of it would read back;
+    /// `lease_until` is this host's estimate, the database holds the real one).
+    pub fn leased(&self, lease: &LocalLease) -> super::runs::Run {
+        super::runs::Run {
+            run_id: self.run_id.clone(),
+            workflow: self.workflow.clone(),
+            event_seq: self.event_seq,
+            event_id: self.event_id.clone(),
+            conversation_id: self.conversation_id.clone(),
+            replay_of: None,
+            status: super::runs::RunStatus::Running,
+            step_index: 0,
+            step_id: None,
+            attempt: 0,
+            attempts_total: 0,
+            next_attempt_at: self.created_at,
+            lease_owner: Some(lease.owner.clone()),
+            lease_until: Some(super::runs_sql::local_lease_until(lease.lease)),
+            lease_token: 1,
+            context: sqlx::types::Json(super::sanitize::json(&self.context).into_owned()),
+            step_results: sqlx::types::Json(serde_json::json!({})),
+            trace_context: self.trace_context.clone(),
+            last_error: None,
+            created_at: self.created_at,
+            updated_at: self.created_at,
+            finished_at: None,
+            version: self.version.clone(),
+            wait_reason: None,
+        }
+    }
+}
+
 /// One workflow's verdict on one new event.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DispatchDecision {
@@ -166,6 +199,25 @@ pub struct PreparedAnswer {
     pub workflow: Option<String>,
     pub body: String,
     pub fallback_reason: Option<String>,
+}
+
+/// Runs an append may lease to this process's own workers as it creates them.
+#[derive(Clone, Debug)]
+pub struct LocalLease {
+    /// The lease owner (the engine's, unique per process).
+    pub owner: String,
+    pub lease: std::time::Duration,
+    /// At most this many runs (the workers' free slots).
+    pub max: usize,
+}
+
+/// This process's workers, as the appender sees them: runs it created and
+/// leased to them in the event's transaction are handed over in memory.
+pub trait RunHandoff: Send + Sync {
+    /// What the next append may lease to the workers (`None`: nothing now).
+    fn lease(&self) -> Option<LocalLease>;
+    /// Runs committed with a lease to this process (after the commit).
+    fn hand_over(&self, runs: Vec<super::runs::Run>);
 }
 
 /// Decides, inside the append transaction, which workflows an event starts.

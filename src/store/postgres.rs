@@ -13,7 +13,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use super::runs_sql::impl_run_store;
 use super::sql::{append_in_tx, impl_event_store, rebuild_in_tx};
-use super::{AppendOutcome, Backend, Dispatcher, NewEvent, StoreError};
+use super::{AppendOutcome, Backend, Dispatcher, LocalLease, NewEvent, StoreError};
 
 /// The advisory lock key that serialises appends to the log.
 const APPEND_LOCK: i64 = 0x5357_4244_0001; // "SWBD" 1
@@ -70,11 +70,12 @@ impl_event_store!(PostgresStore, sqlx::Postgres, {
         Ok(())
     }
 
-    async fn append_batch(
+    async fn append_batch_leased(
         &self,
         batch: &[NewEvent],
         dispatcher: &dyn Dispatcher,
-    ) -> Result<(Vec<AppendOutcome>, usize), StoreError> {
+        local: Option<&LocalLease>,
+    ) -> Result<(Vec<AppendOutcome>, usize, Vec<crate::store::runs::Run>), StoreError> {
         let mut tx = self.reader.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(APPEND_LOCK)
@@ -85,7 +86,8 @@ impl_event_store!(PostgresStore, sqlx::Postgres, {
             &mut tx,
             batch,
             dispatcher,
-            Some(NOTIFY_RUNS)
+            Some(NOTIFY_RUNS),
+            local
         );
         tx.commit().await?;
         Ok(outcomes)

@@ -169,6 +169,17 @@ pub struct RunUpdate {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
+/// One save of a run's progress, for [`RunStore::save_progress_batch`].
+#[derive(Clone, Debug)]
+pub struct Save {
+    pub run_id: String,
+    pub owner: String,
+    /// The fencing token of the claim (or local lease) that holds the run.
+    pub token: i64,
+    pub attempt: Option<Attempt>,
+    pub update: RunUpdate,
+}
+
 /// What a text or JSON column stores for `text`: every NUL (U+0000, which
 /// PostgreSQL refuses in TEXT and JSONB) becomes U+FFFD, on both backends.
 pub fn storable_text(text: &str) -> std::borrow::Cow<'_, str> {
@@ -266,6 +277,15 @@ pub trait RunStore: Send + Sync + 'static {
         update: &RunUpdate,
         now: DateTime<Utc>,
     ) -> Result<bool, StoreError>;
+
+    /// Several [`RunStore::save_progress`] in one transaction (one commit for
+    /// all): one answer per save, false where the lease was lost (that save
+    /// wrote nothing). An error fails them all (nothing written).
+    async fn save_progress_batch(
+        &self,
+        saves: &[Save],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<bool>, StoreError>;
 
     /// Ends every lease `owner` holds now, so other workers take its runs at
     /// once (graceful shutdown). Returns how many runs were handed back.

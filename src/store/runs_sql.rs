@@ -44,6 +44,80 @@ pub(crate) const REPLAY_COLUMNS: &str = "replay_id, filter, status, total, done,
 macro_rules! impl_run_store {
     ($store:ty, $db:ty, $lock_clause:expr, $claim_prelude:expr, $row_lock:expr, $db_clock:expr) => {
         impl $store {
+            /// One save inside `tx`: the run's new state if the claim `token` still
+            /// holds it, then its attempt; false (nothing written) if the lease was lost.
+            async fn save_in_tx(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                run_id: &str,
+                owner: &str,
+                token: i64,
+                attempt: Option<&$crate::store::runs::Attempt>,
+                u: &$crate::store::runs::RunUpdate,
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<bool, $crate::store::StoreError> {
+                use $crate::store::runs::{storable_json, storable_text};
+                let keep = u.lease.is_some();
+                let sql = format!(
+                    "UPDATE runs SET status = $1, step_index = $2, attempt = $3, attempts_total = $4, \
+                     next_attempt_at = $5, lease_owner = CASE WHEN $6 THEN lease_owner ELSE NULL END, \
+                     lease_until = CASE WHEN $6 THEN {} ELSE NULL END, step_results = $8, last_error = $9, \
+                     finished_at = $10, updated_at = $11, step_id = $15 \
+                     WHERE run_id = $12 AND lease_owner = $13 AND lease_token = $14 AND status = 'running'",
+                    $crate::store::runs_sql::lease_sql($db_clock, 7)
+                );
+                let q = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(u.status.as_str())
+                    .bind(u.step_index)
+                    .bind(u.attempt)
+                    .bind(u.attempts_total)
+                    .bind(u.next_attempt_at)
+                    .bind(keep);
+                let lease = u.lease.unwrap_or_default();
+                let q = if $db_clock {
+                    q.bind(lease.as_secs_f64())
+                } else {
+                    q.bind($crate::store::runs_sql::local_lease_until(lease))
+                };
+                let r = q
+                    .bind(sqlx::types::Json(storable_json(&u.step_results).as_ref()))
+                    .bind(u.last_error.as_deref().map(storable_text))
+                    .bind(u.finished_at)
+                    .bind(now)
+                    .bind(run_id)
+                    .bind(owner)
+                    .bind(token)
+                    .bind(u.step_id.as_deref())
+                    .execute(&mut **tx)
+                    .await?;
+                if r.rows_affected() != 1 {
+                    return Ok(false);
+                }
+                if let Some(a) = attempt {
+                    sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "INSERT INTO attempts ({}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+                        $crate::store::runs_sql::ATTEMPT_COLUMNS
+                    )))
+                    .bind(&a.run_id)
+                    .bind(a.number)
+                    .bind(a.step_index)
+                    .bind(storable_text(&a.step_id))
+                    .bind(a.attempt)
+                    .bind(a.started_at)
+                    .bind(a.duration_ms)
+                    .bind(sqlx::types::Json(storable_json(&a.request.0).as_ref()))
+                    .bind(a.response_status)
+                    .bind(a.response_headers.as_ref().map(|h| sqlx::types::Json(storable_json(&h.0).into_owned())))
+                    .bind(a.response_body.as_deref().map(storable_text))
+                    .bind(&a.outcome)
+                    .bind(a.error_class.as_deref())
+                    .bind(a.error_message.as_deref().map(storable_text))
+                    .bind(a.next_delay_ms)
+                    .execute(&mut **tx)
+                    .await?;
+                }
+                Ok(true)
+            }
+
             /// Applies a state change guarded by the run's current status (`$1` is now,
             /// `$2` the run id) and says what happened.
             async fn change_run(
@@ -159,7 +233,6 @@ macro_rules! impl_run_store {
                 u: &$crate::store::runs::RunUpdate,
                 now: chrono::DateTime<chrono::Utc>,
             ) -> Result<bool, $crate::store::StoreError> {
-                use $crate::store::runs::{storable_json, storable_text};
                 let mut tx = self.writer.begin().await?;
                 // Same as claims: progress is at-least-once anyway (a lost save means the
                 // attempt is made again, with the same Idempotency-Key).
@@ -167,68 +240,35 @@ macro_rules! impl_run_store {
                 if let Some(prelude) = prelude {
                     sqlx::query(prelude).execute(&mut *tx).await?;
                 }
-                let keep = u.lease.is_some();
-                let sql = format!(
-                    "UPDATE runs SET status = $1, step_index = $2, attempt = $3, attempts_total = $4, \
-                     next_attempt_at = $5, lease_owner = CASE WHEN $6 THEN lease_owner ELSE NULL END, \
-                     lease_until = CASE WHEN $6 THEN {} ELSE NULL END, step_results = $8, last_error = $9, \
-                     finished_at = $10, updated_at = $11, step_id = $15 \
-                     WHERE run_id = $12 AND lease_owner = $13 AND lease_token = $14 AND status = 'running'",
-                    $crate::store::runs_sql::lease_sql($db_clock, 7)
-                );
-                let q = sqlx::query(sqlx::AssertSqlSafe(sql))
-                    .bind(u.status.as_str())
-                    .bind(u.step_index)
-                    .bind(u.attempt)
-                    .bind(u.attempts_total)
-                    .bind(u.next_attempt_at)
-                    .bind(keep);
-                let lease = u.lease.unwrap_or_default();
-                let q = if $db_clock {
-                    q.bind(lease.as_secs_f64())
+                let saved = Self::save_in_tx(&mut tx, run_id, owner, token, attempt, u, now).await?;
+                if saved {
+                    tx.commit().await?;
                 } else {
-                    q.bind($crate::store::runs_sql::local_lease_until(lease))
-                };
-                let r = q
-                    .bind(sqlx::types::Json(storable_json(&u.step_results).as_ref()))
-                    .bind(u.last_error.as_deref().map(storable_text))
-                    .bind(u.finished_at)
-                    .bind(now)
-                    .bind(run_id)
-                    .bind(owner)
-                    .bind(token)
-                    .bind(u.step_id.as_deref())
-                    .execute(&mut *tx)
-                    .await?;
-                if r.rows_affected() != 1 {
                     tx.rollback().await?;
-                    return Ok(false);
                 }
-                if let Some(a) = attempt {
-                    sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "INSERT INTO attempts ({}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
-                        $crate::store::runs_sql::ATTEMPT_COLUMNS
-                    )))
-                    .bind(&a.run_id)
-                    .bind(a.number)
-                    .bind(a.step_index)
-                    .bind(storable_text(&a.step_id))
-                    .bind(a.attempt)
-                    .bind(a.started_at)
-                    .bind(a.duration_ms)
-                    .bind(sqlx::types::Json(storable_json(&a.request.0).as_ref()))
-                    .bind(a.response_status)
-                    .bind(a.response_headers.as_ref().map(|h| sqlx::types::Json(storable_json(&h.0).into_owned())))
-                    .bind(a.response_body.as_deref().map(storable_text))
-                    .bind(&a.outcome)
-                    .bind(a.error_class.as_deref())
-                    .bind(a.error_message.as_deref().map(storable_text))
-                    .bind(a.next_delay_ms)
-                    .execute(&mut *tx)
-                    .await?;
+                Ok(saved)
+            }
+
+            async fn save_progress_batch(
+                &self,
+                saves: &[$crate::store::runs::Save],
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<Vec<bool>, $crate::store::StoreError> {
+                let mut tx = self.writer.begin().await?;
+                let prelude: Option<&str> = $claim_prelude;
+                if let Some(prelude) = prelude {
+                    sqlx::query(prelude).execute(&mut *tx).await?;
+                }
+                let mut saved = Vec::with_capacity(saves.len());
+                for s in saves {
+                    // A save whose lease was lost writes nothing (its UPDATE matches no row).
+                    saved.push(
+                        Self::save_in_tx(&mut tx, &s.run_id, &s.owner, s.token, s.attempt.as_ref(), &s.update, now)
+                            .await?,
+                    );
                 }
                 tx.commit().await?;
-                Ok(true)
+                Ok(saved)
             }
 
             async fn next_wakeup(

@@ -299,9 +299,16 @@ where
     Some(qb)
 }
 
-/// Creates runs (scheduled now), or `None` if there are none.
-pub(crate) fn insert_runs<DB: Database>(runs: &[super::model::NewRun]) -> Option<QueryBuilder<DB>>
+/// Creates runs (scheduled now), or `None` if there are none; with `lease`,
+/// leased to its owner (status `running`, fencing token 1) until the lease
+/// expires: by the database's clock (PostgreSQL), or this host's (SQLite).
+pub(crate) fn insert_runs<DB: Database>(
+    runs: &[super::model::NewRun],
+    lease: Option<&super::model::LocalLease>,
+    db_clock: bool,
+) -> Option<QueryBuilder<DB>>
 where
+    for<'t> f64: Encode<'t, DB> + Type<DB>,
     for<'t> &'t str: Encode<'t, DB> + Type<DB>,
     for<'t> i64: Encode<'t, DB> + Type<DB>,
     for<'t> Option<&'t str>: Encode<'t, DB> + Type<DB>,
@@ -313,15 +320,24 @@ where
     }
     let mut qb = QueryBuilder::new(
         "INSERT INTO runs (run_id, workflow, event_seq, event_id, conversation_id, status, next_attempt_at, \
-         context, step_results, created_at, updated_at, trace_context, version) ",
+         context, step_results, created_at, updated_at, trace_context, version",
     );
+    qb.push(if lease.is_some() {
+        ", lease_owner, lease_until, lease_token) "
+    } else {
+        ") "
+    });
     qb.push_values(runs, |mut row, r| {
         row.push_bind(r.run_id.as_str())
             .push_bind(r.workflow.as_str())
             .push_bind(r.event_seq)
             .push_bind(r.event_id.as_str())
             .push_bind(r.conversation_id.as_deref())
-            .push_bind("scheduled")
+            .push_bind(if lease.is_some() {
+                "running"
+            } else {
+                "scheduled"
+            })
             .push_bind(r.created_at)
             .push_bind(Json(sanitize::json(&r.context).into_owned()))
             .push("'{}'")
@@ -329,6 +345,17 @@ where
             .push_bind(r.created_at)
             .push_bind(r.trace_context.as_deref())
             .push_bind(r.version.as_deref());
+        if let Some(lease) = lease {
+            row.push_bind(lease.owner.as_str());
+            if db_clock {
+                row.push("clock_timestamp() + make_interval(secs => ")
+                    .push_bind_unseparated(lease.lease.as_secs_f64())
+                    .push_unseparated(")");
+            } else {
+                row.push_bind(super::runs_sql::local_lease_until(lease.lease));
+            }
+            row.push("1");
+        }
     });
     qb.push(" ON CONFLICT DO NOTHING");
     Some(qb)
@@ -428,7 +455,7 @@ where
 /// A macro rather than a generic function because sqlx's executor bounds
 /// over a generic database are heavier than the code they would share.
 macro_rules! append_in_tx {
-    ($db:ty, $tx:expr, $batch:expr, $dispatcher:expr, $notify:expr) => {{
+    ($db:ty, $tx:expr, $batch:expr, $dispatcher:expr, $notify:expr, $local:expr) => {{
         use sqlx::types::Json;
         use $crate::store::{batch, projection::ConversationState, sql};
         let tx = $tx;
@@ -492,18 +519,33 @@ macro_rules! append_in_tx {
                 qb.build().execute(&mut **tx).await?;
             }
         }
-        for chunk in plan.runs.chunks(rows(batch::RUN_BINDS)) {
-            if let Some(mut qb) = sql::insert_runs::<$db>(chunk) {
+        // The first runs go to this process's own workers, leased to them here
+        // (as many as they have free slots); the rest are claimed.
+        let local: Option<&$crate::store::LocalLease> = $local;
+        let db_clock = $notify.is_some();
+        let leased = local.map_or(0, |l| l.max.min(plan.runs.len()));
+        let (mine, others) = plan.runs.split_at(leased);
+        for chunk in mine.chunks(rows(batch::RUN_BINDS + 2)) {
+            if let Some(mut qb) = sql::insert_runs::<$db>(chunk, local, db_clock) {
                 qb.build().execute(&mut **tx).await?;
             }
         }
-        if !plan.runs.is_empty() {
+        for chunk in others.chunks(rows(batch::RUN_BINDS)) {
+            if let Some(mut qb) = sql::insert_runs::<$db>(chunk, None, db_clock) {
+                qb.build().execute(&mut **tx).await?;
+            }
+        }
+        if !others.is_empty() {
             let notify: Option<&str> = $notify;
             if let Some(notify) = notify {
                 sqlx::query(notify).execute(&mut **tx).await?;
             }
         }
-        (plan.outcomes, plan.runs.len())
+        let handed: Vec<$crate::store::runs::Run> = match local {
+            Some(l) => mine.iter().map(|r| r.leased(l)).collect(),
+            None => Vec::new(),
+        };
+        (plan.outcomes, plan.runs.len(), handed)
     }};
 }
 pub(crate) use append_in_tx;

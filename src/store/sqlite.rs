@@ -15,7 +15,7 @@ use sqlx::sqlite::{
 
 use super::runs_sql::impl_run_store;
 use super::sql::{append_in_tx, impl_event_store, rebuild_in_tx};
-use super::{AppendOutcome, Backend, Dispatcher, NewEvent, StoreError};
+use super::{AppendOutcome, Backend, Dispatcher, LocalLease, NewEvent, StoreError};
 
 pub struct SqliteStore {
     writer: SqlitePool,
@@ -82,13 +82,21 @@ impl_event_store!(SqliteStore, sqlx::Sqlite, {
         Ok(())
     }
 
-    async fn append_batch(
+    async fn append_batch_leased(
         &self,
         batch: &[NewEvent],
         dispatcher: &dyn Dispatcher,
-    ) -> Result<(Vec<AppendOutcome>, usize), StoreError> {
+        local: Option<&LocalLease>,
+    ) -> Result<(Vec<AppendOutcome>, usize, Vec<crate::store::runs::Run>), StoreError> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let outcomes = append_in_tx!(sqlx::Sqlite, &mut tx, batch, dispatcher, None);
+        let outcomes = append_in_tx!(
+            sqlx::Sqlite,
+            &mut tx,
+            batch,
+            dispatcher,
+            None::<&str>,
+            local
+        );
         tx.commit().await?;
         Ok(outcomes)
     }
