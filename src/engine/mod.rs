@@ -45,6 +45,37 @@ const RENEW_EVERY: Duration = Duration::from_millis(1500);
 const SAVE_TRIES: u32 = 3;
 const SAVE_RETRY_DELAY: Duration = Duration::from_millis(300);
 
+/// What the gate answers before an attempt is sent.
+#[derive(Clone, Debug, PartialEq)]
+pub enum GateAnswer {
+    /// Send it.
+    Go,
+    /// Do not send it now: the run goes `waiting` with `reason` (e.g.
+    /// `rate_limited`, `circuit_open`) until `until`, releasing its lease;
+    /// no attempt is recorded and none is counted against `max_attempts`.
+    Hold {
+        until: DateTime<Utc>,
+        reason: String,
+    },
+}
+
+/// Asked right before each HTTP attempt (after the step's `if`), e.g. by
+/// per-destination rate limits and circuit breakers.
+#[async_trait::async_trait]
+pub trait Gate: Send + Sync + 'static {
+    async fn check(&self, run: &Run, step: &Step) -> GateAnswer;
+}
+
+/// The default gate: every attempt goes.
+pub struct AlwaysGo;
+
+#[async_trait::async_trait]
+impl Gate for AlwaysGo {
+    async fn check(&self, _run: &Run, _step: &Step) -> GateAnswer {
+        GateAnswer::Go
+    }
+}
+
 /// The `User-Agent` of every outbound request.
 pub fn user_agent() -> String {
     format!("switchboard/{}", env!("CARGO_PKG_VERSION"))
@@ -59,6 +90,8 @@ pub struct Engine {
     concurrency: usize,
     /// One permit per run executing now (tower's concurrency limit holds them).
     permits: Arc<Semaphore>,
+    /// Asked before every attempt (default: always go).
+    gate: Arc<dyn Gate>,
     /// Group-commits run saves.
     saver: save::Saver,
     /// Runs this process leased to itself when it created them, in memory.
@@ -93,6 +126,7 @@ impl Engine {
     ) -> Self {
         Self {
             saver: save::Saver::spawn(store.clone()),
+            gate: Arc::new(AlwaysGo),
             store,
             registry,
             client: http::client(),
@@ -106,6 +140,13 @@ impl Engine {
             stopped: tokio::sync::watch::Sender::new(false),
             versions: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Replaces the gate asked before every attempt (per-destination rate
+    /// limits, circuit breakers).
+    pub fn with_gate(mut self, gate: Arc<dyn Gate>) -> Self {
+        self.gate = gate;
+        self
     }
 
     /// The stored version `hash` of a workflow, compiled with the same
@@ -455,6 +496,14 @@ impl Engine {
                         return Ok(());
                     }
                 }
+            }
+            // The gate, right before an attempt is sent: a held attempt is not
+            // made, not recorded and not counted; the run waits until `until`.
+            if let GateAnswer::Hold { until, reason } = self.gate.check(&run, step).await {
+                tracing::info!(run_id = %run.run_id, step = %step.id, reason, until = %until, "attempt held; the run waits");
+                let update = state.waiting(until, reason);
+                self.save(&run, None, &update).await?;
+                return Ok(());
             }
             let index = state.step_index;
             let before = state.clone();
@@ -829,6 +878,17 @@ impl RunState {
             step_results: Value::Object(self.results.clone()),
             last_error: error,
             finished_at: status.is_final().then(now),
+            wait_reason: None,
+        }
+    }
+
+    /// The `Wait` transition: the run pauses, holding no lease and no
+    /// worker, and is due again at `until` (a claim takes it then, on any
+    /// instance); no attempt is recorded and none is counted.
+    pub(crate) fn waiting(&self, until: DateTime<Utc>, reason: String) -> RunUpdate {
+        RunUpdate {
+            wait_reason: Some(reason),
+            ..self.update(RunStatus::Waiting, until, None, None)
         }
     }
 

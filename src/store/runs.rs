@@ -167,6 +167,8 @@ pub struct RunUpdate {
     pub step_results: Value,
     pub last_error: Option<String>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// Why the run waits (status `waiting`; `None` otherwise, which clears it).
+    pub wait_reason: Option<String>,
 }
 
 /// One save of a run's progress, for [`RunStore::save_progress_batch`].

@@ -61,7 +61,7 @@ macro_rules! impl_run_store {
                     "UPDATE runs SET status = $1, step_index = $2, attempt = $3, attempts_total = $4, \
                      next_attempt_at = $5, lease_owner = CASE WHEN $6 THEN lease_owner ELSE NULL END, \
                      lease_until = CASE WHEN $6 THEN {} ELSE NULL END, step_results = $8, last_error = $9, \
-                     finished_at = $10, updated_at = $11, step_id = $15 \
+                     finished_at = $10, updated_at = $11, step_id = $15, wait_reason = $16 \
                      WHERE run_id = $12 AND lease_owner = $13 AND lease_token = $14 AND status = 'running'",
                     $crate::store::runs_sql::lease_sql($db_clock, 7)
                 );
@@ -87,6 +87,7 @@ macro_rules! impl_run_store {
                     .bind(owner)
                     .bind(token)
                     .bind(u.step_id.as_deref())
+                    .bind(u.wait_reason.as_deref())
                     .execute(&mut **tx)
                     .await?;
                 if r.rows_affected() != 1 {

@@ -1,0 +1,123 @@
+//! The hooks of the run driver, on both databases: a gate asked right
+//! before each attempt can hold it (the run goes `waiting` with a reason,
+//! releases its lease, records and counts no attempt) and the run goes on
+//! when it is due again; and a run created by this process is started by its
+//! workers (leased in the append transaction, handed over in memory).
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::sink::Sink;
+use common::{TestDb, workflow_dir};
+use switchboard::domain::IdempotencyKey;
+use switchboard::engine::{Engine, Gate, GateAnswer};
+use switchboard::store::runs::{Run, RunStatus};
+use switchboard::store::{NewEvent, RunHandoff, Verification};
+use switchboard::webhook::envelope::Envelope;
+use switchboard::workflow::Step;
+
+/// Holds the first attempt for 300 ms, then lets every attempt go.
+struct HoldOnce(AtomicUsize);
+
+#[async_trait::async_trait]
+impl Gate for HoldOnce {
+    async fn check(&self, _run: &Run, _step: &Step) -> GateAnswer {
+        if self.0.fetch_add(1, Ordering::SeqCst) == 0 {
+            GateAnswer::Hold {
+                until: chrono::Utc::now() + chrono::TimeDelta::milliseconds(300),
+                reason: "rate_limited".into(),
+            }
+        } else {
+            GateAnswer::Go
+        }
+    }
+}
+
+fn event(id: &str) -> NewEvent {
+    let body = common::ended_body(id, "conv_gate", "completed");
+    NewEvent {
+        envelope: Envelope::parse(&body).unwrap(),
+        idempotency_key: IdempotencyKey::parse(format!("key-{id}")).unwrap(),
+        raw_body: body,
+        verification: Verification {
+            signed_url: "http://127.0.0.1/webhooks/operator".into(),
+            timestamp: "1".into(),
+            signature: "v1,x".into(),
+        },
+        received_at: chrono::Utc::now(),
+        span: tracing::Span::none(),
+    }
+}
+
+async fn a_held_attempt_waits_without_an_attempt_then_goes(db: &TestDb) {
+    let sink = Sink::start().await;
+    let dir = workflow_dir(&[(
+        "crm.yaml",
+        &format!(
+            "on:\n  event: conversation.ended\nsteps:\n  - id: post\n    http:\n      url: \"{}\"\n      json: {{}}\n",
+            sink.url("/ok/crm")
+        ),
+    )]);
+    let registry = Arc::new(switchboard::workflow::registry::Registry::new(
+        switchboard::workflow::WorkflowSet::load(dir.path()).expect("workflows load"),
+    ));
+    let store = switchboard::store::connect(db.url()).await.unwrap();
+    store.migrate().await.unwrap();
+    let gate = Arc::new(HoldOnce(AtomicUsize::new(0)));
+    let engine = Arc::new(
+        Engine::new(
+            store.clone(),
+            registry.clone(),
+            Arc::new(tokio::sync::Notify::new()),
+            4,
+        )
+        .with_gate(gate.clone()),
+    );
+    let workers = engine.clone().spawn();
+    // As the appender does: the run is leased to this engine in the event's transaction.
+    let lease = engine.lease().expect("free slots");
+    let (_, runs, handed) = store
+        .append_batch_leased(&[event("ev_gate")], registry.as_ref(), Some(&lease))
+        .await
+        .unwrap();
+    assert_eq!((runs, handed.len()), (1, 1));
+    assert_eq!(handed[0].lease_owner.as_deref(), Some(engine.owner()));
+    let run_id = handed[0].run_id.clone();
+    engine.hand_over(handed);
+    // Held: waiting, with its reason, no lease, no attempt.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let held = loop {
+        let run = store.get_run(&run_id).await.unwrap().unwrap();
+        if run.status == RunStatus::Waiting || std::time::Instant::now() > deadline {
+            break run;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(held.status, RunStatus::Waiting, "{held:?}");
+    assert_eq!(held.wait_reason.as_deref(), Some("rate_limited"));
+    assert_eq!(held.lease_owner, None);
+    assert_eq!(held.attempts_total, 0, "a held attempt is not counted");
+    assert!(store.attempts(&run_id).await.unwrap().is_empty());
+    // Due again: claimed and sent once.
+    sink.wait_for("/ok/crm", 1, 5).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let done = loop {
+        let run = store.get_run(&run_id).await.unwrap().unwrap();
+        if run.status.is_final() || std::time::Instant::now() > deadline {
+            break run;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(done.status, RunStatus::Succeeded);
+    assert_eq!(done.wait_reason, None);
+    assert_eq!(done.attempts_total, 1);
+    assert_eq!(store.attempts(&run_id).await.unwrap().len(), 1);
+    assert_eq!(gate.0.load(Ordering::SeqCst), 2);
+    assert_eq!(engine.shutdown(Duration::from_secs(1)).await, 0);
+    workers.abort();
+}
+
+on_both_backends!(a_held_attempt_waits_without_an_attempt_then_goes);
