@@ -15,6 +15,7 @@
 
 pub mod backend;
 pub mod backoff;
+mod driver;
 pub mod http;
 pub mod replay;
 pub mod save;
@@ -34,6 +35,7 @@ use crate::store::EventStore;
 use crate::store::runs::{Attempt, Run, RunStatus, RunUpdate};
 use crate::workflow::registry::Registry;
 use crate::workflow::{Step, Workflow, template};
+use driver::RunState;
 use http::ErrorClass;
 use trace::{RunTrace, StepEnd};
 use tracing::Instrument;
@@ -699,58 +701,29 @@ impl Engine {
             record.response_headers = Some(sqlx::types::Json(json!(resp.headers)));
             record.response_body = Some(resp.body.clone());
         }
-        let Some(http::Failure {
-            class,
-            message,
-            retryable,
-            retry_after,
-        }) = ex.failure
-        else {
-            let resp = ex.response.expect("no failure means a response");
-            record.outcome = "succeeded".into();
-            state.results.insert(step.id.clone(), resp.as_step_result());
-            state.step_index += 1;
-            state.attempt = 0;
-            state.at(wf);
-            let done = state.step_index as usize >= wf.steps.len();
-            let update = if done {
-                state.succeeded()
-            } else {
-                state.running()
-            };
-            tracing::debug!(run_id = %run.run_id, step = %step.id, status = resp.status, "step succeeded");
-            return (record, update, done);
+        let outcome = match ex.failure {
+            None => {
+                let resp = ex.response.expect("no failure means a response");
+                tracing::debug!(run_id = %run.run_id, step = %step.id, status = resp.status, "step succeeded");
+                driver::Outcome::Succeeded(resp.as_step_result())
+            }
+            Some(f) => {
+                record.error_class = Some(f.class.as_str().into());
+                record.error_message = Some(f.message.clone());
+                driver::Outcome::Failed(f)
+            }
         };
-        record.error_class = Some(class.as_str().into());
-        record.error_message = Some(message.clone());
-        if retryable && (state.attempt as u32) < step.retry.max_attempts {
-            let delay = backoff::delay(
-                &step.retry,
-                state.attempt as u32,
-                retry_after,
-                rand::random::<f64>(),
-            );
-            record.outcome = "retrying".into();
+        let next = driver::after_attempt(state, wf, step, outcome, rand::random::<f64>());
+        record.outcome = next.outcome.into();
+        if let Some(delay) = next.retry_in {
             record.next_delay_ms = Some(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
             span.record(
                 "switchboard.retry.delay_ms",
                 u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
             );
-            tracing::info!(run_id = %run.run_id, step = %step.id, attempt = state.attempt, error = class.as_str(), delay = %humantime::format_duration(delay), "attempt failed; retrying");
-            let update = state.retrying(after(delay), format!("step `{}`: {message}", step.id));
-            (record, update, true)
-        } else {
-            record.outcome = "failed".into();
-            let why = if retryable {
-                format!(
-                    "step `{}`: {message} (after {} attempts)",
-                    step.id, state.attempt
-                )
-            } else {
-                format!("step `{}`: {message}", step.id)
-            };
-            (record, state.failed(why), true)
+            tracing::info!(run_id = %run.run_id, step = %step.id, attempt = state.attempt, error = record.error_class.as_deref().unwrap_or(""), delay = %humantime::format_duration(delay), "attempt failed; retrying");
         }
+        (record, next.update, next.stop)
     }
 }
 
@@ -829,83 +802,6 @@ struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-/// The mutable part of a run while a worker drives it.
-#[derive(Clone)]
-struct RunState {
-    step_index: i64,
-    step_id: Option<String>,
-    attempt: i64,
-    attempts_total: i64,
-    results: serde_json::Map<String, Value>,
-}
-
-impl From<&Run> for RunState {
-    fn from(run: &Run) -> Self {
-        Self {
-            step_index: run.step_index,
-            step_id: run.step_id.clone(),
-            attempt: run.attempt,
-            attempts_total: run.attempts_total,
-            results: run.step_results.0.as_object().cloned().unwrap_or_default(),
-        }
-    }
-}
-
-impl RunState {
-    /// Records the id of the step at `step_index` (none once past the last).
-    fn at(&mut self, wf: &Workflow) {
-        self.step_id = wf.steps.get(self.step_index as usize).map(|s| s.id.clone());
-    }
-
-    fn update(
-        &self,
-        status: RunStatus,
-        next: DateTime<Utc>,
-        lease: Option<Duration>,
-        error: Option<String>,
-    ) -> RunUpdate {
-        RunUpdate {
-            status,
-            step_index: self.step_index,
-            step_id: self.step_id.clone(),
-            attempt: self.attempt,
-            attempts_total: self.attempts_total,
-            next_attempt_at: next,
-            lease,
-            step_results: Value::Object(self.results.clone()),
-            last_error: error,
-            finished_at: status.is_final().then(now),
-            wait_reason: None,
-        }
-    }
-
-    /// The `Wait` transition: the run pauses, holding no lease and no
-    /// worker, and is due again at `until` (a claim takes it then, on any
-    /// instance); no attempt is recorded and none is counted.
-    pub(crate) fn waiting(&self, until: DateTime<Utc>, reason: String) -> RunUpdate {
-        RunUpdate {
-            wait_reason: Some(reason),
-            ..self.update(RunStatus::Waiting, until, None, None)
-        }
-    }
-
-    fn running(&self) -> RunUpdate {
-        self.update(RunStatus::Running, now(), Some(LEASE), None)
-    }
-
-    fn succeeded(&self) -> RunUpdate {
-        self.update(RunStatus::Succeeded, now(), None, None)
-    }
-
-    fn retrying(&self, at: DateTime<Utc>, error: String) -> RunUpdate {
-        self.update(RunStatus::Retrying, at, None, Some(error))
-    }
-
-    fn failed(&self, error: String) -> RunUpdate {
-        self.update(RunStatus::Failed, now(), None, Some(error))
     }
 }
 
