@@ -1,8 +1,9 @@
 //! The hooks of the run driver, on both databases: a gate asked right
 //! before each attempt can hold it (the run goes `waiting` with a reason,
 //! releases its lease, records and counts no attempt) and the run goes on
-//! when it is due again; and a run created by this process is started by its
-//! workers (leased in the append transaction, handed over in memory).
+//! when it is due again; a run created by this process is started by its
+//! workers (leased in the append transaction, handed over in memory); and a
+//! run that panics fails alone while its worker goes on.
 
 mod common;
 
@@ -120,4 +121,89 @@ async fn a_held_attempt_waits_without_an_attempt_then_goes(db: &TestDb) {
     workers.abort();
 }
 
-on_both_backends!(a_held_attempt_waits_without_an_attempt_then_goes);
+/// Panics for the run of event `ev_boom`, lets every other attempt go.
+struct PanicsOnBoom;
+
+#[async_trait::async_trait]
+impl Gate for PanicsOnBoom {
+    async fn check(&self, run: &Run, _step: &Step) -> GateAnswer {
+        if run.event_id == "ev_boom" {
+            panic!("boom in the gate");
+        }
+        GateAnswer::Go
+    }
+}
+
+async fn a_panicking_run_fails_alone_and_its_worker_goes_on(db: &TestDb) {
+    let sink = Sink::start().await;
+    let dir = workflow_dir(&[(
+        "crm.yaml",
+        &format!(
+            "on:\n  event: conversation.ended\nsteps:\n  - id: post\n    http:\n      url: \"{}\"\n      json: {{}}\n",
+            sink.url("/ok/crm")
+        ),
+    )]);
+    let registry = Arc::new(switchboard::workflow::registry::Registry::new(
+        switchboard::workflow::WorkflowSet::load(dir.path()).expect("workflows load"),
+    ));
+    let store = switchboard::store::connect(db.url()).await.unwrap();
+    store.migrate().await.unwrap();
+    // One slot: the run after the panic can only execute if the worker survived it.
+    let engine = Arc::new(
+        Engine::new(
+            store.clone(),
+            registry.clone(),
+            Arc::new(tokio::sync::Notify::new()),
+            1,
+        )
+        .with_gate(Arc::new(PanicsOnBoom)),
+    );
+    let workers = engine.clone().spawn();
+    let mut ids = Vec::new();
+    for ev in ["ev_boom", "ev_fine"] {
+        let lease = engine.lease();
+        let (_, _, handed) = store
+            .append_batch_leased(&[event(ev)], registry.as_ref(), lease.as_ref())
+            .await
+            .unwrap();
+        let listed = store
+            .list_runs(&switchboard::store::runs::RunQuery {
+                event_id: Some(ev.into()),
+                limit: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        ids.push(listed[0].run_id.clone());
+        engine.hand_over(handed);
+    }
+    sink.wait_for("/ok/crm", 1, 10).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (boom, fine) = loop {
+        let boom = store.get_run(&ids[0]).await.unwrap().unwrap();
+        let fine = store.get_run(&ids[1]).await.unwrap().unwrap();
+        if (boom.status.is_final() && fine.status.is_final())
+            || std::time::Instant::now() > deadline
+        {
+            break (boom, fine);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(boom.status, RunStatus::Failed, "{boom:?}");
+    assert!(
+        boom.last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("boom in the gate"),
+        "{boom:?}"
+    );
+    assert_eq!(fine.status, RunStatus::Succeeded, "{fine:?}");
+    assert_eq!(sink.received().len(), 1);
+    engine.shutdown(Duration::from_secs(1)).await;
+    workers.abort();
+}
+
+on_both_backends!(
+    a_held_attempt_waits_without_an_attempt_then_goes,
+    a_panicking_run_fails_alone_and_its_worker_goes_on
+);
