@@ -163,6 +163,11 @@ async fn a_running_bulk_replay_can_be_cancelled(db: &TestDb) {
         cursor_seq: 3,
         created_at: chrono::Utc::now(),
         finished_at: None,
+        mode: "rerun".into(),
+        // Leased to an instance that never comes back within the test.
+        lease_owner: Some("elsewhere".into()),
+        lease_until: Some(chrono::Utc::now() + chrono::TimeDelta::hours(1)),
+        lease_token: 1,
     };
     app.store.create_replay(&replay).await.unwrap();
     let (status, body) = app.admin_post("/api/v1/replays/rpl_test/cancel").await;
