@@ -143,7 +143,7 @@ pub async fn create(
 #[derive(Debug)]
 pub enum Ended {
     /// Every selected event was handled.
-    Finished(Replay),
+    Finished(Box<Replay>),
     /// Cancelled, taken over by another instance, or the process is stopping.
     Stopped,
 }
@@ -191,7 +191,7 @@ impl Driver {
                     {
                         replay.status = "succeeded".into();
                         tracing::info!(replay_id = %replay.replay_id, runs = replay.runs_created, "replay finished");
-                        Ended::Finished(replay)
+                        Ended::Finished(Box::new(replay))
                     } else {
                         Ended::Stopped
                     },
