@@ -489,7 +489,98 @@ async fn a_bulk_replay_killed_mid_way_replays_no_event_twice(db: &TestDb) {
     );
 }
 
+/// A dispatch killed with kill -9 mid-way is taken over after the restart and
+/// creates each missing run once, with exact counts.
+async fn a_dispatch_killed_mid_way_creates_each_run_once(db: &TestDb) {
+    const EVENTS: usize = 2_000;
+    let completed = store_events(db, "k", EVENTS).await;
+    let sink = Sink::start().await;
+    let workflows = workflow_dir(&[("late.yaml", &completed_workflow(&sink, "/ok/kd"))]);
+    let wf_env = workflows.path().display().to_string();
+    let logs = tempfile::tempdir().unwrap();
+    let env = [("SWITCHBOARD_WORKFLOWS", wf_env.as_str())];
+    let mut server = ServerProcess::start(db, logs.path(), &env).await;
+    let http = client();
+    let resp = http
+        .post(format!("{}/api/v1/replays", server.base()))
+        .bearer_auth(common::TOKEN)
+        .json(&json!({"mode": "dispatch"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let probe = Probe::open(db).await;
+    let done_sql = format!("SELECT done FROM replays WHERE replay_id = '{id}'");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let done_at_kill = loop {
+        let done = probe.count(&done_sql).await;
+        if done >= 100 {
+            server.kill9();
+            break done;
+        }
+        assert!(Instant::now() < deadline, "the dispatch made no progress");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert!(
+        done_at_kill < EVENTS as i64,
+        "killed after it finished; the test did not interrupt it"
+    );
+    let server = ServerProcess::start(db, logs.path(), &env).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let finished =
+        format!("SELECT COUNT(*) FROM replays WHERE replay_id = '{id}' AND status = 'succeeded'");
+    while probe.count(&finished).await == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the dispatch was not taken over after the restart; log:\n{}",
+            std::fs::read_to_string(&server.log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let want = completed.len() as i64;
+    assert_eq!(
+        probe.count(&done_sql).await,
+        EVENTS as i64,
+        "each event counted once"
+    );
+    assert_eq!(
+        probe
+            .count(&format!(
+                "SELECT runs_created FROM replays WHERE replay_id = '{id}'"
+            ))
+            .await,
+        want
+    );
+    assert_eq!(probe.count("SELECT COUNT(*) FROM runs").await, want);
+    assert_eq!(
+        probe
+            .count("SELECT COUNT(DISTINCT event_id) FROM runs")
+            .await,
+        want
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while probe
+        .count("SELECT COUNT(*) FROM runs WHERE status = 'succeeded'")
+        .await
+        < want
+    {
+        assert!(Instant::now() < deadline, "runs did not all succeed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let keys: HashSet<String> = sink
+        .received_on("/ok/kd")
+        .iter()
+        .map(|r| r.headers["idempotency-key"].clone())
+        .collect();
+    assert_eq!(keys.len() as i64, want);
+}
+
 on_both_backends!(
+    a_dispatch_killed_mid_way_creates_each_run_once,
     dispatch_requests_are_validated,
     the_dispatch_command,
     a_bulk_replay_killed_mid_way_replays_no_event_twice,
