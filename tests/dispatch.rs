@@ -104,6 +104,28 @@ async fn store_events(db: &TestDb, prefix: &str, n: usize) -> HashSet<String> {
     completed
 }
 
+/// Kills the server (kill -9) in the middle of a replay's page: times one
+/// page (100 events), then kills half a page's time into the next one.
+/// Returns the events done at the kill.
+async fn kill_mid_page(probe: &Probe, done_sql: &str, server: &mut ServerProcess) -> i64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut first_page_at = None;
+    loop {
+        let done = probe.count(done_sql).await;
+        match first_page_at {
+            None if done >= 100 => first_page_at = Some((Instant::now(), done)),
+            Some((at, before)) if done > before => {
+                tokio::time::sleep(at.elapsed() / 2).await;
+                server.kill9();
+                return probe.count(done_sql).await;
+            }
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "the replay made no progress");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 async fn wait_replay(app: &TestApp, id: &str, secs: u64) -> Value {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
@@ -402,22 +424,9 @@ async fn a_bulk_replay_killed_mid_way_replays_no_event_twice(db: &TestDb) {
     assert_eq!(resp.status(), 200);
     let replay: Value = resp.json().await.unwrap();
     let id = replay["id"].as_str().unwrap().to_owned();
-    // Kill it once it is past its first page and not finished.
     let probe = Probe::open(db).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let done_at_kill = loop {
-        let done = probe
-            .count(&format!(
-                "SELECT done FROM replays WHERE replay_id = '{id}'"
-            ))
-            .await;
-        if done >= 100 {
-            server.kill9();
-            break done;
-        }
-        assert!(Instant::now() < deadline, "the replay made no progress");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    let done_sql = format!("SELECT done FROM replays WHERE replay_id = '{id}'");
+    let done_at_kill = kill_mid_page(&probe, &done_sql, &mut server).await;
     assert!(
         done_at_kill < EVENTS as i64,
         "killed after it finished ({done_at_kill}); the test did not interrupt it"
@@ -515,16 +524,7 @@ async fn a_dispatch_killed_mid_way_creates_each_run_once(db: &TestDb) {
         .to_owned();
     let probe = Probe::open(db).await;
     let done_sql = format!("SELECT done FROM replays WHERE replay_id = '{id}'");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let done_at_kill = loop {
-        let done = probe.count(&done_sql).await;
-        if done >= 100 {
-            server.kill9();
-            break done;
-        }
-        assert!(Instant::now() < deadline, "the dispatch made no progress");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    let done_at_kill = kill_mid_page(&probe, &done_sql, &mut server).await;
     assert!(
         done_at_kill < EVENTS as i64,
         "killed after it finished; the test did not interrupt it"
@@ -579,7 +579,72 @@ async fn a_dispatch_killed_mid_way_creates_each_run_once(db: &TestDb) {
     assert_eq!(keys.len() as i64, want);
 }
 
+/// SIGTERM hands a replay in progress back (no lease left to lapse); the
+/// next instance finishes it.
+async fn sigterm_hands_a_replay_back(db: &TestDb) {
+    const EVENTS: usize = 2_000;
+    let completed = store_events(db, "t", EVENTS).await;
+    let sink = Sink::start().await;
+    let workflows = workflow_dir(&[("late.yaml", &completed_workflow(&sink, "/ok/t"))]);
+    let wf_env = workflows.path().display().to_string();
+    let logs = tempfile::tempdir().unwrap();
+    let env = [("SWITCHBOARD_WORKFLOWS", wf_env.as_str())];
+    let mut server = ServerProcess::start(db, logs.path(), &env).await;
+    let resp = client()
+        .post(format!("{}/api/v1/replays", server.base()))
+        .bearer_auth(common::TOKEN)
+        .json(&json!({"mode": "dispatch"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let probe = Probe::open(db).await;
+    let done_sql = format!("SELECT done FROM replays WHERE replay_id = '{id}'");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while probe.count(&done_sql).await < 100 {
+        assert!(Instant::now() < deadline, "the dispatch made no progress");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    server.terminate();
+    assert!(server.wait_exit(Duration::from_secs(20)).await.success());
+    assert_eq!(
+        probe
+            .count(&format!(
+                "SELECT COUNT(*) FROM replays WHERE replay_id = '{id}' AND status = 'running' AND lease_owner IS NULL"
+            ))
+            .await,
+        1,
+        "handed back unfinished (done {}); log:\n{}",
+        probe.count(&done_sql).await,
+        std::fs::read_to_string(&server.log).unwrap_or_default()
+    );
+    let _server = ServerProcess::start(db, logs.path(), &env).await;
+    let finished =
+        format!("SELECT COUNT(*) FROM replays WHERE replay_id = '{id}' AND status = 'succeeded'");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while probe.count(&finished).await == 0 {
+        assert!(Instant::now() < deadline, "not finished after the restart");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(probe.count(&done_sql).await, EVENTS as i64);
+    assert_eq!(
+        probe
+            .count("SELECT COUNT(DISTINCT event_id) FROM runs")
+            .await,
+        completed.len() as i64
+    );
+    assert_eq!(
+        probe.count("SELECT COUNT(*) FROM runs").await,
+        completed.len() as i64
+    );
+}
+
 on_both_backends!(
+    sigterm_hands_a_replay_back,
     a_dispatch_killed_mid_way_creates_each_run_once,
     dispatch_requests_are_validated,
     the_dispatch_command,
