@@ -588,11 +588,17 @@ async fn dispatch(args: &DispatchArgs) -> anyhow::Result<()> {
             r.done, r.total, r.runs_created
         );
     };
+    let started = std::time::Instant::now();
     match driver.drive(created.clone(), &progress).await? {
         Ended::Finished(r) => {
             println!(
-                "dispatch {} finished: {} event(s), {} run(s) created, {} event(s) without a new run (no match, or its run exists), {} failed",
-                r.replay_id, r.done, r.runs_created, r.skipped, r.failed
+                "dispatch {} finished: {} event(s), {} run(s) created, {} event(s) without a new run (no match, or its run exists), {} failed, in {:.1} s",
+                r.replay_id,
+                r.done,
+                r.runs_created,
+                r.skipped,
+                r.failed,
+                started.elapsed().as_secs_f64()
             );
             println!(
                 "the runs execute on `switchboard serve` / `worker` against this database; follow them with GET /api/v1/runs"
