@@ -126,6 +126,29 @@ async fn kill_mid_page(probe: &Probe, done_sql: &str, server: &mut ServerProcess
     }
 }
 
+/// Stores these bodies through the store (no workflow loaded), in order.
+async fn store_bodies(db: &TestDb, bodies: &[Vec<u8>]) {
+    let store = switchboard::store::connect(db.url()).await.unwrap();
+    store.migrate().await.unwrap();
+    let events: Vec<NewEvent> = bodies
+        .iter()
+        .enumerate()
+        .map(|(i, body)| NewEvent {
+            envelope: Envelope::parse(body).unwrap(),
+            idempotency_key: IdempotencyKey::parse(format!("key-body-{i}")).unwrap(),
+            raw_body: body.clone(),
+            verification: Verification {
+                signed_url: "http://127.0.0.1/webhooks/operator".into(),
+                timestamp: "1".into(),
+                signature: "v1,x".into(),
+            },
+            received_at: chrono::Utc::now(),
+            span: tracing::Span::none(),
+        })
+        .collect();
+    store.append_batch(&events, &NoWorkflows).await.unwrap();
+}
+
 async fn wait_replay(app: &TestApp, id: &str, secs: u64) -> Value {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
@@ -643,7 +666,96 @@ async fn sigterm_hands_a_replay_back(db: &TestDb) {
     );
 }
 
+/// A dispatch judges each event as of its own place in the log (the
+/// conversation as it was then), exactly as a backtest does: a transition
+/// `new → qualified` matches only where the field really moved from `new`.
+async fn a_dispatch_judges_each_event_as_of_its_place_in_the_log(db: &TestDb) {
+    use common::field_body;
+    let at = |s: u32| format!("2025-07-14T15:10:{s:02}.000Z");
+    let bodies = vec![
+        field_body("ev_f1", "conv_fa", &at(1), "lead_status", json!("new")),
+        field_body(
+            "ev_f2",
+            "conv_fb",
+            &at(2),
+            "lead_status",
+            json!("qualified"),
+        ),
+        field_body(
+            "ev_f3",
+            "conv_fa",
+            &at(3),
+            "lead_status",
+            json!("qualified"),
+        ),
+        field_body("ev_f4", "conv_fa", &at(4), "lead_status", json!("new")),
+        ended_body("ev_f5", "conv_fb", "completed"),
+        field_body(
+            "ev_f6",
+            "conv_fa",
+            &at(6),
+            "lead_status",
+            json!("qualified"),
+        ),
+        field_body(
+            "ev_f7",
+            "conv_fa",
+            &at(7),
+            "lead_status",
+            json!("qualified"),
+        ),
+    ];
+    store_bodies(db, &bodies).await;
+    let sink = Sink::start().await;
+    let yaml = format!(
+        "on: {{ event: conversation.custom_fields.updated, field: lead_status, from: new, to: qualified }}
+steps:
+  - id: post
+    http: {{ url: \"{}\" }}
+",
+        sink.url("/ok/moved")
+    );
+    let (app, _dir) = TestApp::with_workflows(db, &[("moved.yaml", &yaml)]).await;
+    let (status, backtest) = post(
+        &app,
+        "/api/v1/workflows/backtest",
+        json!({"workflow": yaml}),
+    )
+    .await;
+    assert_eq!(status, 200, "{backtest}");
+    let would: HashSet<String> = backtest["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["matched"] == true)
+        .map(|e| e["event_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        would,
+        HashSet::from(["ev_f3".to_owned(), "ev_f6".to_owned()])
+    );
+    let (status, r) = post(&app, "/api/v1/replays", json!({"mode": "dispatch"})).await;
+    assert_eq!(status, 200, "{r}");
+    let done = wait_replay(&app, r["id"].as_str().unwrap(), 30).await;
+    assert_eq!(
+        (done["done"].as_i64(), done["runs_created"].as_i64()),
+        (Some(7), Some(2)),
+        "{done}"
+    );
+    let runs = app.wait_runs_final(2, 20).await;
+    let ran: HashSet<String> = runs.iter().map(|r| r.event_id.clone()).collect();
+    assert_eq!(ran, would, "dispatch and backtest agree");
+    assert!(runs.iter().all(|r| r.status == "succeeded"));
+    let (_, ev) = app.admin_get("/api/v1/events/ev_f7").await;
+    let decisions = ev["match_decisions"].to_string();
+    assert!(
+        decisions.contains("\"matched\":false") && decisions.contains("qualified"),
+        "the verdict on ev_f7 is recorded with its reason: {decisions}"
+    );
+}
+
 on_both_backends!(
+    a_dispatch_judges_each_event_as_of_its_place_in_the_log,
     sigterm_hands_a_replay_back,
     a_dispatch_killed_mid_way_creates_each_run_once,
     dispatch_requests_are_validated,

@@ -20,8 +20,11 @@ use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
+use crate::operator::envelope::Envelope;
+use crate::store::projection::ConversationState;
 use crate::store::runs::{Replay, ReplayPage};
 use crate::store::{EventQuery, EventStore, MatchRecord, NewRun, Order, StoreError};
+use crate::workflow::backtest::EventAsOf;
 use crate::workflow::{Workflow, WorkflowSet};
 
 /// A replay's lease: renewed by every page's commit; another instance takes
@@ -278,6 +281,73 @@ impl Driver {
         Ok(out)
     }
 
+    /// The page's events to judge (those some workflow listens to), each with
+    /// its conversation as of its place in the log: each conversation of the
+    /// page is read once (up to its last event in the page) and folded once.
+    /// `Err(event id)` for an event that cannot be read back.
+    async fn as_of(
+        &self,
+        workflows: &[Workflow],
+        page: &[crate::store::StoredEvent],
+    ) -> Result<Vec<(usize, Result<EventAsOf, String>)>, StoreError> {
+        use std::collections::{HashMap, HashSet};
+        let wanted: Vec<usize> = (0..page.len())
+            .filter(|&i| workflows.iter().any(|w| w.event == page[i].event_type))
+            .collect();
+        let mut upto: HashMap<&str, i64> = HashMap::new();
+        for &i in &wanted {
+            if let Some(c) = &page[i].conversation_id {
+                let last = upto.entry(c.as_str()).or_insert(page[i].seq);
+                *last = (*last).max(page[i].seq);
+            }
+        }
+        let seqs: HashSet<i64> = wanted.iter().map(|&i| page[i].seq).collect();
+        let mut folded: HashMap<i64, Result<EventAsOf, String>> = HashMap::new();
+        for (c, last) in upto {
+            let log = self.store.conversation_log(c, Some(last)).await?;
+            let mut state = Some(ConversationState::new(c));
+            for item in &log {
+                let before = state.clone();
+                if let Some(s) = state.as_mut()
+                    && let Err(e) = s.apply_stored(item)
+                {
+                    tracing::warn!(conversation_id = %c, seq = item.event.seq, error = %e, "cannot fold conversation");
+                    state = None; // this and every later event of it cannot be judged
+                }
+                if !seqs.contains(&item.event.seq) {
+                    continue;
+                }
+                let judged = match (&before, &state, Envelope::parse(&item.raw_body)) {
+                    (Some(before), Some(after), Ok(envelope)) => Ok(EventAsOf {
+                        envelope,
+                        event_json: serde_json::from_slice(&item.raw_body).unwrap_or_default(),
+                        before: Some(before.clone()),
+                        after: Some(after.clone()),
+                    }),
+                    _ => Err(item.event.event_id.clone()),
+                };
+                folded.insert(item.event.seq, judged);
+            }
+        }
+        let mut out = Vec::with_capacity(wanted.len());
+        for i in wanted {
+            let judged = match folded.remove(&page[i].seq) {
+                Some(j) => j,
+                // Not in a conversation's log (no conversation): read on its own.
+                None => match crate::workflow::backtest::event_as_of(self.store.as_ref(), &page[i])
+                    .await
+                {
+                    Ok(Some(j)) => Ok(j),
+                    Ok(None) => continue,
+                    Err(StoreError::Corrupt(_)) => Err(page[i].event_id.clone()),
+                    Err(e) => return Err(e),
+                },
+            };
+            out.push((i, judged));
+        }
+        Ok(out)
+    }
+
     /// Today's verdicts on a page of events: the runs to create, the decisions
     /// to record, and how many events could not be judged.
     async fn judge(
@@ -288,28 +358,18 @@ impl Driver {
         use crate::workflow::matching::{base_context, decide};
         let (mut runs, mut decisions, mut failed) = (Vec::new(), Vec::new(), 0);
         let now = Utc::now();
-        for event in page {
-            let candidates: Vec<&Workflow> = workflows
-                .iter()
-                .filter(|w| w.event == event.event_type)
-                .collect();
-            if candidates.is_empty() {
-                continue;
-            }
-            let judged = match crate::workflow::backtest::event_as_of(self.store.as_ref(), event)
-                .await
-            {
-                Ok(Some(j)) => j,
-                Ok(None) => continue,
-                Err(StoreError::Corrupt(e)) => {
-                    tracing::warn!(event_id = %event.event_id, error = %e, "cannot judge event");
+        for (i, judged) in self.as_of(workflows, page).await? {
+            let event = &page[i];
+            let judged = match judged {
+                Ok(j) => j,
+                Err(id) => {
+                    tracing::warn!(event_id = %id, "cannot judge event: it does not read back");
                     failed += 1;
                     continue;
                 }
-                Err(e) => return Err(e),
             };
             let facts = judged.facts();
-            for wf in candidates {
+            for wf in workflows.iter().filter(|w| w.event == event.event_type) {
                 let decision = decide(wf, &facts);
                 if decision.matched() {
                     runs.push(NewRun {
