@@ -14,6 +14,7 @@ use tracing::Instrument;
 use crate::api::{self, AdminToken};
 use crate::config::Settings;
 use crate::engine::Engine;
+use crate::engine::replay_backend::ReplayWorkers;
 use crate::engine::setup::SetupResponder;
 use crate::prometheus;
 use crate::store::appender::Appender;
@@ -34,6 +35,7 @@ pub struct Application {
     settings: Settings,
     store: Arc<dyn EventStore>,
     supervisor: Arc<Supervisor>,
+    replays: ReplayWorkers,
 }
 
 /// All routes: the webhook, the admin API with its docs, the health probes,
@@ -155,8 +157,12 @@ impl Application {
             wake.clone(),
             settings.worker_concurrency,
         ));
-        crate::engine::replay::resume_all(store.clone(), wake.clone()).await?;
-        let mut workers = vec![appender_task, supervise_engine(&supervisor, &engine)];
+        let replays = ReplayWorkers::new(store.clone(), wake.clone());
+        let mut workers = vec![
+            appender_task,
+            supervise_engine(&supervisor, &engine),
+            spawn_monitor(replays.register(apalis_core::monitor::Monitor::new())),
+        ];
         workers.extend(supervise_listener(
             &supervisor,
             &settings.database_url,
@@ -209,6 +215,7 @@ impl Application {
             settings,
             store,
             supervisor,
+            replays,
         })
     }
 
@@ -249,10 +256,12 @@ impl Application {
         };
         let engine = self.engine.clone();
         let supervisor = self.supervisor.clone();
+        let replays = self.replays.clone();
         let drain = async move {
             let mut stopped = stopped;
             let _ = stopped.wait_for(|s| *s).await;
             supervisor.stop();
+            replays.stop().await;
             engine.shutdown(grace).await
         };
         let (served, _handed_back) = tokio::join!(server, drain);
@@ -374,6 +383,7 @@ pub async fn run_workers(
             .await?,
         );
     }
+    let engine_store = store.clone();
     let engine = Arc::new(Engine::new(store, registry, wake.clone(), concurrency));
     tracing::info!(
         owner = engine.owner(),
@@ -382,9 +392,14 @@ pub async fn run_workers(
     );
     tasks.push(supervise_engine(&supervisor, &engine));
     tasks.extend(supervise_listener(&supervisor, database_url, &wake));
+    let replays = ReplayWorkers::new(engine_store, wake.clone());
+    tasks.push(spawn_monitor(
+        replays.register(apalis_core::monitor::Monitor::new()),
+    ));
     let _workers = AbortOnDrop(tasks);
     shutdown_signal().await;
     supervisor.stop();
+    replays.stop().await;
     engine.shutdown(shutdown_grace).await;
     tracing::info!("stopped");
     Ok(())
@@ -444,6 +459,16 @@ fn supervise_listener(
     Some(supervisor.spawn("postgres-listen", move || {
         spawn_listener(&url, wake.clone())
     }))
+}
+
+/// Runs an apalis [`Monitor`](apalis_core::monitor::Monitor) (the replay
+/// workers) until the process stops; aborted with the other background tasks.
+fn spawn_monitor(monitor: apalis_core::monitor::Monitor) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        if let Err(e) = monitor.run().await {
+            tracing::error!(error = %e, "the replay workers stopped");
+        }
+    })
 }
 
 /// Aborts background tasks when dropped.

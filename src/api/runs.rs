@@ -276,6 +276,9 @@ pub struct ReplayOutcomeView {
     pub original_run_id: String,
     /// The new run (new Idempotency-Keys), if created.
     pub new_run_id: Option<String>,
+    /// The workflow version the new run executes: the one loaded now (the
+    /// original run's own if the workflow is no longer loaded).
+    pub version: Option<String>,
     /// Why none was created (e.g. a run for it is still in flight).
     pub skipped: Option<String>,
 }
@@ -283,14 +286,19 @@ pub struct ReplayOutcomeView {
 /// What a bulk replay replays.
 #[derive(Object, Debug, Default)]
 pub struct ReplayRequest {
+    /// `rerun` (default): a new run of each run the selected events started (new
+    /// Idempotency-Keys, `replay_of` set). `dispatch`: judge the selected events
+    /// against the workflows loaded now, each as of its place in the log, and
+    /// create the runs that do not exist yet (exactly one per workflow and event).
+    pub mode: Option<String>,
     /// Only events of this type.
     #[oai(rename = "type")]
     pub event_type: Option<String>,
     pub received_after: Option<DateTime<Utc>>,
     pub received_before: Option<DateTime<Utc>>,
-    /// Only runs of these workflows.
+    /// Only runs of these workflows (`dispatch`: only these loaded workflows).
     pub workflows: Option<Vec<String>>,
-    /// Only events whose runs failed.
+    /// Only events whose runs failed (`rerun` only).
     #[oai(default)]
     pub only_failed: bool,
 }
@@ -302,7 +310,12 @@ pub struct ReplayView {
     pub id: String,
     /// `running`, `succeeded` or `cancelled`.
     pub status: String,
+    /// `rerun` or `dispatch`.
+    pub mode: String,
     pub filter: Value,
+    /// The workflow version each new run executes (workflow → version hash):
+    /// the versions loaded when the replay started, whichever instance drives it.
+    pub versions: std::collections::BTreeMap<String, String>,
     /// Events the filter selected when it started.
     pub total: i64,
     /// Events handled so far.
@@ -318,9 +331,17 @@ pub struct ReplayView {
 
 impl From<crate::store::runs::Replay> for ReplayView {
     fn from(r: crate::store::runs::Replay) -> Self {
+        let versions = r
+            .filter
+            .0
+            .get("versions")
+            .and_then(|v| serde_json::from_value(v.clone()).ok())
+            .unwrap_or_default();
         Self {
             id: r.replay_id,
             status: r.status,
+            mode: r.mode,
+            versions,
             filter: r.filter.0,
             total: r.total,
             done: r.done,
@@ -475,23 +496,70 @@ impl RunsApi {
         }
     }
 
-    /// Replay every event a filter selects, in the background (resumed after a restart).
+    /// Replay (`mode: rerun`, the default) or re-dispatch (`mode: dispatch`)
+    /// every event a filter selects, in the background: one instance drives it
+    /// at a time (leased; taken over if that instance dies), page by page, and
+    /// no event is handled twice. New runs execute the workflow versions loaded
+    /// now (`versions` in the response).
     #[oai(path = "/replays", method = "post", tag = "RunTags::Replays")]
     async fn start_replay(
         &self,
         _auth: AdminAuth,
         store: Data<&Arc<dyn EventStore>>,
-        wake: Data<&Arc<tokio::sync::Notify>>,
+        registry: Data<&Arc<Registry>>,
         body: Json<ReplayRequest>,
     ) -> Result<Json<ReplayView>, ApiError> {
-        let filter = crate::engine::replay::ReplayFilter {
+        use crate::engine::replay::{self, Mode};
+        let mode = match body.mode.as_deref() {
+            None => Mode::Rerun,
+            Some(m) => Mode::parse(m).map_err(ApiError::bad_request)?,
+        };
+        let set = registry.current();
+        let versions = match mode {
+            Mode::Rerun => replay::loaded_versions(&set, None),
+            Mode::Dispatch => {
+                if body.only_failed {
+                    return Err(ApiError::bad_request(
+                        "`only_failed` applies to `mode: rerun` (it selects events by their runs); \
+                         `mode: dispatch` creates the runs that do not exist yet: drop `only_failed`",
+                    ));
+                }
+                let loaded = replay::loaded_versions(&set, None);
+                if let Some(unknown) = body
+                    .workflows
+                    .iter()
+                    .flatten()
+                    .find(|w| !loaded.contains_key(w.as_str()))
+                {
+                    return Err(ApiError::bad_request(format!(
+                        "`workflows` names `{unknown}`, which is not loaded (loaded: {}); \
+                         `mode: dispatch` runs the workflows loaded now: add it to the workflows directory and reload first",
+                        if loaded.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            loaded.keys().cloned().collect::<Vec<_>>().join(", ")
+                        }
+                    )));
+                }
+                let versions = replay::loaded_versions(&set, body.workflows.as_deref());
+                if versions.is_empty() {
+                    return Err(ApiError::bad_request(
+                        "no workflow that starts runs is loaded, so `mode: dispatch` would create nothing; \
+                         add workflows to the workflows directory and reload (POST /api/v1/workflows/reload) first",
+                    ));
+                }
+                versions
+            }
+        };
+        let filter = replay::ReplayFilter {
             event_type: body.event_type.clone(),
             received_after: body.received_after,
             received_before: body.received_before,
             workflows: body.workflows.clone(),
             only_failed: body.only_failed,
+            versions,
         };
-        let replay = crate::engine::replay::start(store.clone(), wake.clone(), filter).await?;
+        let replay = replay::create(store.as_ref(), mode, filter, None).await?;
         Ok(Json(replay.into()))
     }
 

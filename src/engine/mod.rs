@@ -16,6 +16,7 @@
 pub mod backoff;
 pub mod http;
 pub mod replay;
+pub mod replay_backend;
 pub mod setup;
 pub mod trace;
 

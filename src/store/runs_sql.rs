@@ -39,7 +39,7 @@ pub(crate) const ATTEMPT_COLUMNS: &str = "run_id, number, step_index, step_id, a
      request, response_status, response_headers, response_body, outcome, error_class, error_message, next_delay_ms";
 
 pub(crate) const REPLAY_COLUMNS: &str = "replay_id, filter, status, total, done, runs_created, skipped, failed, \
-     cursor_seq, created_at, finished_at";
+     cursor_seq, created_at, finished_at, mode, lease_owner, lease_until, lease_token";
 
 macro_rules! impl_run_store {
     ($store:ty, $db:ty, $lock_clause:expr, $claim_prelude:expr, $row_lock:expr, $db_clock:expr) => {
@@ -60,6 +60,100 @@ macro_rules! impl_run_store {
                     (1, Some(run)) => RunChange::Changed(Box::new(run)),
                     (_, Some(run)) => RunChange::WrongState(run.status.as_str().to_owned()),
                 })
+            }
+
+            /// [`RunStore::replay_event`] inside a transaction; `replay_id` marks the
+            /// runs a bulk replay creates (at most one per workflow and event).
+            #[allow(clippy::too_many_arguments)]
+            async fn replay_event_in(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                event_id: &str,
+                workflows: Option<&[String]>,
+                only_failed: bool,
+                versions: &std::collections::BTreeMap<String, String>,
+                replay_id: Option<&str>,
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<Vec<$crate::store::runs::ReplayOutcome>, $crate::store::StoreError> {
+                use $crate::store::runs::{ReplayOutcome, Run};
+                let originals: Vec<Run> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT {} FROM runs WHERE event_id = $1 AND replay_of IS NULL ORDER BY workflow {}",
+                    $crate::store::runs_sql::RUN_COLUMNS,
+                    $row_lock
+                )))
+                .bind(event_id)
+                .fetch_all(&mut **tx)
+                .await?;
+                let mut outcomes = Vec::new();
+                for original in originals {
+                    if workflows.is_some_and(|w| !w.contains(&original.workflow)) {
+                        continue;
+                    }
+                    if only_failed && original.status != $crate::store::runs::RunStatus::Failed {
+                        continue;
+                    }
+                    let in_flight: i64 = sqlx::query_scalar(
+                        "SELECT COUNT(*) FROM runs WHERE event_id = $1 AND workflow = $2 \
+                         AND status IN ('scheduled', 'running', 'retrying', 'waiting')",
+                    )
+                    .bind(event_id)
+                    .bind(&original.workflow)
+                    .fetch_one(&mut **tx)
+                    .await?;
+                    if in_flight > 0 {
+                        outcomes.push(ReplayOutcome {
+                            workflow: original.workflow.clone(),
+                            original_run_id: original.run_id.clone(),
+                            new_run_id: None,
+                            version: None,
+                            skipped: Some("a run of this workflow for this event is still in flight".into()),
+                        });
+                        continue;
+                    }
+                    // The version loaded now; a workflow no longer loaded keeps the original's.
+                    let version = versions
+                        .get(&original.workflow)
+                        .cloned()
+                        .or_else(|| original.version.clone());
+                    let run_id = format!("run_{}", uuid::Uuid::new_v4().simple());
+                    let inserted = sqlx::query(
+                        "INSERT INTO runs (run_id, workflow, event_seq, event_id, conversation_id, replay_of, status, \
+                         next_attempt_at, context, step_results, trace_context, created_at, updated_at, version, replay_id) \
+                         VALUES ($1, $2, $3, $4, $5, $6, 'scheduled', $7, $8, '{}', $9, $7, $7, $10, $11) \
+                         ON CONFLICT DO NOTHING",
+                    )
+                    .bind(&run_id)
+                    .bind(&original.workflow)
+                    .bind(original.event_seq)
+                    .bind(&original.event_id)
+                    .bind(original.conversation_id.as_deref())
+                    .bind(&original.run_id)
+                    .bind(now)
+                    .bind(&original.context)
+                    .bind(original.trace_context.as_deref())
+                    .bind(version.as_deref())
+                    .bind(replay_id)
+                    .execute(&mut **tx)
+                    .await?
+                    .rows_affected();
+                    outcomes.push(if inserted == 1 {
+                        ReplayOutcome {
+                            workflow: original.workflow.clone(),
+                            original_run_id: original.run_id.clone(),
+                            new_run_id: Some(run_id),
+                            version,
+                            skipped: None,
+                        }
+                    } else {
+                        ReplayOutcome {
+                            workflow: original.workflow.clone(),
+                            original_run_id: original.run_id.clone(),
+                            new_run_id: None,
+                            version: None,
+                            skipped: Some("this replay already created its run".into()),
+                        }
+                    });
+                }
+                Ok(outcomes)
             }
         }
 
@@ -343,74 +437,19 @@ macro_rules! impl_run_store {
                 event_id: &str,
                 workflows: Option<&[String]>,
                 only_failed: bool,
+                versions: &std::collections::BTreeMap<String, String>,
                 now: chrono::DateTime<chrono::Utc>,
             ) -> Result<Vec<$crate::store::runs::ReplayOutcome>, $crate::store::StoreError> {
-                use $crate::store::runs::{ReplayOutcome, Run};
                 let mut tx = self.writer.begin().await?;
-                let originals: Vec<Run> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                    "SELECT {} FROM runs WHERE event_id = $1 AND replay_of IS NULL ORDER BY workflow {}",
-                    $crate::store::runs_sql::RUN_COLUMNS,
-                    $row_lock
-                )))
-                .bind(event_id)
-                .fetch_all(&mut *tx)
-                .await?;
-                let mut outcomes = Vec::new();
-                for original in originals {
-                    if workflows.is_some_and(|w| !w.contains(&original.workflow)) {
-                        continue;
-                    }
-                    if only_failed && original.status != $crate::store::runs::RunStatus::Failed {
-                        continue;
-                    }
-                    let in_flight: i64 = sqlx::query_scalar(
-                        "SELECT COUNT(*) FROM runs WHERE event_id = $1 AND workflow = $2 \
-                         AND status IN ('scheduled', 'running', 'retrying', 'waiting')",
-                    )
-                    .bind(event_id)
-                    .bind(&original.workflow)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                    if in_flight > 0 {
-                        outcomes.push(ReplayOutcome {
-                            workflow: original.workflow.clone(),
-                            original_run_id: original.run_id.clone(),
-                            new_run_id: None,
-                            skipped: Some("a run of this workflow for this event is still in flight".into()),
-                        });
-                        continue;
-                    }
-                    let run_id = format!("run_{}", uuid::Uuid::new_v4().simple());
-                    sqlx::query(
-                        "INSERT INTO runs (run_id, workflow, event_seq, event_id, conversation_id, replay_of, status, \
-                         next_attempt_at, context, step_results, trace_context, created_at, updated_at) \
-                         VALUES ($1, $2, $3, $4, $5, $6, 'scheduled', $7, $8, '{}', $9, $7, $7)",
-                    )
-                    .bind(&run_id)
-                    .bind(&original.workflow)
-                    .bind(original.event_seq)
-                    .bind(&original.event_id)
-                    .bind(original.conversation_id.as_deref())
-                    .bind(&original.run_id)
-                    .bind(now)
-                    .bind(&original.context)
-                    .bind(original.trace_context.as_deref())
-                    .execute(&mut *tx)
-                    .await?;
-                    outcomes.push(ReplayOutcome {
-                        workflow: original.workflow.clone(),
-                        original_run_id: original.run_id.clone(),
-                        new_run_id: Some(run_id),
-                        skipped: None,
-                    });
-                }
+                let outcomes =
+                    Self::replay_event_in(&mut tx, event_id, workflows, only_failed, versions, None, now).await?;
                 tx.commit().await?;
                 Ok(outcomes)
             }
 
             async fn create_replay(&self, r: &$crate::store::runs::Replay) -> Result<(), $crate::store::StoreError> {
                 sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "INSERT INTO replays ({}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                    "INSERT INTO replays ({}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
                     $crate::store::runs_sql::REPLAY_COLUMNS
                 )))
                 .bind(&r.replay_id)
@@ -424,6 +463,10 @@ macro_rules! impl_run_store {
                 .bind(r.cursor_seq)
                 .bind(r.created_at)
                 .bind(r.finished_at)
+                .bind(&r.mode)
+                .bind(r.lease_owner.as_deref())
+                .bind(r.lease_until)
+                .bind(r.lease_token)
                 .execute(&self.writer)
                 .await?;
                 Ok(())
@@ -482,6 +525,182 @@ macro_rules! impl_run_store {
                 .execute(&self.writer)
                 .await?;
                 Ok(res.rows_affected() == 1)
+            }
+
+            async fn claim_replays(
+                &self,
+                owner: &str,
+                now: chrono::DateTime<chrono::Utc>,
+                lease: std::time::Duration,
+                limit: u32,
+            ) -> Result<Vec<$crate::store::runs::Replay>, $crate::store::StoreError> {
+                use $crate::store::runs_sql::lease_sql;
+                // $1 owner, $2 lease, $3 limit, $4 now (SQLite only).
+                let now_expr = if $db_clock { "clock_timestamp()" } else { "$4" };
+                let sql = format!(
+                    "UPDATE replays SET lease_owner = $1, lease_until = {}, lease_token = lease_token + 1 \
+                     WHERE replay_id IN (SELECT replay_id FROM replays WHERE status = 'running' \
+                        AND (lease_until IS NULL OR lease_until < {now_expr}) \
+                        ORDER BY created_at LIMIT $3 {}) \
+                     AND status = 'running' RETURNING {}",
+                    lease_sql($db_clock, 2),
+                    $lock_clause,
+                    $crate::store::runs_sql::REPLAY_COLUMNS
+                );
+                let q = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(owner);
+                let q = if $db_clock {
+                    q.bind(lease.as_secs_f64())
+                } else {
+                    q.bind($crate::store::runs_sql::local_lease_until(lease))
+                };
+                let q = q.bind(i64::from(limit));
+                let q = if $db_clock { q } else { q.bind(now) };
+                Ok(q.fetch_all(&self.writer).await?)
+            }
+
+            async fn commit_replay_page(
+                &self,
+                replay_id: &str,
+                owner: &str,
+                token: i64,
+                lease: std::time::Duration,
+                events: i64,
+                last_seq: i64,
+                page: &$crate::store::runs::ReplayPage<'_>,
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<Option<$crate::store::runs::Replay>, $crate::store::StoreError> {
+                use $crate::store::runs::ReplayPage;
+                let mut tx = self.writer.begin().await?;
+                // The fence first: it also locks the replay's row until this page commits.
+                let fence = format!(
+                    "UPDATE replays SET lease_until = {} \
+                     WHERE replay_id = $2 AND lease_owner = $3 AND lease_token = $4 AND status = 'running'",
+                    $crate::store::runs_sql::lease_sql($db_clock, 1)
+                );
+                let q = sqlx::query(sqlx::AssertSqlSafe(fence));
+                let q = if $db_clock {
+                    q.bind(lease.as_secs_f64())
+                } else {
+                    q.bind($crate::store::runs_sql::local_lease_until(lease))
+                };
+                let held = q.bind(replay_id).bind(owner).bind(token).execute(&mut *tx).await?;
+                if held.rows_affected() != 1 {
+                    tx.rollback().await?;
+                    return Ok(None);
+                }
+                let (mut created, mut with_runs, mut failed) = (0i64, 0i64, 0i64);
+                match *page {
+                    ReplayPage::Rerun { event_ids, workflows, only_failed, versions } => {
+                        for event_id in event_ids {
+                            let outcomes = Self::replay_event_in(
+                                &mut tx, event_id, workflows, only_failed, versions, Some(replay_id), now,
+                            )
+                            .await?;
+                            let n = outcomes.iter().filter(|o| o.new_run_id.is_some()).count() as i64;
+                            created += n;
+                            with_runs += i64::from(n > 0);
+                        }
+                    }
+                    ReplayPage::Dispatch { runs, decisions, failed: unjudged } => {
+                        failed = unjudged;
+                        let mut events_with_runs = std::collections::HashSet::new();
+                        for r in runs {
+                            let inserted = sqlx::query(
+                                "INSERT INTO runs (run_id, workflow, event_seq, event_id, conversation_id, status, \
+                                 next_attempt_at, context, step_results, created_at, updated_at, trace_context, version, replay_id) \
+                                 VALUES ($1, $2, $3, $4, $5, 'scheduled', $6, $7, '{}', $6, $6, $8, $9, $10) \
+                                 ON CONFLICT DO NOTHING",
+                            )
+                            .bind(r.run_id.as_str())
+                            .bind(r.workflow.as_str())
+                            .bind(r.event_seq)
+                            .bind(r.event_id.as_str())
+                            .bind(r.conversation_id.as_deref())
+                            .bind(r.created_at)
+                            .bind(sqlx::types::Json($crate::store::sanitize::json(&r.context).into_owned()))
+                            .bind(r.trace_context.as_deref())
+                            .bind(r.version.as_deref())
+                            .bind(replay_id)
+                            .execute(&mut *tx)
+                            .await?
+                            .rows_affected();
+                            if inserted == 1 {
+                                created += 1;
+                                events_with_runs.insert(r.event_id.as_str());
+                            }
+                        }
+                        with_runs = events_with_runs.len() as i64;
+                        for d in decisions {
+                            // A recorded match is kept (its run exists); a recorded skip takes today's verdict.
+                            sqlx::query(
+                                "INSERT INTO match_decisions (event_seq, workflow, matched, reason) VALUES ($1, $2, $3, $4) \
+                                 ON CONFLICT (event_seq, workflow) DO UPDATE SET matched = excluded.matched, \
+                                 reason = excluded.reason WHERE NOT match_decisions.matched",
+                            )
+                            .bind(d.event_seq)
+                            .bind(d.workflow.as_str())
+                            .bind(d.matched)
+                            .bind($crate::store::sanitize::opt_text(d.reason.as_deref()).map(|c| c.into_owned()))
+                            .execute(&mut *tx)
+                            .await?;
+                        }
+                    }
+                }
+                if $db_clock && created > 0 {
+                    // Other instances' workers wake at once (LISTEN/NOTIFY), as for appended runs.
+                    sqlx::query("SELECT pg_notify('switchboard_runs', '')").execute(&mut *tx).await?;
+                }
+                let skipped = (events - with_runs - failed).max(0);
+                let progress = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "UPDATE replays SET done = done + $1, runs_created = runs_created + $2, skipped = skipped + $3, \
+                     failed = failed + $4, cursor_seq = $5 WHERE replay_id = $6 RETURNING {}",
+                    $crate::store::runs_sql::REPLAY_COLUMNS
+                )))
+                .bind(events)
+                .bind(created)
+                .bind(skipped)
+                .bind(failed)
+                .bind(last_seq)
+                .bind(replay_id)
+                .fetch_one(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(Some(progress))
+            }
+
+            async fn finish_replay(
+                &self,
+                replay_id: &str,
+                owner: &str,
+                token: i64,
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<bool, $crate::store::StoreError> {
+                let res = sqlx::query(
+                    "UPDATE replays SET status = 'succeeded', finished_at = $1, lease_owner = NULL, lease_until = NULL \
+                     WHERE replay_id = $2 AND lease_owner = $3 AND lease_token = $4 AND status = 'running'",
+                )
+                .bind(now)
+                .bind(replay_id)
+                .bind(owner)
+                .bind(token)
+                .execute(&self.writer)
+                .await?;
+                Ok(res.rows_affected() == 1)
+            }
+
+            async fn release_replay_leases(
+                &self,
+                owner: &str,
+                _now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<u64, $crate::store::StoreError> {
+                let res = sqlx::query(
+                    "UPDATE replays SET lease_owner = NULL, lease_until = NULL \
+                     WHERE lease_owner = $1 AND status = 'running'",
+                )
+                .bind(owner)
+                .execute(&self.writer)
+                .await?;
+                Ok(res.rows_affected())
             }
 
             async fn decisions(

@@ -187,6 +187,67 @@ fn unrendered(step: &super::Step, what: &str, message: &str) -> WouldSend {
     }
 }
 
+/// A stored event with the conversation as it was around it: what a
+/// workflow is judged on (backtests, re-dispatch).
+pub struct EventAsOf {
+    pub envelope: Envelope,
+    pub event_json: Value,
+    /// The conversation before the event (its log up to, not including, it).
+    pub before: Option<ConversationState>,
+    /// The conversation including the event.
+    pub after: Option<ConversationState>,
+}
+
+impl EventAsOf {
+    pub fn facts(&self) -> EventFacts<'_> {
+        EventFacts {
+            envelope: &self.envelope,
+            event_json: &self.event_json,
+            before: self.before.as_ref(),
+            after: self.after.as_ref(),
+        }
+    }
+}
+
+/// Reads `event` with its conversation folded as of its own place in the
+/// log; `None` if the event is gone.
+pub async fn event_as_of(
+    store: &dyn EventStore,
+    event: &crate::store::StoredEvent,
+) -> Result<Option<EventAsOf>, StoreError> {
+    // The conversation as it was: its log up to and including this event.
+    let log = match &event.conversation_id {
+        Some(c) => store.conversation_log(c, Some(event.seq)).await?,
+        None => Vec::new(),
+    };
+    let raw = match log.last() {
+        Some(last) if last.event.seq == event.seq => last.raw_body.clone(),
+        _ => match store.get_event(&event.event_id).await? {
+            Some(raw) => raw.raw_body,
+            None => return Ok(None),
+        },
+    };
+    let envelope = Envelope::parse(&raw).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let event_json: Value = serde_json::from_slice(&raw).unwrap_or_default();
+    // The one fold: the state before this event (its log minus itself), then with it.
+    let (before, after) = match (&event.conversation_id, log.split_last()) {
+        (Some(c), Some((last, earlier))) if last.event.seq == event.seq => {
+            let before =
+                fold_log(c, earlier)?.unwrap_or_else(|| ConversationState::new(c.as_str()));
+            let mut after = before.clone();
+            after.apply_stored(last)?;
+            (Some(before), Some(after))
+        }
+        _ => (None, None),
+    };
+    Ok(Some(EventAsOf {
+        envelope,
+        event_json,
+        before,
+        after,
+    }))
+}
+
 /// Evaluates `wf` against the stored events of its event type.
 pub async fn run(
     store: &dyn EventStore,
@@ -207,34 +268,10 @@ pub async fn run(
     events.reverse();
     let mut results = Vec::with_capacity(events.len());
     for event in events {
-        // The conversation as it was: its log up to and including this event.
-        let log = match &event.conversation_id {
-            Some(c) => store.conversation_log(c, Some(event.seq)).await?,
-            None => Vec::new(),
-        };
-        let Some(raw) = store.get_event(&event.event_id).await? else {
+        let Some(judged) = event_as_of(store, &event).await? else {
             continue;
         };
-        let envelope =
-            Envelope::parse(&raw.raw_body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let event_json: Value = serde_json::from_slice(&raw.raw_body).unwrap_or_default();
-        // The one fold: the state before this event (its log minus itself), then with it.
-        let (before, after) = match (&event.conversation_id, log.split_last()) {
-            (Some(c), Some((last, earlier))) if last.event.seq == event.seq => {
-                let before =
-                    fold_log(c, earlier)?.unwrap_or_else(|| ConversationState::new(c.as_str()));
-                let mut after = before.clone();
-                after.apply_stored(last)?;
-                (Some(before), Some(after))
-            }
-            _ => (None, None),
-        };
-        let facts = EventFacts {
-            envelope: &envelope,
-            event_json: &event_json,
-            before: before.as_ref(),
-            after: after.as_ref(),
-        };
+        let facts = judged.facts();
         let decision = decide(wf, &facts);
         let mut result = BacktestResult {
             event_id: event.event_id.clone(),
