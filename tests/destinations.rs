@@ -19,7 +19,7 @@ use common::{TestApp, TestDb, ended_body};
 use poem::http::StatusCode;
 use poem::listener::{Acceptor, Listener, TcpListener};
 use poem::{Request, Response, Route, Server, handler, web::Data};
-use switchboard::store::runs::{RunQuery, RunStatus};
+use switchboard::store::runs::RunQuery;
 
 /// A sink that enforces a rate (429 above `limit` requests in any second),
 /// counts requests in flight (each takes `delay_ms`), and can answer the
@@ -445,7 +445,7 @@ async fn the_reset_endpoint_closes_a_breaker(db: &TestDb) {
     );
 }
 
-common::on_both_backends!(
+on_both_backends!(
     a_rate_limit_holds_runs_without_failing_them,
     a_concurrency_cap_is_never_exceeded,
     a_breaker_holds_runs_on_a_dead_destination,
