@@ -531,7 +531,7 @@ fn validate_reports_every_problem_of_destinations_yaml_with_a_caret() {
         "destinations.yaml:4:11: error: `rate`: `100/tens`",
         "destinations.yaml:5:5: error: unknown field `concurency`",
         "did you mean `concurrency`?",
-        "destinations.yaml:6:13: error: destination name `crm` is used twice",
+        "destinations.yaml:6:11: error: destination name `crm` is used twice",
         "destinations.yaml:7:10: error: `url`: `ftp://x/` is not an http(s) URL",
         "`failures` must be a whole number from 1 up, not 0",
         "`burst` needs a `rate`",
