@@ -51,6 +51,9 @@ struct DestState {
     in_flight: u32,
     breaker: Breaker,
     paused_until: Option<DateTime<Utc>>,
+    /// When this process last changed the breaker or the pause (the shared
+    /// copy read back may predate that write).
+    changed_at: Option<std::time::Instant>,
     /// Runs held now: run id → until.
     held: HashMap<String, DateTime<Utc>>,
     health: Health,
@@ -267,12 +270,26 @@ impl Gate {
             (v, _) => v,
         };
         match verdict {
-            Ok(permit) => {
+            Ok(mut permit) => {
                 if permit.probe
                     && let Some(shared) = &self.inner.shared
                 {
+                    // One probe for every instance: whoever turns the shared row half open sends it.
                     let b = self.breaker_of(&dest.name);
-                    shared.write_breaker(&dest.name, &b).await;
+                    if !shared.claim_probe(&dest.name, &b).await {
+                        let until = Utc::now() + chrono::TimeDelta::seconds(1);
+                        {
+                            let mut states = self.inner.states.lock().expect("gate state");
+                            let s = states.entry(dest.name.clone()).or_default();
+                            s.breaker.state = State::Open;
+                            s.breaker.until = Some(until);
+                        }
+                        permit.probe = false;
+                        permit.counted_back();
+                        let hold = self.held(&dest, until, HoldReason::CircuitOpen, run_id);
+                        crate::prometheus::destination_held(&hold.destination, hold.reason.as_str());
+                        return Admit::Hold(hold);
+                    }
                 }
                 Admit::Go(permit)
             }
@@ -370,6 +387,7 @@ impl Gate {
                 let probe = verdict == Verdict::Probe;
                 if probe {
                     s.breaker.start_probe(now);
+                    s.changed_at = Some(std::time::Instant::now());
                 }
                 s.in_flight += 1;
                 if let Some(id) = run_id {
@@ -418,6 +436,7 @@ impl Gate {
                         && s.breaker.record(policy, failed, permit.probe, now)
                     {
                         changed = Some(s.breaker);
+                        s.changed_at = Some(std::time::Instant::now());
                         if s.breaker.state == State::Open {
                             tracing::warn!(destination = %permit.dest, cool_down = %humantime::format_duration(s.breaker.cool_down), "circuit breaker open: requests to this destination are held");
                         } else {
@@ -432,6 +451,7 @@ impl Gate {
                         let until = plus(now, ra.min(MAX_PAUSE));
                         if s.paused_until.is_none_or(|p| p < until) {
                             s.paused_until = Some(until);
+                            s.changed_at = Some(std::time::Instant::now());
                             tracing::info!(destination = %permit.dest, until = %until, "destination paused by Retry-After");
                         }
                     }
@@ -497,6 +517,7 @@ impl Gate {
             let s = states.entry(name.to_owned()).or_default();
             s.breaker = Breaker::default();
             s.paused_until = None;
+            s.changed_at = Some(std::time::Instant::now());
             for until in s.held.values_mut() {
                 *until = Utc::now();
             }
@@ -534,8 +555,12 @@ impl Gate {
         let mut states = self.inner.states.lock().expect("gate state");
         for (name, b, paused) in rows {
             let s = states.entry(name).or_default();
-            // A probe this process sent is its own business until it answers.
-            if !(s.breaker.state == State::HalfOpen && b.state == State::HalfOpen) {
+            // This process's own recent change wins until its write is surely read back.
+            if s.changed_at.is_some_and(|t| t.elapsed() < 2 * super::shared::REFRESH + std::time::Duration::from_secs(1)) {
+                continue;
+            }
+            // Closed both ways: keep this process's count of consecutive failures.
+            if !(s.breaker.state == State::Closed && b.state == State::Closed) {
                 s.breaker = b;
             }
             s.paused_until = paused.filter(|p| *p > Utc::now());

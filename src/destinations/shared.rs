@@ -206,6 +206,31 @@ impl Shared {
         }
     }
 
+    /// Turns the shared breaker half open for this instance's probe; false
+    /// when another instance's probe is already out (or the row says closed/not due).
+    pub async fn claim_probe(&self, name: &str, b: &Breaker) -> bool {
+        let r = sqlx::query(
+            "INSERT INTO destination_state AS d (name, breaker_state, breaker_until, updated_by) \
+             VALUES ($1, 'half_open', $2, $3) ON CONFLICT (name) DO UPDATE \
+             SET breaker_state = 'half_open', breaker_until = $2, updated_by = $3 \
+             WHERE d.breaker_state = 'closed' OR d.breaker_until IS NULL OR d.breaker_until <= $4",
+        )
+        .bind(name)
+        .bind(b.until)
+        .bind(&*self.owner)
+        .bind(Utc::now())
+        .execute(&self.pool)
+        .await;
+        match r {
+            Ok(r) if r.rows_affected() == 1 => true,
+            Ok(_) => false,
+            Err(e) => {
+                tracing::warn!(destination = %name, error = %e, "cannot claim the probe; holding");
+                false
+            }
+        }
+    }
+
     pub async fn write_breaker(&self, name: &str, b: &Breaker) {
         let r = sqlx::query(
             "INSERT INTO destination_state (name, breaker_state, failures, breaker_until, cool_down_ms, updated_by) \
