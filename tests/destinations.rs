@@ -429,6 +429,22 @@ async fn the_reset_endpoint_closes_a_breaker(db: &TestDb) {
     assert_eq!(code, 200);
     assert_eq!(list[0]["state"], "open", "{list}");
     assert_eq!(list[0]["held_runs"], 1, "{list}");
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for expected in [
+        "switchboard_destination_held_total{destination=\"dead\",reason=\"circuit_open\"}",
+        "switchboard_destination_breaker_state{destination=\"dead\"} 1",
+        "switchboard_destination_throttle_wait_seconds_count{destination=\"dead\",reason=\"circuit_open\"}",
+    ] {
+        assert!(metrics.contains(expected), "no {expected} in:\n{metrics}");
+    }
     let _up = LimitSink::start_on(&format!("127.0.0.1:{port}"), Counters::default()).await;
     let (code, body) = app.admin_post("/api/v1/destinations/dead/reset").await;
     assert_eq!(code, 200, "{body}");
@@ -445,7 +461,40 @@ async fn the_reset_endpoint_closes_a_breaker(db: &TestDb) {
     );
 }
 
+/// Setup lookups obey the destinations: once the breaker is open, the
+/// answer is the fallback without calling the destination at all.
+async fn an_open_breaker_gives_setup_the_fallback_without_a_call(db: &TestDb) {
+    let sink = common::sink::Sink::start().await;
+    let dest = format!(
+        "destinations:\n  - name: crm\n    url: \"{}\"\n    circuit_breaker: {{ failures: 2, cool_down: 1h }}\n",
+        sink.url("/status/500/")
+    );
+    let wf = format!(
+        "name: inbound-context\non:\n  event: conversation.setup\nsteps:\n  - id: lookup\n    http:\n      method: GET\n      url: \"{}\"\n    retry: {{ max_attempts: 1 }}\ndeadline: 2s\nrespond:\n  context: {{ $variables: {{ plan: found }} }}\nfallback:\n  context: {{ $variables: {{ plan: unknown }} }}\n",
+        sink.url("/status/500/contacts")
+    );
+    let (app, _dir) =
+        TestApp::with_workflows(db, &[("destinations.yaml", &dest), ("setup.yaml", &wf)]).await;
+    let inbound = String::from_utf8(common::fixture("conversation_setup_inbound_phone.json")).unwrap();
+    for i in 0..3 {
+        let body = inbound.replace("ev_fDsVNA3cQ5X", &format!("ev_setup_{i}"));
+        let resp = app.deliver(body.as_bytes()).await;
+        assert_eq!(resp.status(), 200);
+        let answer: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(answer["context"]["$variables"]["plan"], "unknown", "{answer}");
+    }
+    assert_eq!(
+        sink.received_on("/status/500").len(),
+        2,
+        "the third lookup was sent through an open breaker"
+    );
+    let (_, ev) = app.admin_get("/api/v1/events/ev_setup_2").await;
+    let reason = ev["setup_answer"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("circuit breaker is open"), "{ev}");
+}
+
 on_both_backends!(
+    an_open_breaker_gives_setup_the_fallback_without_a_call,
     a_rate_limit_holds_runs_without_failing_them,
     a_concurrency_cap_is_never_exceeded,
     a_breaker_holds_runs_on_a_dead_destination,
