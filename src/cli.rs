@@ -332,7 +332,11 @@ fn validate(args: &ValidateArgs) -> ExitCode {
                 println!(
                     "ok: destinations ({} named{})",
                     set.destinations.entries.len(),
-                    if set.destinations.default.is_empty() { "" } else { ", and a default" }
+                    if set.destinations.default.is_empty() {
+                        ""
+                    } else {
+                        ", and a default"
+                    }
                 );
             }
             println!("{} workflow(s) valid in {shown}", set.workflows.len());

@@ -140,8 +140,7 @@ impl Application {
             .await
             .context("cannot store the workflow versions")?;
         // Destinations (issue 14): the gate, shared through the database on PostgreSQL.
-        let gate =
-            crate::destinations::gate_for(store.backend(), &settings.database_url).await?;
+        let gate = crate::destinations::gate_for(store.backend(), &settings.database_url).await?;
         let registry = Arc::new(Registry::with_gate(workflows, gate));
         let wake = Arc::new(Notify::new());
         let supervisor = Supervisor::new();

@@ -88,7 +88,9 @@ async fn limited(_req: &Request, c: Data<&Arc<Counters>>) -> Response {
     }
     c.in_flight.fetch_sub(1, Ordering::SeqCst);
     c.log.lock().unwrap().push((now, 200));
-    Response::builder().status(StatusCode::OK).body("{\"ok\":true}")
+    Response::builder()
+        .status(StatusCode::OK)
+        .body("{\"ok\":true}")
 }
 
 impl LimitSink {
@@ -284,7 +286,8 @@ async fn a_breaker_holds_runs_on_a_dead_destination(db: &TestDb) {
     let dest = format!(
         "destinations:\n  - name: dead\n    url: \"{dead}\"\n    circuit_breaker: {{ failures: 2, cool_down: 1s, max_cool_down: 2s }}\n"
     );
-    let retry = "    retry:\n      max_attempts: 3\n      initial_delay: 100ms\n      max_delay: 200ms\n";
+    let retry =
+        "    retry:\n      max_attempts: 3\n      initial_delay: 100ms\n      max_delay: 200ms\n";
     let (app, _dir) = TestApp::with_workflows(
         db,
         &[
@@ -346,10 +349,7 @@ async fn a_breaker_holds_runs_on_a_dead_destination(db: &TestDb) {
     assert_eq!(code, 200, "{list}");
     let d = &list.as_array().unwrap()[0];
     assert_eq!(d["name"], "dead");
-    assert!(
-        d["state"] == "open" || d["state"] == "half_open",
-        "{list}"
-    );
+    assert!(d["state"] == "open" || d["state"] == "half_open", "{list}");
     assert!(!d["last_errors"].as_array().unwrap().is_empty(), "{list}");
     drop(rs);
     // The destination comes up: every run completes, within its 3 attempts.
@@ -455,10 +455,7 @@ async fn the_reset_endpoint_closes_a_breaker(db: &TestDb) {
     let (code, body) = app.admin_post("/api/v1/destinations/nope/reset").await;
     assert_eq!(code, 404, "{body}");
     let msg = body["error"]["message"].as_str().unwrap();
-    assert!(
-        msg.contains("`nope`") && msg.contains("`dead`"),
-        "{msg}"
-    );
+    assert!(msg.contains("`nope`") && msg.contains("`dead`"), "{msg}");
 }
 
 /// Setup lookups obey the destinations: once the breaker is open, the
@@ -475,13 +472,17 @@ async fn an_open_breaker_gives_setup_the_fallback_without_a_call(db: &TestDb) {
     );
     let (app, _dir) =
         TestApp::with_workflows(db, &[("destinations.yaml", &dest), ("setup.yaml", &wf)]).await;
-    let inbound = String::from_utf8(common::fixture("conversation_setup_inbound_phone.json")).unwrap();
+    let inbound =
+        String::from_utf8(common::fixture("conversation_setup_inbound_phone.json")).unwrap();
     for i in 0..3 {
         let body = inbound.replace("ev_fDsVNA3cQ5X", &format!("ev_setup_{i}"));
         let resp = app.deliver(body.as_bytes()).await;
         assert_eq!(resp.status(), 200);
         let answer: serde_json::Value = resp.json().await.unwrap();
-        assert_eq!(answer["context"]["$variables"]["plan"], "unknown", "{answer}");
+        assert_eq!(
+            answer["context"]["$variables"]["plan"], "unknown",
+            "{answer}"
+        );
     }
     assert_eq!(
         sink.received_on("/status/500").len(),
@@ -585,7 +586,10 @@ fn validate_reports_every_problem_of_destinations_yaml_with_a_caret() {
         "`failures` must be a whole number from 1 up, not 0",
         "`burst` needs a `rate`",
     ] {
-        assert!(stderr.contains(expected), "missing {expected:?} in:\n{stderr}");
+        assert!(
+            stderr.contains(expected),
+            "missing {expected:?} in:\n{stderr}"
+        );
     }
     assert!(stderr.contains("    ^"), "no caret:\n{stderr}");
 }
@@ -595,5 +599,8 @@ fn the_example_destinations_file_validates() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/workflows");
     let (code, stdout, stderr) = validate(&dir);
     assert_eq!(code, 0, "{stdout}{stderr}");
-    assert!(stdout.contains("ok: destinations (1 named, and a default)"), "{stdout}");
+    assert!(
+        stdout.contains("ok: destinations (1 named, and a default)"),
+        "{stdout}"
+    );
 }

@@ -82,7 +82,9 @@ fn plus(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
 
 /// How long the probe may take before another may go.
 pub fn probe_budget(cool_down: Duration) -> Duration {
-    cool_down.min(Duration::from_secs(30)).max(Duration::from_secs(1))
+    cool_down
+        .min(Duration::from_secs(30))
+        .max(Duration::from_secs(1))
 }
 
 impl Breaker {
@@ -159,9 +161,15 @@ mod tests {
         let t1 = plus(t0, Duration::from_secs(10));
         assert_eq!(b.check(t1), Verdict::Probe);
         b.start_probe(t1);
-        assert!(matches!(b.check(t1), Verdict::Hold(_)), "one probe at a time");
+        assert!(
+            matches!(b.check(t1), Verdict::Hold(_)),
+            "one probe at a time"
+        );
         b.record(&p, true, true, t1);
-        assert_eq!((b.state, b.cool_down), (State::Open, Duration::from_secs(20)));
+        assert_eq!(
+            (b.state, b.cool_down),
+            (State::Open, Duration::from_secs(20))
+        );
         let t2 = plus(t1, Duration::from_secs(20));
         b.start_probe(t2);
         b.record(&p, true, true, t2);

@@ -86,8 +86,16 @@ impl Checker<'_> {
         message: impl Into<String>,
         help: &str,
     ) -> Option<T> {
-        let d = Diagnostic::new(Severity::Error, self.file, self.source, line, column, message);
-        self.out.push(if help.is_empty() { d } else { d.help(help) });
+        let d = Diagnostic::new(
+            Severity::Error,
+            self.file,
+            self.source,
+            line,
+            column,
+            message,
+        );
+        self.out
+            .push(if help.is_empty() { d } else { d.help(help) });
         None
     }
 
@@ -112,7 +120,10 @@ impl Checker<'_> {
             Ok(v) if v > 0 => Some(v),
             _ => self.error(
                 &n.referenced,
-                format!("`{field}` must be a whole number from 1 up, not {}", n.value),
+                format!(
+                    "`{field}` must be a whole number from 1 up, not {}",
+                    n.value
+                ),
                 "",
             ),
         }
@@ -198,7 +209,11 @@ pub fn parse_rate(text: &str) -> Result<Rate, String> {
     };
     let count: u32 = match n.trim().parse() {
         Ok(c) if c > 0 => c,
-        _ => return Err(format!("needs a whole number from 1 up before `/`, not `{n}`")),
+        _ => {
+            return Err(format!(
+                "needs a whole number from 1 up before `/`, not `{n}`"
+            ));
+        }
     };
     let per = per.trim();
     let period = match per {
@@ -370,9 +385,7 @@ pub fn compile(file: &Path, source: &str) -> Result<Destinations, Vec<Diagnostic
     Ok(Destinations::new(entries, default, c.out))
 }
 
-fn unknown_keys(
-    root: &Node,
-) -> Vec<(&Spanned<String>, &'static str, &'static [&'static str])> {
+fn unknown_keys(root: &Node) -> Vec<(&Spanned<String>, &'static str, &'static [&'static str])> {
     fn keys<'n>(
         node: &'n Node,
         part: &'static str,
@@ -445,7 +458,10 @@ mod tests {
             .iter()
             .map(|d| format!("{}:{} {}", d.line, d.column, d.message))
             .collect();
-        assert!(msgs.iter().any(|m| m.starts_with("4:11 `rate`")), "{msgs:?}");
+        assert!(
+            msgs.iter().any(|m| m.starts_with("4:11 `rate`")),
+            "{msgs:?}"
+        );
         assert!(
             msgs.iter()
                 .any(|m| m.starts_with("5:5 unknown field `bursts`")),

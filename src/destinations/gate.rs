@@ -287,7 +287,10 @@ impl Gate {
                         permit.probe = false;
                         permit.counted_back();
                         let hold = self.held(&dest, until, HoldReason::CircuitOpen, run_id);
-                        crate::prometheus::destination_held(&hold.destination, hold.reason.as_str());
+                        crate::prometheus::destination_held(
+                            &hold.destination,
+                            hold.reason.as_str(),
+                        );
                         return Admit::Hold(hold);
                     }
                 }
@@ -442,10 +445,7 @@ impl Gate {
                         } else {
                             tracing::info!(destination = %permit.dest, "circuit breaker closed");
                         }
-                        crate::prometheus::destination_state(
-                            &permit.dest,
-                            s.breaker.state.gauge(),
-                        );
+                        crate::prometheus::destination_state(&permit.dest, s.breaker.state.gauge());
                     }
                     if let Some(ra) = o.retry_after {
                         let until = plus(now, ra.min(MAX_PAUSE));
@@ -457,20 +457,17 @@ impl Gate {
                     }
                     s.health.outcomes.push_back((now, !failed));
                     if failed {
-                        let why = o.error.clone().unwrap_or_else(|| {
-                            format!("HTTP {}", o.status.unwrap_or_default())
-                        });
+                        let why = o
+                            .error
+                            .clone()
+                            .unwrap_or_else(|| format!("HTTP {}", o.status.unwrap_or_default()));
                         s.health.last_errors.push_back((now, why));
                         if s.health.last_errors.len() > LAST_ERRORS {
                             s.health.last_errors.pop_front();
                         }
                     }
                     let horizon = now - HEALTH_WINDOW;
-                    while s
-                        .health
-                        .outcomes
-                        .front()
-                        .is_some_and(|(t, _)| *t < horizon)
+                    while s.health.outcomes.front().is_some_and(|(t, _)| *t < horizon)
                         || s.health.outcomes.len() > 100_000
                     {
                         s.health.outcomes.pop_front();
@@ -548,15 +545,14 @@ impl Gate {
     }
 
     /// Applies breaker states and pauses read from the shared store.
-    pub(crate) fn apply_shared(
-        &self,
-        rows: Vec<(String, Breaker, Option<DateTime<Utc>>)>,
-    ) {
+    pub(crate) fn apply_shared(&self, rows: Vec<(String, Breaker, Option<DateTime<Utc>>)>) {
         let mut states = self.inner.states.lock().expect("gate state");
         for (name, b, paused) in rows {
             let s = states.entry(name).or_default();
             // This process's own recent change wins until its write is surely read back.
-            if s.changed_at.is_some_and(|t| t.elapsed() < 2 * super::shared::REFRESH + std::time::Duration::from_secs(1)) {
+            if s.changed_at.is_some_and(|t| {
+                t.elapsed() < 2 * super::shared::REFRESH + std::time::Duration::from_secs(1)
+            }) {
                 continue;
             }
             // Closed both ways: keep this process's count of consecutive failures.

@@ -80,7 +80,7 @@ impl Destinations {
         default: Limits,
         warnings: Vec<Diagnostic>,
     ) -> Self {
-        entries.sort_by(|a, b| b.url.len().cmp(&a.url.len()));
+        entries.sort_by_key(|e| std::cmp::Reverse(e.url.len()));
         Self {
             entries,
             default,
@@ -103,7 +103,10 @@ impl Destinations {
         if self.default.is_empty() {
             return None;
         }
-        let origin = reqwest::Url::parse(url).ok()?.origin().ascii_serialization();
+        let origin = reqwest::Url::parse(url)
+            .ok()?
+            .origin()
+            .ascii_serialization();
         Some(DestinationSpec {
             name: origin.clone(),
             url: origin,

@@ -27,6 +27,16 @@ pub struct Shared {
     ensured: Arc<Mutex<std::collections::HashSet<String>>>,
 }
 
+/// name, breaker_state, failures, breaker_until, cool_down_ms, paused_until.
+type StateRow = (
+    String,
+    String,
+    i32,
+    Option<DateTime<Utc>>,
+    i64,
+    Option<DateTime<Utc>>,
+);
+
 /// A concurrency slot held in the database.
 pub struct Slot {
     name: String,
@@ -51,13 +61,20 @@ impl Shared {
 
     /// Creates the state row and the concurrency slots of `dest` once per configuration.
     async fn ensure(&self, dest: &DestinationSpec) -> Result<(), sqlx::Error> {
-        if self.ensured.lock().expect("ensured lock").contains(&dest.name) {
+        if self
+            .ensured
+            .lock()
+            .expect("ensured lock")
+            .contains(&dest.name)
+        {
             return Ok(());
         }
-        sqlx::query("INSERT INTO destination_state (name) VALUES ($1) ON CONFLICT (name) DO NOTHING")
-            .bind(&dest.name)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "INSERT INTO destination_state (name) VALUES ($1) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(&dest.name)
+        .execute(&self.pool)
+        .await?;
         if let Some(cap) = dest.limits.concurrency {
             sqlx::query(
                 "INSERT INTO destination_slots (name, slot) SELECT $1, s FROM generate_series(0, $2 - 1) s \
@@ -84,7 +101,7 @@ impl Shared {
             }
             *at = Some(Instant::now());
         }
-        let rows: Result<Vec<(String, String, i32, Option<DateTime<Utc>>, i64, Option<DateTime<Utc>>)>, _> =
+        let rows: Result<Vec<StateRow>, _> =
             sqlx::query_as(
                 "SELECT name, breaker_state, failures, breaker_until, cool_down_ms, paused_until FROM destination_state",
             )
@@ -107,7 +124,9 @@ impl Shared {
                     })
                     .collect(),
             ),
-            Err(e) => tracing::warn!(error = %e, "cannot read destination states; using this instance's"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read destination states; using this instance's")
+            }
         }
     }
 
