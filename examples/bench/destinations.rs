@@ -64,7 +64,9 @@ pub async fn run(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Resul
         max_window = max_window.max(i - j + 1);
     }
     let steady = match (after.first(), after.last()) {
-        (Some(a), Some(z)) if z > a => (after.len() - 1) as f64 / z.duration_since(*a).as_secs_f64(),
+        (Some(a), Some(z)) if z > a => {
+            (after.len() - 1) as f64 / z.duration_since(*a).as_secs_f64()
+        }
         _ => 0.0,
     };
     let (_, peak) = server::rss_mb(server.pid());

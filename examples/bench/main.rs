@@ -19,9 +19,9 @@
 //!    ack → sink latency with a breaker-only `default:` (see `destinations.rs`).
 
 mod ceilings;
-mod destinations;
 #[path = "../common/mod.rs"]
 mod common;
+mod destinations;
 mod load;
 mod server;
 

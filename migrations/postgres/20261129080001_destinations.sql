@@ -18,3 +18,10 @@ CREATE TABLE destination_slots (
     expires_at TIMESTAMPTZ,
     PRIMARY KEY (name, slot)
 );
+-- When each request of a rate-limited destination was let through, for the sliding window
+-- (at most N in any period); rows older than the period are deleted as new ones come.
+CREATE TABLE destination_sends (
+    name TEXT NOT NULL,
+    at   TIMESTAMPTZ NOT NULL
+);
+CREATE INDEX destination_sends_by_time ON destination_sends (name, at);

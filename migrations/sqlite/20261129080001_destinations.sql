@@ -18,3 +18,8 @@ CREATE TABLE destination_slots (
     expires_at TEXT,
     PRIMARY KEY (name, slot)
 );
+CREATE TABLE destination_sends (
+    name TEXT NOT NULL,
+    at   TEXT NOT NULL
+);
+CREATE INDEX destination_sends_by_time ON destination_sends (name, at);

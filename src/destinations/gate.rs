@@ -45,6 +45,8 @@ const LAST_ERRORS: usize = 5;
 struct DestState {
     /// GCRA: the theoretical arrival time of the next request.
     tat: Option<DateTime<Utc>>,
+    /// When the requests of the last rate period were let through (sliding window).
+    sent: VecDeque<DateTime<Utc>>,
     /// Where the next held request is scheduled to come back (held requests
     /// come back one interval apart, oldest first, instead of all at once).
     cursor: Option<DateTime<Utc>>,
@@ -385,6 +387,19 @@ impl Gate {
                     if t - now > tau {
                         break 'hold Some((t - tau, HoldReason::RateLimited));
                     }
+                    // And never more than `count` in any window of `period` (what an API's
+                    // "100 per 10 s" means; the bucket alone would allow count + burst).
+                    let period = chrono::TimeDelta::from_std(rate.period)
+                        .unwrap_or(chrono::TimeDelta::MAX / 2);
+                    while s.sent.front().is_some_and(|at| *at <= now - period) {
+                        s.sent.pop_front();
+                    }
+                    if s.sent.len() >= rate.count as usize
+                        && let Some(oldest) = s.sent.front()
+                    {
+                        break 'hold Some((*oldest + period, HoldReason::RateLimited));
+                    }
+                    s.sent.push_back(now);
                     s.tat = Some(t + interval);
                 }
                 let probe = verdict == Verdict::Probe;

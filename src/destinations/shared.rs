@@ -178,24 +178,8 @@ impl Shared {
             None => None,
         };
         if let Some(rate) = dest.limits.rate {
-            let interval = rate.interval().as_secs_f64();
-            let tau = interval * f64::from(rate.burst.saturating_sub(1));
-            // GCRA, atomically: take a token when the theoretical arrival time allows.
-            let r: Result<(bool, DateTime<Utc>), _> = sqlx::query_as(
-                "WITH cur AS (SELECT GREATEST(COALESCE(tat, clock_timestamp()), clock_timestamp()) AS t, clock_timestamp() AS now \
-                    FROM destination_state WHERE name = $1 FOR UPDATE), \
-                 upd AS (UPDATE destination_state SET tat = cur.t + make_interval(secs => $2) FROM cur \
-                    WHERE name = $1 AND cur.t - cur.now <= make_interval(secs => $3) RETURNING 1) \
-                 SELECT EXISTS (SELECT 1 FROM upd), (SELECT t - make_interval(secs => $3) FROM cur)",
-            )
-            .bind(&dest.name)
-            .bind(interval)
-            .bind(tau)
-            .fetch_one(&self.pool)
-            .await;
-            let held = match r {
-                Ok((true, _)) => None,
-                Ok((false, at)) => Some(at),
+            let held = match self.take_token(dest, rate).await {
+                Ok(held) => held,
                 Err(e) => {
                     tracing::warn!(destination = %dest.name, error = %e, "cannot take a rate token; holding");
                     Some(now + chrono::TimeDelta::seconds(1))
@@ -209,6 +193,62 @@ impl Shared {
             }
         }
         Ok(slot)
+    }
+
+    /// One transaction, the destination's row locked: the token bucket (GCRA)
+    /// and the sliding window (at most `count` sends in any `period`), by the
+    /// database's clock. `Some(when)`: held until then.
+    async fn take_token(
+        &self,
+        dest: &DestinationSpec,
+        rate: super::Rate,
+    ) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+        let interval =
+            chrono::TimeDelta::from_std(rate.interval()).unwrap_or(chrono::TimeDelta::MAX / 2);
+        let period = chrono::TimeDelta::from_std(rate.period).unwrap_or(chrono::TimeDelta::MAX / 2);
+        let tau = interval * (rate.burst.saturating_sub(1) as i32);
+        let mut tx = self.pool.begin().await?;
+        let (tat, now): (Option<DateTime<Utc>>, DateTime<Utc>) = sqlx::query_as(
+            "SELECT tat, clock_timestamp() FROM destination_state WHERE name = $1 FOR UPDATE",
+        )
+        .bind(&dest.name)
+        .fetch_one(&mut *tx)
+        .await?;
+        let t = tat.map_or(now, |t| t.max(now));
+        if t - now > tau {
+            tx.rollback().await?;
+            return Ok(Some(t - tau));
+        }
+        // The count-th most recent send inside the window, if there are that many.
+        let nth: Option<DateTime<Utc>> = sqlx::query_scalar(
+            "SELECT at FROM destination_sends WHERE name = $1 AND at > $2 ORDER BY at DESC OFFSET $3 LIMIT 1",
+        )
+        .bind(&dest.name)
+        .bind(now - period)
+        .bind(i64::from(rate.count) - 1)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(at) = nth {
+            tx.rollback().await?;
+            return Ok(Some(at + period));
+        }
+        sqlx::query("DELETE FROM destination_sends WHERE name = $1 AND at <= $2")
+            .bind(&dest.name)
+            .bind(now - period)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO destination_sends (name, at) VALUES ($1, $2)")
+            .bind(&dest.name)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE destination_state SET tat = $2 WHERE name = $1")
+            .bind(&dest.name)
+            .bind(t + interval)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(None)
     }
 
     pub async fn release(&self, slot: Slot) {
