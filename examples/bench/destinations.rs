@@ -12,8 +12,51 @@ use std::time::{Duration, Instant};
 use super::server::{self, Server, Sink};
 use super::{Ctx, Row, backend_name, drop_db, fresh_db, load, tag, target, write_workflow};
 
+/// The gate in process, per request: admit + report, for a destination with
+/// only a breaker (the `default:`), and with nothing configured.
+async fn gate_cost(rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    use switchboard::destinations::gate::{Admit, Gate, Outcome};
+    let n = 200_000u32;
+    for (label, yaml) in [
+        ("nothing configured", ""),
+        (
+            "breaker-only default",
+            "default:\n  circuit_breaker: { failures: 10, cool_down: 30s }\n",
+        ),
+    ] {
+        let gate = Gate::default();
+        let d = switchboard::destinations::format::compile(std::path::Path::new("d.yaml"), yaml)
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        gate.configure(Arc::new(d));
+        let ok = Outcome {
+            status: Some(200),
+            ..Default::default()
+        };
+        let start = Instant::now();
+        for _ in 0..n {
+            if gate.config().is_empty() {
+                continue;
+            }
+            match gate.admit("http://127.0.0.1:9/crm/deliveries", None).await {
+                Admit::Go(p) => p.report(&ok),
+                Admit::Hold(_) => anyhow::bail!("held with nothing limited"),
+            }
+        }
+        let per = start.elapsed().as_secs_f64() * 1e9 / f64::from(n);
+        rows.push(Row::note_only(
+            &format!("5. destinations: gate per request, {label}"),
+            "-",
+            1e9 / per,
+            0,
+            format!("{per:.0} ns per admit + report, in process, no database"),
+        ));
+    }
+    Ok(())
+}
+
 pub async fn run(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     let b = backend_name(backend);
+    gate_cost(rows).await?;
     let (sink, sink_url) = Sink::start().await?;
     let wf = ctx.tmp.path().join(format!("wf-dest-{}", tag()));
     write_workflow(
