@@ -14,9 +14,11 @@
 //!    latency), then as fast as possible until the sink has every delivery;
 //! 3. setup: a static answer at a fixed 500/s; an answer with one lookup to the sink at 200/s;
 //! 4. growth: with 10k, 100k (, 1M) events stored: ingest rate and admin list latency;
-//! 5. idle: RSS after start and after the idle period, CPU used while idle;
-//! destinations (not in the default list): 500 runs to a destination limited to 50/s, and
-//!    ack → sink latency with a breaker-only `default:` (see `destinations.rs`).
+//! 5. idle: RSS after start and after the idle period, CPU used while idle.
+//!
+//! `destinations` (not in the default list): 500 runs to a destination limited to 50/s, the
+//! gate's cost per request, and ack → sink latency with a breaker-only `default:`
+//! (see `destinations.rs`).
 
 mod ceilings;
 #[path = "../common/mod.rs"]
