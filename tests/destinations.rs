@@ -604,3 +604,85 @@ fn the_example_destinations_file_validates() {
         "{stdout}"
     );
 }
+
+/// A held attempt shows in the run's trace: an `attempt.held` span under
+/// its step with a `held` event naming the destination and the reason
+/// (the real binary, exported over OTLP to an in-process collector).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_attempt_is_a_span_event_with_its_reason() {
+    use fake_opentelemetry_collector::FakeCollectorServer;
+    let db = TestDb::sqlite().await;
+    let mut collector = FakeCollectorServer::start().await.expect("collector");
+    let endpoint = collector.endpoint();
+    let sink = LimitSink::start(Counters::default()).await;
+    let dest = format!(
+        "destinations:\n  - name: crm\n    url: \"{}\"\n    rate: 1/m\n",
+        sink.url("/")
+    );
+    let dir = common::workflow_dir(&[
+        ("destinations.yaml", &dest),
+        ("crm.yaml", &workflow(&sink.url("/crm"), "")),
+    ]);
+    let logs = tempfile::tempdir().unwrap();
+    let wf = dir.path().display().to_string();
+    let server = common::ServerProcess::start(
+        &db,
+        logs.path(),
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ("SWITCHBOARD_WORKFLOWS", wf.as_str()),
+        ],
+    )
+    .await;
+    let client = common::client();
+    for i in 0..2 {
+        let body = ended_body(&format!("ev_tr_{i}"), &format!("conv_tr_{i}"), "completed");
+        let r = common::deliver_to(&client, &server.webhook_url(), &body, Default::default()).await;
+        assert_eq!(r.status(), 200);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut spans = Vec::new();
+    let held = loop {
+        spans.extend(
+            collector
+                .exported_spans(1, Duration::from_millis(200))
+                .await,
+        );
+        if let Some(s) = spans.iter().find(|s| s.name == "attempt.held") {
+            break s.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no attempt.held span: {:?}",
+            spans.iter().map(|s| &s.name).collect::<Vec<_>>()
+        );
+    };
+    let event = held
+        .events
+        .iter()
+        .find(|e| e.name == "held")
+        .unwrap_or_else(|| panic!("no `held` event: {:?}", held.events));
+    assert!(
+        event
+            .attributes
+            .get("reason")
+            .is_some_and(|v| v.contains("rate_limited")),
+        "{:?}",
+        event.attributes
+    );
+    assert!(
+        event
+            .attributes
+            .get("destination")
+            .is_some_and(|v| v.contains("crm")),
+        "{:?}",
+        event.attributes
+    );
+    assert_eq!(
+        sink.statuses().len(),
+        1,
+        "the second run was held, not sent"
+    );
+}
