@@ -686,3 +686,44 @@ async fn a_held_attempt_is_a_span_event_with_its_reason() {
         "the second run was held, not sent"
     );
 }
+
+/// `destinations.yaml` is reloaded with the workflows; a broken one is
+/// refused by the reload (422, with its position) and the old one stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destinations_are_reloaded_with_the_workflows() {
+    let db = TestDb::sqlite().await;
+    let sink = LimitSink::start(Counters::default()).await;
+    let (app, dir) =
+        TestApp::with_workflows(&db, &[("crm.yaml", &workflow(&sink.url("/crm"), ""))]).await;
+    let (_, list) = app.admin_get("/api/v1/destinations").await;
+    assert_eq!(list, serde_json::json!([]));
+    std::fs::write(
+        dir.path().join("destinations.yaml"),
+        format!(
+            "destinations:\n  - name: crm\n    url: \"{}\"\n    concurrency: 3\n",
+            sink.url("/")
+        ),
+    )
+    .unwrap();
+    let (code, body) = app.admin_post("/api/v1/workflows/reload").await;
+    assert_eq!(code, 200, "{body}");
+    let (_, list) = app.admin_get("/api/v1/destinations").await;
+    assert_eq!(list[0]["name"], "crm", "{list}");
+    assert_eq!(list[0]["state"], "closed", "{list}");
+    std::fs::write(
+        dir.path().join("destinations.yaml"),
+        "destinations:\n  - name: crm\n    url: \"https://x/\"\n    rate: fast\n",
+    )
+    .unwrap();
+    let (code, body) = app.admin_post("/api/v1/workflows/reload").await;
+    assert_eq!(code, 422, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("destinations.yaml:4:11"),
+        "{body}"
+    );
+    let (_, list) = app.admin_get("/api/v1/destinations").await;
+    assert_eq!(list[0]["url"], sink.url("/"), "the old file stays in force");
+}

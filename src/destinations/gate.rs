@@ -503,8 +503,12 @@ impl Gate {
                     .get(&dest)
                     .and_then(|s| s.paused_until)
             });
-            if slot.is_some() || changed.is_some() || pause.is_some() {
-                tokio::spawn(async move {
+            // A permit dropped while the runtime shuts down has no one to write for:
+            // its slot expires by itself and the breaker is written again on its next change.
+            if (slot.is_some() || changed.is_some() || pause.is_some())
+                && let Ok(runtime) = tokio::runtime::Handle::try_current()
+            {
+                runtime.spawn(async move {
                     if let Some(slot) = slot {
                         shared.release(slot).await;
                     }
