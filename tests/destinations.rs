@@ -727,3 +727,47 @@ async fn destinations_are_reloaded_with_the_workflows() {
     let (_, list) = app.admin_get("/api/v1/destinations").await;
     assert_eq!(list[0]["url"], sink.url("/"), "the old file stays in force");
 }
+
+/// Two instances on one PostgreSQL database see one breaker: the instance
+/// that did not open it shows it open too, and a reset on either closes it
+/// for both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_on_postgres_see_one_breaker() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let port = dead_port();
+    let dest = format!(
+        "destinations:\n  - name: dead\n    url: \"http://127.0.0.1:{port}/\"\n    circuit_breaker: {{ failures: 1, cool_down: 1h }}\n"
+    );
+    let retry = "    retry:\n      max_attempts: 5\n      initial_delay: 100ms\n";
+    let wf = workflow(&format!("http://127.0.0.1:{port}/crm"), retry);
+    let files = [
+        ("destinations.yaml", dest.as_str()),
+        ("dead.yaml", wf.as_str()),
+    ];
+    let (a, _da) = TestApp::with_workflows(&db, &files).await;
+    let (b, _db) = TestApp::with_workflows(&db, &files).await;
+    deliver_n(&a, "one", 1).await;
+    wait_runs(&a, 20, "held by the breaker", |rs| {
+        rs.len() == 1 && rs[0].wait_reason.as_deref() == Some("circuit_open")
+    })
+    .await;
+    // Past the window in which an instance trusts its own recent change over the shared copy.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for (who, app) in [("a", &a), ("b", &b)] {
+        let (_, list) = app.admin_get("/api/v1/destinations").await;
+        assert_eq!(list[0]["state"], "open", "instance {who}: {list}");
+    }
+    let _up = LimitSink::start_on(&format!("127.0.0.1:{port}"), Counters::default()).await;
+    let (code, body) = b.admin_post("/api/v1/destinations/dead/reset").await;
+    assert_eq!(code, 200, "{body}");
+    let rs = a.wait_runs_final(1, 20).await;
+    assert_eq!(rs[0].status, "succeeded");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (_, list) = a.admin_get("/api/v1/destinations").await;
+    assert_ne!(
+        list[0]["state"], "open",
+        "a reset on b closes it for a: {list}"
+    );
+}
