@@ -259,7 +259,17 @@ impl Gate {
                     Ok(slot) => {
                         let mut permit = permit;
                         permit.slot = slot;
-                        Ok(permit)
+                        // A pause or an opening that came while the shared query ran holds it still.
+                        match self.stopped_since(&dest.name, permit.probe) {
+                            None => Ok(permit),
+                            Some((until, reason)) => {
+                                if let Some(slot) = permit.slot.take() {
+                                    shared.release(slot).await;
+                                }
+                                permit.counted_back();
+                                Err(self.held(&dest, until, reason, run_id))
+                            }
+                        }
                     }
                     Err(hold) => {
                         // Give back what the local gate counted.
@@ -303,6 +313,23 @@ impl Gate {
                 Admit::Hold(hold)
             }
         }
+    }
+
+    /// A pause, or an open breaker (for a request that is not the probe), in force now.
+    fn stopped_since(&self, name: &str, probe: bool) -> Option<(DateTime<Utc>, HoldReason)> {
+        let now = Utc::now();
+        let states = self.inner.states.lock().expect("gate state");
+        let s = states.get(name)?;
+        if let Some(p) = s.paused_until.filter(|p| *p > now) {
+            return Some((p, HoldReason::PausedUntil));
+        }
+        if !probe
+            && s.breaker.state == State::Open
+            && let Some(until) = s.breaker.until.filter(|u| *u > now)
+        {
+            return Some((until, HoldReason::CircuitOpen));
+        }
+        None
     }
 
     fn breaker_of(&self, name: &str) -> Breaker {
