@@ -365,6 +365,17 @@ fn validate(args: &ValidateArgs) -> ExitCode {
             for w in &set.workflows {
                 println!("ok: {} ({}, on {})", w.name, w.file.display(), w.event);
             }
+            if !set.destinations.is_empty() {
+                println!(
+                    "ok: destinations ({} named{})",
+                    set.destinations.entries.len(),
+                    if set.destinations.default.is_empty() {
+                        ""
+                    } else {
+                        ", and a default"
+                    }
+                );
+            }
             println!("{} workflow(s) valid in {shown}", set.workflows.len());
             ExitCode::SUCCESS
         }

@@ -146,6 +146,19 @@ fn describe() {
         "switchboard_jobs_pending",
         "Runs in backoff (due later) or held by a worker"
     );
+    describe_gauge!(
+        "switchboard_destination_breaker_state",
+        "Circuit breaker of each destination: 0 closed, 1 open, 2 half open"
+    );
+    describe_counter!(
+        "switchboard_destination_held_total",
+        "Requests held by a destination (not sent, not an attempt), by destination and reason"
+    );
+    describe_histogram!(
+        "switchboard_destination_throttle_wait_seconds",
+        metrics::Unit::Seconds,
+        "How long a held run waits before it may try again, by destination and reason"
+    );
     describe_gauge!("switchboard_store_events", "Events in the log");
     describe_gauge!(
         "switchboard_store_size_bytes",
@@ -220,6 +233,24 @@ pub fn attempt(workflow: &str, outcome: &str, error_class: Option<&str>, elapsed
     .increment(1);
     histogram!("switchboard_attempt_duration_seconds", "workflow" => workflow.to_owned())
         .record(elapsed.as_secs_f64());
+}
+
+/// A destination's breaker changed state (0 closed, 1 open, 2 half open).
+pub fn destination_state(destination: &str, state: f64) {
+    gauge!("switchboard_destination_breaker_state", "destination" => destination.to_owned())
+        .set(state);
+}
+
+/// A request was held by its destination (`reason`: rate_limited, concurrency, circuit_open, paused_until).
+pub fn destination_held(destination: &str, reason: &'static str) {
+    counter!("switchboard_destination_held_total", "destination" => destination.to_owned(), "reason" => reason)
+        .increment(1);
+}
+
+/// How long a held run waits before it tries again.
+pub fn destination_wait(destination: &str, reason: &'static str, wait: Duration) {
+    histogram!("switchboard_destination_throttle_wait_seconds", "destination" => destination.to_owned(), "reason" => reason)
+        .record(wait.as_secs_f64());
 }
 
 /// `GET /metrics`: Prometheus text format. Store gauges are read at most

@@ -141,7 +141,9 @@ impl Application {
         crate::workflow::registry::record_versions(store.as_ref(), &workflows)
             .await
             .context("cannot store the workflow versions")?;
-        let registry = Arc::new(Registry::new(workflows));
+        // Destinations (issue 14): the gate, shared through the database on PostgreSQL.
+        let gate = crate::destinations::gate_for(store.backend(), &settings.database_url).await?;
+        let registry = Arc::new(Registry::with_gate(workflows, gate));
         let wake = Arc::new(Notify::new());
         let supervisor = Supervisor::new();
         let (appender, appender_task) = Appender::spawn(
@@ -366,7 +368,9 @@ pub async fn run_workers(
     crate::workflow::registry::record_versions(store.as_ref(), &workflows)
         .await
         .context("cannot store the workflow versions")?;
-    let registry = Arc::new(Registry::new(workflows));
+    // Destinations (issue 14): the gate, shared through the database on PostgreSQL.
+    let gate = crate::destinations::gate_for(store.backend(), database_url).await?;
+    let registry = Arc::new(Registry::with_gate(workflows, gate));
     crate::engine::http::EgressPolicy::from_env().map_err(anyhow::Error::msg)?;
     let wake = Arc::new(Notify::new());
     prometheus::install();

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo run --release --example bench -- [--pg postgres://…] [--no-sqlite]
-//!     [--scenarios ingest,e2e,setup,growth,idle] [--duration 10s] [--growth 10000,100000]
+//!     [--scenarios ingest,e2e,setup,growth,idle,destinations] [--duration 10s] [--growth 10000,100000]
 //!     [--idle 60s] [--json results.json] [--smoke]
 //! ```
 //!
@@ -15,10 +15,15 @@
 //! 3. setup: a static answer at a fixed 500/s; an answer with one lookup to the sink at 200/s;
 //! 4. growth: with 10k, 100k (, 1M) events stored: ingest rate and admin list latency;
 //! 5. idle: RSS after start and after the idle period, CPU used while idle.
+//!
+//! `destinations` (not in the default list): 500 runs to a destination limited to 50/s, the
+//! gate's cost per request, and ack → sink latency with a breaker-only `default:`
+//! (see `destinations.rs`).
 
 mod ceilings;
 #[path = "../common/mod.rs"]
 mod common;
+mod destinations;
 mod load;
 mod server;
 
@@ -612,6 +617,7 @@ async fn main() -> anyhow::Result<()> {
                 "setup" => setup(&ctx, &backend, &mut rows).await,
                 "growth" => growth(&ctx, &backend, &mut rows).await,
                 "idle" => idle(&ctx, &backend, &mut rows).await,
+                "destinations" => destinations::run(&ctx, &backend, &mut rows).await,
                 other => Err(anyhow::anyhow!("unknown scenario {other}")),
             };
             if let Err(e) = result {

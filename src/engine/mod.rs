@@ -504,10 +504,35 @@ impl Engine {
                 }
             }
             let index = state.step_index;
+            // Destinations (issue 14): the gate, right before the attempt. A hold parks the
+            // run (waiting, no attempt recorded, lease released); it resumes by itself.
+            let permit =
+                match crate::destinations::admit_step(&self.registry.gate, step, &ctx, &run.run_id)
+                    .await
+                {
+                    Some(crate::destinations::gate::Admit::Hold(hold)) => {
+                        crate::destinations::hold_run(
+                            &*self.store,
+                            &run,
+                            &self.owner,
+                            &trace,
+                            (index, &step.id),
+                            &hold,
+                        )
+                        .await?;
+                        return Ok(());
+                    }
+                    Some(crate::destinations::gate::Admit::Go(permit)) => Some(permit),
+                    None => None,
+                };
             let before = state.clone();
             let (attempt, update, done) = self
                 .attempt(&run, &trace, wf, step, &mut state, &ctx, &secrets, &masker)
                 .await;
+            // Destinations (issue 14): the outcome feeds the breaker and Retry-After pauses.
+            if let Some(permit) = permit {
+                permit.report(&crate::destinations::gate::Outcome::of_attempt(&attempt));
+            }
             let Some((attempt, update)) = self.save_attempt(&run, &before, attempt, update).await?
             else {
                 return Ok(());

@@ -269,6 +269,23 @@ pub trait RunStore: Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> Result<bool, StoreError>;
 
+    /// Destinations (issue 14): parks a claimed run without an attempt: status
+    /// `waiting` with `reason`, due again at `until`, its lease released. False
+    /// if the claim `token` no longer holds the run (nothing written).
+    async fn hold_run(
+        &self,
+        run_id: &str,
+        owner: &str,
+        token: i64,
+        until: DateTime<Utc>,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
+
+    /// Destinations (issue 14): makes every run waiting for one of `reasons`
+    /// due now (a breaker was reset); returns how many.
+    async fn wake_held(&self, reasons: &[&str], now: DateTime<Utc>) -> Result<u64, StoreError>;
+
     /// Ends every lease `owner` holds now, so other workers take its runs at
     /// once (graceful shutdown). Returns how many runs were handed back.
     async fn release_leases(&self, owner: &str, now: DateTime<Utc>) -> Result<u64, StoreError>;

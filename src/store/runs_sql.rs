@@ -244,6 +244,51 @@ macro_rules! impl_run_store {
                 Ok(r.rows_affected())
             }
 
+            async fn wake_held(
+                &self,
+                reasons: &[&str],
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<u64, $crate::store::StoreError> {
+                let mut woken = 0;
+                for reason in reasons {
+                    woken += sqlx::query(
+                        "UPDATE runs SET next_attempt_at = $1 \
+                         WHERE status = 'waiting' AND wait_reason = $2 AND next_attempt_at > $1",
+                    )
+                    .bind(now)
+                    .bind(*reason)
+                    .execute(&self.writer)
+                    .await?
+                    .rows_affected();
+                }
+                Ok(woken)
+            }
+
+            async fn hold_run(
+                &self,
+                run_id: &str,
+                owner: &str,
+                token: i64,
+                until: chrono::DateTime<chrono::Utc>,
+                reason: &str,
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<bool, $crate::store::StoreError> {
+                let r = sqlx::query(
+                    "UPDATE runs SET status = 'waiting', wait_reason = $1, next_attempt_at = $2, \
+                     lease_owner = NULL, lease_until = NULL, updated_at = $3 \
+                     WHERE run_id = $4 AND lease_owner = $5 AND lease_token = $6 AND status = 'running'",
+                )
+                .bind(reason)
+                .bind(until)
+                .bind(now)
+                .bind(run_id)
+                .bind(owner)
+                .bind(token)
+                .execute(&self.writer)
+                .await?;
+                Ok(r.rows_affected() == 1)
+            }
+
             async fn save_progress(
                 &self,
                 run_id: &str,
@@ -266,7 +311,7 @@ macro_rules! impl_run_store {
                     "UPDATE runs SET status = $1, step_index = $2, attempt = $3, attempts_total = $4, \
                      next_attempt_at = $5, lease_owner = CASE WHEN $6 THEN lease_owner ELSE NULL END, \
                      lease_until = CASE WHEN $6 THEN {} ELSE NULL END, step_results = $8, last_error = $9, \
-                     finished_at = $10, updated_at = $11, step_id = $15 \
+                     finished_at = $10, updated_at = $11, step_id = $15, wait_reason = NULL \
                      WHERE run_id = $12 AND lease_owner = $13 AND lease_token = $14 AND status = 'running'",
                     $crate::store::runs_sql::lease_sql($db_clock, 7)
                 );

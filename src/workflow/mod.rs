@@ -152,6 +152,8 @@ pub struct WorkflowSet {
     pub workflows: Vec<Workflow>,
     /// Warnings found while loading (errors make loading fail).
     pub warnings: Vec<Diagnostic>,
+    /// `destinations.yaml` of the directory (issue 14); empty when there is none.
+    pub destinations: std::sync::Arc<crate::destinations::Destinations>,
 }
 
 impl WorkflowSet {
@@ -207,7 +209,19 @@ impl WorkflowSet {
         let mut diagnostics = Vec::new();
         let mut workflows: Vec<Workflow> = Vec::new();
         let mut names: HashMap<String, PathBuf> = HashMap::new();
+        let mut destinations = crate::destinations::Destinations::default();
         for (file, text) in sources {
+            // Destinations (issue 14): `destinations.yaml` is not a workflow.
+            if crate::destinations::is_destinations_file(&file) {
+                match crate::destinations::format::compile(&file, &text) {
+                    Ok(d) => {
+                        diagnostics.extend(d.warnings.iter().cloned());
+                        destinations = d;
+                    }
+                    Err(d) => diagnostics.extend(d),
+                }
+                continue;
+            }
             match compile::compile(&file, &text) {
                 Ok((wf, warnings)) => {
                     diagnostics.extend(warnings);
@@ -246,6 +260,7 @@ impl WorkflowSet {
             dir: dir.to_owned(),
             workflows,
             warnings: diagnostics,
+            destinations: std::sync::Arc::new(destinations),
         })
     }
 
