@@ -234,6 +234,8 @@ async fn a_replay_runs_the_current_version_and_a_retry_its_own(db: &TestDb) {
     assert_eq!(outcomes[0]["version"], good_v2.as_str(), "{outcomes}");
     let new_id = outcomes[0]["new_run_id"].as_str().unwrap().to_owned();
     sink.wait_for("/ok/v2", 1, 10).await;
+    // The sink sees the request before the run's final state is saved.
+    app.wait_runs_final(3, 10).await;
     let (_, run) = app.admin_get(&format!("/api/v1/runs/{new_id}")).await;
     assert_eq!(run["version"], good_v2.as_str());
     assert_eq!(run["status"], "succeeded");
