@@ -147,6 +147,10 @@ fn describe() {
         "Runs in backoff (due later) or held by a worker"
     );
     describe_gauge!("switchboard_store_events", "Events in the log");
+    describe_counter!(
+        "switchboard_store_commits_total",
+        "Write transactions this process committed to its SQLite store (SQLite only)"
+    );
     describe_gauge!(
         "switchboard_store_size_bytes",
         metrics::Unit::Bytes,
@@ -245,6 +249,9 @@ pub async fn endpoint(
             );
     }
     let handle = install();
+    if store.backend() == crate::store::Backend::Sqlite {
+        counter!("switchboard_store_commits_total").absolute(crate::store::sqlite::commits());
+    }
     {
         let mut last_read = gate.last_read.lock().await;
         if last_read.is_none_or(|t| t.elapsed() >= GAUGES_EVERY) {
