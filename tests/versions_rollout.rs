@@ -154,7 +154,12 @@ async fn two_instances_with_different_workflows_run_every_run() {
     let mut events: HashMap<String, usize> = HashMap::new();
     for r in &received {
         *keys
-            .entry(r.headers.get("idempotency-key").cloned().unwrap_or_default())
+            .entry(
+                r.headers
+                    .get("idempotency-key")
+                    .cloned()
+                    .unwrap_or_default(),
+            )
             .or_default() += 1;
         *events
             .entry(r.json()["event"].as_str().unwrap_or_default().to_owned())
@@ -162,7 +167,10 @@ async fn two_instances_with_different_workflows_run_every_run() {
     }
     assert_eq!(received.len(), RUNS, "one request per run");
     assert_eq!(keys.len(), RUNS, "distinct Idempotency-Keys");
-    assert!(!keys.contains_key(""), "every request has an Idempotency-Key");
+    assert!(
+        !keys.contains_key(""),
+        "every request has an Idempotency-Key"
+    );
     assert_eq!(events.len(), RUNS, "every event delivered");
 
     // Both instances executed runs: B (no workflow loaded) a real share.
@@ -229,8 +237,15 @@ fn assert_c_completed(sink: &Sink, path: &str) {
         .iter()
         .map(|r| r.headers.get("idempotency-key").cloned())
         .collect();
-    assert_eq!(keys.len(), 1, "every attempt of c has the same key: {keys:?}");
-    assert!(keys.iter().all(|k| k.as_deref().is_some_and(|k| k.ends_with(":c"))));
+    assert_eq!(
+        keys.len(),
+        1,
+        "every attempt of c has the same key: {keys:?}"
+    );
+    assert!(
+        keys.iter()
+            .all(|k| k.as_deref().is_some_and(|k| k.ends_with(":c")))
+    );
 }
 
 /// A run retrying step `c` of `[a, b, c]` completes `c` after a reload removed `a`;

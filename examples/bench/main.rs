@@ -21,9 +21,9 @@
 //! 5. idle: RSS after start and after the idle period, CPU used while idle.
 
 mod ceilings;
-mod cost;
 #[path = "../common/mod.rs"]
 mod common;
+mod cost;
 mod load;
 mod server;
 
