@@ -160,6 +160,10 @@ fn describe() {
         "How long a held run waits before it may try again, by destination and reason"
     );
     describe_gauge!("switchboard_store_events", "Events in the log");
+    describe_counter!(
+        "switchboard_store_commits_total",
+        "Write transactions this process committed to its SQLite store (SQLite only)"
+    );
     describe_gauge!(
         "switchboard_store_size_bytes",
         metrics::Unit::Bytes,
@@ -276,6 +280,9 @@ pub async fn endpoint(
             );
     }
     let handle = install();
+    if store.backend() == crate::store::Backend::Sqlite {
+        counter!("switchboard_store_commits_total").absolute(crate::store::sqlite::commits());
+    }
     {
         let mut last_read = gate.last_read.lock().await;
         if last_read.is_none_or(|t| t.elapsed() >= GAUGES_EVERY) {

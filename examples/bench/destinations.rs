@@ -183,6 +183,7 @@ pub async fn run(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Resul
         errors: fixed.errors + fixed.ok - delivered,
         rss_peak_mb: peak,
         note: format!("{delivered} delivered; compare with scenario 2 (no destinations.yaml)"),
+        cost: None,
     });
     drop(server);
     drop_db(backend, &db).await;

@@ -19,6 +19,7 @@ pub mod replay;
 pub mod replay_backend;
 pub mod setup;
 pub mod trace;
+pub mod versions;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -62,8 +63,8 @@ pub struct Engine {
     permits: Arc<Semaphore>,
     /// [`RUNNING`], [`DRAINING`] or [`HANDED_BACK`].
     phase: AtomicU8,
-    /// Workflow versions not in the loaded set, compiled from the database, by hash.
-    versions: std::sync::Mutex<HashMap<String, Arc<Workflow>>>,
+    /// Workflow versions not in the loaded set, compiled from the database, by hash (bounded).
+    versions: versions::VersionCache,
 }
 
 const RUNNING: u8 = 0;
@@ -102,7 +103,7 @@ impl Engine {
             concurrency: concurrency.max(1),
             permits: Arc::new(Semaphore::new(concurrency.max(1))),
             phase: AtomicU8::new(RUNNING),
-            versions: std::sync::Mutex::new(HashMap::new()),
+            versions: versions::VersionCache::default(),
         }
     }
 
@@ -113,8 +114,8 @@ impl Engine {
         name: &str,
         hash: &str,
     ) -> Result<Result<Arc<Workflow>, String>, crate::store::StoreError> {
-        if let Some(wf) = self.versions.lock().expect("versions lock").get(hash) {
-            return Ok(Ok(wf.clone()));
+        if let Some(wf) = self.versions.get(hash) {
+            return Ok(Ok(wf));
         }
         let Some(stored) = self.store.workflow_version(hash).await? else {
             return Ok(Err(format!(
@@ -129,10 +130,7 @@ impl Engine {
                 // The stored hash is the address, whatever this compiler would compute.
                 wf.version = hash.to_owned();
                 let wf = Arc::new(wf);
-                self.versions
-                    .lock()
-                    .expect("versions lock")
-                    .insert(hash.to_owned(), wf.clone());
+                self.versions.insert(hash, wf.clone());
                 Ok(Ok(wf))
             }
             Err(d) => Ok(Err(format!(
