@@ -63,6 +63,74 @@ pub struct RunSummary {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// Why a `waiting` run waits: `timer` (a `wait` step) or `event` (a `wait_for` step).
+    #[oai(skip_serializing_if_is_none)]
+    pub wait_reason: Option<String>,
+    /// When a `waiting` run goes on: the end of its `wait`, or the timeout of its `wait_for`.
+    #[oai(skip_serializing_if_is_none)]
+    pub resume_at: Option<DateTime<Utc>>,
+    /// What a run at a `wait` / `wait_for` step waits for.
+    #[oai(skip_serializing_if_is_none)]
+    pub waiting_for: Option<WaitView>,
+}
+
+/// The wait of a run at a `wait` or `wait_for` step.
+#[derive(Object, Debug)]
+pub struct WaitView {
+    /// The step's id.
+    pub step: String,
+    /// `timer` or `event`.
+    pub kind: String,
+    /// The event type awaited (`wait_for`).
+    #[oai(skip_serializing_if_is_none)]
+    pub event: Option<String>,
+    /// What it waits for, in words.
+    pub description: String,
+    /// When the run reached the step.
+    pub since: DateTime<Utc>,
+    /// The resume time (`wait`) or the timeout (`wait_for`).
+    pub until: DateTime<Utc>,
+    /// The event that matched, when the run is about to resume on it (`ev_…`).
+    #[oai(skip_serializing_if_is_none)]
+    pub matched_event_id: Option<String>,
+}
+
+impl From<&crate::store::waits::RunWait> for WaitView {
+    fn from(w: &crate::store::waits::RunWait) -> Self {
+        let description = match w.wait_for() {
+            Some(f) => format!(
+                "{} of conversation {}, after event #{}",
+                f.describe(),
+                w.conversation_id.as_deref().unwrap_or("-"),
+                w.after_seq
+            ),
+            None => format!("the time {}", w.until_at.to_rfc3339()),
+        };
+        Self {
+            step: w.step_id.clone(),
+            kind: w.kind.clone(),
+            event: w.event_type.clone(),
+            description,
+            since: w.started_at,
+            until: w.until_at,
+            matched_event_id: w.matched_event_id.clone(),
+        }
+    }
+}
+
+/// Fills in what waiting runs wait for (one lookup per waiting run).
+async fn with_waits(
+    store: &Arc<dyn EventStore>,
+    mut runs: Vec<RunSummary>,
+) -> Result<Vec<RunSummary>, crate::store::StoreError> {
+    for r in &mut runs {
+        if r.status == "waiting"
+            && let Some(w) = store.run_wait(&r.id).await?
+        {
+            r.waiting_for = Some((&w).into());
+        }
+    }
+    Ok(runs)
 }
 
 impl From<&Run> for RunSummary {
@@ -89,6 +157,11 @@ impl From<&Run> for RunSummary {
             created_at: r.created_at,
             updated_at: r.updated_at,
             finished_at: r.finished_at,
+            wait_reason: (r.status == RunStatus::Waiting)
+                .then(|| r.wait_reason.clone())
+                .flatten(),
+            resume_at: (r.status == RunStatus::Waiting).then_some(r.next_attempt_at),
+            waiting_for: None,
         }
     }
 }
@@ -408,7 +481,7 @@ impl RunsApi {
             .then(|| runs.last().map(encode_cursor))
             .flatten();
         Ok(Json(RunPage {
-            data: runs.iter().map(Into::into).collect(),
+            data: with_waits(&store, runs.iter().map(Into::into).collect()).await?,
             next_cursor,
         }))
     }
@@ -427,7 +500,10 @@ impl RunsApi {
         };
         let attempts = store.attempts(&id).await?;
         Ok(Json(RunDetail {
-            run: (&run).into(),
+            run: with_waits(&store, vec![(&run).into()])
+                .await?
+                .pop()
+                .expect("one run"),
             step_results: run.step_results.0.clone(),
             attempts: attempts.into_iter().map(Into::into).collect(),
         }))
@@ -456,7 +532,7 @@ impl RunsApi {
         }
     }
 
-    /// Cancel a run that waits for its first attempt or for a retry. 409 if it is running or finished.
+    /// Cancel a run that waits for its first attempt, a retry, or at a `wait` / `wait_for` step. 409 if it is running or finished.
     #[oai(path = "/runs/:id/cancel", method = "post", tag = "RunTags::Runs")]
     async fn cancel_run(
         &self,
@@ -466,10 +542,14 @@ impl RunsApi {
         id: Path<String>,
     ) -> Result<Json<RunSummary>, ApiError> {
         match store.cancel_run(&id, Utc::now()).await? {
-            RunChange::Changed(run) => Ok(Json(run.as_ref().into())),
+            RunChange::Changed(run) => {
+                // A cancelled run no longer waits (durable waits: store/waits.rs).
+                store.remove_wait(&id).await?;
+                Ok(Json(run.as_ref().into()))
+            }
             RunChange::NotFound => Err(ApiError::not_found("run", &id)),
             RunChange::WrongState(status) => Err(ApiError::conflict(format!(
-                "run `{}` is {status}; only scheduled or retrying runs can be cancelled",
+                "run `{}` is {status}; only scheduled, retrying or waiting runs can be cancelled",
                 id.0
             ))),
         }

@@ -18,6 +18,7 @@ pub mod http;
 pub mod replay;
 pub mod setup;
 pub mod trace;
+pub mod wait;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -500,6 +501,16 @@ impl Engine {
                         }
                         return Ok(());
                     }
+                }
+            }
+            // Durable waits (wait.rs): `wait` / `wait_for` steps park the run or end its wait.
+            if let Some(w) = &step.wait {
+                match self
+                    .wait_step(&run, &trace, wf, step, w, &mut state)
+                    .await?
+                {
+                    wait::WaitFlow::Next => continue,
+                    wait::WaitFlow::Stop => return Ok(()),
                 }
             }
             let index = state.step_index;

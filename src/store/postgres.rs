@@ -111,3 +111,12 @@ impl_run_store!(
     "FOR UPDATE",
     true
 );
+
+// Durable waits (src/store/waits.rs): a wait_for's lookup of stored events serializes with appends.
+super::waits::impl_wait_store!(
+    PostgresStore,
+    sqlx::Postgres,
+    Some(APPEND_LOCK),
+    "FOR UPDATE",
+    true
+);

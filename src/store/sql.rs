@@ -465,6 +465,9 @@ macro_rules! append_in_tx {
             ),
             None => Default::default(),
         };
+        // Durable waits (store/waits.rs): the waits of these conversations, and their states before the batch.
+        let waits = $crate::store::waits::waits_of_batch_in_tx!($db, tx, batch);
+        let states_for_waits = (!waits.is_empty()).then(|| states.clone());
         let plan = batch::plan(batch, existing, last_seq, states, $dispatcher);
         // Each multi-row insert is cut into statements under the database's
         // bind-parameter limit (a batch of 256 events each matching many
@@ -497,13 +500,18 @@ macro_rules! append_in_tx {
                 qb.build().execute(&mut **tx).await?;
             }
         }
-        if !plan.runs.is_empty() {
+        // Durable waits: match the new events, in this transaction (exactly once).
+        let resumed = match states_for_waits {
+            Some(states) => $crate::store::waits::match_waits_in_tx!(tx, &plan.inserts, &waits, states),
+            None => 0,
+        };
+        if !plan.runs.is_empty() || resumed > 0 {
             let notify: Option<&str> = $notify;
             if let Some(notify) = notify {
                 sqlx::query(notify).execute(&mut **tx).await?;
             }
         }
-        (plan.outcomes, plan.runs.len())
+        (plan.outcomes, plan.runs.len() + resumed)
     }};
 }
 pub(crate) use append_in_tx;
