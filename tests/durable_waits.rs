@@ -387,3 +387,60 @@ on_both_backends!(
     a_replay_waits_again,
     kill_9_during_a_wait_then_restart_resumes_once,
 );
+
+/// `switchboard validate` on wait steps: each mistake is an error at its
+/// line and column, with a caret.
+#[test]
+fn validate_points_at_wait_mistakes() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("bad.yaml"),
+        "on: { event: conversation.ended }\norder: sometimes\nsteps:\n  - id: early\n    http: { url: \"https://x.example/{{ steps.q.event.id }}\" }\n  - id: q\n    wait_for:\n      event: conversation.ended\n      field: lead_status\n  - id: r\n    wait_for: { event: conversation.started, timeout: 1h }\n  - id: s\n    wait: soon\n  - id: t\n    wait_for:\n      event: conversation.custom_fields.updated\n      field: x\n      when: steps.q.timed_out\n      timeout: 5m\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .arg("validate")
+        .arg(dir.path())
+        .env_remove("SWITCHBOARD_WORKFLOWS")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    for expected in [
+        "bad.yaml:2:8: error: `order` is `sometimes`; use `conversation` or `none`",
+        "bad.yaml:5:18: error: `http.url` uses steps.q, which runs later",
+        "bad.yaml:8:7: error: `wait_for` needs `timeout`",
+        "bad.yaml:9:14: error: `wait_for.field` only applies to conversation.custom_fields.updated, not `conversation.ended`",
+        "bad.yaml:11:24: error: `wait_for.event`: `conversation.started` is not an event type a run can wait for",
+        "bad.yaml:13:11: error: `wait`: `soon` is not a duration",
+        "bad.yaml:18:13: error: `wait_for.when`: `steps` is not available here",
+        "7 error(s)",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "missing `{expected}` in:\n{stderr}"
+        );
+    }
+    assert!(
+        stderr.contains("13 |     wait: soon\n   |           ^"),
+        "{stderr}"
+    );
+    // A good one passes, with `order: none`.
+    std::fs::write(
+        dir.path().join("bad.yaml"),
+        "on: { event: conversation.ended }\norder: none\nsteps:\n  - id: q\n    wait_for: { event: conversation.ended, status: [completed], timeout: 1d }\n  - id: p\n    http: { url: \"https://x.example/{{ steps.q.event.id }}\" }\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .arg("validate")
+        .arg(dir.path())
+        .env_remove("SWITCHBOARD_WORKFLOWS")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
