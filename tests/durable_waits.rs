@@ -112,6 +112,25 @@ async fn wait_for_resumes_on_a_later_matching_event_with_its_envelope(db: &TestD
         "{w}"
     );
     assert_eq!(w["until"], waiting["resume_at"]);
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("switchboard_runs_waiting ") && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("switchboard_runs_oldest_wait_seconds "),
+        "{metrics}"
+    );
     // Another conversation, another field, another value: none resumes it.
     let others = [
         field_body("ev_e2", "conv_other", AT, "lead_status", json!("qualified")),
