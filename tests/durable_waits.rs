@@ -396,7 +396,69 @@ async fn kill_9_during_a_wait_then_restart_resumes_once(db: &TestDb) {
     assert!(runs.iter().all(|r| r["status"] == "succeeded"), "{runs:?}");
 }
 
+async fn a_backtest_judges_wait_for_against_the_stored_history(db: &TestDb) {
+    let sink = Sink::start().await;
+    let app = TestApp::spawn(db).await;
+    app.deliver(&ended_body("ev_h1", "conv_h1", "completed"))
+        .await;
+    app.deliver(&ended_body("ev_h2", "conv_h2", "completed"))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    app.deliver(&field_body(
+        "ev_h3",
+        "conv_h1",
+        AT,
+        "lead_status",
+        json!("qualified"),
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let wf = follow_up(&sink, "", "1s", "      to: qualified\n");
+    let resp = app
+        .client
+        .post(app.url("/api/v1/workflows/backtest"))
+        .bearer_auth(common::TOKEN)
+        .json(&json!({"workflow": wf}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let report: Value = resp.json().await.unwrap();
+    let events = report["events"].as_array().unwrap();
+    let of = |id: &str| events.iter().find(|e| e["event_id"] == id).unwrap().clone();
+    let h1 = of("ev_h1");
+    let note = h1["requests"][0]["note"].as_str().unwrap();
+    assert!(
+        note.starts_with("would have resumed on ev_h3 after ") && note.ends_with("ms"),
+        "{h1}"
+    );
+    assert_eq!(
+        h1["requests"][1]["request"]["body"],
+        json!({"stage": "qualified", "event": "ev_h3"})
+    );
+    assert!(
+        h1["requests"][2]["note"]
+            .as_str()
+            .unwrap()
+            .starts_with("skipped")
+    );
+    let h2 = of("ev_h2");
+    assert!(
+        h2["requests"][0]["note"]
+            .as_str()
+            .unwrap()
+            .starts_with("would have timed out after 1s"),
+        "{h2}"
+    );
+    assert_eq!(
+        h2["requests"][2]["request"]["body"],
+        json!({"timed_out": true, "event": null})
+    );
+    assert!(sink.received().is_empty(), "a backtest sends nothing");
+}
+
 on_both_backends!(
+    a_backtest_judges_wait_for_against_the_stored_history,
     a_wait_resumes_after_its_time_once,
     wait_for_resumes_on_a_later_matching_event_with_its_envelope,
     an_event_stored_before_the_step_was_reached_counts_one_before_the_trigger_does_not,
