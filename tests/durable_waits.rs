@@ -525,3 +525,65 @@ fn validate_points_at_wait_mistakes() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A wait step is one `step` span, from when the run reached it to when it
+/// resumed, in the trace of the event that started the run (real binary,
+/// OTLP to an in-process collector).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_step_is_one_span_in_the_events_trace() {
+    let db = TestDb::sqlite().await;
+    let mut collector = fake_opentelemetry_collector::FakeCollectorServer::start()
+        .await
+        .expect("collector");
+    let endpoint = collector.endpoint();
+    let sink = Sink::start().await;
+    let workflows = workflow_dir(&[("w.yaml", &wait_then_post(&sink, "600ms"))]);
+    let wf_env = workflows.path().display().to_string();
+    let logs = tempfile::tempdir().unwrap();
+    let env = [
+        ("SWITCHBOARD_WORKFLOWS", wf_env.as_str()),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ];
+    let server = ServerProcess::start(&db, logs.path(), &env).await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let resp = common::deliver_with_headers(
+        &client(),
+        &server.webhook_url(),
+        &ended_body("ev_span", "conv_span", "completed"),
+        &[("traceparent", &format!("00-{trace}-00f067aa0ba902b7-01"))],
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    sink.wait_for("/ok/after-wait", 1, 10).await;
+    let mut spans = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let is_settle = |s: &fake_opentelemetry_collector::ExportedSpan| {
+        s.name == "step"
+            && s.attributes
+                .get("switchboard.step")
+                .is_some_and(|v| v.contains("settle"))
+    };
+    while !spans.iter().any(is_settle) {
+        assert!(Instant::now() < deadline, "no settle span: {spans:#?}");
+        spans.extend(
+            collector
+                .exported_spans(1, Duration::from_millis(200))
+                .await,
+        );
+    }
+    let settle: Vec<_> = spans.iter().filter(|s| is_settle(s)).collect();
+    assert_eq!(settle.len(), 1, "one span for the whole wait: {settle:#?}");
+    let s = settle[0];
+    assert_eq!(s.trace_id, trace, "in the event's trace");
+    let took = Duration::from_nanos(s.end_time_unix_nano - s.start_time_unix_nano);
+    assert!(
+        took >= Duration::from_millis(600),
+        "the span lasts the wait: {took:?}"
+    );
+    assert!(
+        s.attributes["switchboard.wait.kind"].contains("timer"),
+        "{s:?}"
+    );
+}

@@ -9,6 +9,7 @@
 //! the run reached the step to when it resumed.
 
 use chrono::{DateTime, Utc};
+use opentelemetry::KeyValue;
 use serde_json::Value;
 
 use super::trace::{RunTrace, StepEnd};
@@ -92,7 +93,15 @@ impl Engine {
                     timed_out,
                     "wait ended"
                 );
-                trace.emit_step(
+                // One span from when the run reached the step to now (it resumed).
+                let mut extra = vec![
+                    KeyValue::new("switchboard.wait.kind", outcome.wait.kind.clone()),
+                    KeyValue::new("switchboard.wait.timed_out", timed_out),
+                ];
+                if let Some(id) = &outcome.wait.matched_event_id {
+                    extra.push(KeyValue::new("switchboard.wait.event.id", id.clone()));
+                }
+                trace.emit_step_with(
                     run,
                     StepEnd {
                         index,
@@ -102,6 +111,7 @@ impl Engine {
                         skipped: false,
                         error: None,
                     },
+                    extra,
                 );
                 if update.status.is_final() {
                     self.finished(run, trace, &update);
