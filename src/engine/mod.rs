@@ -254,7 +254,8 @@ impl Engine {
     /// caught and recorded as the run's failure).
     async fn execute(self: &Arc<Self>, run: Run) {
         let run_id = run.run_id.clone();
-        if run.attempts_total == 0 && run.step_index == 0 {
+        // (A run resumed from a wait at its first step is not a new start.)
+        if run.attempts_total == 0 && run.step_index == 0 && run.wait_reason.is_none() {
             crate::prometheus::run_started(&run.workflow);
         }
         let work = {

@@ -124,11 +124,14 @@ pub trait WaitStore: Send + Sync + 'static {
     async fn wait_stats(&self) -> Result<(i64, Option<DateTime<Utc>>), StoreError>;
 }
 
+/// A stored event as the wait lookups read it: (seq, event id, type, raw body, received_at).
+pub type LoggedEvent = (i64, String, String, Vec<u8>, DateTime<Utc>);
+
 /// Folds a conversation's stored events (`(seq, type, raw body, received_at)`,
 /// in log order) and returns the first event after `after_seq` that `wait` matches.
 pub(crate) fn first_match(
     conversation_id: &str,
-    events: &[(i64, String, String, Vec<u8>, DateTime<Utc>)],
+    events: &[LoggedEvent],
     wait: &crate::workflow::wait::WaitFor,
     after_seq: i64,
 ) -> Option<(i64, String)> {
@@ -307,7 +310,7 @@ macro_rules! impl_wait_store {
                     w.conversation_id.as_deref(),
                     serde_json::from_value::<$crate::workflow::wait::WaitFor>(w.matcher.clone()).ok(),
                 ) {
-                    let events: Vec<(i64, String, String, Vec<u8>, chrono::DateTime<chrono::Utc>)> =
+                    let events: Vec<$crate::store::waits::LoggedEvent> =
                         sqlx::query_as(
                             "SELECT seq, event_id, event_type, raw_body, received_at FROM events \
                              WHERE conversation_id = $1 ORDER BY seq",

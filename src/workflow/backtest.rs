@@ -402,7 +402,7 @@ async fn judge_wait(
                 Some(c) => store.conversation_log(c, None).await?,
                 None => Vec::new(),
             };
-            let rows: Vec<(i64, String, String, Vec<u8>, chrono::DateTime<chrono::Utc>)> = log
+            let rows: Vec<crate::store::waits::LoggedEvent> = log
                 .iter()
                 .map(|e| {
                     (
