@@ -154,7 +154,13 @@ async fn wait_for_resumes_on_a_later_matching_event_with_its_envelope(db: &TestD
         json!("qualified"),
     ))
     .await;
+    let acked = Instant::now();
     let got = sink.wait_for("/ok/deal", 1, 10).await;
+    // A figure, not an assertion (see examples/bench for measured targets).
+    eprintln!(
+        "wait_for: next step's request {:?} after the matching event's ack",
+        got[0].at.saturating_duration_since(acked)
+    );
     assert_eq!(
         got[0].json(),
         json!({"stage": "qualified", "event": "ev_e5"})
