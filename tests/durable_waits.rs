@@ -67,6 +67,7 @@ async fn a_wait_resumes_after_its_time_once(db: &TestDb) {
         200
     );
     let waiting = run_with_status(&app, "waiting", 5).await;
+    let (seen, seen_utc) = (Instant::now(), chrono::Utc::now());
     assert_eq!(waiting["wait_reason"], "timer", "{waiting}");
     assert_eq!(waiting["step"], "settle");
     assert!(waiting["resume_at"].is_string(), "{waiting}");
@@ -76,6 +77,14 @@ async fn a_wait_resumes_after_its_time_once(db: &TestDb) {
         got[0].at.duration_since(sent) >= Duration::from_millis(700),
         "sent after {:?}",
         got[0].at.duration_since(sent)
+    );
+    let resume_at: chrono::DateTime<chrono::Utc> =
+        waiting["resume_at"].as_str().unwrap().parse().unwrap();
+    let due = seen + (resume_at - seen_utc).to_std().unwrap_or_default();
+    // A figure, not an assertion.
+    eprintln!(
+        "wait: next step's request {:?} after resume_at",
+        got[0].at.saturating_duration_since(due)
     );
     let waited = &got[0].json()["waited"];
     let waited = waited
@@ -240,6 +249,29 @@ async fn an_event_stored_before_the_step_was_reached_counts_one_before_the_trigg
             .all(|r| r.status() == Some(RunStatus::Succeeded))
     );
     assert_eq!(sink.received().len(), 2);
+}
+
+async fn wait_for_an_ended_status(db: &TestDb) {
+    let sink = Sink::start().await;
+    let wf = format!(
+        "on: {{ event: conversation.custom_fields.updated, field: lead_status, to: hot }}\nsteps:\n  - id: call\n    wait_for: {{ event: conversation.ended, status: [completed, voicemail], timeout: 30s }}\n  - id: post\n    http:\n      url: \"{}\"\n      json: {{ status: \"{{{{ steps.call.event.payload.status }}}}\", id: \"{{{{ steps.call.event.id }}}}\" }}\n",
+        sink.url("/ok/ended")
+    );
+    let (app, _dir) = TestApp::with_workflows(db, &[("e.yaml", &wf)]).await;
+    app.deliver(&field_body(
+        "ev_s1",
+        "conv_s",
+        AT,
+        "lead_status",
+        json!("hot"),
+    ))
+    .await;
+    run_with_status(&app, "waiting", 5).await;
+    app.deliver(&ended_body("ev_s2", "conv_s", "busy")).await;
+    app.deliver(&ended_body("ev_s3", "conv_s", "voicemail"))
+        .await;
+    let got = sink.wait_for("/ok/ended", 1, 10).await;
+    assert_eq!(got[0].json(), json!({"status": "voicemail", "id": "ev_s3"}));
 }
 
 async fn a_wait_for_times_out_with_timed_out_true_and_no_event(db: &TestDb) {
@@ -464,6 +496,7 @@ async fn a_backtest_judges_wait_for_against_the_stored_history(db: &TestDb) {
 }
 
 on_both_backends!(
+    wait_for_an_ended_status,
     a_backtest_judges_wait_for_against_the_stored_history,
     a_wait_resumes_after_its_time_once,
     wait_for_resumes_on_a_later_matching_event_with_its_envelope,
