@@ -63,7 +63,8 @@ pub struct RunSummary {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
-    /// Why a `waiting` run waits: `timer` (a `wait` step) or `event` (a `wait_for` step).
+    /// Why a `waiting` run waits: `timer` (a `wait` step), `event` (a `wait_for` step) or
+    /// `order` (behind an earlier run of its workflow and conversation: see `waiting_for.behind`).
     #[oai(skip_serializing_if_is_none)]
     pub wait_reason: Option<String>,
     /// When a `waiting` run goes on: the end of its `wait`, or the timeout of its `wait_for`.
@@ -74,22 +75,30 @@ pub struct RunSummary {
     pub waiting_for: Option<WaitView>,
 }
 
-/// The wait of a run at a `wait` or `wait_for` step.
+/// What a `waiting` run waits for: a `wait` or `wait_for` step, or (`order`) an earlier run of its conversation.
 #[derive(Object, Debug)]
 pub struct WaitView {
-    /// The step's id.
-    pub step: String,
-    /// `timer` or `event`.
+    /// The step's id (`timer`, `event`).
+    #[oai(skip_serializing_if_is_none)]
+    pub step: Option<String>,
+    /// `timer`, `event`, or `order` (held behind an earlier run of the same workflow and conversation).
     pub kind: String,
+    /// `order`: the run holding the line, the earliest of this workflow and conversation not ended (`run_…`).
+    #[oai(skip_serializing_if_is_none)]
+    pub behind: Option<String>,
+    /// `order`: how many earlier runs of this workflow and conversation have not ended.
+    #[oai(skip_serializing_if_is_none)]
+    pub ahead: Option<i64>,
     /// The event type awaited (`wait_for`).
     #[oai(skip_serializing_if_is_none)]
     pub event: Option<String>,
     /// What it waits for, in words.
     pub description: String,
-    /// When the run reached the step.
+    /// When the run reached the step (`order`: when it was created).
     pub since: DateTime<Utc>,
-    /// The resume time (`wait`) or the timeout (`wait_for`).
-    pub until: DateTime<Utc>,
+    /// The resume time (`wait`) or the timeout (`wait_for`); none for `order`.
+    #[oai(skip_serializing_if_is_none)]
+    pub until: Option<DateTime<Utc>>,
     /// The event that matched, when the run is about to resume on it (`ev_…`).
     #[oai(skip_serializing_if_is_none)]
     pub matched_event_id: Option<String>,
@@ -107,12 +116,14 @@ impl From<&crate::store::waits::RunWait> for WaitView {
             None => format!("the time {}", w.until_at.to_rfc3339()),
         };
         Self {
-            step: w.step_id.clone(),
+            step: Some(w.step_id.clone()),
             kind: w.kind.clone(),
+            behind: None,
+            ahead: None,
             event: w.event_type.clone(),
             description,
             since: w.started_at,
-            until: w.until_at,
+            until: Some(w.until_at),
             matched_event_id: w.matched_event_id.clone(),
         }
     }
@@ -124,9 +135,34 @@ async fn with_waits(
     mut runs: Vec<RunSummary>,
 ) -> Result<Vec<RunSummary>, crate::store::StoreError> {
     for r in &mut runs {
-        if r.status == "waiting"
-            && let Some(w) = store.run_wait(&r.id).await?
-        {
+        if r.status != "waiting" {
+            continue;
+        }
+        if r.wait_reason.as_deref() == Some("order") {
+            // Held by per-conversation order (store/order.rs).
+            let ahead = store.held_behind(&r.id).await?;
+            let description = match ahead.first() {
+                Some((head, status)) => format!(
+                    "the end of run {head} ({status}), the earliest run of workflow {} for conversation {} \
+                     not ended; {} run(s) ahead of this one",
+                    r.workflow,
+                    r.conversation_id.as_deref().unwrap_or("-"),
+                    ahead.len()
+                ),
+                None => "nothing any more: it is about to be released".to_owned(),
+            };
+            r.waiting_for = Some(WaitView {
+                step: None,
+                kind: "order".into(),
+                behind: ahead.first().map(|(id, _)| id.clone()),
+                ahead: Some(ahead.len() as i64),
+                event: None,
+                description,
+                since: r.created_at,
+                until: None,
+                matched_event_id: None,
+            });
+        } else if let Some(w) = store.run_wait(&r.id).await? {
             r.waiting_for = Some((&w).into());
         }
     }
@@ -135,10 +171,13 @@ async fn with_waits(
 
 impl From<&Run> for RunSummary {
     fn from(r: &Run) -> Self {
-        let waiting = matches!(
-            r.status(),
-            Some(RunStatus::Scheduled | RunStatus::Retrying | RunStatus::Waiting)
-        );
+        // A run held by order has no due time: it starts when released.
+        let held = r.status == RunStatus::Waiting && r.wait_reason.as_deref() == Some("order");
+        let waiting = !held
+            && matches!(
+                r.status(),
+                Some(RunStatus::Scheduled | RunStatus::Retrying | RunStatus::Waiting)
+            );
         Self {
             id: r.run_id.clone(),
             workflow: r.workflow.clone(),
@@ -160,7 +199,7 @@ impl From<&Run> for RunSummary {
             wait_reason: (r.status == RunStatus::Waiting)
                 .then(|| r.wait_reason.clone())
                 .flatten(),
-            resume_at: (r.status == RunStatus::Waiting).then_some(r.next_attempt_at),
+            resume_at: (r.status == RunStatus::Waiting && !held).then_some(r.next_attempt_at),
             waiting_for: None,
         }
     }
@@ -538,13 +577,16 @@ impl RunsApi {
         &self,
         _auth: AdminAuth,
         store: Data<&Arc<dyn EventStore>>,
+        wake: Data<&Arc<tokio::sync::Notify>>,
         /// The run id (`run_…`).
         id: Path<String>,
     ) -> Result<Json<RunSummary>, ApiError> {
         match store.cancel_run(&id, Utc::now()).await? {
             RunChange::Changed(run) => {
-                // A cancelled run no longer waits (durable waits: store/waits.rs).
+                // A cancelled run no longer waits (durable waits: store/waits.rs), and the
+                // next run of its conversation held by order may have been released.
                 store.remove_wait(&id).await?;
+                wake.notify_one();
                 Ok(Json(run.as_ref().into()))
             }
             RunChange::NotFound => Err(ApiError::not_found("run", &id)),

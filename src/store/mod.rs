@@ -14,6 +14,7 @@
 pub mod appender;
 mod batch;
 pub mod model;
+pub mod order;
 pub mod postgres;
 pub mod projection;
 pub mod runs;

@@ -40,6 +40,9 @@ fn migrator() -> sqlx::migrate::Migrator {
 }
 
 impl SqliteStore {
+    /// One writer connection serialises everything: no locks for order (store/order.rs).
+    const ORDER_LOCK: bool = false;
+    const NOTIFY_RUNS: Option<&'static str> = None;
     /// The database file's size (the WAL is not counted).
     const SIZE_SQL: &'static str =
         "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()";
@@ -88,7 +91,7 @@ impl_event_store!(SqliteStore, sqlx::Sqlite, {
         dispatcher: &dyn Dispatcher,
     ) -> Result<(Vec<AppendOutcome>, usize), StoreError> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let outcomes = append_in_tx!(sqlx::Sqlite, &mut tx, batch, dispatcher, None);
+        let outcomes = append_in_tx!(sqlx::Sqlite, &mut tx, batch, dispatcher, None, false);
         tx.commit().await?;
         Ok(outcomes)
     }

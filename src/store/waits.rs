@@ -120,7 +120,11 @@ pub trait WaitStore: Send + Sync + 'static {
     /// Forgets the wait of a run that is no longer waiting (cancelled).
     async fn remove_wait(&self, run_id: &str) -> Result<(), StoreError>;
 
-    /// Runs waiting at a step now, and when the oldest started waiting.
+    /// For a run held by order: the earlier runs of its workflow and
+    /// conversation that have not ended, in log order, with their status.
+    async fn held_behind(&self, run_id: &str) -> Result<Vec<(String, String)>, StoreError>;
+
+    /// Runs waiting (at a step, or held by order) now, and when the oldest started waiting.
     async fn wait_stats(&self) -> Result<(i64, Option<DateTime<Utc>>), StoreError>;
 }
 
@@ -383,6 +387,8 @@ macro_rules! impl_wait_store {
                 use $crate::store::runs::{storable_json, storable_text};
                 use $crate::store::waits::{FinishWait, RunWait, WaitOutcome};
                 let mut tx = self.writer.begin().await?;
+                // The wait may end the run (a last step): the order lock comes before any row lock.
+                $crate::store::order::lock_order_in_tx!(&mut tx, run_id, Self::ORDER_LOCK);
                 let row: Option<RunWait> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
                     "SELECT {} FROM run_waits WHERE run_id = $1 AND step_id = $2 {}",
                     $crate::store::waits::WAIT_COLUMNS,
@@ -473,6 +479,9 @@ macro_rules! impl_wait_store {
                     .bind(run_id)
                     .execute(&mut *tx)
                     .await?;
+                if u.status.is_final() {
+                    $crate::store::order::release_next_in_tx!(&mut tx, run_id, now, Self::NOTIFY_RUNS);
+                }
                 tx.commit().await?;
                 Ok(FinishWait::Done(Box::new(outcome), Box::new(u)))
             }
@@ -501,12 +510,30 @@ macro_rules! impl_wait_store {
                 Ok(())
             }
 
+            async fn held_behind(
+                &self,
+                run_id: &str,
+            ) -> Result<Vec<(String, String)>, $crate::store::StoreError> {
+                Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT h.run_id, h.status FROM runs h JOIN runs me \
+                       ON h.workflow = me.workflow AND h.conversation_id = me.conversation_id \
+                     WHERE me.run_id = $1 AND h.replay_of IS NULL AND h.status IN {} \
+                       AND h.event_seq < me.event_seq ORDER BY h.event_seq",
+                    $crate::store::order::UNFINISHED
+                )))
+                .bind(run_id)
+                .fetch_all(&self.reader)
+                .await?)
+            }
+
             async fn wait_stats(
                 &self,
             ) -> Result<(i64, Option<chrono::DateTime<chrono::Utc>>), $crate::store::StoreError> {
+                // Runs at a wait step, and runs held by order (waiting since created).
                 Ok(sqlx::query_as(
-                    "SELECT COUNT(*), MIN(w.started_at) FROM run_waits w JOIN runs r ON r.run_id = w.run_id \
-                     WHERE r.status = 'waiting'",
+                    "SELECT COUNT(*), MIN(COALESCE(w.started_at, r.created_at)) FROM runs r \
+                     LEFT JOIN run_waits w ON w.run_id = r.run_id \
+                     WHERE r.status = 'waiting' AND (w.run_id IS NOT NULL OR r.wait_reason = 'order')",
                 )
                 .fetch_one(&self.reader)
                 .await?)
