@@ -282,3 +282,61 @@ async fn two_instances_on_postgres_keep_one_conversation_in_log_order() {
     }
     a.wait_runs_final(N, 10).await;
 }
+
+/// On PostgreSQL, an append and a transaction ending the run ahead serialise
+/// on the (workflow, conversation) advisory lock: here a transaction holding
+/// that lock ends the first run (as the engine's final save or a cancel
+/// does) while an event of the conversation is being appended. The append
+/// waits for it, sees the first run ended, and does not hold the new run;
+/// without the lock it would hold it behind a run whose end released nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_an_append_waits_for_a_run_ending_in_the_same_conversation() {
+    use sqlx::Connection;
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let sink = Sink::start().await;
+    let wf = posting(
+        &sink.url("/flaky/1/race"),
+        "conversation",
+        "{ max_attempts: 5, backoff: fixed, initial_delay: 30s }",
+    );
+    let (app, _dir) = TestApp::with_workflows(&db, &[("r.yaml", &wf)]).await;
+    deliver_all(&app, &[("ev_r1", "conv_r")]).await;
+    run_with_status(&app, "ev_r1", "retrying", 10).await;
+    let mut conn = sqlx::PgConnection::connect(db.url()).await.unwrap();
+    let mut tx = conn.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('r'), hashtext('conv_r'))")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let delivery = {
+        let client = app.client.clone();
+        let url = app.webhook_url();
+        tokio::spawn(async move {
+            common::deliver_to(
+                &client,
+                &url,
+                &ended_body("ev_r2", "conv_r", "completed"),
+                common::Delivery::default(),
+            )
+            .await
+            .status()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !delivery.is_finished(),
+        "the append did not wait for the conversation's order lock"
+    );
+    sqlx::query(
+        "UPDATE runs SET status = 'cancelled', finished_at = now() WHERE event_id = 'ev_r1'",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(delivery.await.unwrap(), 200);
+    let second = run_with_status(&app, "ev_r2", "succeeded", 10).await;
+    assert!(second["replay_of"].is_null());
+}
