@@ -132,7 +132,7 @@ pub struct Workflow {
     pub deadline: Duration,
     pub respond: Option<Value>,
     pub fallback: Option<Value>,
-    /// `order:` (accepted and checked; see README "Workflows").
+    /// `order:`: whether this workflow's runs of one conversation run one after another (store/order.rs).
     pub order: wait::Order,
     /// The file's text.
     #[serde(skip)]
