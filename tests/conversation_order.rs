@@ -77,7 +77,11 @@ async fn a_retrying_run_holds_the_later_ones_which_then_run_in_log_order(db: &Te
     let (app, _dir) = TestApp::with_workflows(db, &[("o.yaml", &wf)]).await;
     deliver_all(
         &app,
-        &[("ev_o1", "conv_o"), ("ev_o2", "conv_o"), ("ev_o3", "conv_o")],
+        &[
+            ("ev_o1", "conv_o"),
+            ("ev_o2", "conv_o"),
+            ("ev_o3", "conv_o"),
+        ],
     )
     .await;
     sink.wait_for("/flaky/3/order", 1, 10).await;
@@ -167,7 +171,11 @@ async fn runs_of_other_conversations_are_not_held(db: &TestDb) {
     let (app, _dir) = TestApp::with_workflows(db, &[("c.yaml", &wf)]).await;
     deliver_all(
         &app,
-        &[("ev_a1", "conv_a"), ("ev_a2", "conv_a"), ("ev_b1", "conv_b")],
+        &[
+            ("ev_a1", "conv_a"),
+            ("ev_a2", "conv_a"),
+            ("ev_b1", "conv_b"),
+        ],
     )
     .await;
     let a1 = run_with_status(&app, "ev_a1", "waiting", 5).await;
@@ -190,16 +198,21 @@ async fn cancelling_or_failing_the_first_run_releases_the_next(db: &TestDb) {
         "conversation",
         "{ max_attempts: 5, backoff: fixed, initial_delay: 30s }",
     )
-    .replace("conversation.ended }", "conversation.ended, status: completed }");
+    .replace(
+        "conversation.ended }",
+        "conversation.ended, status: completed }",
+    );
     // Failure: one attempt only; the second run of the conversation then runs.
     let failing = posting(
         &sink.url("/flaky/1/fail"),
         "conversation",
         "{ max_attempts: 1 }",
     )
-    .replace("conversation.ended }", "conversation.ended, status: voicemail }");
-    let (app, _dir) =
-        TestApp::with_workflows(db, &[("c.yaml", &wf), ("f.yaml", &failing)]).await;
+    .replace(
+        "conversation.ended }",
+        "conversation.ended, status: voicemail }",
+    );
+    let (app, _dir) = TestApp::with_workflows(db, &[("c.yaml", &wf), ("f.yaml", &failing)]).await;
     deliver_all(&app, &[("ev_c1", "conv_c"), ("ev_c2", "conv_c")]).await;
     sink.wait_for("/flaky/1/cancel", 1, 10).await;
     let first = run_with_status(&app, "ev_c1", "retrying", 5).await;

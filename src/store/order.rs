@@ -197,8 +197,8 @@ mod tests {
             run("a", Some("c2"), true),  // other conversation: starts
             run("b", Some("c1"), false), // order: none
             run("b", Some("c1"), false),
-            run("a", None, true),        // no conversation
-            run("d", Some("c3"), true),  // an unfinished stored run of (d, c3)
+            run("a", None, true),       // no conversation
+            run("d", Some("c3"), true), // an unfinished stored run of (d, c3)
         ];
         let unfinished = HashSet::from([("d".to_owned(), "c3".to_owned())]);
         hold_new_runs(&mut runs, &unfinished);
