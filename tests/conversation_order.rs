@@ -95,8 +95,11 @@ async fn a_retrying_run_holds_the_later_ones_which_then_run_in_log_order(db: &Te
         assert_eq!(w["kind"], "order", "{held}");
         assert_eq!(w["behind"], first["id"], "{held}");
         assert_eq!(w["ahead"], ahead, "{held}");
+        // The run ahead is retrying, or running its next attempt by now.
+        let description = w["description"].as_str().unwrap();
         assert!(
-            w["description"].as_str().unwrap().contains("retrying"),
+            description.contains(first["id"].as_str().unwrap())
+                && (description.contains("(retrying)") || description.contains("(running)")),
             "{w}"
         );
         assert!(held["resume_at"].is_null() && held["next_attempt_at"].is_null());
@@ -239,6 +242,16 @@ async fn cancelling_or_failing_the_first_run_releases_the_next(db: &TestDb) {
     let (_, page) = app.admin_get("/api/v1/runs?event_id=ev_f1").await;
     assert_eq!(page["data"][0]["status"], "failed", "{page}");
     run_with_status(&app, "ev_f2", "succeeded", 10).await;
+    // A manual retry of the failed run starts at once, although a later run already ran.
+    let failed = page["data"][0]["id"].as_str().unwrap().to_owned();
+    let (status, retried) = app
+        .admin_post(&format!("/api/v1/runs/{failed}/retry"))
+        .await;
+    assert_eq!(status, 200, "{retried}");
+    assert_eq!(retried["status"], "scheduled", "{retried}");
+    let got = sink.wait_for("/flaky/1/fail", 3, 10).await;
+    assert_eq!(events_in_arrival_order(&got), ["ev_f1", "ev_f2", "ev_f1"]);
+    run_with_status(&app, "ev_f1", "succeeded", 10).await;
 }
 
 on_both_backends!(
