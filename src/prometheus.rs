@@ -159,6 +159,15 @@ fn describe() {
         metrics::Unit::Seconds,
         "How long a held run waits before it may try again, by destination and reason"
     );
+    describe_gauge!(
+        "switchboard_runs_waiting",
+        "Runs parked at a `wait` or `wait_for` step (holding no worker)"
+    );
+    describe_gauge!(
+        "switchboard_runs_oldest_wait_seconds",
+        metrics::Unit::Seconds,
+        "How long the run waiting longest at a `wait` or `wait_for` step has waited"
+    );
     describe_gauge!("switchboard_store_events", "Events in the log");
     describe_counter!(
         "switchboard_store_commits_total",
@@ -311,5 +320,16 @@ async fn read_store_gauges(store: &dyn EventStore) {
             gauge!("switchboard_store_size_bytes").set(stats.size_bytes as f64);
         }
         Err(e) => tracing::warn!(error = %e, "/metrics: cannot read the store's sizes"),
+    }
+    // Durable waits (store/waits.rs).
+    match store.wait_stats().await {
+        Ok((waiting, oldest)) => {
+            gauge!("switchboard_runs_waiting").set(waiting as f64);
+            let age = oldest
+                .map(|t| (now - t).num_milliseconds().max(0) as f64 / 1000.0)
+                .unwrap_or(0.0);
+            gauge!("switchboard_runs_oldest_wait_seconds").set(age);
+        }
+        Err(e) => tracing::warn!(error = %e, "/metrics: cannot read the waiting runs"),
     }
 }

@@ -20,6 +20,7 @@ pub mod replay_backend;
 pub mod setup;
 pub mod trace;
 pub mod versions;
+pub mod wait;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -252,7 +253,8 @@ impl Engine {
     /// caught and recorded as the run's failure).
     async fn execute(self: &Arc<Self>, run: Run) {
         let run_id = run.run_id.clone();
-        if run.attempts_total == 0 && run.step_index == 0 {
+        // (A run resumed from a wait at its first step is not a new start.)
+        if run.attempts_total == 0 && run.step_index == 0 && run.wait_reason.is_none() {
             crate::prometheus::run_started(&run.workflow);
         }
         let work = {
@@ -499,6 +501,16 @@ impl Engine {
                         }
                         return Ok(());
                     }
+                }
+            }
+            // Durable waits (wait.rs): `wait` / `wait_for` steps park the run or end its wait.
+            if let Some(w) = &step.wait {
+                match self
+                    .wait_step(&run, &trace, wf, step, w, &mut state)
+                    .await?
+                {
+                    wait::WaitFlow::Next => continue,
+                    wait::WaitFlow::Stop => return Ok(()),
                 }
             }
             let index = state.step_index;

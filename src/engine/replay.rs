@@ -382,6 +382,10 @@ impl Driver {
                         created_at: now,
                         trace_context: None,
                         version: Some(wf.version.clone()),
+                        // Dispatched runs, like replays, are not held by
+                        // `order: conversation` (README "Order").
+                        ordered: false,
+                        held: false,
                     });
                 }
                 decisions.push(MatchRecord {

@@ -132,6 +132,11 @@ impl RunTrace {
 
     /// Emits a finished step (`error` when the step failed for good).
     pub fn emit_step(&self, run: &Run, end: StepEnd<'_>) {
+        self.emit_step_with(run, end, Vec::new());
+    }
+
+    /// [`Self::emit_step`] with more attributes (a wait step's: see `super::wait`).
+    pub fn emit_step_with(&self, run: &Run, end: StepEnd<'_>, extra: Vec<KeyValue>) {
         if !telemetry::tracing_enabled() {
             return;
         }
@@ -150,6 +155,7 @@ impl RunTrace {
             KeyValue::new("switchboard.step.attempts", attempts),
             KeyValue::new("switchboard.step.skipped", skipped),
         ]);
+        attributes.extend(extra);
         telemetry::emit_span(EmittedSpan {
             name: "step".into(),
             context: self.step_context(run, index, step_id),

@@ -14,6 +14,7 @@
 pub mod appender;
 mod batch;
 pub mod model;
+pub mod order;
 pub mod postgres;
 pub mod projection;
 pub mod runs;
@@ -21,6 +22,7 @@ mod runs_sql;
 pub mod sanitize;
 mod sql;
 pub mod sqlite;
+pub mod waits;
 
 use std::sync::Arc;
 
@@ -116,7 +118,7 @@ pub struct StoreStats {
 /// The event log and its projections. Implemented by [`sqlite::SqliteStore`]
 /// and [`postgres::PostgresStore`]; both behave the same.
 #[async_trait]
-pub trait EventStore: runs::RunStore + Send + Sync + 'static {
+pub trait EventStore: runs::RunStore + waits::WaitStore + Send + Sync + 'static {
     fn backend(&self) -> Backend;
 
     /// Applies pending schema migrations.

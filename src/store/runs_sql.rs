@@ -306,6 +306,11 @@ macro_rules! impl_run_store {
                 if let Some(prelude) = prelude {
                     sqlx::query(prelude).execute(&mut *tx).await?;
                 }
+                // A run that ends releases the next one held by order (store/order.rs).
+                let ends = u.status.is_final();
+                if ends {
+                    $crate::store::order::lock_order_in_tx!(&mut tx, run_id, Self::ORDER_LOCK);
+                }
                 let keep = u.lease.is_some();
                 let sql = format!(
                     "UPDATE runs SET status = $1, step_index = $2, attempt = $3, attempts_total = $4, \
@@ -365,6 +370,9 @@ macro_rules! impl_run_store {
                     .bind(a.next_delay_ms)
                     .execute(&mut *tx)
                     .await?;
+                }
+                if ends {
+                    $crate::store::order::release_next_in_tx!(&mut tx, run_id, now, Self::NOTIFY_RUNS);
                 }
                 tx.commit().await?;
                 Ok(true)
@@ -467,14 +475,29 @@ macro_rules! impl_run_store {
                 run_id: &str,
                 now: chrono::DateTime<chrono::Utc>,
             ) -> Result<$crate::store::runs::RunChange, $crate::store::StoreError> {
-                self.change_run(
+                use $crate::store::runs::RunChange;
+                // One transaction: the cancel, and the release of the next run held by order.
+                let mut tx = self.writer.begin().await?;
+                $crate::store::order::lock_order_in_tx!(&mut tx, run_id, Self::ORDER_LOCK);
+                let r = sqlx::query(
                     "UPDATE runs SET status = 'cancelled', finished_at = $1, updated_at = $1, \
                      last_error = COALESCE(last_error, 'cancelled') \
                      WHERE run_id = $2 AND status IN ('scheduled', 'retrying', 'waiting')",
-                    run_id,
-                    now,
                 )
-                .await
+                .bind(now)
+                .bind(run_id)
+                .execute(&mut *tx)
+                .await?;
+                if r.rows_affected() == 1 {
+                    $crate::store::order::release_next_in_tx!(&mut tx, run_id, now, Self::NOTIFY_RUNS);
+                }
+                tx.commit().await?;
+                let run = $crate::store::runs::RunStore::get_run(self, run_id).await?;
+                Ok(match (r.rows_affected(), run) {
+                    (_, None) => RunChange::NotFound,
+                    (1, Some(run)) => RunChange::Changed(Box::new(run)),
+                    (_, Some(run)) => RunChange::WrongState(run.status.as_str().to_owned()),
+                })
             }
 
             async fn replay_event(

@@ -312,17 +312,24 @@ where
         return None;
     }
     let mut qb = QueryBuilder::new(
-        "INSERT INTO runs (run_id, workflow, event_seq, event_id, conversation_id, status, next_attempt_at, \
-         context, step_results, created_at, updated_at, trace_context, version) ",
+        "INSERT INTO runs (run_id, workflow, event_seq, event_id, conversation_id, status, wait_reason, \
+         next_attempt_at, context, step_results, created_at, updated_at, trace_context, version) ",
     );
+    // A run held by order (store/order.rs) is created waiting, due only when released.
     qb.push_values(runs, |mut row, r| {
+        let (status, reason, due) = if r.starts_now() {
+            ("'scheduled'", "NULL", r.created_at)
+        } else {
+            ("'waiting'", "'order'", super::order::held_until())
+        };
         row.push_bind(r.run_id.as_str())
             .push_bind(r.workflow.as_str())
             .push_bind(r.event_seq)
             .push_bind(r.event_id.as_str())
             .push_bind(r.conversation_id.as_deref())
-            .push_bind("scheduled")
-            .push_bind(r.created_at)
+            .push(status)
+            .push(reason)
+            .push_bind(due)
             .push_bind(Json(sanitize::json(&r.context).into_owned()))
             .push("'{}'")
             .push_bind(r.created_at)
@@ -428,7 +435,7 @@ where
 /// A macro rather than a generic function because sqlx's executor bounds
 /// over a generic database are heavier than the code they would share.
 macro_rules! append_in_tx {
-    ($db:ty, $tx:expr, $batch:expr, $dispatcher:expr, $notify:expr) => {{
+    ($db:ty, $tx:expr, $batch:expr, $dispatcher:expr, $notify:expr, $order_lock:expr) => {{
         use sqlx::types::Json;
         use $crate::store::{batch, projection::ConversationState, sql};
         let tx = $tx;
@@ -465,7 +472,12 @@ macro_rules! append_in_tx {
             ),
             None => Default::default(),
         };
-        let plan = batch::plan(batch, existing, last_seq, states, $dispatcher);
+        // Durable waits (store/waits.rs): the waits of these conversations, and their states before the batch.
+        let waits = $crate::store::waits::waits_of_batch_in_tx!($db, tx, batch);
+        let states_for_waits = (!waits.is_empty()).then(|| states.clone());
+        let mut plan = batch::plan(batch, existing, last_seq, states, $dispatcher);
+        // Per-conversation order (store/order.rs): which new runs are held behind an earlier one.
+        $crate::store::order::hold_in_tx!($db, tx, &mut plan.runs, $order_lock);
         // Each multi-row insert is cut into statements under the database's
         // bind-parameter limit (a batch of 256 events each matching many
         // workflows would pass it), all in the same transaction.
@@ -497,13 +509,20 @@ macro_rules! append_in_tx {
                 qb.build().execute(&mut **tx).await?;
             }
         }
-        if !plan.runs.is_empty() {
+        // Durable waits: match the new events, in this transaction (exactly once).
+        let resumed = match states_for_waits {
+            Some(states) => $crate::store::waits::match_waits_in_tx!(tx, &plan.inserts, &waits, states),
+            None => 0,
+        };
+        // Runs held by order are not due: they wake nobody.
+        let due_now = plan.runs.iter().filter(|r| r.starts_now()).count();
+        if due_now > 0 || resumed > 0 {
             let notify: Option<&str> = $notify;
             if let Some(notify) = notify {
                 sqlx::query(notify).execute(&mut **tx).await?;
             }
         }
-        (plan.outcomes, plan.runs.len())
+        (plan.outcomes, due_now + resumed)
     }};
 }
 pub(crate) use append_in_tx;

@@ -62,6 +62,9 @@ fn migrator() -> sqlx::migrate::Migrator {
 }
 
 impl SqliteStore {
+    /// One writer connection serialises everything: no locks for order (store/order.rs).
+    const ORDER_LOCK: bool = false;
+    const NOTIFY_RUNS: Option<&'static str> = None;
     /// The database file's size (the WAL is not counted).
     const SIZE_SQL: &'static str =
         "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()";
@@ -112,7 +115,7 @@ impl_event_store!(SqliteStore, sqlx::Sqlite, {
         dispatcher: &dyn Dispatcher,
     ) -> Result<(Vec<AppendOutcome>, usize), StoreError> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let outcomes = append_in_tx!(sqlx::Sqlite, &mut tx, batch, dispatcher, None);
+        let outcomes = append_in_tx!(sqlx::Sqlite, &mut tx, batch, dispatcher, None, false);
         tx.commit().await?;
         Ok(outcomes)
     }
@@ -126,3 +129,6 @@ impl_event_store!(SqliteStore, sqlx::Sqlite, {
 });
 
 impl_run_store!(SqliteStore, sqlx::Sqlite, "", None, "", false);
+
+// Durable waits (src/store/waits.rs): one writer connection serializes them with appends.
+super::waits::impl_wait_store!(SqliteStore, sqlx::Sqlite, None, "", false);

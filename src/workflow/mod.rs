@@ -15,6 +15,7 @@ pub mod lint;
 pub mod matching;
 pub mod registry;
 pub mod template;
+pub mod wait;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -109,6 +110,9 @@ pub struct Step {
     pub retry: RetryPolicy,
     #[serde(skip)]
     pub cache: Option<Duration>,
+    /// A `wait` / `wait_for` step (then `http` is unused); `None` for an HTTP step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wait: Option<wait::WaitStep>,
 }
 
 /// A checked workflow.
@@ -128,6 +132,8 @@ pub struct Workflow {
     pub deadline: Duration,
     pub respond: Option<Value>,
     pub fallback: Option<Value>,
+    /// `order:`: whether this workflow's runs of one conversation run one after another (store/order.rs).
+    pub order: wait::Order,
     /// The file's text.
     #[serde(skip)]
     pub source: String,

@@ -105,6 +105,7 @@ impl Dispatcher for Registry {
                     reason: decision.reason().map(str::to_owned),
                     context: decision.matched().then(|| base_context(&facts)),
                     version: Some(wf.version.clone()),
+                    ordered: wf.order == super::wait::Order::Conversation,
                 }
             })
             .collect()
