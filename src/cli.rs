@@ -1,5 +1,5 @@
 //! The command line: `serve`, `worker`, `migrate`, `sign`, `sink`, `validate`, `backtest`,
-//! `openapi`, `rebuild-projections`.
+//! `dispatch`, `openapi`, `rebuild-projections`.
 //! Every option can also be given as an environment variable (shown in `--help`).
 
 use std::io::Read;
@@ -43,6 +43,12 @@ pub enum Command {
     /// Try a workflow file on the stored events: what would have matched, why not, and the
     /// requests it would have sent (secrets masked). Sends nothing.
     Backtest(BacktestArgs),
+    /// Create the runs the workflows in the workflows directory would have started for stored
+    /// events and did not (events stored while no workflow matched, a workflow added later, a
+    /// `when:` fixed afterwards): exactly one run per workflow and event, however often it is
+    /// run. `serve`/`worker` on the same database execute them. `--dry-run` sends and writes
+    /// nothing and prints the backtest of each workflow instead.
+    Dispatch(DispatchArgs),
     /// Print the admin API's OpenAPI spec (JSON) on stdout.
     Openapi,
     /// Refold the conversation projections from the event log.
@@ -160,6 +166,36 @@ pub struct BacktestArgs {
 }
 
 #[derive(Args, Debug, Clone)]
+pub struct DispatchArgs {
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+
+    /// The workflows directory (the one `serve` loads).
+    #[arg(long, env = "SWITCHBOARD_WORKFLOWS", default_value = "./workflows")]
+    pub workflows: PathBuf,
+
+    /// Only events received within this long before now (e.g. 1d, 12h); default: every stored event.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub since: Option<Duration>,
+
+    /// Only this workflow (repeat for several); default: every workflow that starts runs.
+    #[arg(long = "workflow")]
+    pub workflow: Vec<String>,
+
+    /// Only events of this type.
+    #[arg(long = "type")]
+    pub event_type: Option<String>,
+
+    /// Show what would run (a backtest of each workflow) without creating anything.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// With --dry-run: at most this many (most recent) events per workflow.
+    #[arg(long, default_value_t = 100)]
+    pub limit: u32,
+}
+
+#[derive(Args, Debug, Clone)]
 pub struct ValidateArgs {
     /// Workflow files and/or directories of them (default: SWITCHBOARD_WORKFLOWS, else ./workflows).
     /// Checked together: workflow names must be unique across them all.
@@ -238,6 +274,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Sink(args) => crate::sink::run(args.listen, args.status).await,
         Command::Validate(args) => return validate(&args),
         Command::Backtest(args) => backtest(&args).await,
+        Command::Dispatch(args) => dispatch(&args).await,
         Command::Openapi => {
             println!("{}", crate::api::spec_json());
             Ok(())
@@ -328,6 +365,17 @@ fn validate(args: &ValidateArgs) -> ExitCode {
             for w in &set.workflows {
                 println!("ok: {} ({}, on {})", w.name, w.file.display(), w.event);
             }
+            if !set.destinations.is_empty() {
+                println!(
+                    "ok: destinations ({} named{})",
+                    set.destinations.entries.len(),
+                    if set.destinations.default.is_empty() {
+                        ""
+                    } else {
+                        ", and a default"
+                    }
+                );
+            }
             println!("{} workflow(s) valid in {shown}", set.workflows.len());
             ExitCode::SUCCESS
         }
@@ -400,6 +448,15 @@ async fn backtest(args: &BacktestArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&results)?);
         return Ok(());
     }
+    print_backtest(&wf, &results);
+    Ok(())
+}
+
+/// Prints a backtest report for people.
+fn print_backtest(
+    wf: &crate::workflow::Workflow,
+    results: &[crate::workflow::backtest::BacktestResult],
+) {
     let matched = results.iter().filter(|r| r.matched).count();
     let failing = results.iter().filter(|r| r.would_fail.is_some()).count();
     println!(
@@ -413,7 +470,7 @@ async fn backtest(args: &BacktestArgs) -> anyhow::Result<()> {
             String::new()
         }
     );
-    for r in &results {
+    for r in results {
         let conv = r.conversation_id.as_deref().unwrap_or("-");
         if let Some(why) = &r.would_fail {
             println!(
@@ -446,7 +503,125 @@ async fn backtest(args: &BacktestArgs) -> anyhow::Result<()> {
             );
         }
     }
-    Ok(())
+}
+
+async fn dispatch(args: &DispatchArgs) -> anyhow::Result<()> {
+    use crate::engine::replay::{self, Driver, Ended, Mode, ReplayFilter};
+    use crate::workflow::{WorkflowSet, backtest, diagnostic::render_all};
+    let set = WorkflowSet::load(&args.workflows).map_err(|d| {
+        anyhow::anyhow!(
+            "the workflows in {} are invalid (`switchboard validate` shows the same):\n\n{}",
+            args.workflows.display(),
+            render_all(&d)
+        )
+    })?;
+    let loaded = replay::loaded_versions(&set, None);
+    if let Some(unknown) = args
+        .workflow
+        .iter()
+        .find(|w| !loaded.contains_key(w.as_str()))
+    {
+        anyhow::bail!(
+            "--workflow {unknown}: no such workflow starting runs in {} (there: {})",
+            args.workflows.display(),
+            if loaded.is_empty() {
+                "none".to_owned()
+            } else {
+                loaded.keys().cloned().collect::<Vec<_>>().join(", ")
+            }
+        );
+    }
+    let only = (!args.workflow.is_empty()).then_some(args.workflow.as_slice());
+    let versions = replay::loaded_versions(&set, only);
+    if versions.is_empty() {
+        anyhow::bail!(
+            "no workflow in {} starts runs, so there is nothing to dispatch; add workflows there (or point --workflows / SWITCHBOARD_WORKFLOWS at them)",
+            args.workflows.display()
+        );
+    }
+    // Never migrates: like `backtest`, it works on the database `serve` created.
+    let store = backtest::open_read_only(&args.db.database_url).await?;
+    let received_after = args.since.map(|d| {
+        chrono::Utc::now() - chrono::TimeDelta::from_std(d).unwrap_or(chrono::TimeDelta::MAX)
+    });
+    if args.dry_run {
+        let filter = backtest::BacktestFilter {
+            received_after,
+            limit: args.limit,
+            ..Default::default()
+        };
+        for wf in set
+            .workflows
+            .iter()
+            .filter(|w| versions.contains_key(&w.name))
+        {
+            if args.event_type.as_ref().is_some_and(|t| *t != wf.event) {
+                continue;
+            }
+            let results = backtest::run(store.as_ref(), wf, &filter).await?;
+            print_backtest(wf, &results);
+            println!();
+        }
+        println!(
+            "dry run: nothing was created (runs that already exist are not created again by a dispatch)"
+        );
+        return Ok(());
+    }
+    crate::workflow::registry::record_versions(store.as_ref(), &set).await?;
+    let owner = format!("dispatch-cli-{}", uuid::Uuid::new_v4().simple());
+    let filter = ReplayFilter {
+        event_type: args.event_type.clone(),
+        received_after,
+        workflows: only.map(<[String]>::to_vec),
+        versions,
+        ..Default::default()
+    };
+    let created = replay::create(store.as_ref(), Mode::Dispatch, filter, Some(&owner)).await?;
+    println!(
+        "dispatch {}: {} stored event(s) selected; workflows: {}",
+        created.replay_id,
+        created.total,
+        replay::loaded_versions(&set, only)
+            .iter()
+            .map(|(w, v)| format!("{w} ({})", &v[..v.len().min(12)]))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let driver = Driver {
+        store: store.clone(),
+        wake: std::sync::Arc::new(tokio::sync::Notify::new()),
+        owner,
+        stopping: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    };
+    let progress = |r: &crate::store::runs::Replay| {
+        eprintln!(
+            "  {}/{} events, {} run(s) created",
+            r.done, r.total, r.runs_created
+        );
+    };
+    let started = std::time::Instant::now();
+    match driver.drive(created.clone(), &progress).await? {
+        Ended::Finished(r) => {
+            println!(
+                "dispatch {} finished: {} event(s), {} run(s) created, {} event(s) without a new run (no match, or its run exists), {} failed, in {:.1} s",
+                r.replay_id,
+                r.done,
+                r.runs_created,
+                r.skipped,
+                r.failed,
+                started.elapsed().as_secs_f64()
+            );
+            println!(
+                "the runs execute on `switchboard serve` / `worker` against this database; follow them with GET /api/v1/runs"
+            );
+            Ok(())
+        }
+        Ended::Stopped => anyhow::bail!(
+            "dispatch {} was cancelled or taken over before it finished; see GET /api/v1/replays/{}",
+            created.replay_id,
+            created.replay_id
+        ),
+    }
 }
 
 fn sign(args: &SignArgs) -> anyhow::Result<()> {

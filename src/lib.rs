@@ -8,6 +8,7 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod destinations;
 pub mod domain;
 pub mod engine;
 pub mod operator;

@@ -146,7 +146,33 @@ fn describe() {
         "switchboard_jobs_pending",
         "Runs in backoff (due later) or held by a worker"
     );
+    describe_gauge!(
+        "switchboard_destination_breaker_state",
+        "Circuit breaker of each destination: 0 closed, 1 open, 2 half open"
+    );
+    describe_counter!(
+        "switchboard_destination_held_total",
+        "Requests held by a destination (not sent, not an attempt), by destination and reason"
+    );
+    describe_histogram!(
+        "switchboard_destination_throttle_wait_seconds",
+        metrics::Unit::Seconds,
+        "How long a held run waits before it may try again, by destination and reason"
+    );
+    describe_gauge!(
+        "switchboard_runs_waiting",
+        "Runs parked at a `wait` or `wait_for` step (holding no worker)"
+    );
+    describe_gauge!(
+        "switchboard_runs_oldest_wait_seconds",
+        metrics::Unit::Seconds,
+        "How long the run waiting longest at a `wait` or `wait_for` step has waited"
+    );
     describe_gauge!("switchboard_store_events", "Events in the log");
+    describe_counter!(
+        "switchboard_store_commits_total",
+        "Write transactions this process committed to its SQLite store (SQLite only)"
+    );
     describe_gauge!(
         "switchboard_store_size_bytes",
         metrics::Unit::Bytes,
@@ -222,6 +248,24 @@ pub fn attempt(workflow: &str, outcome: &str, error_class: Option<&str>, elapsed
         .record(elapsed.as_secs_f64());
 }
 
+/// A destination's breaker changed state (0 closed, 1 open, 2 half open).
+pub fn destination_state(destination: &str, state: f64) {
+    gauge!("switchboard_destination_breaker_state", "destination" => destination.to_owned())
+        .set(state);
+}
+
+/// A request was held by its destination (`reason`: rate_limited, concurrency, circuit_open, paused_until).
+pub fn destination_held(destination: &str, reason: &'static str) {
+    counter!("switchboard_destination_held_total", "destination" => destination.to_owned(), "reason" => reason)
+        .increment(1);
+}
+
+/// How long a held run waits before it tries again.
+pub fn destination_wait(destination: &str, reason: &'static str, wait: Duration) {
+    histogram!("switchboard_destination_throttle_wait_seconds", "destination" => destination.to_owned(), "reason" => reason)
+        .record(wait.as_secs_f64());
+}
+
 /// `GET /metrics`: Prometheus text format. Store gauges are read at most
 /// once per [`GAUGES_EVERY`] (concurrent scrapes share one read); if the store
 /// cannot be read, the rest is still served (and the failure logged).
@@ -245,6 +289,9 @@ pub async fn endpoint(
             );
     }
     let handle = install();
+    if store.backend() == crate::store::Backend::Sqlite {
+        counter!("switchboard_store_commits_total").absolute(crate::store::sqlite::commits());
+    }
     {
         let mut last_read = gate.last_read.lock().await;
         if last_read.is_none_or(|t| t.elapsed() >= GAUGES_EVERY) {
@@ -273,5 +320,16 @@ async fn read_store_gauges(store: &dyn EventStore) {
             gauge!("switchboard_store_size_bytes").set(stats.size_bytes as f64);
         }
         Err(e) => tracing::warn!(error = %e, "/metrics: cannot read the store's sizes"),
+    }
+    // Durable waits (store/waits.rs).
+    match store.wait_stats().await {
+        Ok((waiting, oldest)) => {
+            gauge!("switchboard_runs_waiting").set(waiting as f64);
+            let age = oldest
+                .map(|t| (now - t).num_milliseconds().max(0) as f64 / 1000.0)
+                .unwrap_or(0.0);
+            gauge!("switchboard_runs_oldest_wait_seconds").set(age);
+        }
+        Err(e) => tracing::warn!(error = %e, "/metrics: cannot read the waiting runs"),
     }
 }

@@ -14,6 +14,7 @@ use tracing::Instrument;
 use crate::api::{self, AdminToken};
 use crate::config::Settings;
 use crate::engine::Engine;
+use crate::engine::replay_backend::ReplayWorkers;
 use crate::engine::setup::SetupResponder;
 use crate::prometheus;
 use crate::store::appender::Appender;
@@ -34,6 +35,7 @@ pub struct Application {
     settings: Settings,
     store: Arc<dyn EventStore>,
     supervisor: Arc<Supervisor>,
+    replays: ReplayWorkers,
 }
 
 /// All routes: the webhook, the admin API with its docs, the health probes,
@@ -139,7 +141,9 @@ impl Application {
         crate::workflow::registry::record_versions(store.as_ref(), &workflows)
             .await
             .context("cannot store the workflow versions")?;
-        let registry = Arc::new(Registry::new(workflows));
+        // Destinations (issue 14): the gate, shared through the database on PostgreSQL.
+        let gate = crate::destinations::gate_for(store.backend(), &settings.database_url).await?;
+        let registry = Arc::new(Registry::with_gate(workflows, gate));
         let wake = Arc::new(Notify::new());
         let supervisor = Supervisor::new();
         let engine = Arc::new(Engine::new(
@@ -156,8 +160,12 @@ impl Application {
             settings.append_timeout,
             &supervisor,
         );
-        crate::engine::replay::resume_all(store.clone(), wake.clone()).await?;
-        let mut workers = vec![appender_task, supervise_engine(&supervisor, &engine)];
+        let replays = ReplayWorkers::new(store.clone(), wake.clone());
+        let mut workers = vec![
+            appender_task,
+            supervise_engine(&supervisor, &engine),
+            spawn_monitor(replays.register(apalis_core::monitor::Monitor::new())),
+        ];
         workers.extend(supervise_listener(
             &supervisor,
             &settings.database_url,
@@ -210,6 +218,7 @@ impl Application {
             settings,
             store,
             supervisor,
+            replays,
         })
     }
 
@@ -250,10 +259,12 @@ impl Application {
         };
         let engine = self.engine.clone();
         let supervisor = self.supervisor.clone();
+        let replays = self.replays.clone();
         let drain = async move {
             let mut stopped = stopped;
             let _ = stopped.wait_for(|s| *s).await;
             supervisor.stop();
+            replays.stop().await;
             engine.shutdown(grace).await
         };
         let (served, _handed_back) = tokio::join!(server, drain);
@@ -358,7 +369,9 @@ pub async fn run_workers(
     crate::workflow::registry::record_versions(store.as_ref(), &workflows)
         .await
         .context("cannot store the workflow versions")?;
-    let registry = Arc::new(Registry::new(workflows));
+    // Destinations (issue 14): the gate, shared through the database on PostgreSQL.
+    let gate = crate::destinations::gate_for(store.backend(), database_url).await?;
+    let registry = Arc::new(Registry::with_gate(workflows, gate));
     crate::engine::http::EgressPolicy::from_env().map_err(anyhow::Error::msg)?;
     let wake = Arc::new(Notify::new());
     prometheus::install();
@@ -375,6 +388,7 @@ pub async fn run_workers(
             .await?,
         );
     }
+    let engine_store = store.clone();
     let engine = Arc::new(Engine::new(store, registry, wake.clone(), concurrency));
     tracing::info!(
         owner = engine.owner(),
@@ -383,9 +397,14 @@ pub async fn run_workers(
     );
     tasks.push(supervise_engine(&supervisor, &engine));
     tasks.extend(supervise_listener(&supervisor, database_url, &wake));
+    let replays = ReplayWorkers::new(engine_store, wake.clone());
+    tasks.push(spawn_monitor(
+        replays.register(apalis_core::monitor::Monitor::new()),
+    ));
     let _workers = AbortOnDrop(tasks);
     shutdown_signal().await;
     supervisor.stop();
+    replays.stop().await;
     engine.shutdown(shutdown_grace).await;
     tracing::info!("stopped");
     Ok(())
@@ -445,6 +464,16 @@ fn supervise_listener(
     Some(supervisor.spawn("postgres-listen", move || {
         spawn_listener(&url, wake.clone())
     }))
+}
+
+/// Runs an apalis [`Monitor`](apalis_core::monitor::Monitor) (the replay
+/// workers) until the process stops; aborted with the other background tasks.
+fn spawn_monitor(monitor: apalis_core::monitor::Monitor) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        if let Err(e) = monitor.run().await {
+            tracing::error!(error = %e, "the replay workers stopped");
+        }
+    })
 }
 
 /// Aborts background tasks when dropped.

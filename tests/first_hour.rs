@@ -51,7 +51,7 @@ async fn enum_filters_reject_unknown_values_with_the_valid_list(db: &TestDb) {
         body["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("scheduled, running, retrying, succeeded, failed, cancelled"),
+            .contains("scheduled, running, retrying, waiting, succeeded, failed, cancelled"),
         "{body}"
     );
     // A valid value still filters.

@@ -288,6 +288,23 @@ async fn metrics_token_is_required_when_set(db: &TestDb) {
     assert_eq!(ready.status(), 200);
 }
 
+/// SQLite: every write transaction is counted (a commit hook on the store's
+/// connections); the counter is process-wide, so other tests can only add to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_commits_are_counted() {
+    let db = TestDb::sqlite().await;
+    let app = TestApp::spawn(&db).await;
+    let before = value(&scrape(&app).await, "switchboard_store_commits_total", &[]);
+    assert!(before >= 1.0, "migrations committed: {before}");
+    let resp = app
+        .deliver(&common::ended_body("ev_commit", "conv_commit", "completed"))
+        .await;
+    assert_eq!(resp.status(), 200);
+    // The gauges are read at most once a second; the counter on every scrape.
+    let after = value(&scrape(&app).await, "switchboard_store_commits_total", &[]);
+    assert!(after > before, "the append committed: {before} → {after}");
+}
+
 on_both_backends!(
     counters_move_with_webhooks_runs_and_attempts,
     waiting_jobs_and_their_age_are_reported,

@@ -69,6 +69,19 @@ const QUERIES: &[(&str, &str, Option<&str>)] = &[
         None,
     ),
     (
+        "unfinished runs of a batch's conversations (order, at creation)",
+        "SELECT DISTINCT workflow, conversation_id FROM runs WHERE replay_of IS NULL \
+         AND status IN ('scheduled', 'running', 'retrying', 'waiting') AND conversation_id IN ($1)",
+        Some("conv_1"),
+    ),
+    (
+        "the run holding a conversation's line (order, at a run's end)",
+        "SELECT h.run_id FROM runs h JOIN runs f ON h.workflow = f.workflow AND h.conversation_id = f.conversation_id \
+         WHERE f.run_id = $1 AND h.replay_of IS NULL AND h.status IN ('scheduled', 'running', 'retrying', 'waiting') \
+         ORDER BY h.event_seq LIMIT 1",
+        Some("run_1"),
+    ),
+    (
         "conversations, recent first",
         "SELECT state FROM conversations WHERE 1 = 1 ORDER BY last_seq DESC LIMIT 50",
         None,

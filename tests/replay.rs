@@ -163,6 +163,11 @@ async fn a_running_bulk_replay_can_be_cancelled(db: &TestDb) {
         cursor_seq: 3,
         created_at: chrono::Utc::now(),
         finished_at: None,
+        mode: "rerun".into(),
+        // Leased to an instance that never comes back within the test.
+        lease_owner: Some("elsewhere".into()),
+        lease_until: Some(chrono::Utc::now() + chrono::TimeDelta::hours(1)),
+        lease_token: 1,
     };
     app.store.create_replay(&replay).await.unwrap();
     let (status, body) = app.admin_post("/api/v1/replays/rpl_test/cancel").await;
@@ -180,7 +185,237 @@ async fn a_running_bulk_replay_can_be_cancelled(db: &TestDb) {
     );
 }
 
+/// Replays use the workflow version loaded at replay time (and say so);
+/// a retry keeps the run's own version.
+async fn a_replay_runs_the_current_version_and_a_retry_its_own(db: &TestDb) {
+    let sink = Sink::start().await;
+    let (app, dir) = TestApp::with_workflows(
+        db,
+        &[
+            ("good.yaml", &workflow(&sink, "/ok/v1", "")),
+            ("bad.yaml", &workflow(&sink, "/status/400/v1", "")),
+        ],
+    )
+    .await;
+    app.deliver(&ended_body("ev_ver", "conv_ver", "completed"))
+        .await;
+    let originals = app.wait_runs_final(2, 10).await;
+    let version_of = |list: &Value, name: &str| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["name"] == name)
+            .unwrap()["version"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (_, list) = app.admin_get("/api/v1/workflows").await;
+    let (good_v1, bad_v1) = (version_of(&list, "good"), version_of(&list, "bad"));
+    std::fs::write(dir.path().join("good.yaml"), workflow(&sink, "/ok/v2", "")).unwrap();
+    std::fs::write(
+        dir.path().join("bad.yaml"),
+        workflow(&sink, "/status/400/v2", ""),
+    )
+    .unwrap();
+    let (status, body) = app.admin_post("/api/v1/workflows/reload").await;
+    assert_eq!(status, 200, "{body}");
+    let (_, list) = app.admin_get("/api/v1/workflows").await;
+    let (good_v2, bad_v2) = (version_of(&list, "good"), version_of(&list, "bad"));
+    assert_ne!(good_v1, good_v2);
+    // One event's replay.
+    let (status, outcomes) = post(
+        &app,
+        "/api/v1/events/ev_ver/replay",
+        json!({"workflows": ["good"]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{outcomes}");
+    assert_eq!(outcomes[0]["version"], good_v2.as_str(), "{outcomes}");
+    let new_id = outcomes[0]["new_run_id"].as_str().unwrap().to_owned();
+    sink.wait_for("/ok/v2", 1, 10).await;
+    // The sink sees the request before the run's final state is saved.
+    app.wait_runs_final(3, 10).await;
+    let (_, run) = app.admin_get(&format!("/api/v1/runs/{new_id}")).await;
+    assert_eq!(run["version"], good_v2.as_str());
+    assert_eq!(run["status"], "succeeded");
+    // A retry of the failed original keeps its version (and posts where v1 did).
+    let bad = originals.iter().find(|r| r.workflow == "bad").unwrap();
+    assert_eq!(bad.version.as_deref(), Some(bad_v1.as_str()));
+    let (status, body) = app
+        .admin_post(&format!("/api/v1/runs/{}/retry", bad.run_id))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    sink.wait_for("/status/400/v1", 2, 10).await;
+    let (_, run) = app.admin_get(&format!("/api/v1/runs/{}", bad.run_id)).await;
+    assert_eq!(run["version"], bad_v1.as_str(), "a retry keeps its version");
+    // A bulk replay says which versions its runs execute, and they do.
+    let (status, replay) = post(&app, "/api/v1/replays", json!({"workflows": ["bad"]})).await;
+    assert_eq!(status, 200, "{replay}");
+    assert_eq!(
+        replay["versions"],
+        json!({"bad": bad_v2, "good": good_v2}),
+        "{replay}"
+    );
+    sink.wait_for("/status/400/v2", 1, 10).await;
+    assert!(sink.received_on("/status/400/v1").len() == 2);
+}
+
+/// The lease on a replay: one holder at a time, a fencing token on every
+/// page, takeover once it lapses, and a cancelled replay takes no more pages.
+async fn a_replay_is_leased_to_one_instance_at_a_time(db: &TestDb) {
+    use switchboard::store::runs::{Replay, ReplayPage};
+    let store = switchboard::store::connect(db.url()).await.unwrap();
+    store.migrate().await.unwrap();
+    let now = chrono::Utc::now;
+    let lease = Duration::from_secs(30);
+    let replay = Replay {
+        replay_id: "rpl_lease".into(),
+        filter: sqlx::types::Json(json!({})),
+        status: "running".into(),
+        total: 3,
+        done: 0,
+        runs_created: 0,
+        skipped: 0,
+        failed: 0,
+        cursor_seq: 0,
+        created_at: now(),
+        finished_at: None,
+        mode: "rerun".into(),
+        lease_owner: None,
+        lease_until: None,
+        lease_token: 0,
+    };
+    store.create_replay(&replay).await.unwrap();
+    let versions = Default::default();
+    let page = ReplayPage::Rerun {
+        event_ids: &[],
+        workflows: None,
+        only_failed: false,
+        versions: &versions,
+    };
+    let a = store.claim_replays("a", now(), lease, 5).await.unwrap();
+    assert_eq!(
+        (a.len(), a[0].lease_owner.as_deref(), a[0].lease_token),
+        (1, Some("a"), 1)
+    );
+    assert!(
+        store
+            .claim_replays("b", now(), lease, 5)
+            .await
+            .unwrap()
+            .is_empty(),
+        "held by a"
+    );
+    assert!(
+        store
+            .commit_replay_page("rpl_lease", "b", 1, lease, 1, 1, &page, now())
+            .await
+            .unwrap()
+            .is_none(),
+        "b does not hold it"
+    );
+    let saved = store
+        .commit_replay_page("rpl_lease", "a", 1, lease, 1, 1, &page, now())
+        .await
+        .unwrap()
+        .expect("a holds it");
+    assert_eq!((saved.done, saved.cursor_seq, saved.skipped), (1, 1, 1));
+    // a's lease lapses (its last page renewed it for no time): b takes over.
+    store
+        .commit_replay_page("rpl_lease", "a", 1, Duration::ZERO, 1, 2, &page, now())
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let b = store.claim_replays("b", now(), lease, 5).await.unwrap();
+    assert_eq!((b.len(), b[0].lease_token, b[0].done), (1, 2, 2));
+    assert!(
+        store
+            .commit_replay_page("rpl_lease", "a", 1, lease, 1, 3, &page, now())
+            .await
+            .unwrap()
+            .is_none(),
+        "a's old token is fenced off"
+    );
+    assert!(
+        !store
+            .finish_replay("rpl_lease", "a", 1, now())
+            .await
+            .unwrap()
+    );
+    // Handed back at shutdown: claimable at once.
+    assert_eq!(store.release_replay_leases("b", now()).await.unwrap(), 1);
+    let c = store.claim_replays("c", now(), lease, 5).await.unwrap();
+    assert_eq!(c[0].lease_token, 3);
+    assert!(store.cancel_replay("rpl_lease", now()).await.unwrap());
+    assert!(
+        store
+            .commit_replay_page("rpl_lease", "c", 3, lease, 1, 3, &page, now())
+            .await
+            .unwrap()
+            .is_none(),
+        "a cancelled replay takes no more pages"
+    );
+    assert!(
+        !store
+            .finish_replay("rpl_lease", "c", 3, now())
+            .await
+            .unwrap()
+    );
+    let r = store.get_replay("rpl_lease").await.unwrap().unwrap();
+    assert_eq!((r.status.as_str(), r.done), ("cancelled", 2));
+}
+
+/// Two instances on one database: one of them drives the replay, once.
+async fn two_instances_drive_one_replay_once(db: &TestDb) {
+    const EVENTS: usize = 300;
+    let sink = Sink::start().await;
+    let wf = workflow(&sink, "/ok/two", "");
+    let (a, _da) = TestApp::with_workflows(db, &[("w.yaml", &wf)]).await;
+    let (b, _db) = TestApp::with_workflows(db, &[("w.yaml", &wf)]).await;
+    for chunk in (0..EVENTS).collect::<Vec<_>>().chunks(25) {
+        let bodies: Vec<Vec<u8>> = chunk
+            .iter()
+            .map(|i| ended_body(&format!("ev_two{i}"), &format!("conv_two{i}"), "completed"))
+            .collect();
+        futures::future::join_all(bodies.iter().map(|body| a.deliver(body))).await;
+    }
+    a.wait_runs_final(EVENTS, 60).await;
+    let (status, replay) = post(&b, "/api/v1/replays", json!({})).await;
+    assert_eq!(status, 200, "{replay}");
+    let id = replay["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let done = loop {
+        let (_, r) = a.admin_get(&format!("/api/v1/replays/{id}")).await;
+        if r["status"] == "succeeded" {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "replay did not finish: {r}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        (
+            done["done"].as_i64(),
+            done["runs_created"].as_i64(),
+            done["skipped"].as_i64()
+        ),
+        (Some(EVENTS as i64), Some(EVENTS as i64), Some(0)),
+        "{done}"
+    );
+    let stored = a.store.get_replay(&id).await.unwrap().unwrap();
+    assert_eq!(stored.lease_token, 1, "claimed once: no second driver");
+    let runs = a.wait_runs_final(2 * EVENTS, 60).await;
+    let replayed: std::collections::HashSet<_> =
+        runs.iter().filter_map(|r| r.replay_of.clone()).collect();
+    assert_eq!(replayed.len(), EVENTS);
+    assert_eq!(runs.len(), 2 * EVENTS);
+}
+
 on_both_backends!(
+    a_replay_runs_the_current_version_and_a_retry_its_own,
+    a_replay_is_leased_to_one_instance_at_a_time,
+    two_instances_drive_one_replay_once,
     a_running_bulk_replay_can_be_cancelled,
     replaying_an_event_creates_a_new_run_with_new_keys,
     a_run_still_in_flight_is_not_replayed,

@@ -31,7 +31,7 @@ fn the_shipped_examples_validate() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/workflows");
     let (code, stdout, stderr) = validate(&dir);
     assert_eq!(code, 0, "{stdout}{stderr}");
-    assert!(stdout.contains("3 workflow(s) valid"), "{stdout}");
+    assert!(stdout.contains("4 workflow(s) valid"), "{stdout}");
     assert!(!stderr.contains(": error:"), "{stderr}");
 }
 

@@ -4,21 +4,31 @@
 //!
 //! ```text
 //! cargo run --release --example bench -- [--pg postgres://…] [--no-sqlite]
-//!     [--scenarios ingest,e2e,setup,growth,idle] [--duration 10s] [--growth 10000,100000]
+//!     [--scenarios ingest,e2e,setup,growth,idle,destinations] [--duration 10s] [--growth 10000,100000]
 //!     [--idle 60s] [--json results.json] [--smoke]
 //! ```
 //!
 //! Scenarios (each on every backend asked for):
 //! 1. ingest: no workflows, 64 connections at maximum rate; then a fixed 50 % of that rate;
-//! 2. e2e: one conversation.ended workflow posting to a local sink: a fixed 300/s (ack → sink
-//!    latency), then as fast as possible until the sink has every delivery;
+//! 2. e2e: one conversation.ended workflow posting to a local sink: a fixed 200/s and a fixed
+//!    300/s (ack → sink latency), then as fast as possible until the sink has every delivery;
+//!
+//! Ingest and e2e also print what each phase costs per message (per event acked for ingest, per
+//! delivery for e2e): database transactions (`tx/msg`) and CPU ms of the server (`srv ms`) and
+//! of the PostgreSQL backends serving its database (`db ms`); see `cost.rs` for what is counted.
 //! 3. setup: a static answer at a fixed 500/s; an answer with one lookup to the sink at 200/s;
 //! 4. growth: with 10k, 100k (, 1M) events stored: ingest rate and admin list latency;
 //! 5. idle: RSS after start and after the idle period, CPU used while idle.
+//!
+//! `destinations` (not in the default list): 500 runs to a destination limited to 50/s, the
+//! gate's cost per request, and ack → sink latency with a breaker-only `default:`
+//! (see `destinations.rs`).
 
 mod ceilings;
 #[path = "../common/mod.rs"]
 mod common;
+mod cost;
+mod destinations;
 mod load;
 mod server;
 
@@ -27,6 +37,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cost::{Cost, Probe};
 use load::{Sample, Target};
 use serde_json::{Value, json};
 use server::{Server, Sink};
@@ -107,6 +118,8 @@ struct Row {
     errors: u64,
     rss_peak_mb: f64,
     note: String,
+    /// Transactions and CPU per message, where measured.
+    cost: Option<Cost>,
 }
 
 impl Row {
@@ -122,6 +135,7 @@ impl Row {
             errors: s.errors,
             rss_peak_mb: rss,
             note,
+            cost: None,
         }
     }
 
@@ -138,24 +152,49 @@ impl Row {
             errors,
             rss_peak_mb: f64::NAN,
             note,
+            cost: None,
         }
     }
 
     fn json(&self) -> Value {
         json!({"scenario": self.scenario, "backend": self.backend, "per_second": self.rate,
                "p50_ms": self.p50, "p90_ms": self.p90, "p99_ms": self.p99, "max_ms": self.max,
-               "errors": self.errors, "server_rss_peak_mb": self.rss_peak_mb, "note": self.note})
+               "errors": self.errors, "server_rss_peak_mb": self.rss_peak_mb, "note": self.note,
+               "cost": self.cost.as_ref().map(Cost::json)})
     }
 }
 
 fn print_rows(rows: &[Row]) {
     println!(
-        "\n{:<34} {:<9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8}  note",
-        "scenario", "backend", "per s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors", "RSS MB"
+        "\n{:<34} {:<9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>6} {:>7} {:>7}  note",
+        "scenario",
+        "backend",
+        "per s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "max ms",
+        "errors",
+        "RSS MB",
+        "tx/msg",
+        "srv ms",
+        "db ms"
     );
     for r in rows {
+        let (tx, srv, db) = r.cost.as_ref().map_or((f64::NAN, f64::NAN, f64::NAN), |c| {
+            (c.tx_per_msg, c.server_cpu_ms, c.db_cpu_ms)
+        });
+        let mut note = r.note.clone();
+        if let Some(c) = &r.cost
+            && c.shared_cpu_ms.is_finite()
+        {
+            note.push_str(&format!(
+                "; PG shared background {:.3} CPU ms/msg (whole cluster)",
+                c.shared_cpu_ms
+            ));
+        }
         println!(
-            "{:<34} {:<9} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>8.1}  {}",
+            "{:<34} {:<9} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>8.1} {:>6.2} {:>7.3} {:>7.3}  {}",
             r.scenario,
             r.backend,
             r.rate,
@@ -165,7 +204,10 @@ fn print_rows(rows: &[Row]) {
             r.max,
             r.errors,
             r.rss_peak_mb,
-            r.note
+            tx,
+            srv,
+            db,
+            note
         );
     }
 }
@@ -238,37 +280,187 @@ async fn ingest(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Result
     let db = fresh_db(backend, ctx.tmp.path()).await?;
     let empty = ctx.tmp.path().join(format!("empty-{}", tag()));
     std::fs::create_dir_all(&empty)?;
+    let probe = Probe::new(backend, &db);
+    let startup = probe
+        .startup_xacts(&ctx.bin, &db, &empty, ctx.tmp.path())
+        .await?;
+    let fresh_target = |server: &Server| {
+        let t = tag();
+        target(
+            server,
+            ctx.o.connections,
+            Arc::new(move |i| load::ended_body(&t, i)),
+        )
+    };
+    // Each phase on a server of its own (see cost.rs).
+    let xacts = probe.settled_xacts().await?;
     let server = Server::start(&ctx.bin, &db, &empty, ctx.tmp.path(), &[]).await?;
-    let t = tag();
-    let tgt = target(
-        &server,
-        ctx.o.connections,
-        Arc::new(move |i| load::ended_body(&t, i)),
-    );
     // Warm-up: connections, caches, the database file.
-    load::max_rate(&tgt, ctx.o.connections, Duration::from_millis(500), None).await;
-    let max = load::max_rate(&tgt, ctx.o.connections, ctx.o.duration, None).await;
+    let warm = load::max_rate(
+        &fresh_target(&server),
+        ctx.o.connections,
+        Duration::from_millis(500),
+        None,
+    )
+    .await;
+    let phase = probe.begin(&server, xacts, warm.ok).await?;
+    let max = load::max_rate(
+        &fresh_target(&server),
+        ctx.o.connections,
+        ctx.o.duration,
+        None,
+    )
+    .await;
     let (_, peak) = server::rss_mb(server.pid());
-    rows.push(Row::from_sample(
+    let mut row = Row::from_sample(
         "1. ingest, max rate",
         b,
         &max,
         peak,
         format!("{} connections", ctx.o.connections),
-    ));
+    );
+    row.cost = Some(probe.end(phase, server, max.ok, startup).await?);
+    rows.push(row);
     let half = (max.rate() / 2.0).max(1.0);
-    let fixed = load::fixed_rate(&tgt, half, ctx.o.duration).await;
+    let xacts = probe.settled_xacts().await?;
+    let server = Server::start(&ctx.bin, &db, &empty, ctx.tmp.path(), &[]).await?;
+    let phase = probe.begin(&server, xacts, 0).await?;
+    let fixed = load::fixed_rate(&fresh_target(&server), half, ctx.o.duration).await;
     let (_, peak) = server::rss_mb(server.pid());
-    rows.push(Row::from_sample(
+    let mut row = Row::from_sample(
         "1. ingest, 50 % of max",
         b,
         &fixed,
         peak,
         format!("fixed {half:.0}/s"),
-    ));
-    drop(server);
+    );
+    row.cost = Some(probe.end(phase, server, fixed.ok, startup).await?);
+    rows.push(row);
     drop_db(backend, &db).await;
     Ok(max.rate())
+}
+
+/// The e2e scenario's database, workflow and sink.
+struct E2e<'a> {
+    ctx: &'a Ctx,
+    db: String,
+    wf: std::path::PathBuf,
+    sink: Sink,
+    probe: Probe,
+    startup: i64,
+}
+
+impl E2e<'_> {
+    /// A fixed rate on a server of its own: latency from the acknowledgement to the sink's receipt.
+    async fn fixed(&self, b: &str, rate: f64) -> anyhow::Result<Row> {
+        let ctx = self.ctx;
+        let xacts = self.probe.settled_xacts().await?;
+        let server = Server::start(&ctx.bin, &self.db, &self.wf, ctx.tmp.path(), &[]).await?;
+        let phase = self.probe.begin(&server, xacts, 0).await?;
+        let acks: Arc<Mutex<HashMap<u64, Instant>>> = Default::default();
+        let t = tag();
+        let body_tag = t.clone();
+        let mut tgt = target(
+            &server,
+            ctx.o.connections,
+            Arc::new(move |i| load::ended_body(&body_tag, i)),
+        );
+        let acks2 = acks.clone();
+        tgt.on_ack = Some(Arc::new(move |i, at| {
+            acks2.lock().unwrap().insert(i, at);
+        }));
+        let before = self.sink.count();
+        let fixed = load::fixed_rate(&tgt, rate, ctx.o.duration).await;
+        self.sink
+            .wait_for(before + fixed.ok as usize, Duration::from_secs(30))
+            .await;
+        let mut lat: Vec<Duration> = {
+            let acks = acks.lock().unwrap();
+            let arrivals = self.sink.arrivals.lock().unwrap();
+            acks.iter()
+                .filter_map(|(i, acked)| {
+                    let (arrived, _) = arrivals.get(&format!("ev_{t}_{i}"))?;
+                    Some(arrived.saturating_duration_since(*acked))
+                })
+                .collect()
+        };
+        lat.sort();
+        let (_, peak) = server::rss_mb(server.pid());
+        let delivered = lat.len() as u64;
+        let cost = self
+            .probe
+            .end(phase, server, delivered, self.startup)
+            .await?;
+        Ok(Row {
+            scenario: format!("2. end to end, {rate:.0}/s: ack → sink"),
+            backend: b.into(),
+            rate: delivered as f64 / fixed.elapsed.as_secs_f64(),
+            p50: load::pct(&lat, 0.5),
+            p90: load::pct(&lat, 0.9),
+            p99: load::pct(&lat, 0.99),
+            max: load::pct(&lat, 1.0),
+            errors: fixed.errors + fixed.ok - delivered,
+            rss_peak_mb: peak,
+            note: format!(
+                "{delivered} delivered; ack p99 {:.2} ms; sink before ack counts as 0",
+                fixed.pct(0.99)
+            ),
+            cost: Some(cost),
+        })
+    }
+
+    /// As fast as possible: `n` deliveries, until the sink has them all.
+    async fn max(&self, b: &str, n: usize) -> anyhow::Result<Row> {
+        let ctx = self.ctx;
+        let xacts = self.probe.settled_xacts().await?;
+        let server = Server::start(&ctx.bin, &self.db, &self.wf, ctx.tmp.path(), &[]).await?;
+        let phase = self.probe.begin(&server, xacts, 0).await?;
+        let before = self.sink.count();
+        let t = tag();
+        let tgt = target(
+            &server,
+            ctx.o.connections,
+            Arc::new(move |i| load::ended_body(&t, i)),
+        );
+        let start = Instant::now();
+        let sent = load::max_rate(
+            &tgt,
+            ctx.o.connections,
+            Duration::from_secs(600),
+            Some(n as u64),
+        )
+        .await;
+        let last = self
+            .sink
+            .wait_for(before + sent.ok as usize, Duration::from_secs(120))
+            .await;
+        let took = last
+            .map(|l| l.duration_since(start))
+            .unwrap_or(Duration::MAX);
+        let delivered = (self.sink.count() - before) as u64;
+        let (_, peak) = server::rss_mb(server.pid());
+        let cost = self
+            .probe
+            .end(phase, server, delivered, self.startup)
+            .await?;
+        Ok(Row {
+            scenario: "2. end to end, max: deliveries".into(),
+            backend: b.into(),
+            rate: sent.ok as f64 / took.as_secs_f64(),
+            p50: sent.pct(0.5),
+            p90: sent.pct(0.9),
+            p99: sent.pct(0.99),
+            max: sent.pct(1.0),
+            errors: sent.errors,
+            rss_peak_mb: peak,
+            note: format!(
+                "{} events acked at {:.0}/s; latencies are the acks",
+                sent.ok,
+                sent.rate()
+            ),
+            cost: Some(cost),
+        })
+    }
 }
 
 async fn e2e(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Result<()> {
@@ -283,90 +475,25 @@ async fn e2e(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Result<()
         ),
     )?;
     let db = fresh_db(backend, ctx.tmp.path()).await?;
-    let server = Server::start(&ctx.bin, &db, &wf, ctx.tmp.path(), &[]).await?;
-    let acks: Arc<Mutex<HashMap<u64, Instant>>> = Default::default();
-    let t = tag();
-    let body_tag = t.clone();
-    let mut tgt = target(
-        &server,
-        ctx.o.connections,
-        Arc::new(move |i| load::ended_body(&body_tag, i)),
-    );
-    let acks2 = acks.clone();
-    tgt.on_ack = Some(Arc::new(move |i, at| {
-        acks2.lock().unwrap().insert(i, at);
-    }));
-    // Fixed 300/s: latency from the acknowledgement to the sink's receipt.
-    let fixed = load::fixed_rate(&tgt, 300.0, ctx.o.duration).await;
-    sink.wait_for(fixed.ok as usize, Duration::from_secs(30))
-        .await;
-    let mut lat: Vec<Duration> = {
-        let acks = acks.lock().unwrap();
-        let arrivals = sink.arrivals.lock().unwrap();
-        acks.iter()
-            .filter_map(|(i, acked)| {
-                let (arrived, _) = arrivals.get(&format!("ev_{t}_{i}"))?;
-                Some(arrived.saturating_duration_since(*acked))
-            })
-            .collect()
+    let probe = Probe::new(backend, &db);
+    let startup = probe
+        .startup_xacts(&ctx.bin, &db, &wf, ctx.tmp.path())
+        .await?;
+    let s = E2e {
+        ctx,
+        db,
+        wf,
+        sink,
+        probe,
+        startup,
     };
-    lat.sort();
-    let (_, peak) = server::rss_mb(server.pid());
-    let delivered = lat.len() as u64;
-    rows.push(Row {
-        scenario: "2. end to end, 300/s: ack → sink".into(),
-        backend: b.into(),
-        rate: delivered as f64 / fixed.elapsed.as_secs_f64(),
-        p50: load::pct(&lat, 0.5),
-        p90: load::pct(&lat, 0.9),
-        p99: load::pct(&lat, 0.99),
-        max: load::pct(&lat, 1.0),
-        errors: fixed.errors + fixed.ok - delivered,
-        rss_peak_mb: peak,
-        note: format!(
-            "{delivered} delivered; ack p99 {:.2} ms; sink before ack counts as 0",
-            fixed.pct(0.99)
-        ),
-    });
-    // As fast as possible: N deliveries, until the sink has them all.
-    let n = (fixed.ok.max(300) * 4) as usize;
-    let before = sink.count();
-    let t2 = tag();
-    tgt.make_body = Arc::new(move |i| load::ended_body(&t2, i));
-    tgt.on_ack = None;
-    let start = Instant::now();
-    let sent = load::max_rate(
-        &tgt,
-        ctx.o.connections,
-        Duration::from_secs(600),
-        Some(n as u64),
-    )
-    .await;
-    let last = sink
-        .wait_for(before + sent.ok as usize, Duration::from_secs(120))
-        .await;
-    let took = last
-        .map(|l| l.duration_since(start))
-        .unwrap_or(Duration::MAX);
-    let (_, peak) = server::rss_mb(server.pid());
-    rows.push(Row {
-        scenario: "2. end to end, max: deliveries".into(),
-        backend: b.into(),
-        rate: sent.ok as f64 / took.as_secs_f64(),
-        p50: sent.pct(0.5),
-        p90: sent.pct(0.9),
-        p99: sent.pct(0.99),
-        max: sent.pct(1.0),
-        errors: sent.errors,
-        rss_peak_mb: peak,
-        note: format!(
-            "{} events acked at {:.0}/s; latencies are the acks",
-            sent.ok,
-            sent.rate()
-        ),
-    });
-    drop(server);
-    drop_db(backend, &db).await;
+    // The rate users run at (issue 12's cost targets), then the latency target's rate.
+    rows.push(s.fixed(b, 200.0).await?);
+    let at300 = s.fixed(b, 300.0).await?;
+    let n = (at300.cost.as_ref().map_or(0, |c| c.messages).max(300) * 4) as usize;
+    rows.push(at300);
+    rows.push(s.max(b, n).await?);
+    drop_db(backend, &s.db).await;
     Ok(())
 }
 
@@ -489,6 +616,7 @@ async fn growth(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Result
             errors: 0,
             rss_peak_mb: server::rss_mb(server.pid()).1,
             note: format!("9 endpoints × 20 calls; slowest {}", worst.1),
+            cost: None,
         });
     }
     drop(store);
@@ -612,6 +740,7 @@ async fn main() -> anyhow::Result<()> {
                 "setup" => setup(&ctx, &backend, &mut rows).await,
                 "growth" => growth(&ctx, &backend, &mut rows).await,
                 "idle" => idle(&ctx, &backend, &mut rows).await,
+                "destinations" => destinations::run(&ctx, &backend, &mut rows).await,
                 other => Err(anyhow::anyhow!("unknown scenario {other}")),
             };
             if let Err(e) = result {

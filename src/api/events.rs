@@ -256,14 +256,15 @@ impl EventsApi {
     }
 
     /// Replay one event: a new run (new Idempotency-Keys, marked `replay_of`) for each run it
-    /// started, with the context it saw the first time; never while a run of the same workflow for
-    /// it is still in flight.
+    /// started, with the context it saw the first time, executing the workflow version loaded
+    /// now (`version`); never while a run of the same workflow for it is still in flight.
     #[oai(path = "/events/:id/replay", method = "post")]
     async fn replay_event(
         &self,
         _auth: AdminAuth,
         store: Data<&Arc<dyn EventStore>>,
         wake: Data<&Arc<tokio::sync::Notify>>,
+        registry: Data<&Arc<crate::workflow::registry::Registry>>,
         /// Operator's event id (`ev_…`).
         id: Path<String>,
         /// Optional: `{"workflows": [...]}`; no body (or `{}`) replays every run the event started.
@@ -277,6 +278,7 @@ impl EventsApi {
                 &id,
                 body.0.and_then(|b| b.workflows).as_deref(),
                 false,
+                &crate::engine::replay::loaded_versions(&registry.current(), None),
                 Utc::now(),
             )
             .await?;
@@ -288,6 +290,7 @@ impl EventsApi {
                     workflow: o.workflow,
                     original_run_id: o.original_run_id,
                     new_run_id: o.new_run_id,
+                    version: o.version,
                     skipped: o.skipped,
                 })
                 .collect(),

@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod conversations;
+pub mod destinations;
 pub mod error;
 pub mod events;
 pub mod health;
@@ -20,6 +21,7 @@ pub type Apis = (
     events::EventsApi,
     conversations::ConversationsApi,
     runs::RunsApi,
+    destinations::DestinationsApi,
 );
 
 /// The OpenAPI service; routes need `Arc<dyn EventStore>`, `Arc<Registry>`, the workers' wake
@@ -31,6 +33,7 @@ pub fn service() -> OpenApiService<Apis, ()> {
             events::EventsApi,
             conversations::ConversationsApi,
             runs::RunsApi,
+            destinations::DestinationsApi,
         ),
         "Switchboard",
         env!("CARGO_PKG_VERSION"),

@@ -63,14 +63,121 @@ pub struct RunSummary {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// Why a `waiting` run waits: `timer` (a `wait` step), `event` (a `wait_for` step) or
+    /// `order` (behind an earlier run of its workflow and conversation: see `waiting_for.behind`).
+    #[oai(skip_serializing_if_is_none)]
+    pub wait_reason: Option<String>,
+    /// When a `waiting` run goes on: the end of its `wait`, or the timeout of its `wait_for`.
+    #[oai(skip_serializing_if_is_none)]
+    pub resume_at: Option<DateTime<Utc>>,
+    /// What a run at a `wait` / `wait_for` step waits for.
+    #[oai(skip_serializing_if_is_none)]
+    pub waiting_for: Option<WaitView>,
+}
+
+/// What a `waiting` run waits for: a `wait` or `wait_for` step, or (`order`) an earlier run of its conversation.
+#[derive(Object, Debug)]
+pub struct WaitView {
+    /// The step's id (`timer`, `event`).
+    #[oai(skip_serializing_if_is_none)]
+    pub step: Option<String>,
+    /// `timer`, `event`, or `order` (held behind an earlier run of the same workflow and conversation).
+    pub kind: String,
+    /// `order`: the run holding the line, the earliest of this workflow and conversation not ended (`run_…`).
+    #[oai(skip_serializing_if_is_none)]
+    pub behind: Option<String>,
+    /// `order`: how many earlier runs of this workflow and conversation have not ended.
+    #[oai(skip_serializing_if_is_none)]
+    pub ahead: Option<i64>,
+    /// The event type awaited (`wait_for`).
+    #[oai(skip_serializing_if_is_none)]
+    pub event: Option<String>,
+    /// What it waits for, in words.
+    pub description: String,
+    /// When the run reached the step (`order`: when it was created).
+    pub since: DateTime<Utc>,
+    /// The resume time (`wait`) or the timeout (`wait_for`); none for `order`.
+    #[oai(skip_serializing_if_is_none)]
+    pub until: Option<DateTime<Utc>>,
+    /// The event that matched, when the run is about to resume on it (`ev_…`).
+    #[oai(skip_serializing_if_is_none)]
+    pub matched_event_id: Option<String>,
+}
+
+impl From<&crate::store::waits::RunWait> for WaitView {
+    fn from(w: &crate::store::waits::RunWait) -> Self {
+        let description = match w.wait_for() {
+            Some(f) => format!(
+                "{} of conversation {}, after event #{}",
+                f.describe(),
+                w.conversation_id.as_deref().unwrap_or("-"),
+                w.after_seq
+            ),
+            None => format!("the time {}", w.until_at.to_rfc3339()),
+        };
+        Self {
+            step: Some(w.step_id.clone()),
+            kind: w.kind.clone(),
+            behind: None,
+            ahead: None,
+            event: w.event_type.clone(),
+            description,
+            since: w.started_at,
+            until: Some(w.until_at),
+            matched_event_id: w.matched_event_id.clone(),
+        }
+    }
+}
+
+/// Fills in what waiting runs wait for (one lookup per waiting run).
+async fn with_waits(
+    store: &Arc<dyn EventStore>,
+    mut runs: Vec<RunSummary>,
+) -> Result<Vec<RunSummary>, crate::store::StoreError> {
+    for r in &mut runs {
+        if r.status != "waiting" {
+            continue;
+        }
+        if r.wait_reason.as_deref() == Some("order") {
+            // Held by per-conversation order (store/order.rs).
+            let ahead = store.held_behind(&r.id).await?;
+            let description = match ahead.first() {
+                Some((head, status)) => format!(
+                    "the end of run {head} ({status}), the earliest run of workflow {} for conversation {} \
+                     not ended; {} run(s) ahead of this one",
+                    r.workflow,
+                    r.conversation_id.as_deref().unwrap_or("-"),
+                    ahead.len()
+                ),
+                None => "nothing any more: it is about to be released".to_owned(),
+            };
+            r.waiting_for = Some(WaitView {
+                step: None,
+                kind: "order".into(),
+                behind: ahead.first().map(|(id, _)| id.clone()),
+                ahead: Some(ahead.len() as i64),
+                event: None,
+                description,
+                since: r.created_at,
+                until: None,
+                matched_event_id: None,
+            });
+        } else if let Some(w) = store.run_wait(&r.id).await? {
+            r.waiting_for = Some((&w).into());
+        }
+    }
+    Ok(runs)
 }
 
 impl From<&Run> for RunSummary {
     fn from(r: &Run) -> Self {
-        let waiting = matches!(
-            r.status(),
-            Some(RunStatus::Scheduled | RunStatus::Retrying | RunStatus::Waiting)
-        );
+        // A run held by order has no due time: it starts when released.
+        let held = r.status == RunStatus::Waiting && r.wait_reason.as_deref() == Some("order");
+        let waiting = !held
+            && matches!(
+                r.status(),
+                Some(RunStatus::Scheduled | RunStatus::Retrying | RunStatus::Waiting)
+            );
         Self {
             id: r.run_id.clone(),
             workflow: r.workflow.clone(),
@@ -89,6 +196,11 @@ impl From<&Run> for RunSummary {
             created_at: r.created_at,
             updated_at: r.updated_at,
             finished_at: r.finished_at,
+            wait_reason: (r.status == RunStatus::Waiting)
+                .then(|| r.wait_reason.clone())
+                .flatten(),
+            resume_at: (r.status == RunStatus::Waiting && !held).then_some(r.next_attempt_at),
+            waiting_for: None,
         }
     }
 }
@@ -276,6 +388,9 @@ pub struct ReplayOutcomeView {
     pub original_run_id: String,
     /// The new run (new Idempotency-Keys), if created.
     pub new_run_id: Option<String>,
+    /// The workflow version the new run executes: the one loaded now (the
+    /// original run's own if the workflow is no longer loaded).
+    pub version: Option<String>,
     /// Why none was created (e.g. a run for it is still in flight).
     pub skipped: Option<String>,
 }
@@ -283,14 +398,19 @@ pub struct ReplayOutcomeView {
 /// What a bulk replay replays.
 #[derive(Object, Debug, Default)]
 pub struct ReplayRequest {
+    /// `rerun` (default): a new run of each run the selected events started (new
+    /// Idempotency-Keys, `replay_of` set). `dispatch`: judge the selected events
+    /// against the workflows loaded now, each as of its place in the log, and
+    /// create the runs that do not exist yet (exactly one per workflow and event).
+    pub mode: Option<String>,
     /// Only events of this type.
     #[oai(rename = "type")]
     pub event_type: Option<String>,
     pub received_after: Option<DateTime<Utc>>,
     pub received_before: Option<DateTime<Utc>>,
-    /// Only runs of these workflows.
+    /// Only runs of these workflows (`dispatch`: only these loaded workflows).
     pub workflows: Option<Vec<String>>,
-    /// Only events whose runs failed.
+    /// Only events whose runs failed (`rerun` only).
     #[oai(default)]
     pub only_failed: bool,
 }
@@ -302,7 +422,12 @@ pub struct ReplayView {
     pub id: String,
     /// `running`, `succeeded` or `cancelled`.
     pub status: String,
+    /// `rerun` or `dispatch`.
+    pub mode: String,
     pub filter: Value,
+    /// The workflow version each new run executes (workflow → version hash):
+    /// the versions loaded when the replay started, whichever instance drives it.
+    pub versions: std::collections::BTreeMap<String, String>,
     /// Events the filter selected when it started.
     pub total: i64,
     /// Events handled so far.
@@ -318,9 +443,17 @@ pub struct ReplayView {
 
 impl From<crate::store::runs::Replay> for ReplayView {
     fn from(r: crate::store::runs::Replay) -> Self {
+        let versions = r
+            .filter
+            .0
+            .get("versions")
+            .and_then(|v| serde_json::from_value(v.clone()).ok())
+            .unwrap_or_default();
         Self {
             id: r.replay_id,
             status: r.status,
+            mode: r.mode,
+            versions,
             filter: r.filter.0,
             total: r.total,
             done: r.done,
@@ -408,7 +541,7 @@ impl RunsApi {
             .then(|| runs.last().map(encode_cursor))
             .flatten();
         Ok(Json(RunPage {
-            data: runs.iter().map(Into::into).collect(),
+            data: with_waits(&store, runs.iter().map(Into::into).collect()).await?,
             next_cursor,
         }))
     }
@@ -427,7 +560,10 @@ impl RunsApi {
         };
         let attempts = store.attempts(&id).await?;
         Ok(Json(RunDetail {
-            run: (&run).into(),
+            run: with_waits(&store, vec![(&run).into()])
+                .await?
+                .pop()
+                .expect("one run"),
             step_results: run.step_results.0.clone(),
             attempts: attempts.into_iter().map(Into::into).collect(),
         }))
@@ -456,42 +592,96 @@ impl RunsApi {
         }
     }
 
-    /// Cancel a run that waits for its first attempt or for a retry. 409 if it is running or finished.
+    /// Cancel a run that waits for its first attempt, a retry, or at a `wait` / `wait_for` step. 409 if it is running or finished.
     #[oai(path = "/runs/:id/cancel", method = "post", tag = "RunTags::Runs")]
     async fn cancel_run(
         &self,
         _auth: AdminAuth,
         store: Data<&Arc<dyn EventStore>>,
+        wake: Data<&Arc<tokio::sync::Notify>>,
         /// The run id (`run_…`).
         id: Path<String>,
     ) -> Result<Json<RunSummary>, ApiError> {
         match store.cancel_run(&id, Utc::now()).await? {
-            RunChange::Changed(run) => Ok(Json(run.as_ref().into())),
+            RunChange::Changed(run) => {
+                // A cancelled run no longer waits (durable waits: store/waits.rs), and the
+                // next run of its conversation held by order may have been released.
+                store.remove_wait(&id).await?;
+                wake.notify_one();
+                Ok(Json(run.as_ref().into()))
+            }
             RunChange::NotFound => Err(ApiError::not_found("run", &id)),
             RunChange::WrongState(status) => Err(ApiError::conflict(format!(
-                "run `{}` is {status}; only scheduled or retrying runs can be cancelled",
+                "run `{}` is {status}; only scheduled, retrying or waiting runs can be cancelled",
                 id.0
             ))),
         }
     }
 
-    /// Replay every event a filter selects, in the background (resumed after a restart).
+    /// Replay (`mode: rerun`, the default) or re-dispatch (`mode: dispatch`)
+    /// every event a filter selects, in the background: one instance drives it
+    /// at a time (leased; taken over if that instance dies), page by page, and
+    /// no event is handled twice. New runs execute the workflow versions loaded
+    /// now (`versions` in the response).
     #[oai(path = "/replays", method = "post", tag = "RunTags::Replays")]
     async fn start_replay(
         &self,
         _auth: AdminAuth,
         store: Data<&Arc<dyn EventStore>>,
-        wake: Data<&Arc<tokio::sync::Notify>>,
+        registry: Data<&Arc<Registry>>,
         body: Json<ReplayRequest>,
     ) -> Result<Json<ReplayView>, ApiError> {
-        let filter = crate::engine::replay::ReplayFilter {
+        use crate::engine::replay::{self, Mode};
+        let mode = match body.mode.as_deref() {
+            None => Mode::Rerun,
+            Some(m) => Mode::parse(m).map_err(ApiError::bad_request)?,
+        };
+        let set = registry.current();
+        let versions = match mode {
+            Mode::Rerun => replay::loaded_versions(&set, None),
+            Mode::Dispatch => {
+                if body.only_failed {
+                    return Err(ApiError::bad_request(
+                        "`only_failed` applies to `mode: rerun` (it selects events by their runs); \
+                         `mode: dispatch` creates the runs that do not exist yet: drop `only_failed`",
+                    ));
+                }
+                let loaded = replay::loaded_versions(&set, None);
+                if let Some(unknown) = body
+                    .workflows
+                    .iter()
+                    .flatten()
+                    .find(|w| !loaded.contains_key(w.as_str()))
+                {
+                    return Err(ApiError::bad_request(format!(
+                        "`workflows` names `{unknown}`, which is not loaded (loaded: {}); \
+                         `mode: dispatch` runs the workflows loaded now: add it to the workflows directory and reload first",
+                        if loaded.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            loaded.keys().cloned().collect::<Vec<_>>().join(", ")
+                        }
+                    )));
+                }
+                let versions = replay::loaded_versions(&set, body.workflows.as_deref());
+                if versions.is_empty() {
+                    return Err(ApiError::bad_request(
+                        "no workflow that starts runs is loaded, so `mode: dispatch` would create nothing; \
+                         add workflows to the workflows directory and reload (POST /api/v1/workflows/reload) first",
+                    ));
+                }
+                versions
+            }
+        };
+        let filter = replay::ReplayFilter {
             event_type: body.event_type.clone(),
             received_after: body.received_after,
             received_before: body.received_before,
             workflows: body.workflows.clone(),
             only_failed: body.only_failed,
+            versions,
         };
-        let replay = crate::engine::replay::start(store.clone(), wake.clone(), filter).await?;
+        let replay = replay::create(store.as_ref(), mode, filter, None).await?;
         Ok(Json(replay.into()))
     }
 

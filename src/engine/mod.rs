@@ -18,9 +18,12 @@ pub mod backoff;
 mod driver;
 pub mod http;
 pub mod replay;
+pub mod replay_backend;
 pub mod save;
 pub mod setup;
 pub mod trace;
+pub mod versions;
+pub mod wait;
 mod worker;
 
 use std::collections::HashMap;
@@ -102,8 +105,8 @@ pub struct Engine {
     stop: tokio::sync::watch::Sender<Option<Duration>>,
     /// Set when the monitor has returned (every worker stopped).
     stopped: tokio::sync::watch::Sender<bool>,
-    /// Workflow versions not in the loaded set, compiled from the database, by hash.
-    versions: std::sync::Mutex<HashMap<String, Arc<Workflow>>>,
+    /// Workflow versions not in the loaded set, compiled from the database, by hash (bounded).
+    versions: versions::VersionCache,
 }
 
 fn now() -> DateTime<Utc> {
@@ -127,7 +130,7 @@ impl Engine {
         concurrency: usize,
     ) -> Self {
         Self {
-            saver: save::Saver::spawn(store.clone()),
+            saver: save::Saver::spawn(store.clone(), wake.clone()),
             gate: Arc::new(AlwaysGo),
             store,
             registry,
@@ -140,7 +143,7 @@ impl Engine {
             local: backend::LocalRuns::default(),
             stop: tokio::sync::watch::Sender::new(None),
             stopped: tokio::sync::watch::Sender::new(false),
-            versions: std::sync::Mutex::new(HashMap::new()),
+            versions: versions::VersionCache::default(),
         }
     }
 
@@ -158,8 +161,8 @@ impl Engine {
         name: &str,
         hash: &str,
     ) -> Result<Result<Arc<Workflow>, String>, crate::store::StoreError> {
-        if let Some(wf) = self.versions.lock().expect("versions lock").get(hash) {
-            return Ok(Ok(wf.clone()));
+        if let Some(wf) = self.versions.get(hash) {
+            return Ok(Ok(wf));
         }
         let Some(stored) = self.store.workflow_version(hash).await? else {
             return Ok(Err(format!(
@@ -174,10 +177,7 @@ impl Engine {
                 // The stored hash is the address, whatever this compiler would compute.
                 wf.version = hash.to_owned();
                 let wf = Arc::new(wf);
-                self.versions
-                    .lock()
-                    .expect("versions lock")
-                    .insert(hash.to_owned(), wf.clone());
+                self.versions.insert(hash, wf.clone());
                 Ok(Ok(wf))
             }
             Err(d) => Ok(Err(format!(
@@ -257,7 +257,8 @@ impl Engine {
     /// caught and recorded as the run's failure).
     async fn execute(self: &Arc<Self>, run: Run) {
         let run_id = run.run_id.clone();
-        if run.attempts_total == 0 && run.step_index == 0 {
+        // (A run resumed from a wait at its first step is not a new start.)
+        if run.attempts_total == 0 && run.step_index == 0 && run.wait_reason.is_none() {
             crate::prometheus::run_started(&run.workflow);
         }
         let work = {
@@ -499,6 +500,16 @@ impl Engine {
                     }
                 }
             }
+            // Durable waits (wait.rs): `wait` / `wait_for` steps park the run or end its wait.
+            if let Some(w) = &step.wait {
+                match self
+                    .wait_step(&run, &trace, wf, step, w, &mut state)
+                    .await?
+                {
+                    wait::WaitFlow::Next => continue,
+                    wait::WaitFlow::Stop => return Ok(()),
+                }
+            }
             // The gate, right before an attempt is sent: a held attempt is not
             // made, not recorded and not counted; the run waits until `until`.
             if let GateAnswer::Hold { until, reason } = self.gate.check(&run, step).await {
@@ -508,10 +519,35 @@ impl Engine {
                 return Ok(());
             }
             let index = state.step_index;
+            // Destinations (issue 14): the gate, right before the attempt. A hold parks the
+            // run (waiting, no attempt recorded, lease released); it resumes by itself.
+            let permit =
+                match crate::destinations::admit_step(&self.registry.gate, step, &ctx, &run.run_id)
+                    .await
+                {
+                    Some(crate::destinations::gate::Admit::Hold(hold)) => {
+                        crate::destinations::hold_run(
+                            &*self.store,
+                            &run,
+                            &self.owner,
+                            &trace,
+                            (index, &step.id),
+                            &hold,
+                        )
+                        .await?;
+                        return Ok(());
+                    }
+                    Some(crate::destinations::gate::Admit::Go(permit)) => Some(permit),
+                    None => None,
+                };
             let before = state.clone();
             let (attempt, update, done) = self
                 .attempt(&run, &trace, wf, step, &mut state, &ctx, &secrets, &masker)
                 .await;
+            // Destinations (issue 14): the outcome feeds the breaker and Retry-After pauses.
+            if let Some(permit) = permit {
+                permit.report(&crate::destinations::gate::Outcome::of_attempt(&attempt));
+            }
             let Some((attempt, update)) = self.save_attempt(&run, &before, attempt, update).await?
             else {
                 return Ok(());

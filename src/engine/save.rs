@@ -10,6 +10,8 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::store::StoreError;
+use tokio::sync::Notify;
+
 use crate::store::runs::{RunStore, Save};
 
 /// Most saves written in one transaction.
@@ -24,10 +26,11 @@ pub struct Saver {
 }
 
 impl Saver {
-    /// Starts the save task on the current runtime.
-    pub fn spawn(store: Arc<dyn RunStore>) -> Self {
+    /// Starts the save task on the current runtime; `wake` wakes this
+    /// process's workers when a run that ended released one held by order.
+    pub fn spawn(store: Arc<dyn RunStore>, wake: Arc<Notify>) -> Self {
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
-        tokio::spawn(run(store, rx));
+        tokio::spawn(run(store, rx, wake));
         Self { tx }
     }
 
@@ -42,7 +45,7 @@ impl Saver {
     }
 }
 
-async fn run(store: Arc<dyn RunStore>, mut rx: mpsc::Receiver<(Save, Reply)>) {
+async fn run(store: Arc<dyn RunStore>, mut rx: mpsc::Receiver<(Save, Reply)>, wake: Arc<Notify>) {
     let mut saves = Vec::with_capacity(MAX_BATCH);
     let mut replies: Vec<Reply> = Vec::with_capacity(MAX_BATCH);
     while let Some((save, reply)) = rx.recv().await {
@@ -58,8 +61,11 @@ async fn run(store: Arc<dyn RunStore>, mut rx: mpsc::Receiver<(Save, Reply)>) {
             }
         }
         match store.save_progress_batch(&saves, super::now()).await {
-            Ok(saved) => {
-                for (reply, saved) in replies.drain(..).zip(saved) {
+            Ok(batch) => {
+                if batch.released > 0 {
+                    wake.notify_one();
+                }
+                for (reply, saved) in replies.drain(..).zip(batch.saved) {
                     let _ = reply.send(Ok(saved));
                 }
             }
@@ -73,7 +79,12 @@ async fn run(store: Arc<dyn RunStore>, mut rx: mpsc::Receiver<(Save, Reply)>) {
                     let one = store
                         .save_progress_batch(std::slice::from_ref(save), super::now())
                         .await
-                        .map(|s| s[0]);
+                        .map(|b| {
+                            if b.released > 0 {
+                                wake.notify_one();
+                            }
+                            b.saved[0]
+                        });
                     let _ = reply.send(one);
                 }
             }

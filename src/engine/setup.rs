@@ -676,6 +676,14 @@ impl SetupResponder {
             let mut attempt = 0u32;
             loop {
                 attempt += 1;
+                // Destinations (issue 14): an open breaker answers with the fallback at once.
+                let permit = crate::destinations::admit_lookup(
+                    &self.registry.gate,
+                    real.url.as_str(),
+                    deadline_at,
+                )
+                .await
+                .map_err(|why| format!("lookup `{}`: {why}", step.id))?;
                 let span = super::trace::client_span(&prepared, &step.id, i64::from(attempt));
                 span.record("switchboard.workflow", wf.name.as_str());
                 if let Some(id) = base["event"]["id"].as_str() {
@@ -704,6 +712,10 @@ impl SetupResponder {
                 let ex = http::exchange(&self.client, &prepared, &extra, step.timeout, &masker)
                     .instrument(span.clone())
                     .await;
+                // Destinations (issue 14): the outcome feeds the breaker and Retry-After pauses.
+                if let Some(permit) = permit {
+                    permit.report(&crate::destinations::gate::Outcome::of_exchange(&ex));
+                }
                 lookups.lock().expect("lookups lock").push(json!({
                     "step_id": step.id,
                     "attempt": attempt,

@@ -104,8 +104,39 @@ impl RunTrace {
         span
     }
 
+    /// Destinations (issue 14): an attempt held by its destination, as a
+    /// short `attempt.held` span (child of its step) with a `held` event that
+    /// names the destination, the reason and when the run tries again.
+    pub fn held(
+        &self,
+        run: &Run,
+        index: i64,
+        step_id: &str,
+        destination: &str,
+        reason: &str,
+        until: DateTime<Utc>,
+    ) {
+        if !telemetry::tracing_enabled() {
+            return;
+        }
+        let span = tracing::info_span!(
+            "attempt.held",
+            switchboard.run.id = run.run_id.as_str(),
+            switchboard.step = step_id,
+            switchboard.destination = destination,
+            switchboard.held.reason = reason,
+        );
+        telemetry::set_parent_context(&span, &self.step_context(run, index, step_id));
+        tracing::info!(parent: &span, destination, reason, until = %until.to_rfc3339(), "held");
+    }
+
     /// Emits a finished step (`error` when the step failed for good).
     pub fn emit_step(&self, run: &Run, end: StepEnd<'_>) {
+        self.emit_step_with(run, end, Vec::new());
+    }
+
+    /// [`Self::emit_step`] with more attributes (a wait step's: see `super::wait`).
+    pub fn emit_step_with(&self, run: &Run, end: StepEnd<'_>, extra: Vec<KeyValue>) {
         if !telemetry::tracing_enabled() {
             return;
         }
@@ -124,6 +155,7 @@ impl RunTrace {
             KeyValue::new("switchboard.step.attempts", attempts),
             KeyValue::new("switchboard.step.skipped", skipped),
         ]);
+        attributes.extend(extra);
         telemetry::emit_span(EmittedSpan {
             name: "step".into(),
             context: self.step_context(run, index, step_id),

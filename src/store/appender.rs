@@ -246,7 +246,7 @@ async fn append_isolated(
         let (outcomes, runs, handed) = store
             .append_batch_leased(&batch[range], dispatcher.as_ref(), lease.as_ref())
             .await?;
-        let claimable = runs - handed.len();
+        let claimable = runs; // due now and not handed over (the append counts them)
         // Handed over at once, in this task: an append past its deadline may have committed.
         if let Some(local) = local
             && !handed.is_empty()

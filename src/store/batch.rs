@@ -27,7 +27,7 @@ pub(crate) const EVENT_BINDS: usize = 14;
 pub(crate) const CONVERSATION_BINDS: usize = 6;
 pub(crate) const DECISION_BINDS: usize = 4;
 pub(crate) const ANSWER_BINDS: usize = 8;
-pub(crate) const RUN_BINDS: usize = 12;
+pub(crate) const RUN_BINDS: usize = 11;
 
 /// How many rows of `binds_per_row` parameters fit in one statement on `database`.
 pub(crate) fn rows_per_statement(database: &str, binds_per_row: usize) -> usize {
@@ -134,6 +134,8 @@ pub(crate) fn plan<'a>(
                     created_at: event.received_at,
                     trace_context: trace_context.clone(),
                     version: d.version.clone(),
+                    ordered: d.ordered,
+                    held: false,
                 });
             }
             decisions.push(MatchRecord {
@@ -333,6 +335,8 @@ mod tests {
             created_at: chrono::Utc::now(),
             trace_context: None,
             version: None,
+            ordered: true,
+            held: false,
         };
         assert_eq!(
             binds(sql::insert_runs(&[run], None, false).unwrap()),

@@ -14,6 +14,7 @@
 pub mod appender;
 mod batch;
 pub mod model;
+pub mod order;
 pub mod postgres;
 pub mod projection;
 pub mod runs;
@@ -21,6 +22,7 @@ mod runs_sql;
 pub mod sanitize;
 mod sql;
 pub mod sqlite;
+pub mod waits;
 
 use std::sync::Arc;
 
@@ -116,7 +118,7 @@ pub struct StoreStats {
 /// The event log and its projections. Implemented by [`sqlite::SqliteStore`]
 /// and [`postgres::PostgresStore`]; both behave the same.
 #[async_trait]
-pub trait EventStore: runs::RunStore + Send + Sync + 'static {
+pub trait EventStore: runs::RunStore + waits::WaitStore + Send + Sync + 'static {
     fn backend(&self) -> Backend;
 
     /// Applies pending schema migrations.
@@ -137,10 +139,12 @@ pub trait EventStore: runs::RunStore + Send + Sync + 'static {
     }
 
     /// [`EventStore::append_batch`], and the first `local.max` runs it
-    /// creates are leased to `local.owner` in the same transaction (status
-    /// `running`, fencing token 1): they are returned, for this process's
-    /// workers to start without a claim. The others are created `scheduled`
-    /// (and announced to other instances on PostgreSQL).
+    /// creates that are due now (not held by order) are leased to
+    /// `local.owner` in the same transaction (status `running`, fencing
+    /// token 1): they are returned, for this process's workers to start
+    /// without a claim. The others are created `scheduled` (or held) and
+    /// announced to other instances on PostgreSQL. The count is of the runs
+    /// left for a claim (due now, not handed over) plus waits this batch resumed.
     async fn append_batch_leased(
         &self,
         batch: &[NewEvent],

@@ -145,6 +145,20 @@ pub struct NewRun {
     pub trace_context: Option<String>,
     /// The workflow version (content hash) the run executes.
     pub version: Option<String>,
+    /// The workflow keeps one conversation's runs in order (`order: conversation`).
+    pub ordered: bool,
+    /// Held by order: an earlier run of this workflow for this conversation
+    /// has not ended. Decided only by [`super::order::hold_new_runs`], inside
+    /// the append transaction; a held run is created `waiting` (`wait_reason`
+    /// `order`) and must not be handed to a worker ([`NewRun::starts_now`]).
+    pub held: bool,
+}
+
+impl NewRun {
+    /// Whether the run is due as soon as its transaction commits (not held by order).
+    pub fn starts_now(&self) -> bool {
+        !self.held
+    }
 }
 
 impl NewRun {
@@ -190,6 +204,8 @@ pub struct DispatchDecision {
     pub context: Option<serde_json::Value>,
     /// The matched workflow's version (content hash).
     pub version: Option<String>,
+    /// The workflow has `order: conversation`.
+    pub ordered: bool,
 }
 
 /// A setup answer computed inside the append transaction (no lookups needed),

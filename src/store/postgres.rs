@@ -35,6 +35,9 @@ fn migrator() -> sqlx::migrate::Migrator {
 }
 
 impl PostgresStore {
+    /// Per-conversation order takes advisory locks (store/order.rs).
+    const ORDER_LOCK: bool = true;
+    const NOTIFY_RUNS: Option<&'static str> = Some(NOTIFY_RUNS);
     const SIZE_SQL: &'static str = "SELECT pg_database_size(current_database())";
 
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
@@ -87,6 +90,7 @@ impl_event_store!(PostgresStore, sqlx::Postgres, {
             batch,
             dispatcher,
             Some(NOTIFY_RUNS),
+            true,
             local
         );
         tx.commit().await?;
@@ -110,6 +114,15 @@ impl_run_store!(
     sqlx::Postgres,
     "FOR UPDATE SKIP LOCKED",
     Some("SET LOCAL synchronous_commit TO OFF"),
+    "FOR UPDATE",
+    true
+);
+
+// Durable waits (src/store/waits.rs): a wait_for's lookup of stored events serializes with appends.
+super::waits::impl_wait_store!(
+    PostgresStore,
+    sqlx::Postgres,
+    Some(APPEND_LOCK),
     "FOR UPDATE",
     true
 );

@@ -3,6 +3,8 @@
 //! is due, and a worker holds it with a short, renewed lease, so a run whose
 //! worker died (kill -9, lost machine) is taken over when the lease lapses.
 
+use std::collections::BTreeMap;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -171,6 +173,15 @@ pub struct RunUpdate {
     pub wait_reason: Option<String>,
 }
 
+/// What [`RunStore::save_progress_batch`] did: one answer per save (false
+/// where the lease was lost), and how many runs held by order the runs that
+/// ended released (due now: the caller wakes its workers).
+#[derive(Clone, Debug, Default)]
+pub struct SavedBatch {
+    pub saved: Vec<bool>,
+    pub released: usize,
+}
+
 /// One save of a run's progress, for [`RunStore::save_progress_batch`].
 #[derive(Clone, Debug)]
 pub struct Save {
@@ -287,7 +298,24 @@ pub trait RunStore: Send + Sync + 'static {
         &self,
         saves: &[Save],
         now: DateTime<Utc>,
-    ) -> Result<Vec<bool>, StoreError>;
+    ) -> Result<SavedBatch, StoreError>;
+
+    /// Destinations (issue 14): parks a claimed run without an attempt: status
+    /// `waiting` with `reason`, due again at `until`, its lease released. False
+    /// if the claim `token` no longer holds the run (nothing written).
+    async fn hold_run(
+        &self,
+        run_id: &str,
+        owner: &str,
+        token: i64,
+        until: DateTime<Utc>,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
+
+    /// Destinations (issue 14): makes every run waiting for one of `reasons`
+    /// due now (a breaker was reset); returns how many.
+    async fn wake_held(&self, reasons: &[&str], now: DateTime<Utc>) -> Result<u64, StoreError>;
 
     /// Ends every lease `owner` holds now, so other workers take its runs at
     /// once (graceful shutdown). Returns how many runs were handed back.
@@ -311,11 +339,14 @@ pub trait RunStore: Send + Sync + 'static {
     /// Replays an event: for each of its original runs (of `workflows`, if given; only failed
     /// ones if `only_failed`), a new run marked `replay_of` it, unless a run of that workflow for
     /// this event is still in flight.
+    /// The new run executes `versions[workflow]` (the version loaded now) when given, else
+    /// the original run's version.
     async fn replay_event(
         &self,
         event_id: &str,
         workflows: Option<&[String]>,
         only_failed: bool,
+        versions: &BTreeMap<String, String>,
         now: DateTime<Utc>,
     ) -> Result<Vec<ReplayOutcome>, StoreError>;
 
@@ -331,6 +362,49 @@ pub trait RunStore: Send + Sync + 'static {
 
     /// Cancels a running replay; false if it is not running.
     async fn cancel_replay(&self, replay_id: &str, now: DateTime<Utc>) -> Result<bool, StoreError>;
+
+    /// Leases up to `limit` running replays whose lease is free or lapsed (on
+    /// PostgreSQL by the database's clock) to `owner`; each gets a new fencing token.
+    async fn claim_replays(
+        &self,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease: std::time::Duration,
+        limit: u32,
+    ) -> Result<Vec<Replay>, StoreError>;
+
+    /// Works one page of a replay in one transaction: renews the lease, creates
+    /// the page's runs and advances the progress (`done` by `events`, the cursor to
+    /// `last_seq`). `None` (nothing written) when the lease is no longer
+    /// `owner`'s with `token` or the replay is no longer running.
+    #[allow(clippy::too_many_arguments)]
+    async fn commit_replay_page(
+        &self,
+        replay_id: &str,
+        owner: &str,
+        token: i64,
+        lease: std::time::Duration,
+        events: i64,
+        last_seq: i64,
+        page: &ReplayPage<'_>,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Replay>, StoreError>;
+
+    /// Marks a replay `succeeded` if `owner` still holds it with `token`.
+    async fn finish_replay(
+        &self,
+        replay_id: &str,
+        owner: &str,
+        token: i64,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
+
+    /// Ends `owner`'s replay leases now (graceful shutdown), so another instance takes over at once.
+    async fn release_replay_leases(
+        &self,
+        owner: &str,
+        now: DateTime<Utc>,
+    ) -> Result<u64, StoreError>;
 
     /// Every workflow's verdict on one event.
     async fn decisions(&self, event_seq: i64) -> Result<Vec<MatchRecord>, StoreError>;
@@ -403,8 +477,30 @@ pub struct ReplayOutcome {
     pub original_run_id: String,
     /// The new run (with new Idempotency-Keys), when one was created.
     pub new_run_id: Option<String>,
+    /// The workflow version the new run executes (the one loaded at replay time).
+    pub version: Option<String>,
     /// Why none was created.
     pub skipped: Option<String>,
+}
+
+/// One page of a bulk replay, committed with the replay's progress.
+#[derive(Clone, Copy, Debug)]
+pub enum ReplayPage<'a> {
+    /// Mode `rerun`: replay these events' runs (as [`RunStore::replay_event`]).
+    Rerun {
+        event_ids: &'a [String],
+        workflows: Option<&'a [String]>,
+        only_failed: bool,
+        versions: &'a BTreeMap<String, String>,
+    },
+    /// Mode `dispatch`: create these runs unless the workflow already has its run
+    /// for the event, and record the verdicts (a recorded match is kept).
+    Dispatch {
+        runs: &'a [super::NewRun],
+        decisions: &'a [MatchRecord],
+        /// Events of the page that could not be judged.
+        failed: i64,
+    },
 }
 
 /// A bulk replay and its progress.
@@ -422,4 +518,11 @@ pub struct Replay {
     pub cursor_seq: i64,
     pub created_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// `rerun` or `dispatch`.
+    pub mode: String,
+    /// The instance driving it, until `lease_until`.
+    pub lease_owner: Option<String>,
+    pub lease_until: Option<DateTime<Utc>>,
+    /// Fencing token: raised by every claim; progress is saved only with the current one.
+    pub lease_token: i64,
 }

@@ -39,7 +39,7 @@ pub(crate) const ATTEMPT_COLUMNS: &str = "run_id, number, step_index, step_id, a
      request, response_status, response_headers, response_body, outcome, error_class, error_message, next_delay_ms";
 
 pub(crate) const REPLAY_COLUMNS: &str = "replay_id, filter, status, total, done, runs_created, skipped, failed, \
-     cursor_seq, created_at, finished_at";
+     cursor_seq, created_at, finished_at, mode, lease_owner, lease_until, lease_token";
 
 macro_rules! impl_run_store {
     ($store:ty, $db:ty, $lock_clause:expr, $claim_prelude:expr, $row_lock:expr, $db_clock:expr) => {
@@ -136,6 +136,100 @@ macro_rules! impl_run_store {
                     (_, Some(run)) => RunChange::WrongState(run.status.as_str().to_owned()),
                 })
             }
+
+            /// [`RunStore::replay_event`] inside a transaction; `replay_id` marks the
+            /// runs a bulk replay creates (at most one per workflow and event).
+            #[allow(clippy::too_many_arguments)]
+            async fn replay_event_in(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                event_id: &str,
+                workflows: Option<&[String]>,
+                only_failed: bool,
+                versions: &std::collections::BTreeMap<String, String>,
+                replay_id: Option<&str>,
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<Vec<$crate::store::runs::ReplayOutcome>, $crate::store::StoreError> {
+                use $crate::store::runs::{ReplayOutcome, Run};
+                let originals: Vec<Run> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT {} FROM runs WHERE event_id = $1 AND replay_of IS NULL ORDER BY workflow {}",
+                    $crate::store::runs_sql::RUN_COLUMNS,
+                    $row_lock
+                )))
+                .bind(event_id)
+                .fetch_all(&mut **tx)
+                .await?;
+                let mut outcomes = Vec::new();
+                for original in originals {
+                    if workflows.is_some_and(|w| !w.contains(&original.workflow)) {
+                        continue;
+                    }
+                    if only_failed && original.status != $crate::store::runs::RunStatus::Failed {
+                        continue;
+                    }
+                    let in_flight: i64 = sqlx::query_scalar(
+                        "SELECT COUNT(*) FROM runs WHERE event_id = $1 AND workflow = $2 \
+                         AND status IN ('scheduled', 'running', 'retrying', 'waiting')",
+                    )
+                    .bind(event_id)
+                    .bind(&original.workflow)
+                    .fetch_one(&mut **tx)
+                    .await?;
+                    if in_flight > 0 {
+                        outcomes.push(ReplayOutcome {
+                            workflow: original.workflow.clone(),
+                            original_run_id: original.run_id.clone(),
+                            new_run_id: None,
+                            version: None,
+                            skipped: Some("a run of this workflow for this event is still in flight".into()),
+                        });
+                        continue;
+                    }
+                    // The version loaded now; a workflow no longer loaded keeps the original's.
+                    let version = versions
+                        .get(&original.workflow)
+                        .cloned()
+                        .or_else(|| original.version.clone());
+                    let run_id = format!("run_{}", uuid::Uuid::new_v4().simple());
+                    let inserted = sqlx::query(
+                        "INSERT INTO runs (run_id, workflow, event_seq, event_id, conversation_id, replay_of, status, \
+                         next_attempt_at, context, step_results, trace_context, created_at, updated_at, version, replay_id) \
+                         VALUES ($1, $2, $3, $4, $5, $6, 'scheduled', $7, $8, '{}', $9, $7, $7, $10, $11) \
+                         ON CONFLICT DO NOTHING",
+                    )
+                    .bind(&run_id)
+                    .bind(&original.workflow)
+                    .bind(original.event_seq)
+                    .bind(&original.event_id)
+                    .bind(original.conversation_id.as_deref())
+                    .bind(&original.run_id)
+                    .bind(now)
+                    .bind(&original.context)
+                    .bind(original.trace_context.as_deref())
+                    .bind(version.as_deref())
+                    .bind(replay_id)
+                    .execute(&mut **tx)
+                    .await?
+                    .rows_affected();
+                    outcomes.push(if inserted == 1 {
+                        ReplayOutcome {
+                            workflow: original.workflow.clone(),
+                            original_run_id: original.run_id.clone(),
+                            new_run_id: Some(run_id),
+                            version,
+                            skipped: None,
+                        }
+                    } else {
+                        ReplayOutcome {
+                            workflow: original.workflow.clone(),
+                            original_run_id: original.run_id.clone(),
+                            new_run_id: None,
+                            version: None,
+                            skipped: Some("this replay already created its run".into()),
+                        }
+                    });
+                }
+                Ok(outcomes)
+            }
         }
 
         #[async_trait::async_trait]
@@ -225,6 +319,51 @@ macro_rules! impl_run_store {
                 Ok(r.rows_affected())
             }
 
+            async fn wake_held(
+                &self,
+                reasons: &[&str],
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<u64, $crate::store::StoreError> {
+                let mut woken = 0;
+                for reason in reasons {
+                    woken += sqlx::query(
+                        "UPDATE runs SET next_attempt_at = $1 \
+                         WHERE status = 'waiting' AND wait_reason = $2 AND next_attempt_at > $1",
+                    )
+                    .bind(now)
+                    .bind(*reason)
+                    .execute(&self.writer)
+                    .await?
+                    .rows_affected();
+                }
+                Ok(woken)
+            }
+
+            async fn hold_run(
+                &self,
+                run_id: &str,
+                owner: &str,
+                token: i64,
+                until: chrono::DateTime<chrono::Utc>,
+                reason: &str,
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<bool, $crate::store::StoreError> {
+                let r = sqlx::query(
+                    "UPDATE runs SET status = 'waiting', wait_reason = $1, next_attempt_at = $2, \
+                     lease_owner = NULL, lease_until = NULL, updated_at = $3 \
+                     WHERE run_id = $4 AND lease_owner = $5 AND lease_token = $6 AND status = 'running'",
+                )
+                .bind(reason)
+                .bind(until)
+                .bind(now)
+                .bind(run_id)
+                .bind(owner)
+                .bind(token)
+                .execute(&self.writer)
+                .await?;
+                Ok(r.rows_affected() == 1)
+            }
+
             async fn save_progress(
                 &self,
                 run_id: &str,
@@ -234,6 +373,27 @@ macro_rules! impl_run_store {
                 u: &$crate::store::runs::RunUpdate,
                 now: chrono::DateTime<chrono::Utc>,
             ) -> Result<bool, $crate::store::StoreError> {
+                let save = $crate::store::runs::Save {
+                    run_id: run_id.to_owned(),
+                    owner: owner.to_owned(),
+                    token,
+                    attempt: attempt.cloned(),
+                    update: u.clone(),
+                };
+                Ok(self
+                    .save_progress_batch(std::slice::from_ref(&save), now)
+                    .await?
+                    .saved
+                    .first()
+                    .copied()
+                    .unwrap_or(false))
+            }
+
+            async fn save_progress_batch(
+                &self,
+                saves: &[$crate::store::runs::Save],
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<$crate::store::runs::SavedBatch, $crate::store::StoreError> {
                 let mut tx = self.writer.begin().await?;
                 // Same as claims: progress is at-least-once anyway (a lost save means the
                 // attempt is made again, with the same Idempotency-Key).
@@ -241,35 +401,43 @@ macro_rules! impl_run_store {
                 if let Some(prelude) = prelude {
                     sqlx::query(prelude).execute(&mut *tx).await?;
                 }
-                let saved = Self::save_in_tx(&mut tx, run_id, owner, token, attempt, u, now).await?;
-                if saved {
-                    tx.commit().await?;
-                } else {
-                    tx.rollback().await?;
-                }
-                Ok(saved)
-            }
-
-            async fn save_progress_batch(
-                &self,
-                saves: &[$crate::store::runs::Save],
-                now: chrono::DateTime<chrono::Utc>,
-            ) -> Result<Vec<bool>, $crate::store::StoreError> {
-                let mut tx = self.writer.begin().await?;
-                let prelude: Option<&str> = $claim_prelude;
-                if let Some(prelude) = prelude {
-                    sqlx::query(prelude).execute(&mut *tx).await?;
+                // Runs that end release the next one held by order (store/order.rs): first
+                // the order locks of their (workflow, conversation) pairs, all of them, in
+                // the appends' order (bytewise), before any row lock.
+                let ending: Vec<&str> = saves
+                    .iter()
+                    .filter(|s| s.update.status.is_final())
+                    .map(|s| s.run_id.as_str())
+                    .collect();
+                if Self::ORDER_LOCK && !ending.is_empty() {
+                    let mut qb = sqlx::QueryBuilder::<$db>::new(
+                        "SELECT pg_advisory_xact_lock(hashtext(k.w), hashtext(k.c)) FROM (\
+                         SELECT DISTINCT workflow COLLATE \"C\" AS w, conversation_id COLLATE \"C\" AS c FROM runs \
+                         WHERE conversation_id IS NOT NULL AND run_id IN (",
+                    );
+                    let mut sep = qb.separated(", ");
+                    for id in &ending {
+                        sep.push_bind(*id);
+                    }
+                    qb.push(") ORDER BY 1, 2) AS k");
+                    qb.build().execute(&mut *tx).await?;
                 }
                 let mut saved = Vec::with_capacity(saves.len());
+                let mut released = 0;
                 for s in saves {
                     // A save whose lease was lost writes nothing (its UPDATE matches no row).
-                    saved.push(
-                        Self::save_in_tx(&mut tx, &s.run_id, &s.owner, s.token, s.attempt.as_ref(), &s.update, now)
-                            .await?,
-                    );
+                    let ok = Self::save_in_tx(&mut tx, &s.run_id, &s.owner, s.token, s.attempt.as_ref(), &s.update, now)
+                        .await?;
+                    if ok
+                        && s.update.status.is_final()
+                        && $crate::store::order::release_next_in_tx!(&mut tx, s.run_id.as_str(), now, Self::NOTIFY_RUNS)
+                    {
+                        released += 1;
+                    }
+                    saved.push(ok);
                 }
                 tx.commit().await?;
-                Ok(saved)
+                Ok($crate::store::runs::SavedBatch { saved, released })
             }
 
             async fn next_wakeup(
@@ -369,14 +537,29 @@ macro_rules! impl_run_store {
                 run_id: &str,
                 now: chrono::DateTime<chrono::Utc>,
             ) -> Result<$crate::store::runs::RunChange, $crate::store::StoreError> {
-                self.change_run(
+                use $crate::store::runs::RunChange;
+                // One transaction: the cancel, and the release of the next run held by order.
+                let mut tx = self.writer.begin().await?;
+                $crate::store::order::lock_order_in_tx!(&mut tx, run_id, Self::ORDER_LOCK);
+                let r = sqlx::query(
                     "UPDATE runs SET status = 'cancelled', finished_at = $1, updated_at = $1, \
                      last_error = COALESCE(last_error, 'cancelled') \
                      WHERE run_id = $2 AND status IN ('scheduled', 'retrying', 'waiting')",
-                    run_id,
-                    now,
                 )
-                .await
+                .bind(now)
+                .bind(run_id)
+                .execute(&mut *tx)
+                .await?;
+                if r.rows_affected() == 1 {
+                    $crate::store::order::release_next_in_tx!(&mut tx, run_id, now, Self::NOTIFY_RUNS);
+                }
+                tx.commit().await?;
+                let run = $crate::store::runs::RunStore::get_run(self, run_id).await?;
+                Ok(match (r.rows_affected(), run) {
+                    (_, None) => RunChange::NotFound,
+                    (1, Some(run)) => RunChange::Changed(Box::new(run)),
+                    (_, Some(run)) => RunChange::WrongState(run.status.as_str().to_owned()),
+                })
             }
 
             async fn replay_event(
@@ -384,74 +567,19 @@ macro_rules! impl_run_store {
                 event_id: &str,
                 workflows: Option<&[String]>,
                 only_failed: bool,
+                versions: &std::collections::BTreeMap<String, String>,
                 now: chrono::DateTime<chrono::Utc>,
             ) -> Result<Vec<$crate::store::runs::ReplayOutcome>, $crate::store::StoreError> {
-                use $crate::store::runs::{ReplayOutcome, Run};
                 let mut tx = self.writer.begin().await?;
-                let originals: Vec<Run> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                    "SELECT {} FROM runs WHERE event_id = $1 AND replay_of IS NULL ORDER BY workflow {}",
-                    $crate::store::runs_sql::RUN_COLUMNS,
-                    $row_lock
-                )))
-                .bind(event_id)
-                .fetch_all(&mut *tx)
-                .await?;
-                let mut outcomes = Vec::new();
-                for original in originals {
-                    if workflows.is_some_and(|w| !w.contains(&original.workflow)) {
-                        continue;
-                    }
-                    if only_failed && original.status != $crate::store::runs::RunStatus::Failed {
-                        continue;
-                    }
-                    let in_flight: i64 = sqlx::query_scalar(
-                        "SELECT COUNT(*) FROM runs WHERE event_id = $1 AND workflow = $2 \
-                         AND status IN ('scheduled', 'running', 'retrying', 'waiting')",
-                    )
-                    .bind(event_id)
-                    .bind(&original.workflow)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                    if in_flight > 0 {
-                        outcomes.push(ReplayOutcome {
-                            workflow: original.workflow.clone(),
-                            original_run_id: original.run_id.clone(),
-                            new_run_id: None,
-                            skipped: Some("a run of this workflow for this event is still in flight".into()),
-                        });
-                        continue;
-                    }
-                    let run_id = format!("run_{}", uuid::Uuid::new_v4().simple());
-                    sqlx::query(
-                        "INSERT INTO runs (run_id, workflow, event_seq, event_id, conversation_id, replay_of, status, \
-                         next_attempt_at, context, step_results, trace_context, created_at, updated_at) \
-                         VALUES ($1, $2, $3, $4, $5, $6, 'scheduled', $7, $8, '{}', $9, $7, $7)",
-                    )
-                    .bind(&run_id)
-                    .bind(&original.workflow)
-                    .bind(original.event_seq)
-                    .bind(&original.event_id)
-                    .bind(original.conversation_id.as_deref())
-                    .bind(&original.run_id)
-                    .bind(now)
-                    .bind(&original.context)
-                    .bind(original.trace_context.as_deref())
-                    .execute(&mut *tx)
-                    .await?;
-                    outcomes.push(ReplayOutcome {
-                        workflow: original.workflow.clone(),
-                        original_run_id: original.run_id.clone(),
-                        new_run_id: Some(run_id),
-                        skipped: None,
-                    });
-                }
+                let outcomes =
+                    Self::replay_event_in(&mut tx, event_id, workflows, only_failed, versions, None, now).await?;
                 tx.commit().await?;
                 Ok(outcomes)
             }
 
             async fn create_replay(&self, r: &$crate::store::runs::Replay) -> Result<(), $crate::store::StoreError> {
                 sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "INSERT INTO replays ({}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                    "INSERT INTO replays ({}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
                     $crate::store::runs_sql::REPLAY_COLUMNS
                 )))
                 .bind(&r.replay_id)
@@ -465,6 +593,10 @@ macro_rules! impl_run_store {
                 .bind(r.cursor_seq)
                 .bind(r.created_at)
                 .bind(r.finished_at)
+                .bind(&r.mode)
+                .bind(r.lease_owner.as_deref())
+                .bind(r.lease_until)
+                .bind(r.lease_token)
                 .execute(&self.writer)
                 .await?;
                 Ok(())
@@ -523,6 +655,182 @@ macro_rules! impl_run_store {
                 .execute(&self.writer)
                 .await?;
                 Ok(res.rows_affected() == 1)
+            }
+
+            async fn claim_replays(
+                &self,
+                owner: &str,
+                now: chrono::DateTime<chrono::Utc>,
+                lease: std::time::Duration,
+                limit: u32,
+            ) -> Result<Vec<$crate::store::runs::Replay>, $crate::store::StoreError> {
+                use $crate::store::runs_sql::lease_sql;
+                // $1 owner, $2 lease, $3 limit, $4 now (SQLite only).
+                let now_expr = if $db_clock { "clock_timestamp()" } else { "$4" };
+                let sql = format!(
+                    "UPDATE replays SET lease_owner = $1, lease_until = {}, lease_token = lease_token + 1 \
+                     WHERE replay_id IN (SELECT replay_id FROM replays WHERE status = 'running' \
+                        AND (lease_until IS NULL OR lease_until < {now_expr}) \
+                        ORDER BY created_at LIMIT $3 {}) \
+                     AND status = 'running' RETURNING {}",
+                    lease_sql($db_clock, 2),
+                    $lock_clause,
+                    $crate::store::runs_sql::REPLAY_COLUMNS
+                );
+                let q = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(owner);
+                let q = if $db_clock {
+                    q.bind(lease.as_secs_f64())
+                } else {
+                    q.bind($crate::store::runs_sql::local_lease_until(lease))
+                };
+                let q = q.bind(i64::from(limit));
+                let q = if $db_clock { q } else { q.bind(now) };
+                Ok(q.fetch_all(&self.writer).await?)
+            }
+
+            async fn commit_replay_page(
+                &self,
+                replay_id: &str,
+                owner: &str,
+                token: i64,
+                lease: std::time::Duration,
+                events: i64,
+                last_seq: i64,
+                page: &$crate::store::runs::ReplayPage<'_>,
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<Option<$crate::store::runs::Replay>, $crate::store::StoreError> {
+                use $crate::store::runs::ReplayPage;
+                let mut tx = self.writer.begin().await?;
+                // The fence first: it also locks the replay's row until this page commits.
+                let fence = format!(
+                    "UPDATE replays SET lease_until = {} \
+                     WHERE replay_id = $2 AND lease_owner = $3 AND lease_token = $4 AND status = 'running'",
+                    $crate::store::runs_sql::lease_sql($db_clock, 1)
+                );
+                let q = sqlx::query(sqlx::AssertSqlSafe(fence));
+                let q = if $db_clock {
+                    q.bind(lease.as_secs_f64())
+                } else {
+                    q.bind($crate::store::runs_sql::local_lease_until(lease))
+                };
+                let held = q.bind(replay_id).bind(owner).bind(token).execute(&mut *tx).await?;
+                if held.rows_affected() != 1 {
+                    tx.rollback().await?;
+                    return Ok(None);
+                }
+                let (mut created, mut with_runs, mut failed) = (0i64, 0i64, 0i64);
+                match *page {
+                    ReplayPage::Rerun { event_ids, workflows, only_failed, versions } => {
+                        for event_id in event_ids {
+                            let outcomes = Self::replay_event_in(
+                                &mut tx, event_id, workflows, only_failed, versions, Some(replay_id), now,
+                            )
+                            .await?;
+                            let n = outcomes.iter().filter(|o| o.new_run_id.is_some()).count() as i64;
+                            created += n;
+                            with_runs += i64::from(n > 0);
+                        }
+                    }
+                    ReplayPage::Dispatch { runs, decisions, failed: unjudged } => {
+                        failed = unjudged;
+                        let mut events_with_runs = std::collections::HashSet::new();
+                        for r in runs {
+                            let inserted = sqlx::query(
+                                "INSERT INTO runs (run_id, workflow, event_seq, event_id, conversation_id, status, \
+                                 next_attempt_at, context, step_results, created_at, updated_at, trace_context, version, replay_id) \
+                                 VALUES ($1, $2, $3, $4, $5, 'scheduled', $6, $7, '{}', $6, $6, $8, $9, $10) \
+                                 ON CONFLICT DO NOTHING",
+                            )
+                            .bind(r.run_id.as_str())
+                            .bind(r.workflow.as_str())
+                            .bind(r.event_seq)
+                            .bind(r.event_id.as_str())
+                            .bind(r.conversation_id.as_deref())
+                            .bind(r.created_at)
+                            .bind(sqlx::types::Json($crate::store::sanitize::json(&r.context).into_owned()))
+                            .bind(r.trace_context.as_deref())
+                            .bind(r.version.as_deref())
+                            .bind(replay_id)
+                            .execute(&mut *tx)
+                            .await?
+                            .rows_affected();
+                            if inserted == 1 {
+                                created += 1;
+                                events_with_runs.insert(r.event_id.as_str());
+                            }
+                        }
+                        with_runs = events_with_runs.len() as i64;
+                        for d in decisions {
+                            // A recorded match is kept (its run exists); a recorded skip takes today's verdict.
+                            sqlx::query(
+                                "INSERT INTO match_decisions (event_seq, workflow, matched, reason) VALUES ($1, $2, $3, $4) \
+                                 ON CONFLICT (event_seq, workflow) DO UPDATE SET matched = excluded.matched, \
+                                 reason = excluded.reason WHERE NOT match_decisions.matched",
+                            )
+                            .bind(d.event_seq)
+                            .bind(d.workflow.as_str())
+                            .bind(d.matched)
+                            .bind($crate::store::sanitize::opt_text(d.reason.as_deref()).map(|c| c.into_owned()))
+                            .execute(&mut *tx)
+                            .await?;
+                        }
+                    }
+                }
+                if $db_clock && created > 0 {
+                    // Other instances' workers wake at once (LISTEN/NOTIFY), as for appended runs.
+                    sqlx::query("SELECT pg_notify('switchboard_runs', '')").execute(&mut *tx).await?;
+                }
+                let skipped = (events - with_runs - failed).max(0);
+                let progress = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "UPDATE replays SET done = done + $1, runs_created = runs_created + $2, skipped = skipped + $3, \
+                     failed = failed + $4, cursor_seq = $5 WHERE replay_id = $6 RETURNING {}",
+                    $crate::store::runs_sql::REPLAY_COLUMNS
+                )))
+                .bind(events)
+                .bind(created)
+                .bind(skipped)
+                .bind(failed)
+                .bind(last_seq)
+                .bind(replay_id)
+                .fetch_one(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(Some(progress))
+            }
+
+            async fn finish_replay(
+                &self,
+                replay_id: &str,
+                owner: &str,
+                token: i64,
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<bool, $crate::store::StoreError> {
+                let res = sqlx::query(
+                    "UPDATE replays SET status = 'succeeded', finished_at = $1, lease_owner = NULL, lease_until = NULL \
+                     WHERE replay_id = $2 AND lease_owner = $3 AND lease_token = $4 AND status = 'running'",
+                )
+                .bind(now)
+                .bind(replay_id)
+                .bind(owner)
+                .bind(token)
+                .execute(&self.writer)
+                .await?;
+                Ok(res.rows_affected() == 1)
+            }
+
+            async fn release_replay_leases(
+                &self,
+                owner: &str,
+                _now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<u64, $crate::store::StoreError> {
+                let res = sqlx::query(
+                    "UPDATE replays SET lease_owner = NULL, lease_until = NULL \
+                     WHERE lease_owner = $1 AND status = 'running'",
+                )
+                .bind(owner)
+                .execute(&self.writer)
+                .await?;
+                Ok(res.rows_affected())
             }
 
             async fn decisions(

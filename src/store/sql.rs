@@ -319,26 +319,32 @@ where
         return None;
     }
     let mut qb = QueryBuilder::new(
-        "INSERT INTO runs (run_id, workflow, event_seq, event_id, conversation_id, status, next_attempt_at, \
-         context, step_results, created_at, updated_at, trace_context, version",
+        "INSERT INTO runs (run_id, workflow, event_seq, event_id, conversation_id, status, wait_reason, \
+         next_attempt_at, context, step_results, created_at, updated_at, trace_context, version",
     );
     qb.push(if lease.is_some() {
         ", lease_owner, lease_until, lease_token) "
     } else {
         ") "
     });
+    // A leased run is this process's at once; a run held by order (store/order.rs)
+    // is created waiting, due only when released; the rest are scheduled now.
     qb.push_values(runs, |mut row, r| {
+        let (status, reason, due) = if lease.is_some() {
+            ("'running'", "NULL", r.created_at)
+        } else if r.starts_now() {
+            ("'scheduled'", "NULL", r.created_at)
+        } else {
+            ("'waiting'", "'order'", super::order::held_until())
+        };
         row.push_bind(r.run_id.as_str())
             .push_bind(r.workflow.as_str())
             .push_bind(r.event_seq)
             .push_bind(r.event_id.as_str())
             .push_bind(r.conversation_id.as_deref())
-            .push_bind(if lease.is_some() {
-                "running"
-            } else {
-                "scheduled"
-            })
-            .push_bind(r.created_at)
+            .push(status)
+            .push(reason)
+            .push_bind(due)
             .push_bind(Json(sanitize::json(&r.context).into_owned()))
             .push("'{}'")
             .push_bind(r.created_at)
@@ -455,7 +461,7 @@ where
 /// A macro rather than a generic function because sqlx's executor bounds
 /// over a generic database are heavier than the code they would share.
 macro_rules! append_in_tx {
-    ($db:ty, $tx:expr, $batch:expr, $dispatcher:expr, $notify:expr, $local:expr) => {{
+    ($db:ty, $tx:expr, $batch:expr, $dispatcher:expr, $notify:expr, $order_lock:expr, $local:expr) => {{
         use sqlx::types::Json;
         use $crate::store::{batch, projection::ConversationState, sql};
         let tx = $tx;
@@ -492,7 +498,12 @@ macro_rules! append_in_tx {
             ),
             None => Default::default(),
         };
-        let plan = batch::plan(batch, existing, last_seq, states, $dispatcher);
+        // Durable waits (store/waits.rs): the waits of these conversations, and their states before the batch.
+        let waits = $crate::store::waits::waits_of_batch_in_tx!($db, tx, batch);
+        let states_for_waits = (!waits.is_empty()).then(|| states.clone());
+        let mut plan = batch::plan(batch, existing, last_seq, states, $dispatcher);
+        // Per-conversation order (store/order.rs): which new runs are held behind an earlier one.
+        $crate::store::order::hold_in_tx!($db, tx, &mut plan.runs, $order_lock);
         // Each multi-row insert is cut into statements under the database's
         // bind-parameter limit (a batch of 256 events each matching many
         // workflows would pass it), all in the same transaction.
@@ -523,8 +534,17 @@ macro_rules! append_in_tx {
         // (as many as they have free slots); the rest are claimed.
         let local: Option<&$crate::store::LocalLease> = $local;
         let db_clock = $notify.is_some();
-        let leased = local.map_or(0, |l| l.max.min(plan.runs.len()));
-        let (mine, others) = plan.runs.split_at(leased);
+        // Only runs due now (not held by order) can be handed over.
+        let max = local.map_or(0, |l| l.max);
+        let (mut mine, mut others): (Vec<$crate::store::model::NewRun>, Vec<$crate::store::model::NewRun>) =
+            (Vec::new(), Vec::new());
+        for r in &plan.runs {
+            if r.starts_now() && mine.len() < max {
+                mine.push(r.clone());
+            } else {
+                others.push(r.clone());
+            }
+        }
         for chunk in mine.chunks(rows(batch::RUN_BINDS + 2)) {
             if let Some(mut qb) = sql::insert_runs::<$db>(chunk, local, db_clock) {
                 qb.build().execute(&mut **tx).await?;
@@ -535,7 +555,14 @@ macro_rules! append_in_tx {
                 qb.build().execute(&mut **tx).await?;
             }
         }
-        if !others.is_empty() {
+        // Durable waits: match the new events, in this transaction (exactly once).
+        let resumed = match states_for_waits {
+            Some(states) => $crate::store::waits::match_waits_in_tx!(tx, &plan.inserts, &waits, states),
+            None => 0,
+        };
+        // Runs held by order are not due and leased runs are handed over: neither wakes anyone.
+        let due_now = others.iter().filter(|r| r.starts_now()).count();
+        if due_now > 0 || resumed > 0 {
             let notify: Option<&str> = $notify;
             if let Some(notify) = notify {
                 sqlx::query(notify).execute(&mut **tx).await?;
@@ -545,7 +572,7 @@ macro_rules! append_in_tx {
             Some(l) => mine.iter().map(|r| r.leased(l)).collect(),
             None => Vec::new(),
         };
-        (plan.outcomes, plan.runs.len(), handed)
+        (plan.outcomes, due_now + resumed, handed)
     }};
 }
 pub(crate) use append_in_tx;

@@ -5,8 +5,13 @@
 //! a webhook is acknowledged: it survives kill -9 and power loss. Appends go
 //! through one dedicated writer connection with `BEGIN IMMEDIATE`; reads use
 //! a separate pool and never block on the writer (WAL).
+//!
+//! Every connection carries a commit hook counting the transactions that
+//! write (SQLite calls it for write transactions only), read by
+//! [`commits`] and published as `switchboard_store_commits_total`.
 
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use sqlx::sqlite::{
@@ -32,6 +37,23 @@ pub fn connect_options(url: &str) -> Result<SqliteConnectOptions, StoreError> {
         .foreign_keys(true))
 }
 
+/// Write transactions committed on this process's SQLite connections.
+static COMMITS: AtomicU64 = AtomicU64::new(0);
+
+/// How many write transactions this process has committed to SQLite (all stores).
+pub fn commits() -> u64 {
+    COMMITS.load(Ordering::Relaxed)
+}
+
+/// Counts every commit of `conn` into [`COMMITS`] (SQLite's commit hook).
+async fn count_commits(conn: &mut sqlx::SqliteConnection) -> Result<(), sqlx::Error> {
+    conn.lock_handle().await?.set_commit_hook(|| {
+        COMMITS.fetch_add(1, Ordering::Relaxed);
+        true // let the commit proceed
+    });
+    Ok(())
+}
+
 fn migrator() -> sqlx::migrate::Migrator {
     let mut migrator = sqlx::migrate!("./migrations/sqlite");
     // apalis keeps its own migrations in `_sqlx_migrations`; ours must not collide.
@@ -40,6 +62,9 @@ fn migrator() -> sqlx::migrate::Migrator {
 }
 
 impl SqliteStore {
+    /// One writer connection serialises everything: no locks for order (store/order.rs).
+    const ORDER_LOCK: bool = false;
+    const NOTIFY_RUNS: Option<&'static str> = None;
     /// The database file's size (the WAL is not counted).
     const SIZE_SQL: &'static str =
         "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()";
@@ -51,6 +76,7 @@ impl SqliteStore {
         // fails: such a connection is closed on release and a fresh one opened.
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
+            .after_connect(|conn, _| Box::pin(count_commits(conn)))
             .after_release(|conn, _| {
                 Box::pin(async move { Ok(!sqlx::Connection::is_in_transaction(&*conn)) })
             })
@@ -58,6 +84,7 @@ impl SqliteStore {
             .await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
+            .after_connect(|conn, _| Box::pin(count_commits(conn)))
             .after_release(|conn, _| {
                 Box::pin(async move { Ok(!sqlx::Connection::is_in_transaction(&*conn)) })
             })
@@ -95,6 +122,7 @@ impl_event_store!(SqliteStore, sqlx::Sqlite, {
             batch,
             dispatcher,
             None::<&str>,
+            false,
             local
         );
         tx.commit().await?;
@@ -110,3 +138,6 @@ impl_event_store!(SqliteStore, sqlx::Sqlite, {
 });
 
 impl_run_store!(SqliteStore, sqlx::Sqlite, "", None, "", false);
+
+// Durable waits (src/store/waits.rs): one writer connection serializes them with appends.
+super::waits::impl_wait_store!(SqliteStore, sqlx::Sqlite, None, "", false);

@@ -187,6 +187,67 @@ fn unrendered(step: &super::Step, what: &str, message: &str) -> WouldSend {
     }
 }
 
+/// A stored event with the conversation as it was around it: what a
+/// workflow is judged on (backtests, re-dispatch).
+pub struct EventAsOf {
+    pub envelope: Envelope,
+    pub event_json: Value,
+    /// The conversation before the event (its log up to, not including, it).
+    pub before: Option<ConversationState>,
+    /// The conversation including the event.
+    pub after: Option<ConversationState>,
+}
+
+impl EventAsOf {
+    pub fn facts(&self) -> EventFacts<'_> {
+        EventFacts {
+            envelope: &self.envelope,
+            event_json: &self.event_json,
+            before: self.before.as_ref(),
+            after: self.after.as_ref(),
+        }
+    }
+}
+
+/// Reads `event` with its conversation folded as of its own place in the
+/// log; `None` if the event is gone.
+pub async fn event_as_of(
+    store: &dyn EventStore,
+    event: &crate::store::StoredEvent,
+) -> Result<Option<EventAsOf>, StoreError> {
+    // The conversation as it was: its log up to and including this event.
+    let log = match &event.conversation_id {
+        Some(c) => store.conversation_log(c, Some(event.seq)).await?,
+        None => Vec::new(),
+    };
+    let raw = match log.last() {
+        Some(last) if last.event.seq == event.seq => last.raw_body.clone(),
+        _ => match store.get_event(&event.event_id).await? {
+            Some(raw) => raw.raw_body,
+            None => return Ok(None),
+        },
+    };
+    let envelope = Envelope::parse(&raw).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let event_json: Value = serde_json::from_slice(&raw).unwrap_or_default();
+    // The one fold: the state before this event (its log minus itself), then with it.
+    let (before, after) = match (&event.conversation_id, log.split_last()) {
+        (Some(c), Some((last, earlier))) if last.event.seq == event.seq => {
+            let before =
+                fold_log(c, earlier)?.unwrap_or_else(|| ConversationState::new(c.as_str()));
+            let mut after = before.clone();
+            after.apply_stored(last)?;
+            (Some(before), Some(after))
+        }
+        _ => (None, None),
+    };
+    Ok(Some(EventAsOf {
+        envelope,
+        event_json,
+        before,
+        after,
+    }))
+}
+
 /// Evaluates `wf` against the stored events of its event type.
 pub async fn run(
     store: &dyn EventStore,
@@ -207,34 +268,10 @@ pub async fn run(
     events.reverse();
     let mut results = Vec::with_capacity(events.len());
     for event in events {
-        // The conversation as it was: its log up to and including this event.
-        let log = match &event.conversation_id {
-            Some(c) => store.conversation_log(c, Some(event.seq)).await?,
-            None => Vec::new(),
-        };
-        let Some(raw) = store.get_event(&event.event_id).await? else {
+        let Some(judged) = event_as_of(store, &event).await? else {
             continue;
         };
-        let envelope =
-            Envelope::parse(&raw.raw_body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let event_json: Value = serde_json::from_slice(&raw.raw_body).unwrap_or_default();
-        // The one fold: the state before this event (its log minus itself), then with it.
-        let (before, after) = match (&event.conversation_id, log.split_last()) {
-            (Some(c), Some((last, earlier))) if last.event.seq == event.seq => {
-                let before =
-                    fold_log(c, earlier)?.unwrap_or_else(|| ConversationState::new(c.as_str()));
-                let mut after = before.clone();
-                after.apply_stored(last)?;
-                (Some(before), Some(after))
-            }
-            _ => (None, None),
-        };
-        let facts = EventFacts {
-            envelope: &envelope,
-            event_json: &event_json,
-            before: before.as_ref(),
-            after: after.as_ref(),
-        };
+        let facts = judged.facts();
         let decision = decide(wf, &facts);
         let mut result = BacktestResult {
             event_id: event.event_id.clone(),
@@ -266,6 +303,8 @@ pub async fn run(
             ctx["secrets"] = Value::Object(secrets);
             ctx["steps"] = json!({});
             ctx["run"] = json!({"id": "run_backtest", "attempt": 1, "workflow": wf.name});
+            // Durable waits: when the run would have reached each step (trigger time + earlier waits).
+            let mut reached = event.received_at;
             for step in &wf.steps {
                 if let Some(cond) = &step.condition {
                     match template::truthy(cond, &ctx) {
@@ -291,6 +330,22 @@ pub async fn run(
                             continue;
                         }
                     }
+                }
+                if let Some(wait) = &step.wait {
+                    let (note, outcome) =
+                        judge_wait(store, wait, &event, reached, chrono::Utc::now()).await?;
+                    reached = outcome.resumed_at;
+                    ctx["steps"][step.id.as_str()] = outcome.result;
+                    result.requests.push(WouldSend {
+                        step_id: step.id.clone(),
+                        request: None,
+                        note: Some(note),
+                        fails: false,
+                    });
+                    if outcome.still_waiting {
+                        break;
+                    }
+                    continue;
                 }
                 match http::render(&step.http, &ctx) {
                     Ok(req) => result.requests.push(WouldSend {
@@ -325,4 +380,135 @@ pub async fn run(
         results.push(result);
     }
     Ok(results)
+}
+
+/// How a wait step would have ended, in a backtest.
+struct WaitJudged {
+    /// When the run would have gone on.
+    resumed_at: chrono::DateTime<chrono::Utc>,
+    /// `steps.<id>` as the run would have seen it.
+    result: Value,
+    /// It would still be waiting now.
+    still_waiting: bool,
+}
+
+/// Judges a `wait` / `wait_for` step against the stored history: a
+/// `wait_for` resumes on the first matching event of the conversation
+/// stored after the trigger (one stored before the step was reached
+/// resumes it at once), unless its timeout passed first.
+async fn judge_wait(
+    store: &dyn EventStore,
+    wait: &super::wait::WaitStep,
+    trigger: &crate::store::StoredEvent,
+    reached: chrono::DateTime<chrono::Utc>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<(String, WaitJudged), StoreError> {
+    use super::wait::{WaitStep, event_result, timer_result};
+    let plus = |t: chrono::DateTime<chrono::Utc>, d: std::time::Duration| {
+        chrono::TimeDelta::from_std(d)
+            .ok()
+            .and_then(|d| t.checked_add_signed(d))
+            .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC)
+    };
+    // Whole seconds from a second on, else milliseconds.
+    let human = |d: chrono::TimeDelta| {
+        let ms = d.num_milliseconds().max(0) as u64;
+        let d = if ms >= 1000 {
+            std::time::Duration::from_secs(ms / 1000)
+        } else {
+            std::time::Duration::from_millis(ms)
+        };
+        humantime::format_duration(d).to_string()
+    };
+    match wait {
+        WaitStep::Timer { duration } => {
+            let until = plus(reached, *duration);
+            let ms = i64::try_from(duration.as_millis()).unwrap_or(i64::MAX);
+            Ok((
+                format!("would wait {}", humantime::format_duration(*duration)),
+                WaitJudged {
+                    resumed_at: until,
+                    result: timer_result(ms),
+                    still_waiting: until > now,
+                },
+            ))
+        }
+        WaitStep::Event(w) => {
+            let timeout_at = plus(reached, w.timeout);
+            let log = match &trigger.conversation_id {
+                Some(c) => store.conversation_log(c, None).await?,
+                None => Vec::new(),
+            };
+            let rows: Vec<crate::store::waits::LoggedEvent> = log
+                .iter()
+                .map(|e| {
+                    (
+                        e.event.seq,
+                        e.event.event_id.clone(),
+                        e.event.event_type.clone(),
+                        e.raw_body.clone(),
+                        e.event.received_at,
+                    )
+                })
+                .collect();
+            let found = trigger
+                .conversation_id
+                .as_deref()
+                .and_then(|c| crate::store::waits::first_match(c, &rows, w, trigger.seq));
+            let hit = found.and_then(|(seq, id)| {
+                let e = log.iter().find(|e| e.event.seq == seq)?;
+                (e.event.received_at <= timeout_at).then(|| {
+                    let envelope: Value = serde_json::from_slice(&e.raw_body).unwrap_or_default();
+                    (id, e.event.received_at.max(reached), envelope)
+                })
+            });
+            Ok(match hit {
+                Some((id, at, envelope)) => {
+                    let waited = at - reached;
+                    let note = if waited.num_milliseconds() <= 0 {
+                        format!(
+                            "would have resumed on {id} at once (it was stored before the step was reached)"
+                        )
+                    } else {
+                        format!("would have resumed on {id} after {}", human(waited))
+                    };
+                    (
+                        note,
+                        WaitJudged {
+                            resumed_at: at,
+                            result: event_result(Some(envelope), waited.num_milliseconds()),
+                            still_waiting: false,
+                        },
+                    )
+                }
+                None if timeout_at <= now => (
+                    format!(
+                        "would have timed out after {} (no {} matched)",
+                        humantime::format_duration(w.timeout),
+                        w.describe()
+                    ),
+                    WaitJudged {
+                        resumed_at: timeout_at,
+                        result: event_result(
+                            None,
+                            i64::try_from(w.timeout.as_millis()).unwrap_or(i64::MAX),
+                        ),
+                        still_waiting: false,
+                    },
+                ),
+                None => (
+                    format!(
+                        "would still be waiting: no {} yet; it times out at {}",
+                        w.describe(),
+                        timeout_at.to_rfc3339()
+                    ),
+                    WaitJudged {
+                        resumed_at: timeout_at,
+                        result: Value::Null,
+                        still_waiting: true,
+                    },
+                ),
+            })
+        }
+    }
 }

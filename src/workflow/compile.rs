@@ -27,6 +27,7 @@ fn pos(l: &Location) -> Pos {
 
 use super::diagnostic::{Diagnostic, Severity};
 use super::format::{self, HttpSpec, StepSpec, WorkflowFile};
+use super::wait::{Order, WaitFor, WaitStep};
 use super::{Backoff, BodySpec, HttpAction, RetryPolicy, Step, Trigger, Workflow};
 use super::{lint, template};
 use crate::webhook::envelope::{ENDED_STATUSES, EventKind};
@@ -483,6 +484,7 @@ fn check(c: &mut Checker<'_>, spec: WorkflowFile) -> Workflow {
         deadline,
         respond: spec.respond.map(|r| r.value),
         fallback: spec.fallback.map(|f| f.value),
+        order: check_order(c, &spec.order),
         source: c.source.to_owned(),
         version: String::new(),
     }
@@ -666,7 +668,18 @@ fn check_step(c: &mut Checker<'_>, step: &StepSpec, refs: &Refs<'_>, is_setup: b
         c.expression(cond, "if", Scope::Step);
         c.references(&cond.value, pos(&cond.referenced), "if", refs);
     }
-    let http = check_http(c, &step.http, refs);
+    // A step is one of `http`, `wait`, `wait_for` (durable waits: see super::wait).
+    let wait = check_wait_kind(c, step, refs, is_setup);
+    let http = match &step.http {
+        Some(h) => check_http(c, h, refs),
+        None => HttpAction {
+            method: "POST".into(),
+            url: String::new(),
+            headers: vec![],
+            query: vec![],
+            body: BodySpec::None,
+        },
+    };
     let timeout = c.duration(&step.timeout, "timeout", DEFAULT_TIMEOUT);
     let retry = match &step.retry {
         None => RetryPolicy::default(),
@@ -734,6 +747,7 @@ fn check_step(c: &mut Checker<'_>, step: &StepSpec, refs: &Refs<'_>, is_setup: b
         timeout,
         retry,
         cache,
+        wait,
     }
 }
 
@@ -833,4 +847,230 @@ fn check_http(c: &mut Checker<'_>, http: &HttpSpec, refs: &Refs<'_>) -> HttpActi
             .collect(),
         body,
     }
+}
+
+/// `order:`: `conversation` (the default) or `none`.
+fn check_order(c: &mut Checker<'_>, spec: &Option<Spanned<String>>) -> Order {
+    match spec.as_ref().map(|o| (o, o.value.trim())) {
+        None | Some((_, "conversation")) => Order::Conversation,
+        Some((_, "none")) => Order::None,
+        Some((o, other)) => {
+            c.error(
+                pos(&o.referenced),
+                format!("`order` is `{other}`; use `conversation` or `none`"),
+            )
+            .help = Some(
+                "`conversation` (the default) runs one conversation's runs one after another; `none` lets them overlap"
+                    .into(),
+            );
+            Order::Conversation
+        }
+    }
+}
+
+/// Which kind a step is: `None` for `http`, else the checked `wait` / `wait_for`.
+fn check_wait_kind(
+    c: &mut Checker<'_>,
+    step: &StepSpec,
+    refs: &Refs<'_>,
+    is_setup: bool,
+) -> Option<WaitStep> {
+    let id = step.id.value.trim();
+    let kinds = [
+        step.http.is_some(),
+        step.wait.is_some(),
+        step.wait_for.is_some(),
+    ];
+    let n = kinds.iter().filter(|k| **k).count();
+    if n == 0 {
+        c.error(
+            pos(&step.id.referenced),
+            format!("step `{id}` does nothing: it needs `http`, `wait` or `wait_for`"),
+        )
+        .help = Some("add `http: {url: ...}` to send a request, `wait: 1h` to pause, or `wait_for: {event: ..., timeout: 24h}`".into());
+        return None;
+    }
+    if n > 1 {
+        c.error(
+            pos(&step.id.referenced),
+            format!(
+                "step `{id}` has more than one of `http`, `wait`, `wait_for`; a step does one thing"
+            ),
+        )
+        .help = Some("split it into steps of their own".into());
+    }
+    if step.http.is_some() {
+        return None;
+    }
+    let here = step
+        .wait
+        .as_ref()
+        .map(|w| pos(&w.referenced))
+        .or_else(|| step.wait_for.as_ref().map(|w| pos(&w.referenced)))
+        .unwrap_or(pos(&step.id.referenced));
+    if is_setup {
+        c.error(
+            here,
+            "a conversation.setup workflow answers inline, within its deadline: it cannot wait",
+        );
+    }
+    if let Some(t) = &step.timeout {
+        c.error(
+            pos(&t.referenced),
+            "a step's `timeout` applies to `http` steps; a `wait_for` has its own `wait_for.timeout`",
+        );
+    }
+    if step.retry.is_some() {
+        let loc = c.find(pos(&step.id.referenced), "retry:");
+        c.error(loc, "`retry` applies to `http` steps only");
+    }
+    if let Some(w) = &step.wait {
+        return match super::wait::parse_duration(&w.value) {
+            Ok(duration) => Some(WaitStep::Timer { duration }),
+            Err(e) => {
+                c.error(pos(&w.referenced), format!("`wait`: {e}")).help =
+                    Some("write a number and a unit: 500ms, 30s, 5m, 1h, 1d".into());
+                None
+            }
+        };
+    }
+    let spec = step.wait_for.as_ref()?;
+    check_wait_for(c, &spec.value, pos(&spec.referenced), refs).map(WaitStep::Event)
+}
+
+fn check_wait_for(
+    c: &mut Checker<'_>,
+    w: &format::WaitForSpec,
+    at: Pos,
+    refs: &Refs<'_>,
+) -> Option<WaitFor> {
+    let known = [EventKind::ENDED, EventKind::CUSTOM_FIELDS_UPDATED];
+    let event = match &w.event {
+        None => {
+            c.error(at, "`wait_for` needs `event`: the event type to wait for")
+                .help = Some(format!("use one of: {}", known.join(", ")));
+            String::new()
+        }
+        Some(e) => {
+            let event = e.value.trim().to_owned();
+            if !known.contains(&event.as_str()) {
+                c.error(
+                    pos(&e.referenced),
+                    format!("`wait_for.event`: `{event}` is not an event type a run can wait for"),
+                )
+                .help = Some(format!("use one of: {}", known.join(", ")));
+            }
+            event
+        }
+    };
+    let event_at = w.event.as_ref().map_or(at, |e| pos(&e.referenced));
+    let timeout = match &w.timeout {
+        None => {
+            c.error(at, "`wait_for` needs `timeout`: how long to wait at most")
+                .help = Some("add `timeout: 24h` (ms, s, m, h, d); after it the run goes on with `steps.<id>.timed_out` true".into());
+            None
+        }
+        Some(t) => match super::wait::parse_duration(&t.value) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                c.error(pos(&t.referenced), format!("`wait_for.timeout`: {e}"))
+                    .help = Some("write a number and a unit: 500ms, 30s, 5m, 1h, 1d".into());
+                None
+            }
+        },
+    };
+    if let Some(s) = &w.status
+        && event != EventKind::ENDED
+    {
+        c.error(
+            pos(&s.referenced),
+            format!("`wait_for.status` only applies to conversation.ended, not `{event}`"),
+        );
+    }
+    let mut status = None;
+    if let Some(s) = &w.status
+        && event == EventKind::ENDED
+    {
+        let list = s.value.clone().into_vec();
+        for st in &list {
+            if !ENDED_STATUSES.contains(&st.as_str()) {
+                c.error(
+                    pos(&s.referenced),
+                    format!("`{st}` is not a conversation.ended status"),
+                )
+                .help = Some(format!("use one or more of: {}", ENDED_STATUSES.join(", ")));
+            }
+        }
+        status = Some(list);
+    }
+    let list = |v: &Option<Value>| {
+        v.as_ref().map(|v| match v {
+            Value::Array(items) => items.clone(),
+            other => vec![other.clone()],
+        })
+    };
+    let is_fields = event == EventKind::CUSTOM_FIELDS_UPDATED;
+    if !is_fields && !event.is_empty() {
+        if let Some(f) = &w.field {
+            c.error(
+                pos(&f.referenced),
+                format!("`wait_for.field` only applies to conversation.custom_fields.updated, not `{event}`"),
+            )
+            .help = Some("for conversation.ended, wait on `status`".into());
+        }
+        if w.from.is_some() || w.to.is_some() {
+            let loc = c.find(event_at, if w.from.is_some() { "from:" } else { "to:" });
+            c.error(
+                loc,
+                format!("`wait_for.from` / `wait_for.to` only apply to conversation.custom_fields.updated, not `{event}`"),
+            );
+        }
+    }
+    let field = match &w.field {
+        Some(f) if is_fields && !f.value.trim().is_empty() => Some(f.value.trim().to_owned()),
+        _ if is_fields => {
+            c.error(
+                event_at,
+                "waiting for conversation.custom_fields.updated needs `wait_for.field`: the custom field to watch",
+            )
+            .help = Some("add `field: <name>` under `wait_for:`".into());
+            None
+        }
+        _ => None,
+    };
+    if let Some(when) = &w.when {
+        // An expression over the arriving event (the run's own context is not in scope).
+        if let Err(e) = template::check_expression(&when.value) {
+            c.error(
+                pos(&when.referenced),
+                format!("`wait_for.when` does not compile: {}", e.message),
+            );
+        } else {
+            let mut roots = lint::Roots {
+                allowed: vec!["event", "conversation"],
+                ..Default::default()
+            };
+            if is_fields {
+                roots.allowed.push("change");
+            }
+            for name in ["steps", "secrets", "run"] {
+                roots.unavailable.push((
+                    name,
+                    "`wait_for.when` is decided as the event arrives; it reads only the arriving event, conversation and change".into(),
+                ));
+            }
+            let findings = lint::check_expression(&when.value, &roots);
+            c.findings(findings, pos(&when.referenced), "wait_for.when");
+        }
+        let _ = refs;
+    }
+    Some(WaitFor {
+        event,
+        status,
+        field: if is_fields { field } else { None },
+        from: if is_fields { list(&w.from) } else { None },
+        to: if is_fields { list(&w.to) } else { None },
+        when: w.when.as_ref().map(|w| w.value.clone()),
+        timeout: timeout?,
+    })
 }

@@ -51,6 +51,8 @@ pub struct WorkflowFile {
     pub respond: Option<Spanned<Value>>,
     /// Setup workflows: the answer when a step or template fails or the deadline passes.
     pub fallback: Option<Spanned<Value>>,
+    /// `conversation` (default) or `none` (see [`super::wait::Order`]).
+    pub order: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -69,11 +71,30 @@ pub struct StepSpec {
     pub id: Spanned<String>,
     #[serde(rename = "if")]
     pub condition: Option<Spanned<String>>,
-    pub http: HttpSpec,
+    /// One of `http`, `wait`, `wait_for` (checked by the compiler).
+    pub http: Option<HttpSpec>,
+    /// `wait: 1h`: a durable pause.
+    pub wait: Option<Spanned<String>>,
+    /// `wait_for:`: a durable wait for a later event of the conversation.
+    pub wait_for: Option<Spanned<WaitForSpec>>,
     pub timeout: Option<Spanned<String>>,
     pub retry: Option<RetrySpec>,
     /// Setup lookups: cache the response for this long, keyed on the rendered request.
     pub cache: Option<Spanned<String>>,
+}
+
+/// `wait_for:` as written.
+#[derive(Debug, Deserialize)]
+pub struct WaitForSpec {
+    pub event: Option<Spanned<String>>,
+    pub status: Option<Spanned<OneOrMany<String>>>,
+    pub field: Option<Spanned<String>>,
+    #[serde(default, deserialize_with = "present")]
+    pub from: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
+    pub to: Option<Value>,
+    pub when: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -214,9 +235,13 @@ pub const TOP_KEYS: &[&str] = &[
     "deadline",
     "respond",
     "fallback",
+    "order",
 ];
 pub const ON_KEYS: &[&str] = &["event", "status", "field", "from", "to"];
-pub const STEP_KEYS: &[&str] = &["id", "if", "http", "timeout", "retry", "cache"];
+pub const STEP_KEYS: &[&str] = &[
+    "id", "if", "http", "wait", "wait_for", "timeout", "retry", "cache",
+];
+pub const WAIT_FOR_KEYS: &[&str] = &["event", "status", "field", "from", "to", "when", "timeout"];
 pub const HTTP_KEYS: &[&str] = &[
     "method",
     "url",
@@ -265,6 +290,9 @@ pub fn unknown_keys(root: &Node) -> Vec<(&Spanned<String>, &'static str, &'stati
                             }
                             "retry" => {
                                 keys(v, "`retry`", RETRY_KEYS, &mut out);
+                            }
+                            "wait_for" => {
+                                keys(v, "`wait_for`", WAIT_FOR_KEYS, &mut out);
                             }
                             _ => {}
                         }

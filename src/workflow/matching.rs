@@ -127,14 +127,24 @@ fn show_list(v: &[Value]) -> String {
 
 /// Decides whether `wf` runs for this event.
 pub fn decide(wf: &Workflow, facts: &EventFacts<'_>) -> Decision {
+    decide_on(&wf.event, &wf.trigger, wf.when.as_deref(), facts)
+}
+
+/// [`decide`] for an event type, a trigger and a `when` (also used by `wait_for` steps).
+pub fn decide_on(
+    event: &str,
+    trigger: &Trigger,
+    when: Option<&str>,
+    facts: &EventFacts<'_>,
+) -> Decision {
     let env = facts.envelope;
-    if env.event_type != wf.event {
+    if env.event_type != event {
         return Decision::Skipped(format!(
             "event type is {}, workflow is on {}",
-            env.event_type, wf.event
+            env.event_type, event
         ));
     }
-    match (&wf.trigger, env.kind()) {
+    match (trigger, env.kind()) {
         (
             Trigger::Ended {
                 statuses: Some(list),
@@ -197,7 +207,7 @@ pub fn decide(wf: &Workflow, facts: &EventFacts<'_>) -> Decision {
         }
         _ => {}
     }
-    if let Some(when) = &wf.when {
+    if let Some(when) = when {
         match template::truthy(when, &base_context(facts)) {
             Ok(true) => {}
             Ok(false) => return Decision::Skipped(format!("`when: {when}` is false")),

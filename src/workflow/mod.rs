@@ -15,6 +15,7 @@ pub mod lint;
 pub mod matching;
 pub mod registry;
 pub mod template;
+pub mod wait;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -109,6 +110,9 @@ pub struct Step {
     pub retry: RetryPolicy,
     #[serde(skip)]
     pub cache: Option<Duration>,
+    /// A `wait` / `wait_for` step (then `http` is unused); `None` for an HTTP step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wait: Option<wait::WaitStep>,
 }
 
 /// A checked workflow.
@@ -128,6 +132,8 @@ pub struct Workflow {
     pub deadline: Duration,
     pub respond: Option<Value>,
     pub fallback: Option<Value>,
+    /// `order:`: whether this workflow's runs of one conversation run one after another (store/order.rs).
+    pub order: wait::Order,
     /// The file's text.
     #[serde(skip)]
     pub source: String,
@@ -152,6 +158,8 @@ pub struct WorkflowSet {
     pub workflows: Vec<Workflow>,
     /// Warnings found while loading (errors make loading fail).
     pub warnings: Vec<Diagnostic>,
+    /// `destinations.yaml` of the directory (issue 14); empty when there is none.
+    pub destinations: std::sync::Arc<crate::destinations::Destinations>,
 }
 
 impl WorkflowSet {
@@ -207,7 +215,19 @@ impl WorkflowSet {
         let mut diagnostics = Vec::new();
         let mut workflows: Vec<Workflow> = Vec::new();
         let mut names: HashMap<String, PathBuf> = HashMap::new();
+        let mut destinations = crate::destinations::Destinations::default();
         for (file, text) in sources {
+            // Destinations (issue 14): `destinations.yaml` is not a workflow.
+            if crate::destinations::is_destinations_file(&file) {
+                match crate::destinations::format::compile(&file, &text) {
+                    Ok(d) => {
+                        diagnostics.extend(d.warnings.iter().cloned());
+                        destinations = d;
+                    }
+                    Err(d) => diagnostics.extend(d),
+                }
+                continue;
+            }
             match compile::compile(&file, &text) {
                 Ok((wf, warnings)) => {
                     diagnostics.extend(warnings);
@@ -246,6 +266,7 @@ impl WorkflowSet {
             dir: dir.to_owned(),
             workflows,
             warnings: diagnostics,
+            destinations: std::sync::Arc::new(destinations),
         })
     }
 

@@ -11,12 +11,21 @@ use crate::store::{DispatchDecision, Dispatcher, NewEvent, PreparedAnswer};
 #[derive(Default)]
 pub struct Registry {
     set: RwLock<Arc<WorkflowSet>>,
+    /// Destinations (issue 14): the gate every outbound request passes, configured with the set.
+    pub gate: crate::destinations::gate::Gate,
 }
 
 impl Registry {
     pub fn new(set: WorkflowSet) -> Self {
+        Self::with_gate(set, crate::destinations::gate::Gate::default())
+    }
+
+    /// With a gate of its own (shared across instances on PostgreSQL).
+    pub fn with_gate(set: WorkflowSet, gate: crate::destinations::gate::Gate) -> Self {
+        gate.configure(set.destinations.clone());
         Self {
             set: RwLock::new(Arc::new(set)),
+            gate,
         }
     }
 
@@ -27,6 +36,7 @@ impl Registry {
 
     /// Puts a new set in force (runs already created keep running by workflow name).
     pub fn replace(&self, set: WorkflowSet) {
+        self.gate.configure(set.destinations.clone());
         *self.set.write().expect("registry lock") = Arc::new(set);
     }
 }
@@ -95,6 +105,7 @@ impl Dispatcher for Registry {
                     reason: decision.reason().map(str::to_owned),
                     context: decision.matched().then(|| base_context(&facts)),
                     version: Some(wf.version.clone()),
+                    ordered: wf.order == super::wait::Order::Conversation,
                 }
             })
             .collect()

@@ -1,0 +1,191 @@
+//! Bench scenario `destinations` (issue 14): 500 runs to a destination
+//! limited to 50/s, measured at the sink: the steady rate after the first
+//! second, the most requests in any one-second window after it, and whether
+//! every run arrived exactly once. Then the cost of the gate for a
+//! destination with no rate or cap: ack → sink latency at a fixed rate with
+//! a breaker-only `default:` (compare with scenario 2's row).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::server::{self, Server, Sink};
+use super::{Ctx, Row, backend_name, drop_db, fresh_db, load, tag, target, write_workflow};
+
+/// The gate in process, per request: admit + report, for a destination with
+/// only a breaker (the `default:`), and with nothing configured.
+async fn gate_cost(rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    use switchboard::destinations::gate::{Admit, Gate, Outcome};
+    let n = 200_000u32;
+    for (label, yaml) in [
+        ("nothing configured", ""),
+        (
+            "breaker-only default",
+            "default:\n  circuit_breaker: { failures: 10, cool_down: 30s }\n",
+        ),
+    ] {
+        let gate = Gate::default();
+        let d = switchboard::destinations::format::compile(std::path::Path::new("d.yaml"), yaml)
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        gate.configure(Arc::new(d));
+        let ok = Outcome {
+            status: Some(200),
+            ..Default::default()
+        };
+        let start = Instant::now();
+        for _ in 0..n {
+            if gate.config().is_empty() {
+                continue;
+            }
+            match gate.admit("http://127.0.0.1:9/crm/deliveries", None).await {
+                Admit::Go(p) => p.report(&ok),
+                Admit::Hold(_) => anyhow::bail!("held with nothing limited"),
+            }
+        }
+        let per = start.elapsed().as_secs_f64() * 1e9 / f64::from(n);
+        rows.push(Row::note_only(
+            &format!("5. destinations: gate per request, {label}"),
+            "-",
+            1e9 / per,
+            0,
+            format!("{per:.0} ns per admit + report, in process, no database"),
+        ));
+    }
+    Ok(())
+}
+
+pub async fn run(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let b = backend_name(backend);
+    gate_cost(rows).await?;
+    let (sink, sink_url) = Sink::start().await?;
+    let wf = ctx.tmp.path().join(format!("wf-dest-{}", tag()));
+    write_workflow(
+        &wf,
+        "crm.yaml",
+        &format!(
+            "name: crm\non: {{ event: conversation.ended }}\nsteps:\n  - id: post\n    http:\n      url: \"{sink_url}/crm/deliveries\"\n      json: {{ event: \"{{{{ event.id }}}}\" }}\n"
+        ),
+    )?;
+    write_workflow(
+        &wf,
+        "destinations.yaml",
+        &format!("destinations:\n  - name: crm\n    url: \"{sink_url}/crm/\"\n    rate: 50/s\n"),
+    )?;
+    let db = fresh_db(backend, ctx.tmp.path()).await?;
+    let server = Server::start(&ctx.bin, &db, &wf, ctx.tmp.path(), &[]).await?;
+    let t = tag();
+    let tgt = target(
+        &server,
+        ctx.o.connections,
+        Arc::new(move |i| load::ended_body(&t, i)),
+    );
+    let n = 500u64;
+    let sent = load::max_rate(&tgt, ctx.o.connections, Duration::from_secs(120), Some(n)).await;
+    sink.wait_for(sent.ok as usize, Duration::from_secs(60))
+        .await;
+    let (mut times, dupes): (Vec<Instant>, u32) = {
+        let a = sink.arrivals.lock().unwrap();
+        (
+            a.values().map(|(t, _)| *t).collect(),
+            a.values().map(|(_, c)| c.saturating_sub(1)).sum(),
+        )
+    };
+    times.sort();
+    anyhow::ensure!(!times.is_empty(), "nothing reached the sink");
+    let first = times[0];
+    let after: Vec<Instant> = times
+        .iter()
+        .copied()
+        .filter(|t| t.duration_since(first) >= Duration::from_secs(1))
+        .collect();
+    let mut max_window = 0;
+    let mut j = 0;
+    for i in 0..after.len() {
+        while after[i].duration_since(after[j]) >= Duration::from_secs(1) {
+            j += 1;
+        }
+        max_window = max_window.max(i - j + 1);
+    }
+    let steady = match (after.first(), after.last()) {
+        (Some(a), Some(z)) if z > a => {
+            (after.len() - 1) as f64 / z.duration_since(*a).as_secs_f64()
+        }
+        _ => 0.0,
+    };
+    let (_, peak) = server::rss_mb(server.pid());
+    rows.push(Row::note_only(
+        "5. destinations: 500 runs, rate 50/s",
+        b,
+        steady,
+        sent.errors + (n - times.len() as u64) + u64::from(dupes),
+        format!(
+            "{} of {n} arrived, {dupes} twice; steady {steady:.1}/s after the first second (limit 50/s); \
+             at most {max_window} in any 1 s after it; RSS {peak:.0} MB",
+            times.len()
+        ),
+    ));
+    drop(server);
+    drop_db(backend, &db).await;
+
+    // The gate's cost where nothing is limited: a breaker-only default.
+    let (sink, sink_url) = Sink::start().await?;
+    let wf = ctx.tmp.path().join(format!("wf-dest0-{}", tag()));
+    write_workflow(
+        &wf,
+        "e2e.yaml",
+        &format!(
+            "name: e2e\non: {{ event: conversation.ended }}\nsteps:\n  - id: post\n    http:\n      url: \"{sink_url}/deliveries\"\n      json: {{ event: \"{{{{ event.id }}}}\" }}\n"
+        ),
+    )?;
+    write_workflow(
+        &wf,
+        "destinations.yaml",
+        "default:\n  circuit_breaker: { failures: 10, cool_down: 30s }\n",
+    )?;
+    let db = fresh_db(backend, ctx.tmp.path()).await?;
+    let server = Server::start(&ctx.bin, &db, &wf, ctx.tmp.path(), &[]).await?;
+    let acks: Arc<Mutex<HashMap<u64, Instant>>> = Default::default();
+    let t = tag();
+    let body_tag = t.clone();
+    let mut tgt = target(
+        &server,
+        ctx.o.connections,
+        Arc::new(move |i| load::ended_body(&body_tag, i)),
+    );
+    let acks2 = acks.clone();
+    tgt.on_ack = Some(Arc::new(move |i, at| {
+        acks2.lock().unwrap().insert(i, at);
+    }));
+    let fixed = load::fixed_rate(&tgt, 300.0, ctx.o.duration).await;
+    sink.wait_for(fixed.ok as usize, Duration::from_secs(30))
+        .await;
+    let mut lat: Vec<Duration> = {
+        let acks = acks.lock().unwrap();
+        let arrivals = sink.arrivals.lock().unwrap();
+        acks.iter()
+            .filter_map(|(i, acked)| {
+                let (arrived, _) = arrivals.get(&format!("ev_{t}_{i}"))?;
+                Some(arrived.saturating_duration_since(*acked))
+            })
+            .collect()
+    };
+    lat.sort();
+    let (_, peak) = server::rss_mb(server.pid());
+    let delivered = lat.len() as u64;
+    rows.push(Row {
+        scenario: "5. destinations: 300/s ack → sink, breaker-only default".into(),
+        backend: b.into(),
+        rate: delivered as f64 / fixed.elapsed.as_secs_f64(),
+        p50: load::pct(&lat, 0.5),
+        p90: load::pct(&lat, 0.9),
+        p99: load::pct(&lat, 0.99),
+        max: load::pct(&lat, 1.0),
+        errors: fixed.errors + fixed.ok - delivered,
+        rss_peak_mb: peak,
+        note: format!("{delivered} delivered; compare with scenario 2 (no destinations.yaml)"),
+        cost: None,
+    });
+    drop(server);
+    drop_db(backend, &db).await;
+    Ok(())
+}

@@ -1,0 +1,685 @@
+//! The gate every outbound request of a run or a setup lookup passes right
+//! before it is sent: go (with a [`Permit`] that is told the outcome) or
+//! hold until a time, for a [`HoldReason`].
+//!
+//! State lives in this process (rate as a GCRA token bucket, requests in
+//! flight, the breaker, a `Retry-After` pause). With a PostgreSQL store the
+//! rate, the concurrency slots and the breaker are shared by every instance
+//! through [`super::shared`]; destinations without a rate or a cap never
+//! touch the database per request.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use super::breaker::{Breaker, State, Verdict};
+use super::{DestinationSpec, Destinations, HoldReason};
+
+/// A request that may not go now.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Hold {
+    pub destination: String,
+    pub until: DateTime<Utc>,
+    pub reason: HoldReason,
+}
+
+pub enum Admit {
+    Go(Permit),
+    Hold(Hold),
+}
+
+/// Counted per destination for the API.
+#[derive(Default)]
+struct Health {
+    /// (when, succeeded) of the last 5 minutes.
+    outcomes: VecDeque<(DateTime<Utc>, bool)>,
+    last_errors: VecDeque<(DateTime<Utc>, String)>,
+}
+
+const HEALTH_WINDOW: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
+const LAST_ERRORS: usize = 5;
+
+#[derive(Default)]
+struct DestState {
+    /// GCRA: the theoretical arrival time of the next request.
+    tat: Option<DateTime<Utc>>,
+    /// When the requests of the last rate period were let through (sliding window).
+    sent: VecDeque<DateTime<Utc>>,
+    /// Where the next held request is scheduled to come back (held requests
+    /// come back one interval apart, oldest first, instead of all at once).
+    cursor: Option<DateTime<Utc>>,
+    in_flight: u32,
+    breaker: Breaker,
+    paused_until: Option<DateTime<Utc>>,
+    /// When this process last changed the breaker or the pause (the shared
+    /// copy read back may predate that write).
+    changed_at: Option<std::time::Instant>,
+    /// Runs held now: run id → until.
+    held: HashMap<String, DateTime<Utc>>,
+    health: Health,
+}
+
+struct Inner {
+    config: RwLock<Arc<Destinations>>,
+    states: Mutex<HashMap<String, DestState>>,
+    shared: Option<super::shared::Shared>,
+}
+
+/// Cheap to clone; one per process (shared by the engine and setup answers).
+#[derive(Clone)]
+pub struct Gate {
+    inner: Arc<Inner>,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Self::new(None)
+    }
+}
+
+fn plus(t: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    t + chrono::TimeDelta::from_std(d).unwrap_or(chrono::TimeDelta::MAX / 2)
+}
+
+/// How long a request held by the concurrency cap waits before it looks again.
+const CONCURRENCY_RETRY: Duration = Duration::from_millis(50);
+/// The spacing of requests held by the cap (oldest first).
+const CONCURRENCY_SPACING: Duration = Duration::from_millis(5);
+/// The longest `Retry-After` that pauses a destination.
+const MAX_PAUSE: Duration = Duration::from_secs(3600);
+
+/// How an attempt ended, as the gate needs it.
+#[derive(Clone, Debug, Default)]
+pub struct Outcome {
+    pub status: Option<u16>,
+    /// The error class (`connect`, `timeout`, `http_5xx`...), if it failed.
+    pub error_class: Option<String>,
+    pub error: Option<String>,
+    pub retry_after: Option<Duration>,
+    /// The request was never sent (a template or secret failed).
+    pub not_sent: bool,
+}
+
+impl Outcome {
+    /// Counts against the breaker: connect, timeout, 5xx, 429.
+    pub fn failed(&self) -> bool {
+        matches!(self.status, Some(429) | Some(500..=599))
+            || matches!(
+                self.error_class.as_deref(),
+                Some("connect" | "timeout" | "dns" | "http_5xx")
+            )
+    }
+
+    /// From a setup lookup's exchange.
+    pub fn of_exchange(ex: &crate::engine::http::Exchange) -> Self {
+        let status = ex.response.as_ref().map(|r| r.status);
+        Self {
+            status,
+            error_class: ex.failure.as_ref().map(|f| f.class.as_str().to_owned()),
+            error: ex.failure.as_ref().map(|f| f.message.clone()),
+            retry_after: ex
+                .failure
+                .as_ref()
+                .and_then(|f| f.retry_after)
+                .filter(|_| matches!(status, Some(429 | 503))),
+            not_sent: false,
+        }
+    }
+
+    /// From an attempt as recorded.
+    pub fn of_attempt(a: &crate::store::runs::Attempt) -> Self {
+        let status = a.response_status.and_then(|s| u16::try_from(s).ok());
+        let retry_after = matches!(status, Some(429 | 503))
+            .then(|| {
+                a.response_headers
+                    .as_ref()?
+                    .0
+                    .get("retry-after")?
+                    .as_str()
+                    .and_then(|v| crate::engine::backoff::parse_retry_after(v, Utc::now()))
+            })
+            .flatten();
+        Self {
+            status,
+            error_class: a.error_class.clone(),
+            error: a.error_message.clone(),
+            retry_after,
+            not_sent: a.response_status.is_none()
+                && matches!(
+                    a.error_class.as_deref(),
+                    Some("template" | "secret" | "egress" | "request")
+                ),
+        }
+    }
+}
+
+/// Leave to send one request; give it the outcome with [`Permit::report`].
+/// Dropped without a report (the work was stopped), it frees its slot and,
+/// if it was the probe, lets another probe go.
+pub struct Permit {
+    gate: Option<Gate>,
+    dest: String,
+    probe: bool,
+    slot: Option<super::shared::Slot>,
+    counted: bool,
+    policy: Option<super::BreakerPolicy>,
+}
+
+impl Permit {
+    fn free() -> Self {
+        Self {
+            gate: None,
+            dest: String::new(),
+            probe: false,
+            slot: None,
+            counted: false,
+            policy: None,
+        }
+    }
+
+    /// The destination this request belongs to (empty when none).
+    pub fn destination(&self) -> &str {
+        &self.dest
+    }
+
+    pub fn report(mut self, outcome: &Outcome) {
+        if let Some(gate) = self.gate.take() {
+            gate.finish(&mut self, Some(outcome));
+        }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(gate) = self.gate.take() {
+            gate.finish(self, None);
+        }
+    }
+}
+
+/// One destination as the API shows it.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub name: String,
+    pub url: String,
+    pub state: State,
+    pub until: Option<DateTime<Utc>>,
+    pub paused_until: Option<DateTime<Utc>>,
+    pub in_flight: u32,
+    pub held_runs: usize,
+    pub last_errors: Vec<(DateTime<Utc>, String)>,
+    pub success_rate: Option<f64>,
+    pub requests_5m: usize,
+}
+
+impl Gate {
+    pub fn new(shared: Option<super::shared::Shared>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                config: RwLock::new(Arc::new(Destinations::default())),
+                states: Mutex::new(HashMap::new()),
+                shared,
+            }),
+        }
+    }
+
+    /// Puts a (re)loaded `destinations.yaml` in force; state of destinations
+    /// still named is kept.
+    pub fn configure(&self, d: Arc<Destinations>) {
+        if let Some(shared) = &self.inner.shared {
+            shared.configure(&d);
+        }
+        *self.inner.config.write().expect("gate config") = d;
+    }
+
+    pub fn config(&self) -> Arc<Destinations> {
+        self.inner.config.read().expect("gate config").clone()
+    }
+
+    /// Asks to send one request to `url` now; `run_id` (for runs) counts held runs.
+    pub async fn admit(&self, url: &str, run_id: Option<&str>) -> Admit {
+        let config = self.config();
+        if config.is_empty() {
+            return Admit::Go(Permit::free());
+        }
+        let Some(dest) = config.find(url) else {
+            return Admit::Go(Permit::free());
+        };
+        if let Some(shared) = &self.inner.shared {
+            shared.refresh_if_stale(self).await;
+        }
+        let verdict = self.admit_local(&dest, run_id);
+        let verdict = match (verdict, &self.inner.shared) {
+            (Ok(permit), Some(shared))
+                if dest.limits.rate.is_some() || dest.limits.concurrency.is_some() =>
+            {
+                match shared.admit(&dest, permit.probe).await {
+                    Ok(slot) => {
+                        let mut permit = permit;
+                        permit.slot = slot;
+                        // A pause or an opening that came while the shared query ran holds it still.
+                        match self.stopped_since(&dest.name, permit.probe) {
+                            None => Ok(permit),
+                            Some((until, reason)) => {
+                                if let Some(slot) = permit.slot.take() {
+                                    shared.release(slot).await;
+                                }
+                                permit.counted_back();
+                                Err(self.held(&dest, until, reason, run_id))
+                            }
+                        }
+                    }
+                    Err(hold) => {
+                        // Give back what the local gate counted.
+                        let mut permit = permit;
+                        permit.counted_back();
+                        Err(self.held(&dest, hold.0, hold.1, run_id))
+                    }
+                }
+            }
+            (v, _) => v,
+        };
+        match verdict {
+            Ok(mut permit) => {
+                if permit.probe
+                    && let Some(shared) = &self.inner.shared
+                {
+                    // One probe for every instance: whoever turns the shared row half open sends it.
+                    let b = self.breaker_of(&dest.name);
+                    if !shared.claim_probe(&dest.name, &b).await {
+                        let until = Utc::now() + chrono::TimeDelta::seconds(1);
+                        {
+                            let mut states = self.inner.states.lock().expect("gate state");
+                            let s = states.entry(dest.name.clone()).or_default();
+                            s.breaker.state = State::Open;
+                            s.breaker.until = Some(until);
+                        }
+                        permit.probe = false;
+                        permit.counted_back();
+                        let hold = self.held(&dest, until, HoldReason::CircuitOpen, run_id);
+                        crate::prometheus::destination_held(
+                            &hold.destination,
+                            hold.reason.as_str(),
+                        );
+                        return Admit::Hold(hold);
+                    }
+                }
+                Admit::Go(permit)
+            }
+            Err(hold) => {
+                crate::prometheus::destination_held(&hold.destination, hold.reason.as_str());
+                Admit::Hold(hold)
+            }
+        }
+    }
+
+    /// A pause, or an open breaker (for a request that is not the probe), in force now.
+    fn stopped_since(&self, name: &str, probe: bool) -> Option<(DateTime<Utc>, HoldReason)> {
+        let now = Utc::now();
+        let states = self.inner.states.lock().expect("gate state");
+        let s = states.get(name)?;
+        if let Some(p) = s.paused_until.filter(|p| *p > now) {
+            return Some((p, HoldReason::PausedUntil));
+        }
+        if !probe
+            && s.breaker.state == State::Open
+            && let Some(until) = s.breaker.until.filter(|u| *u > now)
+        {
+            return Some((until, HoldReason::CircuitOpen));
+        }
+        None
+    }
+
+    fn breaker_of(&self, name: &str) -> Breaker {
+        self.inner
+            .states
+            .lock()
+            .expect("gate state")
+            .get(name)
+            .map(|s| s.breaker)
+            .unwrap_or_default()
+    }
+
+    /// Schedules a held request: oldest first, one spacing apart.
+    fn held(
+        &self,
+        dest: &DestinationSpec,
+        earliest: DateTime<Utc>,
+        reason: HoldReason,
+        run_id: Option<&str>,
+    ) -> Hold {
+        let mut states = self.inner.states.lock().expect("gate state");
+        let s = states.entry(dest.name.clone()).or_default();
+        let now = Utc::now();
+        let spacing = match reason {
+            HoldReason::RateLimited => dest
+                .limits
+                .rate
+                .map_or(CONCURRENCY_SPACING, |r| r.interval()),
+            _ => CONCURRENCY_SPACING,
+        };
+        // Oldest first: each held request comes back one spacing after the one held before it.
+        let from = s.cursor.filter(|c| *c > earliest).unwrap_or(earliest);
+        s.cursor = Some(plus(from, spacing));
+        let until = from;
+        if let Some(id) = run_id {
+            s.held.insert(id.to_owned(), until);
+        }
+        if s.held.len() > 10_000 {
+            let stale = now - chrono::TimeDelta::minutes(1);
+            s.held.retain(|_, u| *u > stale);
+        }
+        Hold {
+            destination: dest.name.clone(),
+            until,
+            reason,
+        }
+    }
+
+    fn admit_local(&self, dest: &DestinationSpec, run_id: Option<&str>) -> Result<Permit, Hold> {
+        let now = Utc::now();
+        let limits = dest.limits;
+        let hold = {
+            let mut states = self.inner.states.lock().expect("gate state");
+            let s = states.entry(dest.name.clone()).or_default();
+            'hold: {
+                if let Some(p) = s.paused_until {
+                    if now < p {
+                        break 'hold Some((p, HoldReason::PausedUntil));
+                    }
+                    s.paused_until = None;
+                }
+                let verdict = match limits.breaker {
+                    Some(_) => s.breaker.check(now),
+                    None => Verdict::Go,
+                };
+                if let Verdict::Hold(until) = verdict {
+                    break 'hold Some((until, HoldReason::CircuitOpen));
+                }
+                if let Some(cap) = limits.concurrency
+                    && self.inner.shared.is_none()
+                    && s.in_flight >= cap
+                {
+                    break 'hold Some((plus(now, CONCURRENCY_RETRY), HoldReason::Concurrency));
+                }
+                if let Some(rate) = limits.rate
+                    && self.inner.shared.is_none()
+                {
+                    let interval = chrono::TimeDelta::from_std(rate.interval())
+                        .unwrap_or(chrono::TimeDelta::MAX / 2);
+                    let tau = interval * (rate.burst.saturating_sub(1) as i32);
+                    let t = s.tat.map_or(now, |t| t.max(now));
+                    if t - now > tau {
+                        break 'hold Some((t - tau, HoldReason::RateLimited));
+                    }
+                    // And never more than `count` in any window of `period` (what an API's
+                    // "100 per 10 s" means; the bucket alone would allow count + burst).
+                    let period = chrono::TimeDelta::from_std(rate.period)
+                        .unwrap_or(chrono::TimeDelta::MAX / 2);
+                    while s.sent.front().is_some_and(|at| *at <= now - period) {
+                        s.sent.pop_front();
+                    }
+                    if s.sent.len() >= rate.count as usize
+                        && let Some(oldest) = s.sent.front()
+                    {
+                        break 'hold Some((*oldest + period, HoldReason::RateLimited));
+                    }
+                    s.sent.push_back(now);
+                    s.tat = Some(t + interval);
+                }
+                let probe = verdict == Verdict::Probe;
+                if probe {
+                    s.breaker.start_probe(now);
+                    s.changed_at = Some(std::time::Instant::now());
+                }
+                s.in_flight += 1;
+                if let Some(id) = run_id {
+                    s.held.remove(id);
+                }
+                return Ok(Permit {
+                    gate: Some(self.clone()),
+                    dest: dest.name.clone(),
+                    probe,
+                    slot: None,
+                    counted: true,
+                    policy: limits.breaker,
+                });
+            }
+        };
+        let (until, reason) = hold.expect("held");
+        Err(self.held(dest, until, reason, run_id))
+    }
+
+    /// Returns a permit's slot and records its outcome.
+    fn finish(&self, permit: &mut Permit, outcome: Option<&Outcome>) {
+        let now = Utc::now();
+        let mut changed = None;
+        {
+            let mut states = self.inner.states.lock().expect("gate state");
+            let s = states.entry(permit.dest.clone()).or_default();
+            if permit.counted {
+                s.in_flight = s.in_flight.saturating_sub(1);
+                permit.counted = false;
+            }
+            match outcome {
+                None => {
+                    // Stopped before an answer: a probe may go again.
+                    if permit.probe && s.breaker.state == State::HalfOpen {
+                        s.breaker.until = Some(now);
+                    }
+                }
+                Some(o) if o.not_sent => {
+                    if permit.probe && s.breaker.state == State::HalfOpen {
+                        s.breaker.until = Some(now);
+                    }
+                }
+                Some(o) => {
+                    let failed = o.failed();
+                    if let Some(policy) = &permit.policy
+                        && s.breaker.record(policy, failed, permit.probe, now)
+                    {
+                        changed = Some(s.breaker);
+                        s.changed_at = Some(std::time::Instant::now());
+                        if s.breaker.state == State::Open {
+                            tracing::warn!(destination = %permit.dest, cool_down = %humantime::format_duration(s.breaker.cool_down), "circuit breaker open: requests to this destination are held");
+                        } else {
+                            tracing::info!(destination = %permit.dest, "circuit breaker closed");
+                        }
+                        crate::prometheus::destination_state(&permit.dest, s.breaker.state.gauge());
+                    }
+                    if let Some(ra) = o.retry_after {
+                        let until = plus(now, ra.min(MAX_PAUSE));
+                        if s.paused_until.is_none_or(|p| p < until) {
+                            s.paused_until = Some(until);
+                            s.changed_at = Some(std::time::Instant::now());
+                            tracing::info!(destination = %permit.dest, until = %until, "destination paused by Retry-After");
+                        }
+                    }
+                    s.health.outcomes.push_back((now, !failed));
+                    if failed {
+                        let why = o
+                            .error
+                            .clone()
+                            .unwrap_or_else(|| format!("HTTP {}", o.status.unwrap_or_default()));
+                        s.health.last_errors.push_back((now, why));
+                        if s.health.last_errors.len() > LAST_ERRORS {
+                            s.health.last_errors.pop_front();
+                        }
+                    }
+                    let horizon = now - HEALTH_WINDOW;
+                    while s.health.outcomes.front().is_some_and(|(t, _)| *t < horizon)
+                        || s.health.outcomes.len() > 100_000
+                    {
+                        s.health.outcomes.pop_front();
+                    }
+                }
+            }
+        }
+        let paused = outcome.and_then(|o| o.retry_after).is_some();
+        if let Some(shared) = &self.inner.shared {
+            let slot = permit.slot.take();
+            let dest = permit.dest.clone();
+            let shared = shared.clone();
+            let pause = paused.then(|| {
+                self.inner
+                    .states
+                    .lock()
+                    .expect("gate state")
+                    .get(&dest)
+                    .and_then(|s| s.paused_until)
+            });
+            // A permit dropped while the runtime shuts down has no one to write for:
+            // its slot expires by itself and the breaker is written again on its next change.
+            if (slot.is_some() || changed.is_some() || pause.is_some())
+                && let Ok(runtime) = tokio::runtime::Handle::try_current()
+            {
+                runtime.spawn(async move {
+                    if let Some(slot) = slot {
+                        shared.release(slot).await;
+                    }
+                    if let Some(b) = changed {
+                        shared.write_breaker(&dest, &b).await;
+                    }
+                    if let Some(Some(until)) = pause {
+                        shared.write_pause(&dest, until).await;
+                    }
+                });
+            }
+        }
+    }
+
+    /// Closes the breaker of `name` and ends a pause; false when no such destination.
+    pub async fn reset(&self, name: &str) -> bool {
+        if !self.names().iter().any(|n| n == name) {
+            return false;
+        }
+        {
+            let mut states = self.inner.states.lock().expect("gate state");
+            let s = states.entry(name.to_owned()).or_default();
+            s.breaker = Breaker::default();
+            s.paused_until = None;
+            s.changed_at = Some(std::time::Instant::now());
+            for until in s.held.values_mut() {
+                *until = Utc::now();
+            }
+        }
+        crate::prometheus::destination_state(name, 0.0);
+        if let Some(shared) = &self.inner.shared {
+            shared.write_breaker(name, &Breaker::default()).await;
+            shared.write_pause(name, Utc::now()).await;
+        }
+        true
+    }
+
+    /// Named destinations and every origin the default has seen.
+    fn names(&self) -> Vec<String> {
+        let config = self.config();
+        let mut names: Vec<String> = config.entries.iter().map(|e| e.name.clone()).collect();
+        if !config.default.is_empty() {
+            let states = self.inner.states.lock().expect("gate state");
+            let mut seen: Vec<String> = states
+                .keys()
+                .filter(|k| !names.contains(k))
+                .cloned()
+                .collect();
+            seen.sort();
+            names.extend(seen);
+        }
+        names
+    }
+
+    /// Applies breaker states and pauses read from the shared store.
+    pub(crate) fn apply_shared(&self, rows: Vec<(String, Breaker, Option<DateTime<Utc>>)>) {
+        let mut states = self.inner.states.lock().expect("gate state");
+        for (name, b, paused) in rows {
+            let s = states.entry(name).or_default();
+            // This process's own recent change wins until its write is surely read back.
+            if s.changed_at.is_some_and(|t| {
+                t.elapsed() < 2 * super::shared::REFRESH + std::time::Duration::from_secs(1)
+            }) {
+                continue;
+            }
+            // Closed both ways: keep this process's count of consecutive failures.
+            if !(s.breaker.state == State::Closed && b.state == State::Closed) {
+                s.breaker = b;
+            }
+            s.paused_until = paused.filter(|p| *p > Utc::now());
+        }
+    }
+
+    /// Reads the shared breaker states now (PostgreSQL), if stale.
+    pub async fn refresh(&self) {
+        if let Some(shared) = &self.inner.shared {
+            shared.refresh_if_stale(self).await;
+        }
+    }
+
+    /// Every destination, for the API.
+    pub fn snapshot(&self) -> Vec<Snapshot> {
+        let config = self.config();
+        let now = Utc::now();
+        let names = self.names();
+        let states = self.inner.states.lock().expect("gate state");
+        names
+            .into_iter()
+            .map(|name| {
+                let url = config
+                    .entries
+                    .iter()
+                    .find(|e| e.name == name)
+                    .map_or_else(|| name.clone(), |e| e.url.clone());
+                let s = states.get(&name);
+                let horizon = now - HEALTH_WINDOW;
+                let recent: Vec<bool> = s
+                    .map(|s| {
+                        s.health
+                            .outcomes
+                            .iter()
+                            .filter(|(t, _)| *t >= horizon)
+                            .map(|(_, ok)| *ok)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let ok = recent.iter().filter(|ok| **ok).count();
+                let breaker = s.map(|s| s.breaker).unwrap_or_default();
+                Snapshot {
+                    name: name.clone(),
+                    url,
+                    state: breaker.state,
+                    until: breaker.until.filter(|_| breaker.state != State::Closed),
+                    paused_until: s.and_then(|s| s.paused_until).filter(|p| *p > now),
+                    in_flight: s.map_or(0, |s| s.in_flight),
+                    held_runs: s.map_or(0, |s| {
+                        s.held
+                            .values()
+                            .filter(|u| **u > now - chrono::TimeDelta::seconds(5))
+                            .count()
+                    }),
+                    last_errors: s
+                        .map(|s| s.health.last_errors.iter().rev().cloned().collect())
+                        .unwrap_or_default(),
+                    success_rate: (!recent.is_empty()).then(|| ok as f64 / recent.len() as f64),
+                    requests_5m: recent.len(),
+                }
+            })
+            .collect()
+    }
+}
+
+impl Permit {
+    /// Gives back the local count (the shared gate held the request).
+    fn counted_back(&mut self) {
+        if let Some(gate) = self.gate.take() {
+            let mut states = gate.inner.states.lock().expect("gate state");
+            if let Some(s) = states.get_mut(&self.dest) {
+                s.in_flight = s.in_flight.saturating_sub(1);
+                if self.probe && s.breaker.state == State::HalfOpen {
+                    s.breaker.until = Some(Utc::now());
+                }
+            }
+            self.counted = false;
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! Bulk replays as apalis jobs: an apalis-core [`Backend`] over our own
+//! `replays` table. The fetcher leases running replays whose lease is free
+//! or lapsed (`claim_replays`: owner, expiry, fencing token; SKIP LOCKED and
+//! the database's clock on PostgreSQL) and hands each to the worker, which
+//! drives it with [`super::replay::Driver`]. At most [`CONCURRENCY`]
+//! replays per process; a semaphore permit travels with each task.
+//!
+//! The fetcher never yields `None` (that would end the worker for good) nor
+//! an error (that would drop every replay in flight): when nothing is
+//! claimable it waits for a new replay in this process or the poll interval
+//! (lapsed leases of other instances), and it logs and retries database
+//! errors.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use apalis_core::backend::{Backend, BackendConfig, finalize::Ephemeral};
+use apalis_core::layers::Identity;
+use apalis_core::monitor::Monitor;
+use apalis_core::task::Task;
+use apalis_core::task::task_id::RandomId;
+use apalis_core::worker::builder::WorkerBuilder;
+use apalis_core::worker::context::WorkerContext;
+use apalis_core::worker::ext::parallelize::ParallelizeExt;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+
+use super::replay::{Driver, LEASE, REPLAYS_CREATED};
+use crate::store::EventStore;
+use crate::store::runs::Replay;
+
+/// Replays one process drives at once.
+pub const CONCURRENCY: usize = 2;
+
+/// How often idle workers look for replays whose lease lapsed elsewhere.
+pub const POLL: Duration = Duration::from_secs(1);
+
+/// A replay leased to this process, with its concurrency permit.
+pub struct LeasedReplay {
+    pub replay: Replay,
+    _permit: OwnedSemaphorePermit,
+}
+
+type Claim = Pin<Box<dyn Future<Output = Vec<LeasedReplay>> + Send>>;
+
+/// The `replays` table as an apalis backend.
+pub struct ReplayBackend {
+    store: Arc<dyn EventStore>,
+    owner: String,
+    permits: Arc<Semaphore>,
+    stopping: Arc<AtomicBool>,
+    claim: Option<Claim>,
+    ready: VecDeque<LeasedReplay>,
+}
+
+/// Claims up to the free permits' worth of replays; waits (never returns
+/// empty) until there is one. Database errors are logged and retried.
+async fn claim(
+    store: Arc<dyn EventStore>,
+    owner: String,
+    permits: Arc<Semaphore>,
+    stopping: Arc<AtomicBool>,
+) -> Vec<LeasedReplay> {
+    loop {
+        let first = permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let created = REPLAYS_CREATED.notified();
+        tokio::pin!(created);
+        created.as_mut().enable();
+        if !stopping.load(Ordering::SeqCst) {
+            let free = 1 + permits.available_permits();
+            match store
+                .claim_replays(&owner, chrono::Utc::now(), LEASE, free as u32)
+                .await
+            {
+                Ok(replays) if !replays.is_empty() => {
+                    let mut permit = Some(first);
+                    return replays
+                        .into_iter()
+                        .map(|replay| {
+                            tracing::info!(replay_id = %replay.replay_id, mode = %replay.mode, done = replay.done, total = replay.total, "driving replay");
+                            let permit = match permit.take() {
+                                Some(p) => p,
+                                None => permits
+                                    .clone()
+                                    .try_acquire_owned()
+                                    .expect("claimed no more than the free permits"),
+                            };
+                            LeasedReplay {
+                                replay,
+                                _permit: permit,
+                            }
+                        })
+                        .collect();
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "cannot look for replays to drive; retrying"),
+            }
+        }
+        drop(first);
+        tokio::select! {
+            _ = &mut created => {}
+            _ = tokio::time::sleep(POLL) => {}
+        }
+    }
+}
+
+impl Backend for ReplayBackend {
+    type Task = Task<LeasedReplay>;
+    type Error = std::io::Error;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut Context<'_>,
+        _: &WorkerContext,
+    ) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+        _: &WorkerContext,
+    ) -> Poll<Option<Result<Self::Task, Self::Error>>> {
+        loop {
+            if let Some(leased) = self.ready.pop_front() {
+                return Poll::Ready(Some(Ok(Task::new(leased))));
+            }
+            let claim = self.claim.get_or_insert_with(|| {
+                Box::pin(claim(
+                    self.store.clone(),
+                    self.owner.clone(),
+                    self.permits.clone(),
+                    self.stopping.clone(),
+                ))
+            });
+            match claim.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(replays) => {
+                    self.claim = None;
+                    self.ready.extend(replays);
+                }
+            }
+        }
+    }
+
+    fn poll_close(
+        &mut self,
+        _: &mut Context<'_>,
+        _: &WorkerContext,
+    ) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl BackendConfig for ReplayBackend {
+    type Args = LeasedReplay;
+    type Id = RandomId;
+    type Kind = Ephemeral;
+    type Config = ();
+    type Layer = Identity;
+
+    fn config(&self) -> &Self::Config {
+        &()
+    }
+
+    fn middleware(&mut self, _: &mut WorkerContext) -> Self::Layer {
+        Identity::new()
+    }
+}
+
+/// A spawned task that is aborted when dropped (the worker stopped).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Future for AbortOnDrop<T> {
+    type Output = Result<T, tokio::task::JoinError>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// This process's replay workers: register them on the [`Monitor`], and call
+/// [`ReplayWorkers::stop`] when the process stops.
+#[derive(Clone)]
+pub struct ReplayWorkers {
+    driver: Arc<Driver>,
+    permits: Arc<Semaphore>,
+}
+
+impl ReplayWorkers {
+    pub fn new(store: Arc<dyn EventStore>, wake: Arc<Notify>) -> Self {
+        Self {
+            driver: Arc::new(Driver {
+                store,
+                wake,
+                // Unique per process: a restarted process never mistakes an old lease for its own.
+                owner: format!("replays-{}", uuid::Uuid::new_v4().simple()),
+                stopping: Arc::new(AtomicBool::new(false)),
+            }),
+            permits: Arc::new(Semaphore::new(CONCURRENCY)),
+        }
+    }
+
+    pub fn owner(&self) -> &str {
+        &self.driver.owner
+    }
+
+    /// Adds the replay worker to `monitor`.
+    pub fn register(&self, monitor: Monitor) -> Monitor {
+        let this = self.clone();
+        monitor.register(move |_restarts| {
+            let backend = ReplayBackend {
+                store: this.driver.store.clone(),
+                owner: this.driver.owner.clone(),
+                permits: this.permits.clone(),
+                stopping: this.driver.stopping.clone(),
+                claim: None,
+                ready: VecDeque::new(),
+            };
+            let driver = this.driver.clone();
+            WorkerBuilder::new(format!("replays-{}", uuid::Uuid::new_v4().simple()))
+                .backend(backend)
+                .parallelize(|f| AbortOnDrop(tokio::spawn(f)))
+                .build(move |leased: LeasedReplay| {
+                    let driver = driver.clone();
+                    async move {
+                        driver.drive_supervised(leased.replay).await;
+                        Ok::<(), std::io::Error>(())
+                    }
+                })
+        })
+    }
+
+    /// Stops driving (after the page in progress) and hands the leases back
+    /// at once, so another instance takes the replays over without waiting.
+    pub async fn stop(&self) {
+        self.driver.stopping.store(true, Ordering::SeqCst);
+        match self
+            .driver
+            .store
+            .release_replay_leases(&self.driver.owner, chrono::Utc::now())
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(replays = n, "replays handed back to other instances"),
+            Err(e) => {
+                tracing::error!(error = %e, "could not hand back replays; they are taken over when their leases lapse")
+            }
+        }
+    }
+}

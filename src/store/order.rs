@@ -1,0 +1,210 @@
+//! Per-conversation order (`order: conversation`, the default): the runs of
+//! one workflow for one conversation start in log order, each only after the
+//! previous one ended (succeeded, failed or cancelled).
+//!
+//! - At creation, inside the append transaction, [`hold_new_runs`] decides
+//!   which new runs are held: those with an earlier unfinished run of the same
+//!   workflow and conversation (stored, or earlier in the same batch). A held
+//!   run is created `waiting` with `wait_reason = 'order'`, due only when
+//!   released ([`held_until`]); it is never handed to a worker at creation
+//!   ([`NewRun::starts_now`] is false).
+//! - Every transaction that ends a run (the engine's saves, the end of a
+//!   wait, the API's cancel) releases, in the same transaction, the earliest
+//!   unfinished run of that workflow and conversation if it is held: it
+//!   becomes `scheduled`, due now ([`release_next_in_tx`]).
+//! - Across instances (PostgreSQL) both sides take a transaction-scoped
+//!   advisory lock per (workflow, conversation) before they look, so an append
+//!   and a finishing run never both conclude that the other will do the
+//!   release. Ending transactions take it before any row lock; appends take
+//!   theirs after the append lock, so the order of locks is the same
+//!   everywhere (no deadlock).
+//!
+//! Only original runs take part (`replay_of IS NULL`): a replay runs at once
+//! and holds nothing back. A manual retry of a failed or cancelled run starts
+//! at once as well; until it ends it holds back runs not started yet.
+
+use std::collections::HashSet;
+
+use chrono::{DateTime, TimeZone, Utc};
+
+use super::model::NewRun;
+
+/// The statuses of a run that has not ended.
+pub(crate) const UNFINISHED: &str = "('scheduled', 'running', 'retrying', 'waiting')";
+
+/// When a run held by order is due: never, until released.
+pub fn held_until() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(9999, 1, 1, 0, 0, 0)
+        .single()
+        .expect("a valid date")
+}
+
+/// The (workflow, conversation) pairs of new runs that keep order, sorted, once each.
+pub(crate) fn keys(runs: &[NewRun]) -> Vec<(String, String)> {
+    let mut keys: Vec<(String, String)> = runs
+        .iter()
+        .filter(|r| r.ordered)
+        .filter_map(|r| Some((r.workflow.clone(), r.conversation_id.clone()?)))
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+/// THE decision, at run creation: which new runs (in log order) are held by
+/// order. `unfinished` holds the (workflow, conversation) pairs with an
+/// original run that has not ended, read under the pair's lock. A run is
+/// held when its workflow keeps order, it has a conversation, and an earlier
+/// run of that pair is unfinished (stored, or earlier in this batch).
+/// Whoever hands new runs to workers must skip held ones.
+pub(crate) fn hold_new_runs(runs: &mut [NewRun], unfinished: &HashSet<(String, String)>) {
+    let mut seen: HashSet<(String, String)> = HashSet::new();
+    for run in runs.iter_mut() {
+        run.held = false;
+        if !run.ordered {
+            continue;
+        }
+        let Some(conv) = run.conversation_id.clone() else {
+            continue;
+        };
+        let key = (run.workflow.clone(), conv);
+        run.held = unfinished.contains(&key) || seen.contains(&key);
+        seen.insert(key);
+    }
+}
+
+/// Inside the append transaction, before the runs are inserted: locks the
+/// ordered pairs (`$lock`: PostgreSQL), reads which have unfinished runs,
+/// and marks the held runs of `$runs` ([`hold_new_runs`]).
+macro_rules! hold_in_tx {
+    ($db:ty, $tx:expr, $runs:expr, $lock:expr) => {{
+        let runs: &mut [$crate::store::model::NewRun] = $runs;
+        let keys = $crate::store::order::keys(runs);
+        if !keys.is_empty() {
+            let lock: bool = $lock;
+            // Binds per statement stay far under both limits: a batch is at most
+            // 256 events; chunks of 1000 pairs.
+            for chunk in keys.chunks(1000) {
+                if lock {
+                    let mut qb = sqlx::QueryBuilder::<$db>::new(
+                        "SELECT pg_advisory_xact_lock(hashtext(k.w), hashtext(k.c)) FROM (",
+                    );
+                    qb.push_values(chunk, |mut row, (w, c)| {
+                        row.push_bind(w.as_str()).push_bind(c.as_str());
+                    });
+                    qb.push(") AS k(w, c)");
+                    qb.build().execute(&mut **$tx).await?;
+                }
+            }
+            let mut convs: Vec<&str> = keys.iter().map(|(_, c)| c.as_str()).collect();
+            convs.sort();
+            convs.dedup();
+            let mut unfinished: std::collections::HashSet<(String, String)> =
+                std::collections::HashSet::new();
+            for chunk in convs.chunks(1000) {
+                let mut qb = sqlx::QueryBuilder::<$db>::new(format!(
+                    "SELECT DISTINCT workflow, conversation_id FROM runs WHERE replay_of IS NULL AND status IN {} \
+                     AND conversation_id IN (",
+                    $crate::store::order::UNFINISHED
+                ));
+                let mut sep = qb.separated(", ");
+                for c in chunk {
+                    sep.push_bind(*c);
+                }
+                qb.push(")");
+                let rows: Vec<(String, String)> =
+                    qb.build_query_as().fetch_all(&mut **$tx).await?;
+                unfinished.extend(rows);
+            }
+            $crate::store::order::hold_new_runs(runs, &unfinished);
+        }
+    }};
+}
+pub(crate) use hold_in_tx;
+
+/// First thing in a transaction that may end run `$run_id`: takes the
+/// advisory lock of its (workflow, conversation) on PostgreSQL (`$lock`).
+macro_rules! lock_order_in_tx {
+    ($tx:expr, $run_id:expr, $lock:expr) => {{
+        let lock: bool = $lock;
+        if lock {
+            sqlx::query(
+                "SELECT pg_advisory_xact_lock(hashtext(workflow), hashtext(conversation_id)) FROM runs \
+                 WHERE run_id = $1 AND conversation_id IS NOT NULL",
+            )
+            .bind($run_id)
+            .execute(&mut **$tx)
+            .await?;
+        }
+    }};
+}
+pub(crate) use lock_order_in_tx;
+
+/// In the transaction that ended run `$run_id` (after its update): releases
+/// the earliest unfinished original run of its workflow and conversation if
+/// it is held by order (it becomes `scheduled`, due `$now`) and notifies
+/// the workers (`$notify`: PostgreSQL's NOTIFY). Evaluates to whether one was released.
+macro_rules! release_next_in_tx {
+    ($tx:expr, $run_id:expr, $now:expr, $notify:expr) => {{
+        let r = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE runs SET status = 'scheduled', wait_reason = NULL, next_attempt_at = $1, updated_at = $1 \
+             WHERE status = 'waiting' AND wait_reason = 'order' AND run_id = (\
+               SELECT h.run_id FROM runs h JOIN runs f \
+                 ON h.workflow = f.workflow AND h.conversation_id = f.conversation_id \
+               WHERE f.run_id = $2 AND h.replay_of IS NULL AND h.status IN {} \
+               ORDER BY h.event_seq LIMIT 1)",
+            $crate::store::order::UNFINISHED
+        )))
+        .bind($now)
+        .bind($run_id)
+        .execute(&mut **$tx)
+        .await?;
+        let released = r.rows_affected() > 0;
+        let notify: Option<&str> = $notify;
+        if released && let Some(notify) = notify {
+            sqlx::query(notify).execute(&mut **$tx).await?;
+        }
+        released
+    }};
+}
+pub(crate) use release_next_in_tx;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(workflow: &str, conv: Option<&str>, ordered: bool) -> NewRun {
+        NewRun {
+            run_id: format!("run_{workflow}"),
+            workflow: workflow.into(),
+            event_seq: 1,
+            event_id: "ev".into(),
+            conversation_id: conv.map(Into::into),
+            context: serde_json::json!({}),
+            created_at: Utc::now(),
+            trace_context: None,
+            version: None,
+            ordered,
+            held: false,
+        }
+    }
+
+    #[test]
+    fn held_behind_stored_or_earlier_in_the_batch_only_when_ordered() {
+        let mut runs = vec![
+            run("a", Some("c1"), true),  // first of (a, c1): starts
+            run("a", Some("c1"), true),  // behind the first
+            run("a", Some("c2"), true),  // other conversation: starts
+            run("b", Some("c1"), false), // order: none
+            run("b", Some("c1"), false),
+            run("a", None, true),       // no conversation
+            run("d", Some("c3"), true), // an unfinished stored run of (d, c3)
+        ];
+        let unfinished = HashSet::from([("d".to_owned(), "c3".to_owned())]);
+        hold_new_runs(&mut runs, &unfinished);
+        let held: Vec<bool> = runs.iter().map(|r| r.held).collect();
+        assert_eq!(held, [false, true, false, false, false, false, true]);
+        assert!(!runs[0].held && runs[0].starts_now() && !runs[1].starts_now());
+        assert_eq!(keys(&runs).len(), 3);
+    }
+}

@@ -1,0 +1,544 @@
+//! The index of runs waiting at a `wait` / `wait_for` step (table
+//! `run_waits`), for both backends.
+//!
+//! A run starts waiting in one transaction that parks it (status `waiting`,
+//! no lease, due at its resume time or timeout) and records what it waits
+//! for; a `wait_for` first looks, in that same transaction and under the
+//! append lock, for a matching event already stored after the run's
+//! trigger. Every later event is matched inside the transaction that
+//! appends it ([`match_waits_in_tx`], called from the append flow), which
+//! marks the wait matched and makes the run due now. The worker that then
+//! claims the run ends the wait and saves the step's result in one
+//! transaction ([`WaitStore::finish_wait`]), so a wait ends exactly once,
+//! whatever crashes in between.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+use super::StoreError;
+use super::runs::RunUpdate;
+
+/// A wait to record when a run reaches a wait step.
+#[derive(Clone, Debug)]
+pub struct NewWait {
+    pub run_id: String,
+    pub step_id: String,
+    /// `timer` or `event` (also the run's `wait_reason`).
+    pub kind: &'static str,
+    pub conversation_id: Option<String>,
+    pub event_type: Option<String>,
+    /// Only events after this place in the log count (the run's trigger).
+    pub after_seq: i64,
+    /// The `wait_for` as JSON ([`crate::workflow::wait::WaitFor`]); `null` for a timer.
+    pub matcher: Value,
+    pub started_at: DateTime<Utc>,
+    /// The resume time (timer) or the timeout (event).
+    pub until: DateTime<Utc>,
+}
+
+/// A recorded wait.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct RunWait {
+    pub run_id: String,
+    pub step_id: String,
+    pub kind: String,
+    pub conversation_id: Option<String>,
+    pub event_type: Option<String>,
+    pub after_seq: i64,
+    pub matcher: String,
+    pub started_at: DateTime<Utc>,
+    pub until_at: DateTime<Utc>,
+    pub matched_event_id: Option<String>,
+    pub matched_seq: Option<i64>,
+    pub matched_at: Option<DateTime<Utc>>,
+}
+
+impl RunWait {
+    /// The `wait_for` this row waits on (`None` for a timer).
+    pub fn wait_for(&self) -> Option<crate::workflow::wait::WaitFor> {
+        serde_json::from_str(&self.matcher).ok()
+    }
+}
+
+pub(crate) const WAIT_COLUMNS: &str = "run_id, step_id, kind, conversation_id, event_type, after_seq, matcher, \
+     started_at, until_at, matched_event_id, matched_seq, matched_at";
+
+/// How a due wait ended.
+#[derive(Clone, Debug)]
+pub struct WaitOutcome {
+    pub wait: RunWait,
+    /// The envelope of the event that matched (`None`: a timer, or timed out).
+    pub envelope: Option<Value>,
+}
+
+/// What [`WaitStore::finish_wait`] found.
+#[derive(Debug)]
+pub enum FinishWait {
+    /// The run has no wait recorded: it reaches its wait step now.
+    NotWaiting,
+    /// Neither matched nor due yet: the run was parked again until then.
+    Pending(DateTime<Utc>),
+    /// Another worker holds the run.
+    LeaseLost,
+    /// The wait ended and the update was saved.
+    Done(Box<WaitOutcome>, Box<RunUpdate>),
+}
+
+/// Builds the run's update from how its wait ended.
+pub type MakeUpdate<'a> = &'a (dyn Fn(&WaitOutcome) -> RunUpdate + Send + Sync);
+
+#[async_trait::async_trait]
+pub trait WaitStore: Send + Sync + 'static {
+    /// Parks a run leased by `owner`/`token` at a wait step: saves `update`
+    /// (status `waiting`) and records `wait`; a `wait_for` that an already
+    /// stored event after the trigger matches is recorded as matched and the
+    /// run is due now. `None` when the lease was lost, else whether it matched already.
+    async fn begin_wait(
+        &self,
+        owner: &str,
+        token: i64,
+        update: &RunUpdate,
+        wait: &NewWait,
+        now: DateTime<Utc>,
+    ) -> Result<Option<bool>, StoreError>;
+
+    /// Ends the wait of a claimed run at `step_id` if it matched or is due,
+    /// saving `make_update(outcome)` in the same transaction.
+    async fn finish_wait(
+        &self,
+        run_id: &str,
+        step_id: &str,
+        owner: &str,
+        token: i64,
+        now: DateTime<Utc>,
+        make_update: MakeUpdate<'_>,
+    ) -> Result<FinishWait, StoreError>;
+
+    /// The recorded wait of a run, if any.
+    async fn run_wait(&self, run_id: &str) -> Result<Option<RunWait>, StoreError>;
+
+    /// Forgets the wait of a run that is no longer waiting (cancelled).
+    async fn remove_wait(&self, run_id: &str) -> Result<(), StoreError>;
+
+    /// For a run held by order: the earlier runs of its workflow and
+    /// conversation that have not ended, in log order, with their status.
+    async fn held_behind(&self, run_id: &str) -> Result<Vec<(String, String)>, StoreError>;
+
+    /// Runs waiting (at a step, or held by order) now, and when the oldest started waiting.
+    async fn wait_stats(&self) -> Result<(i64, Option<DateTime<Utc>>), StoreError>;
+}
+
+/// A stored event as the wait lookups read it: (seq, event id, type, raw body, received_at).
+pub type LoggedEvent = (i64, String, String, Vec<u8>, DateTime<Utc>);
+
+/// Folds a conversation's stored events (`(seq, type, raw body, received_at)`,
+/// in log order) and returns the first event after `after_seq` that `wait` matches.
+pub(crate) fn first_match(
+    conversation_id: &str,
+    events: &[LoggedEvent],
+    wait: &crate::workflow::wait::WaitFor,
+    after_seq: i64,
+) -> Option<(i64, String)> {
+    use super::projection::ConversationState;
+    use crate::operator::envelope::Envelope;
+    use crate::workflow::matching::EventFacts;
+    let mut state = ConversationState::new(conversation_id);
+    for (seq, event_id, event_type, body, received_at) in events {
+        let Ok(envelope) = Envelope::parse(body) else {
+            continue;
+        };
+        let before = state.clone();
+        state.apply(*seq, &envelope, *received_at);
+        if *seq <= after_seq || *event_type != wait.event {
+            continue;
+        }
+        let json: Value = serde_json::from_slice(body).unwrap_or_default();
+        let facts = EventFacts {
+            envelope: &envelope,
+            event_json: &json,
+            before: Some(&before),
+            after: Some(&state),
+        };
+        if wait.matches(&facts) {
+            return Some((*seq, event_id.clone()));
+        }
+    }
+    None
+}
+
+/// Matches the events of a batch being appended against the waits of their
+/// conversations: `waits` are the unmatched event waits read before the
+/// plan, `states` the conversations' projections before the batch. Returns
+/// the matches to write: (run id, event id, seq).
+pub(crate) fn match_batch(
+    inserts: &[super::batch::Insert<'_>],
+    waits: &[RunWait],
+    mut states: std::collections::HashMap<String, super::projection::ConversationState>,
+) -> Vec<(String, String, i64)> {
+    use super::projection::ConversationState;
+    use crate::workflow::matching::EventFacts;
+    let mut matched: Vec<(String, String, i64)> = Vec::new();
+    let parsed: Vec<Option<crate::workflow::wait::WaitFor>> =
+        waits.iter().map(RunWait::wait_for).collect();
+    for insert in inserts {
+        let env = &insert.event.envelope;
+        let Some(conv) = env.conversation_id.as_ref().map(|c| c.to_string()) else {
+            continue;
+        };
+        let state = states
+            .entry(conv.clone())
+            .or_insert_with(|| ConversationState::new(conv.as_str()));
+        let before = state.clone();
+        state.apply(insert.seq, env, insert.event.received_at);
+        let mut json: Option<Value> = None;
+        for (w, wait_for) in waits.iter().zip(&parsed) {
+            let Some(wait_for) = wait_for else { continue };
+            if w.conversation_id.as_deref() != Some(conv.as_str())
+                || w.event_type.as_deref() != Some(env.event_type.as_str())
+                || w.after_seq >= insert.seq
+                || matched.iter().any(|(r, _, _)| *r == w.run_id)
+            {
+                continue;
+            }
+            let json = json.get_or_insert_with(|| {
+                serde_json::from_slice(&insert.event.raw_body).unwrap_or_default()
+            });
+            let facts = EventFacts {
+                envelope: env,
+                event_json: json,
+                before: Some(&before),
+                after: Some(state),
+            };
+            if wait_for.matches(&facts) {
+                matched.push((w.run_id.clone(), env.id.to_string(), insert.seq));
+            }
+        }
+    }
+    matched
+}
+
+/// Inside the append transaction: the unmatched event waits of the batch's
+/// conversations (one indexed query; nothing when no run waits on them).
+macro_rules! waits_of_batch_in_tx {
+    ($db:ty, $tx:expr, $batch:expr) => {{
+        let batch: &[$crate::store::model::NewEvent] = $batch;
+        let mut convs: Vec<String> = batch
+            .iter()
+            .filter_map(|e| e.envelope.conversation_id.as_ref().map(|c| c.to_string()))
+            .collect();
+        convs.sort();
+        convs.dedup();
+        if convs.is_empty() {
+            Vec::new()
+        } else {
+            let mut qb = sqlx::QueryBuilder::<$db>::new(format!(
+                "SELECT {} FROM run_waits WHERE matched_seq IS NULL AND kind = 'event' AND conversation_id IN (",
+                $crate::store::waits::WAIT_COLUMNS
+            ));
+            let mut sep = qb.separated(", ");
+            for c in &convs {
+                sep.push_bind(c.clone());
+            }
+            qb.push(")");
+            qb.build_query_as::<$crate::store::waits::RunWait>()
+                .fetch_all(&mut **$tx)
+                .await?
+        }
+    }};
+}
+pub(crate) use waits_of_batch_in_tx;
+
+/// Inside the append transaction, after the events are inserted: marks the
+/// waits they match and makes those runs due now. Returns how many resumed.
+macro_rules! match_waits_in_tx {
+    ($tx:expr, $inserts:expr, $waits:expr, $states:expr) => {{
+        let now = chrono::Utc::now();
+        let mut resumed = 0usize;
+        for (run_id, event_id, seq) in $crate::store::waits::match_batch($inserts, $waits, $states) {
+            let r = sqlx::query(
+                "UPDATE run_waits SET matched_event_id = $1, matched_seq = $2, matched_at = $3 \
+                 WHERE run_id = $4 AND matched_seq IS NULL",
+            )
+            .bind(&event_id)
+            .bind(seq)
+            .bind(now)
+            .bind(&run_id)
+            .execute(&mut **$tx)
+            .await?;
+            if r.rows_affected() == 1 {
+                sqlx::query(
+                    "UPDATE runs SET next_attempt_at = $1, updated_at = $1 WHERE run_id = $2 AND status = 'waiting'",
+                )
+                .bind(now)
+                .bind(&run_id)
+                .execute(&mut **$tx)
+                .await?;
+                resumed += 1;
+            }
+        }
+        resumed
+    }};
+}
+pub(crate) use match_waits_in_tx;
+
+/// Implements [`WaitStore`]: `$append_lock` is the advisory lock that serializes
+/// with appends (PostgreSQL; SQLite has one writer connection),
+/// `$row_lock` the row-lock clause of a SELECT, `$db_clock` whether leases use the database's clock.
+macro_rules! impl_wait_store {
+    ($store:ty, $db:ty, $append_lock:expr, $row_lock:expr, $db_clock:expr) => {
+        #[async_trait::async_trait]
+        impl $crate::store::waits::WaitStore for $store {
+            async fn begin_wait(
+                &self,
+                owner: &str,
+                token: i64,
+                u: &$crate::store::runs::RunUpdate,
+                w: &$crate::store::waits::NewWait,
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<Option<bool>, $crate::store::StoreError> {
+                use $crate::store::runs::storable_json;
+                let mut tx = self.writer.begin().await?;
+                if w.kind == "event" {
+                    let lock: Option<i64> = $append_lock;
+                    if let Some(lock) = lock {
+                        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                            .bind(lock)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                }
+                // An event already stored after the trigger counts (no lost race:
+                // appends wait for this transaction, or were committed before it).
+                let mut matched: Option<(i64, String)> = None;
+                if let (Some(conv), Some(wait_for)) = (
+                    w.conversation_id.as_deref(),
+                    serde_json::from_value::<$crate::workflow::wait::WaitFor>(w.matcher.clone()).ok(),
+                ) {
+                    let events: Vec<$crate::store::waits::LoggedEvent> =
+                        sqlx::query_as(
+                            "SELECT seq, event_id, event_type, raw_body, received_at FROM events \
+                             WHERE conversation_id = $1 ORDER BY seq",
+                        )
+                        .bind(conv)
+                        .fetch_all(&mut *tx)
+                        .await?;
+                    matched = $crate::store::waits::first_match(conv, &events, &wait_for, w.after_seq);
+                }
+                let due = if matched.is_some() { now } else { w.until };
+                let r = sqlx::query(
+                    "UPDATE runs SET status = 'waiting', wait_reason = $1, step_index = $2, step_id = $3, \
+                     attempt = $4, attempts_total = $5, next_attempt_at = $6, lease_owner = NULL, \
+                     lease_until = NULL, step_results = $7, last_error = NULL, updated_at = $8 \
+                     WHERE run_id = $9 AND lease_owner = $10 AND lease_token = $11 AND status = 'running'",
+                )
+                .bind(w.kind)
+                .bind(u.step_index)
+                .bind(u.step_id.as_deref())
+                .bind(u.attempt)
+                .bind(u.attempts_total)
+                .bind(due)
+                .bind(sqlx::types::Json(storable_json(&u.step_results).as_ref()))
+                .bind(now)
+                .bind(&w.run_id)
+                .bind(owner)
+                .bind(token)
+                .execute(&mut *tx)
+                .await?;
+                if r.rows_affected() != 1 {
+                    tx.rollback().await?;
+                    return Ok(None);
+                }
+                sqlx::query("DELETE FROM run_waits WHERE run_id = $1")
+                    .bind(&w.run_id)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(
+                    "INSERT INTO run_waits (run_id, step_id, kind, conversation_id, event_type, after_seq, \
+                     matcher, started_at, until_at, matched_event_id, matched_seq, matched_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                )
+                .bind(&w.run_id)
+                .bind(&w.step_id)
+                .bind(w.kind)
+                .bind(w.conversation_id.as_deref())
+                .bind(w.event_type.as_deref())
+                .bind(w.after_seq)
+                .bind(w.matcher.to_string())
+                .bind(w.started_at)
+                .bind(w.until)
+                .bind(matched.as_ref().map(|m| m.1.clone()))
+                .bind(matched.as_ref().map(|m| m.0))
+                .bind(matched.as_ref().map(|_| now))
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(Some(matched.is_some()))
+            }
+
+            async fn finish_wait(
+                &self,
+                run_id: &str,
+                step_id: &str,
+                owner: &str,
+                token: i64,
+                now: chrono::DateTime<chrono::Utc>,
+                make_update: $crate::store::waits::MakeUpdate<'_>,
+            ) -> Result<$crate::store::waits::FinishWait, $crate::store::StoreError> {
+                use $crate::store::runs::{storable_json, storable_text};
+                use $crate::store::waits::{FinishWait, RunWait, WaitOutcome};
+                let mut tx = self.writer.begin().await?;
+                // The wait may end the run (a last step): the order lock comes before any row lock.
+                $crate::store::order::lock_order_in_tx!(&mut tx, run_id, Self::ORDER_LOCK);
+                let row: Option<RunWait> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT {} FROM run_waits WHERE run_id = $1 AND step_id = $2 {}",
+                    $crate::store::waits::WAIT_COLUMNS,
+                    $row_lock
+                )))
+                .bind(run_id)
+                .bind(step_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let Some(wait) = row else {
+                    tx.rollback().await?;
+                    return Ok(FinishWait::NotWaiting);
+                };
+                let fenced = "WHERE run_id = $1 AND lease_owner = $2 AND lease_token = $3 AND status = 'running'";
+                if wait.matched_seq.is_none() && wait.until_at > now {
+                    let r = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "UPDATE runs SET status = 'waiting', next_attempt_at = $4, lease_owner = NULL, \
+                         lease_until = NULL, wait_reason = $5, updated_at = $6 {fenced}"
+                    )))
+                    .bind(run_id)
+                    .bind(owner)
+                    .bind(token)
+                    .bind(wait.until_at)
+                    .bind(&wait.kind)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                    tx.commit().await?;
+                    return Ok(if r.rows_affected() == 1 {
+                        FinishWait::Pending(wait.until_at)
+                    } else {
+                        FinishWait::LeaseLost
+                    });
+                }
+                let envelope = match &wait.matched_event_id {
+                    Some(id) => {
+                        let body: Option<Vec<u8>> =
+                            sqlx::query_scalar("SELECT raw_body FROM events WHERE event_id = $1")
+                                .bind(id)
+                                .fetch_optional(&mut *tx)
+                                .await?;
+                        Some(
+                            body.and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                                .unwrap_or(serde_json::Value::Null),
+                        )
+                    }
+                    None => None,
+                };
+                let outcome = WaitOutcome { wait, envelope };
+                let u = make_update(&outcome);
+                let keep = u.lease.is_some();
+                let sql = format!(
+                    "UPDATE runs SET status = $4, step_index = $5, attempt = $6, attempts_total = $7, \
+                     next_attempt_at = $8, lease_owner = CASE WHEN $9 THEN lease_owner ELSE NULL END, \
+                     lease_until = CASE WHEN $9 THEN {} ELSE NULL END, step_results = $11, last_error = $12, \
+                     finished_at = $13, updated_at = $14, step_id = $15, wait_reason = NULL {fenced}",
+                    $crate::store::runs_sql::lease_sql($db_clock, 10)
+                );
+                let q = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(run_id)
+                    .bind(owner)
+                    .bind(token)
+                    .bind(u.status.as_str())
+                    .bind(u.step_index)
+                    .bind(u.attempt)
+                    .bind(u.attempts_total)
+                    .bind(u.next_attempt_at)
+                    .bind(keep);
+                let lease = u.lease.unwrap_or_default();
+                let q = if $db_clock {
+                    q.bind(lease.as_secs_f64())
+                } else {
+                    q.bind($crate::store::runs_sql::local_lease_until(lease))
+                };
+                let r = q
+                    .bind(sqlx::types::Json(storable_json(&u.step_results).as_ref()))
+                    .bind(u.last_error.as_deref().map(storable_text))
+                    .bind(u.finished_at)
+                    .bind(now)
+                    .bind(u.step_id.as_deref())
+                    .execute(&mut *tx)
+                    .await?;
+                if r.rows_affected() != 1 {
+                    tx.rollback().await?;
+                    return Ok(FinishWait::LeaseLost);
+                }
+                sqlx::query("DELETE FROM run_waits WHERE run_id = $1")
+                    .bind(run_id)
+                    .execute(&mut *tx)
+                    .await?;
+                if u.status.is_final() {
+                    $crate::store::order::release_next_in_tx!(&mut tx, run_id, now, Self::NOTIFY_RUNS);
+                }
+                tx.commit().await?;
+                Ok(FinishWait::Done(Box::new(outcome), Box::new(u)))
+            }
+
+            async fn run_wait(
+                &self,
+                run_id: &str,
+            ) -> Result<Option<$crate::store::waits::RunWait>, $crate::store::StoreError> {
+                Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT {} FROM run_waits WHERE run_id = $1",
+                    $crate::store::waits::WAIT_COLUMNS
+                )))
+                .bind(run_id)
+                .fetch_optional(&self.reader)
+                .await?)
+            }
+
+            async fn remove_wait(&self, run_id: &str) -> Result<(), $crate::store::StoreError> {
+                sqlx::query(
+                    "DELETE FROM run_waits WHERE run_id = $1 AND NOT EXISTS \
+                     (SELECT 1 FROM runs WHERE runs.run_id = $1 AND runs.status IN ('waiting', 'running'))",
+                )
+                .bind(run_id)
+                .execute(&self.writer)
+                .await?;
+                Ok(())
+            }
+
+            async fn held_behind(
+                &self,
+                run_id: &str,
+            ) -> Result<Vec<(String, String)>, $crate::store::StoreError> {
+                Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT h.run_id, h.status FROM runs h JOIN runs me \
+                       ON h.workflow = me.workflow AND h.conversation_id = me.conversation_id \
+                     WHERE me.run_id = $1 AND h.replay_of IS NULL AND h.status IN {} \
+                       AND h.event_seq < me.event_seq ORDER BY h.event_seq",
+                    $crate::store::order::UNFINISHED
+                )))
+                .bind(run_id)
+                .fetch_all(&self.reader)
+                .await?)
+            }
+
+            async fn wait_stats(
+                &self,
+            ) -> Result<(i64, Option<chrono::DateTime<chrono::Utc>>), $crate::store::StoreError> {
+                // Runs at a wait step, and runs held by order (waiting since created).
+                Ok(sqlx::query_as(
+                    "SELECT COUNT(*), MIN(COALESCE(w.started_at, r.created_at)) FROM runs r \
+                     LEFT JOIN run_waits w ON w.run_id = r.run_id \
+                     WHERE r.status = 'waiting' AND (w.run_id IS NOT NULL OR r.wait_reason = 'order')",
+                )
+                .fetch_one(&self.reader)
+                .await?)
+            }
+        }
+    };
+}
+pub(crate) use impl_wait_store;
