@@ -37,8 +37,21 @@ use crate::store::runs::Run;
 /// The safety-net poll when nothing else wakes the fetcher.
 const POLL: Duration = Duration::from_secs(1);
 
-/// A fetch in flight: the runs it claimed, and whether it filled every free slot.
-type Fetch = Pin<Box<dyn Future<Output = (Vec<Run>, bool)> + Send>>;
+/// A fetch in flight, in a task of its own: the runs it claimed, and
+/// whether it filled every free slot. Its own task because a claim holds a
+/// database connection (on SQLite, the one writer) inside its transaction,
+/// and apalis polls the backend only while a concurrency slot is free: a
+/// claim driven by `poll_next` stalled mid-transaction whenever every slot
+/// was busy, and the runs in those slots then waited for that connection to
+/// save (a deadlock until the pool's acquire timeout, seen at full load).
+/// Aborted when dropped (on close), which rolls an unfinished claim back.
+struct Fetch(tokio::task::JoinHandle<(Vec<Run>, bool)>);
+
+impl Drop for Fetch {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 /// Runs this process created and leased to itself in the event's append
 /// transaction, handed to its workers in memory (each with the time it was
@@ -146,11 +159,14 @@ impl Backend for RunsBackend {
             let more = self.more;
             let fetch = self
                 .fetching
-                .get_or_insert_with(|| Box::pin(fetch(engine, more)));
-            match fetch.as_mut().poll(cx) {
-                Poll::Ready((runs, more)) => {
+                .get_or_insert_with(|| Fetch(tokio::spawn(fetch(engine, more))));
+            match Pin::new(&mut fetch.0).poll(cx) {
+                Poll::Ready(joined) => {
                     self.fetching = None;
-                    self.more = more;
+                    // The fetch never panics (errors are retried inside it); if
+                    // it did, claim again at once.
+                    let (runs, more) = joined.unwrap_or_default();
+                    self.more = more || runs.is_empty();
                     self.ready.extend(runs);
                 }
                 Poll::Pending => return Poll::Pending,
