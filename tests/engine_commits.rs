@@ -79,9 +79,11 @@ async fn postgres_a_one_step_run_costs_one_commit_after_its_events() {
         "{N} one-step messages: {} commits ({per_message:.2} per message) in {idle_secs:.1}s",
         after - before
     );
-    // Two per message (the event's and the run's one save); the safety-net
-    // poll adds at most a claim and a look-ahead per second.
-    let allowed = 2 * N as i64 + 2 * idle_secs.ceil() as i64 + 4;
+    // Two per message (the event's and the run's one save), within issue 12's
+    // target of 2.2 (a renewal or a claim now and then); the safety-net poll
+    // adds at most a claim and a look-ahead per second. A claim or an extra
+    // save per run would be 3 per message.
+    let allowed = (22 * N as i64) / 10 + 2 * idle_secs.ceil() as i64 + 4;
     assert!(
         after - before <= allowed,
         "{} commits for {N} messages (allowed {allowed}): a claim or an extra save per run?",
