@@ -32,6 +32,7 @@
 //! `outage` (not in the default list): a destination refusing connections for `--outage`
 //! with 1,000 runs queued (`max_attempts: 3`): probes per cool-down, time to drain after the
 //! recovery, a healthy destination's ack → sink p99 during and without it (see `outage.rs`).
+//! `shared-rate` (PostgreSQL only, not in the default list): two instances sharing `rate: 50/s`.
 
 mod ceilings;
 #[path = "../common/mod.rs"]
@@ -764,6 +765,7 @@ async fn main() -> anyhow::Result<()> {
                 "destinations" => destinations::run(&ctx, &backend, &mut rows).await,
                 "waits" => waits::run(&ctx, &backend, &mut rows).await,
                 "outage" => outage::run(&ctx, &backend, &mut rows).await,
+                "shared-rate" => destinations::shared_rate(&ctx, &backend, &mut rows).await,
                 other => Err(anyhow::anyhow!("unknown scenario {other}")),
             };
             if let Err(e) = result {
