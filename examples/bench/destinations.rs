@@ -189,3 +189,89 @@ pub async fn run(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Resul
     drop_db(backend, &db).await;
     Ok(())
 }
+
+/// Scenario `shared-rate` (PostgreSQL only): two instances over one database
+/// share `rate: 50/s`; 1,000 runs, half ingested through each; the combined
+/// rate at the sink after the first second, against the limit.
+pub async fn shared_rate(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    if backend == "sqlite" {
+        return Ok(()); // one process runs the engine on SQLite
+    }
+    let (sink, sink_url) = Sink::start().await?;
+    let wf = ctx.tmp.path().join(format!("wf-shared-{}", tag()));
+    write_workflow(
+        &wf,
+        "crm.yaml",
+        &format!(
+            "name: crm\non: {{ event: conversation.ended }}\nsteps:\n  - id: post\n    http:\n      url: \"{sink_url}/crm/deliveries\"\n      json: {{ event: \"{{{{ event.id }}}}\" }}\n"
+        ),
+    )?;
+    write_workflow(
+        &wf,
+        "destinations.yaml",
+        &format!("destinations:\n  - name: crm\n    url: \"{sink_url}/crm/\"\n    rate: 50/s\n"),
+    )?;
+    let db = fresh_db(backend, ctx.tmp.path()).await?;
+    let a = Server::start(&ctx.bin, &db, &wf, ctx.tmp.path(), &[]).await?;
+    let b_srv = Server::start(&ctx.bin, &db, &wf, ctx.tmp.path(), &[]).await?;
+    let n = if ctx.o.duration < Duration::from_secs(2) {
+        100u64
+    } else {
+        1_000
+    };
+    let (ta, tb) = (tag(), tag());
+    let (ga, gb) = (
+        target(&a, 16, Arc::new(move |i| load::ended_body(&ta, i))),
+        target(&b_srv, 16, Arc::new(move |i| load::ended_body(&tb, i))),
+    );
+    let (sa, sb) = tokio::join!(
+        load::max_rate(&ga, 16, Duration::from_secs(120), Some(n / 2)),
+        load::max_rate(&gb, 16, Duration::from_secs(120), Some(n / 2)),
+    );
+    let sent = sa.ok + sb.ok;
+    sink.wait_for(sent as usize, Duration::from_secs(n / 25 + 30))
+        .await;
+    let mut times: Vec<Instant> = sink
+        .arrivals
+        .lock()
+        .unwrap()
+        .values()
+        .map(|(t, _)| *t)
+        .collect();
+    times.sort();
+    anyhow::ensure!(!times.is_empty(), "nothing reached the sink");
+    let after: Vec<Instant> = times
+        .iter()
+        .copied()
+        .filter(|t| t.duration_since(times[0]) >= Duration::from_secs(1))
+        .collect();
+    let mut max_window = 0;
+    let mut j = 0;
+    for i in 0..after.len() {
+        while after[i].duration_since(after[j]) >= Duration::from_secs(1) {
+            j += 1;
+        }
+        max_window = max_window.max(i - j + 1);
+    }
+    let steady = match (after.first(), after.last()) {
+        (Some(x), Some(z)) if z > x => {
+            (after.len() - 1) as f64 / z.duration_since(*x).as_secs_f64()
+        }
+        _ => 0.0,
+    };
+    rows.push(Row::note_only(
+        &format!("5. destinations: two instances, {n} runs, 50/s"),
+        backend_name(backend),
+        steady,
+        sa.errors + sb.errors + n - times.len() as u64,
+        format!(
+            "{} of {n} arrived; combined {steady:.1}/s after the first second = {:.0} % of the limit; at most {max_window} in any 1 s",
+            times.len(),
+            100.0 * steady / 50.0
+        ),
+    ));
+    drop(a);
+    drop(b_srv);
+    drop_db(backend, &db).await;
+    Ok(())
+}

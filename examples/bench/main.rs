@@ -5,7 +5,8 @@
 //! ```text
 //! cargo run --release --example bench -- [--pg postgres://…] [--no-sqlite]
 //!     [--scenarios ingest,e2e,setup,growth,idle,destinations] [--duration 10s] [--growth 10000,100000]
-//!     [--idle 60s] [--json results.json] [--smoke]
+//!     [--idle 60s] [--json results.json] [--smoke] [--no-build]
+//!     [--waits 100000] [--outage 20s]
 //! ```
 //!
 //! Scenarios (each on every backend asked for):
@@ -23,6 +24,15 @@
 //! `destinations` (not in the default list): 500 runs to a destination limited to 50/s, the
 //! gate's cost per request, and ack → sink latency with a breaker-only `default:`
 //! (see `destinations.rs`).
+//!
+//! `waits` (not in the default list): `--waits` waiting runs (half `wait`, half `wait_for`)
+//! created through the server; idle CPU and RSS over them, ingest beside them vs. an empty
+//! store, resume latency of `wait_for` and of a short `wait` (see `waits.rs`).
+//!
+//! `outage` (not in the default list): a destination refusing connections for `--outage`
+//! with 1,000 runs queued (`max_attempts: 3`): probes per cool-down, time to drain after the
+//! recovery, a healthy destination's ack → sink p99 during and without it (see `outage.rs`).
+//! `shared-rate` (PostgreSQL only, not in the default list): two instances sharing `rate: 50/s`.
 
 mod ceilings;
 #[path = "../common/mod.rs"]
@@ -30,7 +40,9 @@ mod common;
 mod cost;
 mod destinations;
 mod load;
+mod outage;
 mod server;
+mod waits;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -51,6 +63,10 @@ struct Options {
     json: Option<String>,
     connections: usize,
     build: bool,
+    /// Waiting runs for `waits`.
+    waits: usize,
+    /// How long the destination of `outage` is down.
+    outage: Duration,
 }
 
 fn parse_args() -> anyhow::Result<Options> {
@@ -65,6 +81,8 @@ fn parse_args() -> anyhow::Result<Options> {
         json: None,
         connections: 64,
         build: true,
+        waits: 100_000,
+        outage: Duration::from_secs(20),
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -87,11 +105,15 @@ fn parse_args() -> anyhow::Result<Options> {
             "--json" => o.json = Some(value()?),
             "--connections" => o.connections = value()?.parse()?,
             "--no-build" => o.build = false,
+            "--waits" => o.waits = value()?.replace('_', "").parse()?,
+            "--outage" => o.outage = humantime::parse_duration(&value()?)?,
             "--smoke" => {
                 o.duration = Duration::from_secs(1);
                 o.growth = vec![1_000];
                 o.idle = Duration::from_secs(2);
                 o.connections = 16;
+                o.waits = 2_000;
+                o.outage = Duration::from_secs(8);
             }
             other => {
                 anyhow::bail!("unknown argument {other}; see the header of examples/bench/main.rs")
@@ -166,7 +188,7 @@ impl Row {
 
 fn print_rows(rows: &[Row]) {
     println!(
-        "\n{:<34} {:<9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>6} {:>7} {:>7}  note",
+        "\n{:<40} {:<9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>6} {:>7} {:>7}  note",
         "scenario",
         "backend",
         "per s",
@@ -194,7 +216,7 @@ fn print_rows(rows: &[Row]) {
             ));
         }
         println!(
-            "{:<34} {:<9} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>8.1} {:>6.2} {:>7.3} {:>7.3}  {}",
+            "{:<40} {:<9} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>8.1} {:>6.2} {:>7.3} {:>7.3}  {}",
             r.scenario,
             r.backend,
             r.rate,
@@ -741,6 +763,9 @@ async fn main() -> anyhow::Result<()> {
                 "growth" => growth(&ctx, &backend, &mut rows).await,
                 "idle" => idle(&ctx, &backend, &mut rows).await,
                 "destinations" => destinations::run(&ctx, &backend, &mut rows).await,
+                "waits" => waits::run(&ctx, &backend, &mut rows).await,
+                "outage" => outage::run(&ctx, &backend, &mut rows).await,
+                "shared-rate" => destinations::shared_rate(&ctx, &backend, &mut rows).await,
                 other => Err(anyhow::anyhow!("unknown scenario {other}")),
             };
             if let Err(e) = result {

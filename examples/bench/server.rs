@@ -233,3 +233,37 @@ impl Sink {
         None
     }
 }
+
+impl Sink {
+    /// Starts the sink on a given loopback port (a destination coming back up).
+    pub async fn start_on(port: u16) -> anyhow::Result<Self> {
+        let sink = Self::default();
+        let acceptor = TcpListener::bind(format!("127.0.0.1:{port}"))
+            .into_acceptor()
+            .await?;
+        let app = Route::new()
+            .at("/*", poem::post(record).get(record))
+            .data(sink.clone());
+        tokio::spawn(poem::Server::new_with_acceptor(acceptor).run(app));
+        Ok(sink)
+    }
+}
+
+/// The sum of a metric's series on the server's `/metrics` whose labels contain `labels`
+/// (`""`: every series).
+pub async fn metric(server: &Server, name: &str, labels: &str) -> anyhow::Result<f64> {
+    let text = reqwest::get(format!("{}/metrics", server.base))
+        .await?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+                && l.contains(labels)
+        })
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum::<f64>()
+        + 0.0) // an empty sum is -0
+}

@@ -1,0 +1,321 @@
+//! Bench scenario `waits` (issue 13 "Scale"): N waiting runs (default
+//! 100,000; half `wait: 24h`, half `wait_for` a field value that never
+//! arrives, timeout 24h), created by signed webhooks through the real
+//! server: one `conversation.ended` event starts one run of each workflow.
+//! Then, on a restarted server over that store: idle CPU and RSS; ingest
+//! of `custom_fields.updated` events for the waiting conversations
+//! (each one is matched against their waits, and does not match) compared
+//! with the same ingest on an empty store; resume latency of `wait_for`
+//! (matching event's ack → the next step's request at the sink) and of a
+//! short `wait: 2s` (the sink's receipt − (ack + 2 s), so it includes the
+//! run's start as well).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::server::{self, Server, Sink};
+use super::{Ctx, Row, backend_name, drop_db, fresh_db, load, tag, target, write_workflow};
+
+/// An Operator envelope with an explicit event id and conversation.
+fn envelope(id: String, conversation: String, payload: serde_json::Value) -> String {
+    json!({
+        "id": id,
+        "created_at": "2025-07-14T15:09:40.251Z",
+        "agent_id": "ca_bench@v1",
+        "livemode": true,
+        "conversation_id": conversation,
+        "payload": payload
+    })
+    .to_string()
+}
+
+fn ended(id: String, conversation: String, status: &str) -> String {
+    envelope(
+        id,
+        conversation,
+        json!({"type": "conversation.ended", "status": status}),
+    )
+}
+
+fn field(id: String, conversation: String, value: &str) -> String {
+    envelope(
+        id,
+        conversation,
+        json!({"type": "conversation.custom_fields.updated", "key": "lead_status", "value": value}),
+    )
+}
+
+/// Ack times of request numbers.
+type Acks = Arc<Mutex<HashMap<u64, Instant>>>;
+
+fn recording(tgt: &mut load::Target) -> Acks {
+    let acks: Acks = Default::default();
+    let a = acks.clone();
+    tgt.on_ack = Some(Arc::new(move |i, at| {
+        a.lock().unwrap().insert(i, at);
+    }));
+    acks
+}
+
+/// Polls `switchboard_runs_waiting` until it reaches `n` (or `limit` passes).
+async fn wait_until_waiting(server: &Server, n: f64, limit: Duration) -> anyhow::Result<f64> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let w = server::metric(server, "switchboard_runs_waiting", "").await?;
+        if w >= n || Instant::now() >= deadline {
+            return Ok(w);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+pub async fn run(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let b = backend_name(backend);
+    let smoke = ctx.o.duration < Duration::from_secs(2);
+    let events = (ctx.o.waits / 2).max(1) as u64; // each starts two waiting runs
+    let (sink, sink_url) = Sink::start().await?;
+    let wf = ctx.tmp.path().join(format!("wf-waits-{}", tag()));
+    write_workflow(
+        &wf,
+        "sleep.yaml",
+        &format!(
+            "name: sleep\non: {{ event: conversation.ended, status: completed }}\nsteps:\n  - id: settle\n    wait: 24h\n  - id: post\n    http:\n      url: \"{sink_url}/sleep\"\n      json: {{ event: \"{{{{ event.id }}}}\" }}\n"
+        ),
+    )?;
+    write_workflow(
+        &wf,
+        "qualified.yaml",
+        &format!(
+            "name: qualified\non: {{ event: conversation.ended, status: completed }}\nsteps:\n  - id: qualified\n    wait_for:\n      event: conversation.custom_fields.updated\n      field: lead_status\n      to: qualified\n      timeout: 24h\n  - id: post\n    http:\n      url: \"{sink_url}/qualified\"\n      json: {{ event: \"{{{{ steps.qualified.event.id }}}}\" }}\n"
+        ),
+    )?;
+    write_workflow(
+        &wf,
+        "short.yaml",
+        &format!(
+            "name: short\non: {{ event: conversation.ended, status: voicemail }}\nsteps:\n  - id: settle\n    wait: 2s\n  - id: post\n    http:\n      url: \"{sink_url}/short\"\n      json: {{ event: \"{{{{ event.id }}}}\" }}\n"
+        ),
+    )?;
+    let db = fresh_db(backend, ctx.tmp.path()).await?;
+
+    // Creation, as fast as the client can: `events` ended events → 2 × `events` waiting runs.
+    let server = Server::start(&ctx.bin, &db, &wf, ctx.tmp.path(), &[]).await?;
+    let conv = tag();
+    let c = conv.clone();
+    let tgt = target(
+        &server,
+        ctx.o.connections,
+        Arc::new(move |i| ended(format!("ev_{c}_{i}"), format!("conv_{c}_{i}"), "completed")),
+    );
+    let start = Instant::now();
+    let created = load::max_rate(
+        &tgt,
+        ctx.o.connections,
+        Duration::from_secs(900),
+        Some(events),
+    )
+    .await;
+    let acked_in = start.elapsed();
+    let waiting = wait_until_waiting(
+        &server,
+        (2 * created.ok) as f64,
+        Duration::from_secs(if smoke { 30 } else { 600 }),
+    )
+    .await?;
+    let all_waiting = start.elapsed();
+    let (_, create_peak) = server::rss_mb(server.pid());
+    rows.push(Row::from_sample(
+        &format!("6. waits: create {} waiting runs", 2 * events),
+        b,
+        &created,
+        create_peak,
+        format!(
+            "{} events acked in {:.1} s; {waiting:.0} runs waiting after {:.1} s; latencies are the acks",
+            created.ok,
+            acked_in.as_secs_f64(),
+            all_waiting.as_secs_f64()
+        ),
+    ));
+    drop(server);
+
+    // A restarted server over the waiting runs: idle CPU and memory.
+    let server = Server::start(&ctx.bin, &db, &wf, ctx.tmp.path(), &[]).await?;
+    let waiting = wait_until_waiting(&server, waiting, Duration::from_secs(5)).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle = ctx.o.idle.min(Duration::from_secs(10));
+    let cpu0 = server::cpu_seconds(server.pid());
+    tokio::time::sleep(idle).await;
+    let cpu = server::cpu_seconds(server.pid()) - cpu0;
+    let (rss, peak) = server::rss_mb(server.pid());
+    let mut row = Row::note_only(
+        &format!("6. waits: idle with {waiting:.0} waiting"),
+        b,
+        0.0,
+        0,
+        format!(
+            "restarted server; CPU {cpu:.2} s in {} = {:.2} % of a core (target ≤ 1 %); RSS {rss:.1} MB (target ≤ 60 MB)",
+            humantime::format_duration(idle),
+            100.0 * cpu / idle.as_secs_f64()
+        ),
+    );
+    row.rss_peak_mb = peak;
+    rows.push(row);
+
+    // Ingest with the waiting runs present: field events that reach every wait and match none.
+    let ingest = |server: &Server| {
+        let c = conv.clone();
+        let t = tag();
+        let n = events;
+        target(
+            server,
+            ctx.o.connections,
+            Arc::new(move |i| field(format!("ev_{t}_{i}"), format!("conv_{c}_{}", i % n), "new")),
+        )
+    };
+    load::max_rate(
+        &ingest(&server),
+        ctx.o.connections,
+        Duration::from_millis(500),
+        None,
+    )
+    .await;
+    let loaded = load::max_rate(&ingest(&server), ctx.o.connections, ctx.o.duration, None).await;
+    let (_, peak) = server::rss_mb(server.pid());
+    rows.push(Row::from_sample(
+        &format!("6. waits: ingest, {waiting:.0} waiting"),
+        b,
+        &loaded,
+        peak,
+        "custom_fields.updated of the waiting conversations, none matching".into(),
+    ));
+
+    // Resume of `wait_for`: matching events at 50/s; ack → the next step's request.
+    let n = if smoke { 50 } else { 300 };
+    let t = tag();
+    let (c, t2) = (conv.clone(), t.clone());
+    let mut tgt = target(
+        &server,
+        ctx.o.connections,
+        Arc::new(move |i| field(format!("ev_{t2}_{i}"), format!("conv_{c}_{i}"), "qualified")),
+    );
+    let acks = recording(&mut tgt);
+    let before = sink.count();
+    let sent = load::fixed_rate(&tgt, 50.0, Duration::from_secs_f64(n as f64 / 50.0)).await;
+    sink.wait_for(before + sent.ok as usize, Duration::from_secs(30))
+        .await;
+    let lat = latencies(&acks, &sink, &t, Duration::ZERO);
+    rows.push(latency_row(
+        "6. waits: wait_for resume, ack → sink",
+        b,
+        &lat,
+        sent.ok,
+        sent.errors,
+        &server,
+        format!("{} of {} resumed; target p99 ≤ 50 ms", lat.len(), sent.ok),
+    ));
+
+    // Resume of a short `wait: 2s`: receipt − (ack + 2 s).
+    let n = if smoke { 20 } else { 200 };
+    let t = tag();
+    let t2 = t.clone();
+    let mut tgt = target(
+        &server,
+        ctx.o.connections,
+        Arc::new(move |i| {
+            ended(
+                format!("ev_{t2}_{i}"),
+                format!("conv_{t2}_{i}"),
+                "voicemail",
+            )
+        }),
+    );
+    let acks = recording(&mut tgt);
+    let before = sink.count();
+    let sent = load::fixed_rate(&tgt, 50.0, Duration::from_secs_f64(n as f64 / 50.0)).await;
+    sink.wait_for(before + sent.ok as usize, Duration::from_secs(30))
+        .await;
+    let lat = latencies(&acks, &sink, &t, Duration::from_secs(2));
+    rows.push(latency_row(
+        "6. waits: wait 2s, delay after resume_at",
+        b,
+        &lat,
+        sent.ok,
+        sent.errors,
+        &server,
+        format!(
+            "{} of {} resumed; receipt − (ack + 2 s), includes the run's start; target p99 ≤ 1 s",
+            lat.len(),
+            sent.ok
+        ),
+    ));
+    drop(server);
+
+    // The same ingest on an empty store (same workflows).
+    let empty_db = fresh_db(backend, ctx.tmp.path()).await?;
+    let server = Server::start(&ctx.bin, &empty_db, &wf, ctx.tmp.path(), &[]).await?;
+    load::max_rate(
+        &ingest(&server),
+        ctx.o.connections,
+        Duration::from_millis(500),
+        None,
+    )
+    .await;
+    let base = load::max_rate(&ingest(&server), ctx.o.connections, ctx.o.duration, None).await;
+    let (_, peak) = server::rss_mb(server.pid());
+    rows.push(Row::from_sample(
+        "6. waits: ingest, empty store",
+        b,
+        &base,
+        peak,
+        format!(
+            "same events; with the waiting runs {:.0} % of this (target ≥ 90 %)",
+            100.0 * loaded.rate() / base.rate().max(1e-9)
+        ),
+    ));
+    drop(server);
+    drop_db(backend, &empty_db).await;
+    drop_db(backend, &db).await;
+    Ok(())
+}
+
+/// Sorted (sink receipt − ack − `after`) of the deliveries keyed `ev_{tag}_{i}`.
+fn latencies(acks: &Acks, sink: &Sink, tag: &str, after: Duration) -> Vec<Duration> {
+    let acks = acks.lock().unwrap();
+    let arrivals = sink.arrivals.lock().unwrap();
+    let mut lat: Vec<Duration> = acks
+        .iter()
+        .filter_map(|(i, acked)| {
+            let (arrived, _) = arrivals.get(&format!("ev_{tag}_{i}"))?;
+            Some(arrived.saturating_duration_since(*acked + after))
+        })
+        .collect();
+    lat.sort();
+    lat
+}
+
+fn latency_row(
+    scenario: &str,
+    b: &str,
+    lat: &[Duration],
+    ok: u64,
+    errors: u64,
+    server: &Server,
+    note: String,
+) -> Row {
+    Row {
+        scenario: scenario.into(),
+        backend: b.into(),
+        rate: f64::NAN,
+        p50: load::pct(lat, 0.5),
+        p90: load::pct(lat, 0.9),
+        p99: load::pct(lat, 0.99),
+        max: load::pct(lat, 1.0),
+        errors: errors + ok - lat.len() as u64,
+        rss_peak_mb: server::rss_mb(server.pid()).1,
+        note,
+        cost: None,
+    }
+}
