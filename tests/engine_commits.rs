@@ -21,25 +21,40 @@ fn one_step(sink: &Sink) -> String {
     )
 }
 
-/// Committed transactions of `db` so far, once the statistics are flushed
-/// (backends report them at most once a second).
+/// Committed transactions of `db` so far, once the statistics settle.
+/// Backends report them when idle, at most once a second, and a backend
+/// that reported less than a second ago waits up to 10 s (PostgreSQL 15's
+/// idle interval): under load a single late read counted the warm-up's
+/// commits in the measured window. So: read until two reads 1.5 s apart
+/// agree (within one commit: an idle poll may land between them), 20 s at most.
 async fn commits(db: &TestDb) -> i64 {
     let TestDb::Postgres { name, .. } = db else {
         unreachable!("PostgreSQL only")
     };
-    tokio::time::sleep(Duration::from_millis(1500)).await;
     let admin = sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
         .connect(&postgres_admin_url())
         .await
         .unwrap();
-    let n: i64 = sqlx::query_scalar("SELECT xact_commit FROM pg_stat_database WHERE datname = $1")
-        .bind(name)
-        .fetch_one(&admin)
-        .await
-        .unwrap();
-    admin.close().await;
-    n
+    let read = || async {
+        sqlx::query_scalar::<_, i64>("SELECT xact_commit FROM pg_stat_database WHERE datname = $1")
+            .bind(name)
+            .fetch_one(&admin)
+            .await
+            .unwrap()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut last = read().await;
+    loop {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // A fresh snapshot per read (a transaction caches the statistics it saw).
+        let n = read().await;
+        if n - last <= 1 || std::time::Instant::now() > deadline {
+            admin.close().await;
+            return n;
+        }
+        last = n;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
