@@ -144,14 +144,21 @@ pub(crate) use lock_order_in_tx;
 /// the earliest unfinished original run of its workflow and conversation if
 /// it is held by order (it becomes `scheduled`, due `$now`) and notifies
 /// the workers (`$notify`: PostgreSQL's NOTIFY). Evaluates to whether one was released.
+///
+/// The finished run's workflow and conversation are read by scalar
+/// subqueries, so the held run is found through `runs_in_order`'s index
+/// conditions whatever the planner's statistics say (a join was planned as
+/// a walk of the whole index on a table not yet analysed: 11 ms per
+/// finished run with 2,400 runs queued).
 macro_rules! release_next_in_tx {
     ($tx:expr, $run_id:expr, $now:expr, $notify:expr) => {{
         let r = sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE runs SET status = 'scheduled', wait_reason = NULL, next_attempt_at = $1, updated_at = $1 \
              WHERE status = 'waiting' AND wait_reason = 'order' AND run_id = (\
-               SELECT h.run_id FROM runs h JOIN runs f \
-                 ON h.workflow = f.workflow AND h.conversation_id = f.conversation_id \
-               WHERE f.run_id = $2 AND h.replay_of IS NULL AND h.status IN {} \
+               SELECT h.run_id FROM runs h \
+               WHERE h.conversation_id = (SELECT conversation_id FROM runs WHERE run_id = $2) \
+                 AND h.workflow = (SELECT workflow FROM runs WHERE run_id = $2) \
+                 AND h.replay_of IS NULL AND h.status IN {} \
                ORDER BY h.event_seq LIMIT 1)",
             $crate::store::order::UNFINISHED
         )))
