@@ -763,15 +763,19 @@ impl Engine {
     }
 }
 
-/// The appender leases runs it creates to this engine's free slots and hands them over here.
+/// The appender leases runs it creates to this engine (its free slots and a
+/// queue as deep as the slots) and hands them over here.
 impl crate::store::RunHandoff for Engine {
     fn lease(&self) -> Option<crate::store::LocalLease> {
         if self.stop.borrow().is_some() {
             return None; // shutting down: leave new runs to a claim
         }
-        let max = self
-            .permits
-            .available_permits()
+        // The free slots, plus a queue as deep as the slots: at full load a
+        // run created here waits in memory for a slot rather than being
+        // stored `scheduled` and claimed back (a claim transaction per few
+        // runs). A run that waits longer than half its lease is left to a
+        // claim ([`backend::RunsBackend`]).
+        let max = (self.permits.available_permits() + self.concurrency)
             .saturating_sub(self.local.len());
         (max > 0).then(|| crate::store::LocalLease {
             owner: self.owner.clone(),

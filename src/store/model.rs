@@ -223,7 +223,7 @@ pub struct LocalLease {
     /// The lease owner (the engine's, unique per process).
     pub owner: String,
     pub lease: std::time::Duration,
-    /// At most this many runs (the workers' free slots).
+    /// At most this many runs (the workers' free slots, plus a bounded queue).
     pub max: usize,
 }
 
