@@ -775,8 +775,8 @@ impl crate::store::RunHandoff for Engine {
         // stored `scheduled` and claimed back (a claim transaction per few
         // runs). A run that waits longer than half its lease is left to a
         // claim ([`backend::RunsBackend`]).
-        let max = (self.permits.available_permits() + self.concurrency)
-            .saturating_sub(self.local.len());
+        let max =
+            (self.permits.available_permits() + self.concurrency).saturating_sub(self.local.len());
         (max > 0).then(|| crate::store::LocalLease {
             owner: self.owner.clone(),
             lease: LEASE,

@@ -140,35 +140,45 @@ macro_rules! lock_order_in_tx {
 }
 pub(crate) use lock_order_in_tx;
 
-/// In the transaction that ended run `$run_id` (after its update): releases
-/// the earliest unfinished original run of its workflow and conversation if
-/// it is held by order (it becomes `scheduled`, due `$now`) and notifies
-/// the workers (`$notify`: PostgreSQL's NOTIFY). Evaluates to whether one was released.
+/// In the transaction that ended the runs `$run_ids` (`&[&str]`, after
+/// their updates): releases, for each, the earliest unfinished original run
+/// of its workflow and conversation if it is held by order (it becomes
+/// `scheduled`, due `$now`), and notifies the workers (`$notify`:
+/// PostgreSQL's NOTIFY). One statement for a whole batch of saves.
+/// Evaluates to how many runs were released.
 ///
-/// The finished run's workflow and conversation are read by scalar
-/// subqueries, so the held run is found through `runs_in_order`'s index
-/// conditions whatever the planner's statistics say (a join was planned as
-/// a walk of the whole index on a table not yet analysed: 11 ms per
-/// finished run with 2,400 runs queued).
+/// The held run is found by a subquery per finished run whose workflow and
+/// conversation are its outer row's values, so it is an index lookup in
+/// `runs_in_order` whatever the planner's statistics say (a join was once
+/// planned as a walk of the whole index on a table not yet analysed: 11 ms
+/// per finished run with 2,400 runs queued).
 macro_rules! release_next_in_tx {
-    ($tx:expr, $run_id:expr, $now:expr, $notify:expr) => {{
-        let r = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "UPDATE runs SET status = 'scheduled', wait_reason = NULL, next_attempt_at = $1, updated_at = $1 \
-             WHERE status = 'waiting' AND wait_reason = 'order' AND run_id = (\
-               SELECT h.run_id FROM runs h \
-               WHERE h.conversation_id = (SELECT conversation_id FROM runs WHERE run_id = $2) \
-                 AND h.workflow = (SELECT workflow FROM runs WHERE run_id = $2) \
-                 AND h.replay_of IS NULL AND h.status IN {} \
-               ORDER BY h.event_seq LIMIT 1)",
-            $crate::store::order::UNFINISHED
-        )))
-        .bind($now)
-        .bind($run_id)
-        .execute(&mut **$tx)
-        .await?;
-        let released = r.rows_affected() > 0;
+    ($tx:expr, $run_ids:expr, $now:expr, $notify:expr) => {{
+        let ids: &[&str] = $run_ids;
+        let mut released = 0u64;
+        for chunk in ids.chunks(1000) {
+            let list = (0..chunk.len())
+                .map(|i| format!("${}", i + 2))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "UPDATE runs SET status = 'scheduled', wait_reason = NULL, next_attempt_at = $1, updated_at = $1 \
+                 WHERE status = 'waiting' AND wait_reason = 'order' AND run_id IN (\
+                   SELECT (SELECT h.run_id FROM runs h \
+                           WHERE h.conversation_id = f.conversation_id AND h.workflow = f.workflow \
+                             AND h.replay_of IS NULL AND h.status IN {} \
+                           ORDER BY h.event_seq LIMIT 1) \
+                   FROM runs f WHERE f.conversation_id IS NOT NULL AND f.run_id IN ({list}))",
+                $crate::store::order::UNFINISHED
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind($now);
+            for id in chunk {
+                q = q.bind(*id);
+            }
+            released += q.execute(&mut **$tx).await?.rows_affected();
+        }
         let notify: Option<&str> = $notify;
-        if released && let Some(notify) = notify {
+        if released > 0 && let Some(notify) = notify {
             sqlx::query(notify).execute(&mut **$tx).await?;
         }
         released

@@ -433,19 +433,21 @@ macro_rules! impl_run_store {
                     qb.build().execute(&mut *tx).await?;
                 }
                 let mut saved = Vec::with_capacity(saves.len());
-                let mut released = 0;
+                let mut ended: Vec<&str> = Vec::new();
                 for s in saves {
                     // A save whose lease was lost writes nothing (its UPDATE matches no row).
                     let ok = Self::save_in_tx(&mut tx, &s.run_id, &s.owner, s.token, s.attempt.as_ref(), &s.update, now)
                         .await?;
-                    if ok
-                        && s.update.status.is_final()
-                        && $crate::store::order::release_next_in_tx!(&mut tx, s.run_id.as_str(), now, Self::NOTIFY_RUNS)
-                    {
-                        released += 1;
+                    if ok && s.update.status.is_final() {
+                        ended.push(s.run_id.as_str());
                     }
                     saved.push(ok);
                 }
+                let released = if ended.is_empty() {
+                    0
+                } else {
+                    $crate::store::order::release_next_in_tx!(&mut tx, &ended, now, Self::NOTIFY_RUNS) as usize
+                };
                 tx.commit().await?;
                 Ok($crate::store::runs::SavedBatch { saved, released })
             }
@@ -561,7 +563,7 @@ macro_rules! impl_run_store {
                 .execute(&mut *tx)
                 .await?;
                 if r.rows_affected() == 1 {
-                    $crate::store::order::release_next_in_tx!(&mut tx, run_id, now, Self::NOTIFY_RUNS);
+                    $crate::store::order::release_next_in_tx!(&mut tx, &[run_id], now, Self::NOTIFY_RUNS);
                 }
                 tx.commit().await?;
                 let run = $crate::store::runs::RunStore::get_run(self, run_id).await?;

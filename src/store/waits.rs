@@ -480,7 +480,7 @@ macro_rules! impl_wait_store {
                     .execute(&mut *tx)
                     .await?;
                 if u.status.is_final() {
-                    $crate::store::order::release_next_in_tx!(&mut tx, run_id, now, Self::NOTIFY_RUNS);
+                    $crate::store::order::release_next_in_tx!(&mut tx, &[run_id], now, Self::NOTIFY_RUNS);
                 }
                 tx.commit().await?;
                 Ok(FinishWait::Done(Box::new(outcome), Box::new(u)))
