@@ -130,7 +130,7 @@ impl Engine {
         concurrency: usize,
     ) -> Self {
         Self {
-            saver: save::Saver::spawn(store.clone(), wake.clone()),
+            saver: save::Saver::new(),
             gate: Arc::new(AlwaysGo),
             store,
             registry,
@@ -227,6 +227,8 @@ impl Engine {
     /// Runs the workers under apalis-core's [`Monitor`](apalis_core::monitor::Monitor)
     /// until [`Engine::shutdown`] (or until the task is dropped).
     pub fn spawn(self: Arc<Self>) -> tokio::task::JoinHandle<()> {
+        // Saves are written by their own task unless the appender took them.
+        self.saver.start(self.store.clone(), self.wake.clone());
         tokio::spawn(async move {
             let mut stop = self.stop.subscribe();
             let mut grace = stop.clone();
@@ -786,6 +788,14 @@ impl crate::store::RunHandoff for Engine {
 
     fn hand_over(&self, runs: Vec<Run>) {
         self.local.push(runs);
+    }
+
+    fn take_saves(&self) -> Option<crate::store::saves::SaveQueue> {
+        if self.store.shares_commits() {
+            self.saver.take()
+        } else {
+            None
+        }
     }
 }
 

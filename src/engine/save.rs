@@ -4,34 +4,49 @@
 //! save is durable (or refused by the fencing token). A one-step run that
 //! succeeds at its first attempt costs exactly this one save: its attempt
 //! record and its final state, together.
+//!
+//! On SQLite the appender owns the queue instead and writes the saves in
+//! its own transactions ([`crate::store::saves`]); this task runs only when
+//! nothing else took the queue (PostgreSQL, or `switchboard worker`).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::store::StoreError;
-use tokio::sync::Notify;
-
 use crate::store::runs::{RunStore, Save};
+use crate::store::saves::{self, SaveQueue, SaveRequest};
 
-/// Most saves written in one transaction.
-const MAX_BATCH: usize = 256;
-
-type Reply = oneshot::Sender<Result<bool, StoreError>>;
-
-/// A handle to the save task; its loop ends when every handle is dropped.
-#[derive(Clone)]
+/// A handle to the save queue.
 pub struct Saver {
-    tx: mpsc::Sender<(Save, Reply)>,
+    tx: mpsc::Sender<SaveRequest>,
+    /// The queue's receiving end until its owner takes it.
+    queue: Mutex<Option<SaveQueue>>,
 }
 
 impl Saver {
-    /// Starts the save task on the current runtime; `wake` wakes this
-    /// process's workers when a run that ended released one held by order.
-    pub fn spawn(store: Arc<dyn RunStore>, wake: Arc<Notify>) -> Self {
-        let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
-        tokio::spawn(run(store, rx, wake));
-        Self { tx }
+    /// A queue nobody writes yet: the appender takes it ([`Saver::take`]), or
+    /// [`Saver::start`] starts the save task on it.
+    pub fn new() -> Self {
+        let (tx, queue) = saves::queue();
+        Self {
+            tx,
+            queue: Mutex::new(Some(queue)),
+        }
+    }
+
+    /// Hands the queue to another writer (the appender, on SQLite).
+    pub fn take(&self) -> Option<SaveQueue> {
+        self.queue.lock().expect("saver lock").take()
+    }
+
+    /// Starts the save task on the current runtime, unless another writer
+    /// took the queue; `wake` wakes this process's workers when a run that
+    /// ended released one held by order.
+    pub fn start(&self, store: Arc<dyn RunStore>, wake: Arc<Notify>) {
+        if let Some(queue) = self.take() {
+            tokio::spawn(run(store, queue, wake));
+        }
     }
 
     /// Saves once committed: true if saved, false if the lease was lost.
@@ -45,50 +60,11 @@ impl Saver {
     }
 }
 
-async fn run(store: Arc<dyn RunStore>, mut rx: mpsc::Receiver<(Save, Reply)>, wake: Arc<Notify>) {
-    let mut saves = Vec::with_capacity(MAX_BATCH);
-    let mut replies: Vec<Reply> = Vec::with_capacity(MAX_BATCH);
+async fn run(store: Arc<dyn RunStore>, queue: SaveQueue, wake: Arc<Notify>) {
+    let mut rx = queue.lock_owned().await;
     while let Some((save, reply)) = rx.recv().await {
-        saves.push(save);
-        replies.push(reply);
-        while saves.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok((save, reply)) => {
-                    saves.push(save);
-                    replies.push(reply);
-                }
-                Err(_) => break,
-            }
-        }
-        match store.save_progress_batch(&saves, super::now()).await {
-            Ok(batch) => {
-                if batch.released > 0 {
-                    wake.notify_one();
-                }
-                for (reply, saved) in replies.drain(..).zip(batch.saved) {
-                    let _ = reply.send(Ok(saved));
-                }
-            }
-            Err(e) if saves.len() == 1 => {
-                let _ = replies.pop().expect("one reply").send(Err(e));
-            }
-            Err(e) => {
-                // One bad save must not fail its neighbours: one by one.
-                tracing::warn!(error = %e, batch = saves.len(), "batched save failed; saving one by one");
-                for (save, reply) in saves.iter().zip(replies.drain(..)) {
-                    let one = store
-                        .save_progress_batch(std::slice::from_ref(save), super::now())
-                        .await
-                        .map(|b| {
-                            if b.released > 0 {
-                                wake.notify_one();
-                            }
-                            b.saved[0]
-                        });
-                    let _ = reply.send(one);
-                }
-            }
-        }
-        saves.clear();
+        let (mut batch, mut replies) = (vec![save], vec![reply]);
+        saves::drain(&mut rx, &mut batch, &mut replies);
+        saves::write(store.as_ref(), batch, replies, &wake).await;
     }
 }

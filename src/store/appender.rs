@@ -1,12 +1,18 @@
 //! Group commit: one task owns all appends of this process and writes
 //! whatever deliveries are waiting as one transaction, so concurrent
 //! webhooks share one commit (one fsync) while each is acknowledged only
-//! after that commit.
+//! after that commit. Where the store has one writer (SQLite), the
+//! workers' run saves wait in the same task and go into the same
+//! transaction ([`super::saves`]): a burst's deliveries and saves share
+//! commits instead of taking turns at the writer. Saves with no delivery
+//! to ride with are written at once, alone.
 
 use std::sync::Arc;
 
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use super::runs::{Save, SavedBatch};
+use super::saves::{SaveQueue, SaveReply, SaveRequest};
 use super::{AppendOutcome, Dispatcher, EventStore, NewEvent, RunHandoff, StoreError};
 
 /// Most deliveries written in one transaction.
@@ -62,6 +68,8 @@ impl Appender {
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
         let queue: Queue = Arc::new(tokio::sync::Mutex::new(rx));
+        // Where the store has one writer, the workers' saves share the appends' commits.
+        let saves = local.as_ref().and_then(|l| l.take_saves());
         let task = supervisor.spawn("appender", move || {
             tokio::spawn(run(
                 store.clone(),
@@ -69,6 +77,7 @@ impl Appender {
                 local.clone(),
                 wake.clone(),
                 queue.clone(),
+                saves.clone(),
                 timeout,
             ))
         });
@@ -99,15 +108,32 @@ impl Appender {
     }
 }
 
+/// What woke the append loop.
+enum Next {
+    Event(NewEvent, Reply),
+    Save(SaveRequest),
+    /// Every save sender is gone (the engine stopped).
+    SavesClosed,
+    Closed,
+}
+
 async fn run(
     store: Arc<dyn EventStore>,
     dispatcher: Arc<dyn Dispatcher>,
     local: Option<Arc<dyn RunHandoff>>,
     wake: Arc<Notify>,
     queue: Queue,
+    saves: Option<SaveQueue>,
     timeout: std::time::Duration,
 ) {
     let mut rx = queue.lock_owned().await;
+    let mut saves_rx = match saves {
+        Some(q) => Some(q.lock_owned().await),
+        None => None,
+    };
+    let mut pending_saves: Vec<Save> = Vec::new();
+    let mut save_replies: Vec<SaveReply> = Vec::new();
+    let mut events_closed = false;
     let mut events = Vec::with_capacity(MAX_BATCH);
     let mut replies: Vec<Reply> = Vec::with_capacity(MAX_BATCH);
     // While the database is unavailable, deliveries are refused at once for a
@@ -122,19 +148,62 @@ async fn run(
             replies.push(reply);
         }
     };
-    while let Some((event, reply)) = rx.recv().await {
-        push(&mut events, &mut replies, event, reply);
+    loop {
+        // Events first; a save wakes the loop as well.
+        let next = tokio::select! {
+            biased;
+            event = rx.recv(), if !events_closed => match event {
+                Some((event, reply)) => Next::Event(event, reply),
+                None => Next::Closed,
+            },
+            save = async {
+                match saves_rx.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => match save {
+                Some(save) => Next::Save(save),
+                None => Next::SavesClosed,
+            },
+        };
+        match next {
+            Next::Event(event, reply) => push(&mut events, &mut replies, event, reply),
+            Next::Save((save, reply)) => {
+                pending_saves.push(save);
+                save_replies.push(reply);
+            }
+            Next::SavesClosed => saves_rx = None,
+            // No more deliveries; runs finishing within the shutdown grace still save here.
+            Next::Closed => events_closed = true,
+        }
+        if events_closed && saves_rx.is_none() {
+            break;
+        }
         let max_batch = batch_size(dispatcher.fan_out());
-        while events.len() < max_batch {
+        while !events_closed && events.len() < max_batch {
             match rx.try_recv() {
                 Ok((event, reply)) => push(&mut events, &mut replies, event, reply),
                 Err(_) => break,
             }
         }
+        if let Some(srx) = saves_rx.as_mut() {
+            crate::store::saves::drain(srx, &mut pending_saves, &mut save_replies);
+        }
+        let refusing = refuse_until.is_some_and(|t| std::time::Instant::now() < t);
+        if events.is_empty() || refusing {
+            // Saves with no events to share a commit with (or while appends are refused) go alone.
+            crate::store::saves::write(
+                store.as_ref(),
+                std::mem::take(&mut pending_saves),
+                std::mem::take(&mut save_replies),
+                &wake,
+            )
+            .await;
+        }
         if events.is_empty() {
             continue;
         }
-        if refuse_until.is_some_and(|t| std::time::Instant::now() < t) {
+        if refusing {
             for reply in replies.drain(..) {
                 let _ = reply.send(Err(StoreError::Unavailable(last_error.clone())));
             }
@@ -144,23 +213,50 @@ async fn run(
         refuse_until = None;
         let deadline = tokio::time::Instant::now() + timeout;
         let batch = Arc::new(std::mem::take(&mut events));
-        let appended = append_isolated(
-            &store,
-            &dispatcher,
-            &local,
-            &batch,
-            0..batch.len(),
-            deadline,
-        )
-        .await
-        .unwrap_or_else(|_| {
-            // Dropping the transaction rolls it back. If it had in fact committed,
-            // Operator's retry is recognised as a duplicate: nothing is stored twice.
-            Err(StoreError::Unavailable(format!(
-                "the database did not answer within {}",
-                humantime::format_duration(timeout)
-            )))
-        });
+        let batch_saves = Arc::new(std::mem::take(&mut pending_saves));
+        let append = |saves: Option<Arc<Vec<Save>>>| {
+            let (store, dispatcher, local, batch) = (&store, &dispatcher, &local, &batch);
+            async move {
+                append_isolated(
+                    store,
+                    dispatcher,
+                    local,
+                    batch,
+                    0..batch.len(),
+                    saves.as_ref(),
+                    deadline,
+                )
+                .await
+                .unwrap_or_else(|_| {
+                    // Dropping the transaction rolls it back. If it had in fact committed,
+                    // Operator's retry is recognised as a duplicate: nothing is stored twice.
+                    Err(StoreError::Unavailable(format!(
+                        "the database did not answer within {}",
+                        humantime::format_duration(timeout)
+                    )))
+                })
+            }
+        };
+        let with_saves = !batch_saves.is_empty();
+        let mut appended = append(with_saves.then(|| batch_saves.clone())).await;
+        // The saves: answered with the batch; if it failed, written alone and
+        // the deliveries appended again without them (a bad save must not fail a delivery).
+        let replies_for_saves = std::mem::take(&mut save_replies);
+        match &mut appended {
+            Ok((_, _, saved)) => {
+                if let Some(saved) = saved.take() {
+                    crate::store::saves::answer(saved, replies_for_saves, &wake);
+                }
+            }
+            Err(e) if with_saves => {
+                tracing::warn!(error = %e, "an append with run saves failed; writing them apart");
+                let saves = Arc::try_unwrap(batch_saves).unwrap_or_else(|a| (*a).clone());
+                crate::store::saves::write(store.as_ref(), saves, replies_for_saves, &wake).await;
+                appended = append(None).await;
+            }
+            Err(_) => {}
+        }
+        let appended = appended.map(|(outcomes, runs, _)| (outcomes, runs));
         match appended {
             Ok((outcomes, runs)) => {
                 if runs > 0 {
@@ -200,11 +296,12 @@ async fn run(
                         &local,
                         &batch,
                         i..i + 1,
+                        None,
                         deadline,
                     )
                     .await
                     {
-                        Ok(result) => result.map(|(mut o, runs)| {
+                        Ok(result) => result.map(|(mut o, runs, _)| {
                             if runs > 0 {
                                 wake.notify_one();
                             }
@@ -224,7 +321,11 @@ async fn run(
     }
 }
 
-/// Appends `batch[range]` in a task of its own, so that a panic (in a
+/// The outcomes of an append, the runs left for a claim, and the saves
+/// written in its transaction (if it took any).
+type Appended = Result<(Vec<AppendOutcome>, usize, Option<SavedBatch>), StoreError>;
+
+/// Appends `batch[range]` (with `saves`, in one transaction) in a task of its own, so that a panic (in a
 /// workflow's evaluation, say) fails these deliveries, not the appender
 /// (a one-by-one retry then isolates the delivery that causes it). Aborted
 /// (rolled back) at `deadline`.
@@ -237,15 +338,34 @@ async fn append_isolated(
     local: &Option<Arc<dyn RunHandoff>>,
     batch: &Arc<Vec<NewEvent>>,
     range: std::ops::Range<usize>,
+    saves: Option<&Arc<Vec<Save>>>,
     deadline: tokio::time::Instant,
-) -> Result<Result<(Vec<AppendOutcome>, usize), StoreError>, tokio::time::error::Elapsed> {
+) -> Result<Appended, tokio::time::error::Elapsed> {
     let (store, dispatcher, batch) = (store.clone(), dispatcher.clone(), batch.clone());
     let local = local.clone();
+    let saves = saves.filter(|s| !s.is_empty()).cloned();
     let mut task = AbortOnDrop(tokio::spawn(async move {
         let lease = local.as_ref().and_then(|l| l.lease());
-        let (outcomes, runs, handed) = store
-            .append_batch_leased(&batch[range], dispatcher.as_ref(), lease.as_ref())
-            .await?;
+        let ((outcomes, runs, handed), saved) = match saves {
+            Some(saves) => {
+                let (appended, saved) = store
+                    .append_and_save(
+                        &batch[range],
+                        dispatcher.as_ref(),
+                        lease.as_ref(),
+                        &saves,
+                        crate::store::saves::now(),
+                    )
+                    .await?;
+                (appended, Some(saved))
+            }
+            None => (
+                store
+                    .append_batch_leased(&batch[range], dispatcher.as_ref(), lease.as_ref())
+                    .await?,
+                None,
+            ),
+        };
         let claimable = runs; // due now and not handed over (the append counts them)
         // Handed over at once, in this task: an append past its deadline may have committed.
         if let Some(local) = local
@@ -253,7 +373,7 @@ async fn append_isolated(
         {
             local.hand_over(handed);
         }
-        Ok((outcomes, claimable))
+        Ok((outcomes, claimable, saved))
     }));
     let joined = tokio::time::timeout_at(deadline, &mut task.0).await?;
     Ok(joined.unwrap_or_else(|e| {

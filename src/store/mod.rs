@@ -20,6 +20,7 @@ pub mod projection;
 pub mod runs;
 mod runs_sql;
 pub mod sanitize;
+pub mod saves;
 mod sql;
 pub mod sqlite;
 pub mod waits;
@@ -115,6 +116,11 @@ pub struct StoreStats {
     pub size_bytes: i64,
 }
 
+/// What [`EventStore::append_batch_leased`] returns: one outcome per
+/// delivery, the runs left for a claim (plus waits resumed), and the runs
+/// leased to this process's workers.
+pub type AppendedBatch = (Vec<AppendOutcome>, usize, Vec<runs::Run>);
+
 /// The event log and its projections. Implemented by [`sqlite::SqliteStore`]
 /// and [`postgres::PostgresStore`]; both behave the same.
 #[async_trait]
@@ -151,6 +157,31 @@ pub trait EventStore: runs::RunStore + waits::WaitStore + Send + Sync + 'static 
         dispatcher: &dyn Dispatcher,
         local: Option<&LocalLease>,
     ) -> Result<(Vec<AppendOutcome>, usize, Vec<runs::Run>), StoreError>;
+
+    /// Whether [`EventStore::append_and_save`] writes one transaction (a
+    /// backend with one writer: SQLite), so that the appender should take
+    /// the engine's run saves into its own group commit.
+    fn shares_commits(&self) -> bool {
+        false
+    }
+
+    /// [`EventStore::append_batch_leased`] and [`runs::RunStore::save_progress_batch`]
+    /// together: in one transaction where [`EventStore::shares_commits`]
+    /// (saves first, so runs they end release held ones before the batch's
+    /// own order decisions), otherwise one after the other. All or nothing
+    /// where it is one transaction: on an error the caller writes each part alone.
+    async fn append_and_save(
+        &self,
+        batch: &[NewEvent],
+        dispatcher: &dyn Dispatcher,
+        local: Option<&LocalLease>,
+        saves: &[runs::Save],
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(AppendedBatch, runs::SavedBatch), StoreError> {
+        let saved = self.save_progress_batch(saves, now).await?;
+        let appended = self.append_batch_leased(batch, dispatcher, local).await?;
+        Ok((appended, saved))
+    }
 
     /// Sizes for `/metrics`: events stored, runs waiting, the database's size.
     async fn stats(&self, now: chrono::DateTime<chrono::Utc>) -> Result<StoreStats, StoreError>;

@@ -234,6 +234,11 @@ pub trait RunHandoff: Send + Sync {
     fn lease(&self) -> Option<LocalLease>;
     /// Runs committed with a lease to this process (after the commit).
     fn hand_over(&self, runs: Vec<super::runs::Run>);
+    /// The workers' save queue, for the appender to write in its own
+    /// transactions where the store shares commits (SQLite); taken once.
+    fn take_saves(&self) -> Option<super::saves::SaveQueue> {
+        None
+    }
 }
 
 /// Decides, inside the append transaction, which workflows an event starts.

@@ -44,6 +44,53 @@ pub(crate) const REPLAY_COLUMNS: &str = "replay_id, filter, status, total, done,
 macro_rules! impl_run_store {
     ($store:ty, $db:ty, $lock_clause:expr, $claim_prelude:expr, $row_lock:expr, $db_clock:expr) => {
         impl $store {
+            /// A batch of saves inside `tx` ([`RunStore::save_progress_batch`]'s
+            /// work, which SQLite also does inside an append's transaction).
+            pub(crate) async fn save_batch_in_tx(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                saves: &[$crate::store::runs::Save],
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<$crate::store::runs::SavedBatch, $crate::store::StoreError> {
+                // Runs that end release the next one held by order (store/order.rs): first
+                // the order locks of their (workflow, conversation) pairs, all of them, in
+                // the appends' order (bytewise), before any row lock.
+                let ending: Vec<&str> = saves
+                    .iter()
+                    .filter(|s| s.update.status.is_final())
+                    .map(|s| s.run_id.as_str())
+                    .collect();
+                if Self::ORDER_LOCK && !ending.is_empty() {
+                    let mut qb = sqlx::QueryBuilder::<$db>::new(
+                        "SELECT pg_advisory_xact_lock(hashtext(k.w), hashtext(k.c)) FROM (\
+                         SELECT DISTINCT workflow COLLATE \"C\" AS w, conversation_id COLLATE \"C\" AS c FROM runs \
+                         WHERE conversation_id IS NOT NULL AND run_id IN (",
+                    );
+                    let mut sep = qb.separated(", ");
+                    for id in &ending {
+                        sep.push_bind(*id);
+                    }
+                    qb.push(") ORDER BY 1, 2) AS k");
+                    qb.build().execute(&mut **tx).await?;
+                }
+                let mut saved = Vec::with_capacity(saves.len());
+                let mut ended: Vec<&str> = Vec::new();
+                for s in saves {
+                    // A save whose lease was lost writes nothing (its UPDATE matches no row).
+                    let ok = Self::save_in_tx(tx, &s.run_id, &s.owner, s.token, s.attempt.as_ref(), &s.update, now)
+                        .await?;
+                    if ok && s.update.status.is_final() {
+                        ended.push(s.run_id.as_str());
+                    }
+                    saved.push(ok);
+                }
+                let released = if ended.is_empty() {
+                    0
+                } else {
+                    $crate::store::order::release_next_in_tx!(tx, &ended, now, Self::NOTIFY_RUNS) as usize
+                };
+                Ok($crate::store::runs::SavedBatch { saved, released })
+            }
+
             /// One save inside `tx`: the run's new state if the claim `token` still
             /// holds it, then its attempt; false (nothing written) if the lease was lost.
             async fn save_in_tx(
@@ -411,45 +458,9 @@ macro_rules! impl_run_store {
                 if let Some(prelude) = prelude {
                     sqlx::query(prelude).execute(&mut *tx).await?;
                 }
-                // Runs that end release the next one held by order (store/order.rs): first
-                // the order locks of their (workflow, conversation) pairs, all of them, in
-                // the appends' order (bytewise), before any row lock.
-                let ending: Vec<&str> = saves
-                    .iter()
-                    .filter(|s| s.update.status.is_final())
-                    .map(|s| s.run_id.as_str())
-                    .collect();
-                if Self::ORDER_LOCK && !ending.is_empty() {
-                    let mut qb = sqlx::QueryBuilder::<$db>::new(
-                        "SELECT pg_advisory_xact_lock(hashtext(k.w), hashtext(k.c)) FROM (\
-                         SELECT DISTINCT workflow COLLATE \"C\" AS w, conversation_id COLLATE \"C\" AS c FROM runs \
-                         WHERE conversation_id IS NOT NULL AND run_id IN (",
-                    );
-                    let mut sep = qb.separated(", ");
-                    for id in &ending {
-                        sep.push_bind(*id);
-                    }
-                    qb.push(") ORDER BY 1, 2) AS k");
-                    qb.build().execute(&mut *tx).await?;
-                }
-                let mut saved = Vec::with_capacity(saves.len());
-                let mut ended: Vec<&str> = Vec::new();
-                for s in saves {
-                    // A save whose lease was lost writes nothing (its UPDATE matches no row).
-                    let ok = Self::save_in_tx(&mut tx, &s.run_id, &s.owner, s.token, s.attempt.as_ref(), &s.update, now)
-                        .await?;
-                    if ok && s.update.status.is_final() {
-                        ended.push(s.run_id.as_str());
-                    }
-                    saved.push(ok);
-                }
-                let released = if ended.is_empty() {
-                    0
-                } else {
-                    $crate::store::order::release_next_in_tx!(&mut tx, &ended, now, Self::NOTIFY_RUNS) as usize
-                };
+                let batch = Self::save_batch_in_tx(&mut tx, saves, now).await?;
                 tx.commit().await?;
-                Ok($crate::store::runs::SavedBatch { saved, released })
+                Ok(batch)
             }
 
             async fn next_wakeup(

@@ -129,6 +129,34 @@ impl_event_store!(SqliteStore, sqlx::Sqlite, {
         Ok(outcomes)
     }
 
+    fn shares_commits(&self) -> bool {
+        true
+    }
+
+    async fn append_and_save(
+        &self,
+        batch: &[NewEvent],
+        dispatcher: &dyn Dispatcher,
+        local: Option<&LocalLease>,
+        saves: &[crate::store::runs::Save],
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(super::AppendedBatch, crate::store::runs::SavedBatch), StoreError> {
+        // One writer: the saves share the appends' commit (one fsync for both).
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let saved = Self::save_batch_in_tx(&mut tx, saves, now).await?;
+        let appended = append_in_tx!(
+            sqlx::Sqlite,
+            &mut tx,
+            batch,
+            dispatcher,
+            None::<&str>,
+            false,
+            local
+        );
+        tx.commit().await?;
+        Ok((appended, saved))
+    }
+
     async fn rebuild_projections(&self) -> Result<u64, StoreError> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let read = rebuild_in_tx!(sqlx::Sqlite, &mut tx);
