@@ -165,6 +165,33 @@ macro_rules! impl_run_store {
                 Ok(r.rows_affected())
             }
 
+            /// [`RunStore::hold_run`] on `ex` (also a wait not over yet, in its transaction).
+            #[allow(clippy::too_many_arguments)]
+            async fn hold_in<'c>(
+                ex: impl sqlx::Executor<'c, Database = $db>,
+                run_id: &str,
+                owner: &str,
+                token: i64,
+                until: chrono::DateTime<chrono::Utc>,
+                reason: &str,
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<bool, $crate::store::StoreError> {
+                let r = sqlx::query::<$db>(sqlx::AssertSqlSafe($crate::store::leased::RUNS.fenced_update(
+                    "status = 'waiting', wait_reason = $1, next_attempt_at = $2, \
+                     lease_owner = NULL, lease_until = NULL, updated_at = $3",
+                    4,
+                )))
+                .bind(reason)
+                .bind(until)
+                .bind(now)
+                .bind(run_id)
+                .bind(owner)
+                .bind(token)
+                .execute(ex)
+                .await?;
+                Ok(r.rows_affected() == 1)
+            }
+
             /// Applies a state change guarded by the run's current status (`$1` is now,
             /// `$2` the run id) and says what happened.
             async fn change_run(
@@ -345,20 +372,7 @@ macro_rules! impl_run_store {
                 reason: &str,
                 now: chrono::DateTime<chrono::Utc>,
             ) -> Result<bool, $crate::store::StoreError> {
-                let r = sqlx::query(sqlx::AssertSqlSafe($crate::store::leased::RUNS.fenced_update(
-                    "status = 'waiting', wait_reason = $1, next_attempt_at = $2, \
-                     lease_owner = NULL, lease_until = NULL, updated_at = $3",
-                    4,
-                )))
-                .bind(reason)
-                .bind(until)
-                .bind(now)
-                .bind(run_id)
-                .bind(owner)
-                .bind(token)
-                .execute(&self.writer)
-                .await?;
-                Ok(r.rows_affected() == 1)
+                Self::hold_in(&self.writer, run_id, owner, token, until, reason, now).await
             }
 
             async fn save_progress(
