@@ -634,6 +634,12 @@ async fn sigterm_hands_a_replay_back(db: &TestDb) {
     }
     server.terminate();
     assert!(server.wait_exit(Duration::from_secs(20)).await.success());
+    // Both monitors stopped gracefully: none ended as a task the supervisor would restart.
+    let log = std::fs::read_to_string(&server.log).unwrap_or_default();
+    assert!(log.contains("replay workers stopped gracefully"), "{log}");
+    assert!(!log.contains("task `replays` stopped"), "{log}");
+    assert!(!log.contains("task `workers` stopped"), "{log}");
+    assert!(!log.contains("workers stopped with an error"), "{log}");
     assert_eq!(
         probe
             .count(&format!(

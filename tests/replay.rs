@@ -412,7 +412,47 @@ async fn two_instances_drive_one_replay_once(db: &TestDb) {
     assert_eq!(runs.len(), 2 * EVENTS);
 }
 
+/// The replay workers are supervised (task `replays`): stopped, they are
+/// restarted, and a replay created meanwhile is driven to its end.
+async fn the_replay_workers_are_restarted_when_they_stop(db: &TestDb) {
+    let app = TestApp::spawn(db).await;
+    assert!(
+        app.supervisor.abort("replays"),
+        "the replay workers run under the supervisor"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.supervisor.restarts("replays") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the replay workers were not seen stopping"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, replay) = post(
+        &app,
+        "/api/v1/replays",
+        json!({"type": "conversation.ended"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{replay}");
+    let id = replay["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, r) = app.admin_get(&format!("/api/v1/replays/{id}")).await;
+        if r["status"] == "succeeded" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no restarted worker drove the replay: {r}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(app.supervisor.restarts("replays"), 1);
+}
+
 on_both_backends!(
+    the_replay_workers_are_restarted_when_they_stop,
     a_replay_runs_the_current_version_and_a_retry_its_own,
     a_replay_is_leased_to_one_instance_at_a_time,
     two_instances_drive_one_replay_once,

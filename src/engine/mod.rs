@@ -21,6 +21,7 @@ pub mod replay;
 pub mod replay_backend;
 pub mod save;
 pub mod setup;
+mod spawned;
 pub mod trace;
 pub mod versions;
 pub mod wait;

@@ -194,6 +194,8 @@ pub struct TestApp {
     pub addr: SocketAddr,
     pub client: reqwest::Client,
     pub store: std::sync::Arc<dyn switchboard::store::EventStore>,
+    /// The server's background tasks (fault tests stop them through it).
+    pub supervisor: std::sync::Arc<switchboard::supervisor::Supervisor>,
     server: tokio::task::JoinHandle<()>,
 }
 
@@ -295,6 +297,7 @@ impl TestApp {
         let app = Application::build(settings).await.expect("build app");
         let addr = app.local_addr();
         let store = app.store();
+        let supervisor = app.supervisor();
         let server = tokio::spawn(async move {
             let _ = app.run().await;
         });
@@ -302,6 +305,7 @@ impl TestApp {
             addr,
             client: client(),
             store,
+            supervisor,
             server,
         }
     }
