@@ -245,8 +245,12 @@ impl Application {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let signal = {
             let stop = stop.clone();
+            let supervisor = self.supervisor.clone();
             async move {
                 shutdown_signal().await;
+                // Before the server winds down (and the appender, its requests gone, returns):
+                // a task that ends from now on is not restarted.
+                supervisor.stop();
                 let _ = stop.send(true);
             }
         };
