@@ -241,24 +241,8 @@ impl ReplayWorkers {
         let this = self.clone();
         tokio::spawn(async move {
             this.idle.send_replace(false);
-            let mut stop = this.stop.subscribe();
-            let mut grace = stop.clone();
-            let signal = async move {
-                let _ = stop.wait_for(Option::is_some).await;
-                Ok(())
-            };
-            // Starts after the signal: past it, the workers (and their drives) are dropped.
-            let terminator = async move {
-                let grace = grace
-                    .wait_for(Option::is_some)
-                    .await
-                    .ok()
-                    .and_then(|g| *g)
-                    .unwrap_or_default();
-                tokio::time::sleep(grace).await;
-            };
-            let monitor = this.register(Monitor::new()).with_terminator(terminator);
-            match monitor.run_with_signal(signal).await {
+            let monitor = this.register(Monitor::new());
+            match super::monitor::run_until_stopped(monitor, this.stop.subscribe()).await {
                 Ok(()) => tracing::info!("replay workers stopped gracefully"),
                 Err(e) => tracing::error!(error = %e, "the replay workers stopped"),
             }
