@@ -164,7 +164,7 @@ impl Application {
         let mut workers = vec![
             appender_task,
             supervise_engine(&supervisor, &engine),
-            spawn_monitor(replays.register(apalis_core::monitor::Monitor::new())),
+            replays.supervise(&supervisor),
         ];
         workers.extend(supervise_listener(
             &supervisor,
@@ -245,8 +245,12 @@ impl Application {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let signal = {
             let stop = stop.clone();
+            let supervisor = self.supervisor.clone();
             async move {
                 shutdown_signal().await;
+                // Before the server winds down (and the appender, its requests gone, returns):
+                // a task that ends from now on is not restarted.
+                supervisor.stop();
                 let _ = stop.send(true);
             }
         };
@@ -264,8 +268,9 @@ impl Application {
             let mut stopped = stopped;
             let _ = stopped.wait_for(|s| *s).await;
             supervisor.stop();
-            replays.stop().await;
-            engine.shutdown(grace).await
+            // Both monitors stop at once, each within the grace.
+            let ((), handed_back) = tokio::join!(replays.stop(grace), engine.shutdown(grace));
+            handed_back
         };
         let (served, _handed_back) = tokio::join!(server, drain);
         served?;
@@ -398,14 +403,14 @@ pub async fn run_workers(
     tasks.push(supervise_engine(&supervisor, &engine));
     tasks.extend(supervise_listener(&supervisor, database_url, &wake));
     let replays = ReplayWorkers::new(engine_store, wake.clone());
-    tasks.push(spawn_monitor(
-        replays.register(apalis_core::monitor::Monitor::new()),
-    ));
+    tasks.push(replays.supervise(&supervisor));
     let _workers = AbortOnDrop(tasks);
     shutdown_signal().await;
     supervisor.stop();
-    replays.stop().await;
-    engine.shutdown(shutdown_grace).await;
+    tokio::join!(
+        replays.stop(shutdown_grace),
+        engine.shutdown(shutdown_grace)
+    );
     tracing::info!("stopped");
     Ok(())
 }
@@ -464,16 +469,6 @@ fn supervise_listener(
     Some(supervisor.spawn("postgres-listen", move || {
         spawn_listener(&url, wake.clone())
     }))
-}
-
-/// Runs an apalis [`Monitor`](apalis_core::monitor::Monitor) (the replay
-/// workers) until the process stops; aborted with the other background tasks.
-fn spawn_monitor(monitor: apalis_core::monitor::Monitor) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        if let Err(e) = monitor.run().await {
-            tracing::error!(error = %e, "the replay workers stopped");
-        }
-    })
 }
 
 /// Aborts background tasks when dropped.

@@ -1,5 +1,5 @@
 //! Keeps the background tasks the process needs (the appender, the workers,
-//! PostgreSQL LISTEN, the `/metrics` listener) running: a task that ends
+//! the replay workers, PostgreSQL LISTEN, the `/metrics` listener) running: a task that ends
 //! when it should not (it panicked, returned, or was aborted) is logged as
 //! an error and started again after a short, growing pause; while it is
 //! down, `/readyz` answers 503 naming it.

@@ -129,15 +129,7 @@ async fn a_waiting_run_holds_the_next_and_metrics_count_it(db: &TestDb) {
     let second = run_of(&app, "ev_w2").await;
     assert_eq!(second["wait_reason"], "order", "{second}");
     assert_eq!(second["waiting_for"]["behind"], first["id"], "{second}");
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     assert!(
         metrics
             .lines()

@@ -430,15 +430,7 @@ async fn the_reset_endpoint_closes_a_breaker(db: &TestDb) {
     assert_eq!(code, 200);
     assert_eq!(list[0]["state"], "open", "{list}");
     assert_eq!(list[0]["held_runs"], 1, "{list}");
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     for expected in [
         "switchboard_destination_held_total{destination=\"dead\",reason=\"circuit_open\"}",
         "switchboard_destination_breaker_state{destination=\"dead\"} 1",
@@ -554,20 +546,6 @@ async fn deliver_n_at(app: &TestApp, i: usize) {
     assert_eq!(r.status(), 200);
 }
 
-fn validate(dir: &std::path::Path) -> (i32, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .arg("validate")
-        .arg(dir)
-        .env_remove("SWITCHBOARD_WORKFLOWS")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn validate_reports_every_problem_of_destinations_yaml_with_a_caret() {
     let dir = tempfile::tempdir().unwrap();
@@ -576,7 +554,7 @@ fn validate_reports_every_problem_of_destinations_yaml_with_a_caret() {
         "destinations:\n  - name: crm\n    url: \"https://crm.example.com/\"\n    rate: 100/tens\n    concurency: 4\n  - name: crm\n    url: \"ftp://x/\"\n    circuit_breaker: { failures: 0, cool_down: 30s }\ndefault:\n  burst: 3\n",
     )
     .unwrap();
-    let (code, _, stderr) = validate(dir.path());
+    let (code, _, stderr) = common::validate(dir.path());
     assert_eq!(code, 1, "{stderr}");
     for expected in [
         "destinations.yaml:4:11: error: `rate`: `100/tens`",
@@ -598,7 +576,7 @@ fn validate_reports_every_problem_of_destinations_yaml_with_a_caret() {
 #[test]
 fn the_example_destinations_file_validates() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/workflows");
-    let (code, stdout, stderr) = validate(&dir);
+    let (code, stdout, stderr) = common::validate(&dir);
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(
         stdout.contains("ok: destinations (1 named, and a default)"),

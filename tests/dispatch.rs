@@ -11,56 +11,11 @@ use std::time::{Duration, Instant};
 
 use common::sink::Sink;
 use common::{
-    Delivery, ServerProcess, TestApp, TestDb, client, deliver_to, ended_body, runs_of, workflow_dir,
+    Delivery, Probe, ServerProcess, TestApp, TestDb, client, deliver_to, ended_body, new_event,
+    runs_of, workflow_dir,
 };
 use serde_json::{Value, json};
-use switchboard::domain::IdempotencyKey;
-use switchboard::store::{NewEvent, NoWorkflows, Verification};
-use switchboard::webhook::envelope::Envelope;
-
-/// A connection to the test database for counting rows.
-enum Probe {
-    Sqlite(sqlx::SqlitePool),
-    Postgres(sqlx::PgPool),
-}
-
-impl Probe {
-    async fn open(db: &TestDb) -> Self {
-        match db {
-            TestDb::Sqlite { .. } => {
-                Probe::Sqlite(sqlx::SqlitePool::connect(db.url()).await.unwrap())
-            }
-            TestDb::Postgres { .. } => {
-                Probe::Postgres(sqlx::PgPool::connect(db.url()).await.unwrap())
-            }
-        }
-    }
-
-    async fn count(&self, sql: &str) -> i64 {
-        let sql = sqlx::AssertSqlSafe(sql.to_owned());
-        match self {
-            Probe::Sqlite(pool) => sqlx::query_scalar(sql).fetch_one(pool).await.unwrap(),
-            Probe::Postgres(pool) => sqlx::query_scalar(sql).fetch_one(pool).await.unwrap(),
-        }
-    }
-}
-
-async fn count(db: &TestDb, sql: &str) -> i64 {
-    Probe::open(db).await.count(sql).await
-}
-
-async fn post(app: &TestApp, path: &str, body: Value) -> (u16, Value) {
-    let resp = app
-        .client
-        .post(app.url(path))
-        .bearer_auth(common::TOKEN)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
-}
+use switchboard::store::{NewEvent, NoWorkflows};
 
 /// A workflow on `conversation.ended` with status `completed`, posting to `path`.
 fn completed_workflow(sink: &Sink, path: &str) -> String {
@@ -84,24 +39,45 @@ async fn store_events(db: &TestDb, prefix: &str, n: usize) -> HashSet<String> {
                 completed.insert(id.clone());
             }
             let body = ended_body(&id, &format!("conv_{prefix}_{}", i % 500), status);
-            NewEvent {
-                envelope: Envelope::parse(&body).unwrap(),
-                idempotency_key: IdempotencyKey::parse(format!("key-{prefix}-{i}")).unwrap(),
-                raw_body: body,
-                verification: Verification {
-                    signed_url: "http://127.0.0.1/webhooks/operator".into(),
-                    timestamp: "1".into(),
-                    signature: "v1,x".into(),
-                },
-                received_at: chrono::Utc::now(),
-                span: tracing::Span::none(),
-            }
+            new_event(body, &format!("key-{prefix}-{i}"))
         })
         .collect();
     for batch in events.chunks(1000) {
         store.append_batch(batch, &NoWorkflows).await.unwrap();
     }
     completed
+}
+
+/// Starts a server in its own process on these workflows, logging into `logs`
+/// (again for a restart).
+async fn serve(
+    db: &TestDb,
+    workflows: &tempfile::TempDir,
+    logs: &tempfile::TempDir,
+) -> ServerProcess {
+    let wf_env = workflows.path().display().to_string();
+    ServerProcess::start(
+        db,
+        logs.path(),
+        &[("SWITCHBOARD_WORKFLOWS", wf_env.as_str())],
+    )
+    .await
+}
+
+/// Asks `server` for a replay with `body`; its id.
+async fn start_replay(server: &ServerProcess, body: Value) -> String {
+    let resp = client()
+        .post(format!("{}/api/v1/replays", server.base()))
+        .bearer_auth(common::TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }
 
 /// Kills the server (kill -9) in the middle of a replay's page: times one
@@ -133,35 +109,9 @@ async fn store_bodies(db: &TestDb, bodies: &[Vec<u8>]) {
     let events: Vec<NewEvent> = bodies
         .iter()
         .enumerate()
-        .map(|(i, body)| NewEvent {
-            envelope: Envelope::parse(body).unwrap(),
-            idempotency_key: IdempotencyKey::parse(format!("key-body-{i}")).unwrap(),
-            raw_body: body.clone(),
-            verification: Verification {
-                signed_url: "http://127.0.0.1/webhooks/operator".into(),
-                timestamp: "1".into(),
-                signature: "v1,x".into(),
-            },
-            received_at: chrono::Utc::now(),
-            span: tracing::Span::none(),
-        })
+        .map(|(i, body)| new_event(body.clone(), &format!("key-body-{i}")))
         .collect();
     store.append_batch(&events, &NoWorkflows).await.unwrap();
-}
-
-async fn wait_replay(app: &TestApp, id: &str, secs: u64) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let (_, r) = app.admin_get(&format!("/api/v1/replays/{id}")).await;
-        if r["status"] == "succeeded" {
-            return r;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "replay {id} did not finish in {secs}s: {r}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// 10,000 stored events, a workflow added afterwards, two dispatches at once
@@ -175,11 +125,11 @@ async fn two_concurrent_dispatches_create_each_missing_run_once(db: &TestDb) {
     let files: Vec<(&str, &str)> = files.iter().map(|(f, y)| (*f, y.as_str())).collect();
     let (a, _dir_a) = TestApp::with_workflows(db, &files).await;
     let (b, _dir_b) = TestApp::with_workflows(db, &files).await;
-    assert_eq!(count(db, "SELECT COUNT(*) FROM runs").await, 0);
+    assert_eq!(db.count("SELECT COUNT(*) FROM runs").await, 0);
     let body = json!({"mode": "dispatch", "type": "conversation.ended"});
     let ((sa, ra), (sb, rb)) = tokio::join!(
-        post(&a, "/api/v1/replays", body.clone()),
-        post(&b, "/api/v1/replays", body.clone())
+        a.admin_post_json("/api/v1/replays", body.clone()),
+        b.admin_post_json("/api/v1/replays", body.clone())
     );
     assert_eq!((sa, sb), (200, 200), "{ra} {rb}");
     assert_eq!(ra["mode"], "dispatch");
@@ -189,8 +139,8 @@ async fn two_concurrent_dispatches_create_each_missing_run_once(db: &TestDb) {
         ra["versions"]["late"], list[0]["version"],
         "the response says which version the runs execute"
     );
-    let da = wait_replay(&a, ra["id"].as_str().unwrap(), 240).await;
-    let db_ = wait_replay(&a, rb["id"].as_str().unwrap(), 240).await;
+    let da = a.wait_replay(ra["id"].as_str().unwrap(), 240).await;
+    let db_ = a.wait_replay(rb["id"].as_str().unwrap(), 240).await;
     for d in [&da, &db_] {
         assert_eq!(d["done"], EVENTS as i64, "{d}");
         assert_eq!(d["failed"], 0, "{d}");
@@ -201,15 +151,13 @@ async fn two_concurrent_dispatches_create_each_missing_run_once(db: &TestDb) {
         "between them, one run per matching event: {da} {db_}"
     );
     let want = completed.len() as i64;
-    assert_eq!(count(db, "SELECT COUNT(*) FROM runs").await, want);
+    assert_eq!(db.count("SELECT COUNT(*) FROM runs").await, want);
     assert_eq!(
-        count(db, "SELECT COUNT(DISTINCT event_id) FROM runs").await,
+        db.count("SELECT COUNT(DISTINCT event_id) FROM runs").await,
         want
     );
     assert_eq!(
-        count(
-            db,
-            "SELECT COUNT(*) FROM runs r JOIN workflow_versions v ON v.hash = r.version WHERE v.workflow = 'late'"
+        db.count("SELECT COUNT(*) FROM runs r JOIN workflow_versions v ON v.hash = r.version WHERE v.workflow = 'late'"
         )
         .await,
         want,
@@ -217,20 +165,23 @@ async fn two_concurrent_dispatches_create_each_missing_run_once(db: &TestDb) {
     );
     // Decisions recorded for the new verdicts, both ways.
     assert_eq!(
-        count(db, "SELECT COUNT(*) FROM match_decisions WHERE matched").await,
+        db.count("SELECT COUNT(*) FROM match_decisions WHERE matched")
+            .await,
         want
     );
     assert_eq!(
-        count(
-            db,
-            "SELECT COUNT(*) FROM match_decisions WHERE NOT matched AND reason LIKE '%status is `failed`%'"
+        db.count("SELECT COUNT(*) FROM match_decisions WHERE NOT matched AND reason LIKE '%status is `failed`%'"
         )
         .await,
         EVENTS as i64 - want
     );
     // Every run executes, once.
     let deadline = Instant::now() + Duration::from_secs(300);
-    while count(db, "SELECT COUNT(*) FROM runs WHERE status = 'succeeded'").await < want {
+    while db
+        .count("SELECT COUNT(*) FROM runs WHERE status = 'succeeded'")
+        .await
+        < want
+    {
         assert!(Instant::now() < deadline, "runs did not all succeed");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -266,8 +217,8 @@ async fn two_concurrent_dispatches_create_each_missing_run_once(db: &TestDb) {
         "exactly the matching events have runs"
     );
     // A third dispatch finds nothing left to create.
-    let (_, rc) = post(&a, "/api/v1/replays", body).await;
-    let dc = wait_replay(&a, rc["id"].as_str().unwrap(), 240).await;
+    let (_, rc) = a.admin_post_json("/api/v1/replays", body).await;
+    let dc = a.wait_replay(rc["id"].as_str().unwrap(), 240).await;
     assert_eq!(dc["runs_created"], 0, "{dc}");
     assert_eq!(dc["skipped"], EVENTS as i64, "{dc}");
 }
@@ -277,7 +228,9 @@ async fn dispatch_requests_are_validated(db: &TestDb) {
     let sink = Sink::start().await;
     let (app, _dir) =
         TestApp::with_workflows(db, &[("late.yaml", &completed_workflow(&sink, "/ok/x"))]).await;
-    let (status, body) = post(&app, "/api/v1/replays", json!({"mode": "redispatch"})).await;
+    let (status, body) = app
+        .admin_post_json("/api/v1/replays", json!({"mode": "redispatch"}))
+        .await;
     assert_eq!(status, 400, "{body}");
     let message = body["error"]["message"].as_str().unwrap();
     assert!(
@@ -286,12 +239,12 @@ async fn dispatch_requests_are_validated(db: &TestDb) {
             && message.contains("`dispatch`"),
         "{message}"
     );
-    let (status, body) = post(
-        &app,
-        "/api/v1/replays",
-        json!({"mode": "dispatch", "only_failed": true}),
-    )
-    .await;
+    let (status, body) = app
+        .admin_post_json(
+            "/api/v1/replays",
+            json!({"mode": "dispatch", "only_failed": true}),
+        )
+        .await;
     assert_eq!(status, 400, "{body}");
     assert!(
         body["error"]["message"]
@@ -300,12 +253,12 @@ async fn dispatch_requests_are_validated(db: &TestDb) {
             .contains("`only_failed` applies to `mode: rerun`"),
         "{body}"
     );
-    let (status, body) = post(
-        &app,
-        "/api/v1/replays",
-        json!({"mode": "dispatch", "workflows": ["nope"]}),
-    )
-    .await;
+    let (status, body) = app
+        .admin_post_json(
+            "/api/v1/replays",
+            json!({"mode": "dispatch", "workflows": ["nope"]}),
+        )
+        .await;
     assert_eq!(status, 400, "{body}");
     assert!(
         body["error"]["message"]
@@ -315,7 +268,9 @@ async fn dispatch_requests_are_validated(db: &TestDb) {
         "{body}"
     );
     let empty = TestApp::spawn(db).await;
-    let (status, body) = post(&empty, "/api/v1/replays", json!({"mode": "dispatch"})).await;
+    let (status, body) = empty
+        .admin_post_json("/api/v1/replays", json!({"mode": "dispatch"}))
+        .await;
     assert_eq!(status, 400, "{body}");
     assert!(
         body["error"]["message"]
@@ -325,7 +280,7 @@ async fn dispatch_requests_are_validated(db: &TestDb) {
         "{body}"
     );
     // The default is `rerun`.
-    let (status, body) = post(&app, "/api/v1/replays", json!({})).await;
+    let (status, body) = app.admin_post_json("/api/v1/replays", json!({})).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["mode"], "rerun");
 }
@@ -364,8 +319,8 @@ async fn the_dispatch_command(db: &TestDb) {
     assert!(out.contains("✓ #1 ev_cli_0"), "{out}");
     assert!(out.contains("status is `failed`"), "{out}");
     assert!(out.contains("dry run: nothing was created"), "{out}");
-    assert_eq!(count(db, "SELECT COUNT(*) FROM runs").await, 0);
-    assert_eq!(count(db, "SELECT COUNT(*) FROM replays").await, 0);
+    assert_eq!(db.count("SELECT COUNT(*) FROM runs").await, 0);
+    assert_eq!(db.count("SELECT COUNT(*) FROM replays").await, 0);
     let (ok, out, err) = run_cli(db, dir.path(), &["--since", "1d", "--workflow", "nope"]);
     assert!(!ok);
     assert!(
@@ -386,7 +341,7 @@ async fn the_dispatch_command(db: &TestDb) {
         out3.contains("finished: 40 event(s), 0 run(s) created"),
         "run twice, nothing twice: {out3}"
     );
-    assert_eq!(count(db, "SELECT COUNT(*) FROM runs").await, 10);
+    assert_eq!(db.count("SELECT COUNT(*) FROM runs").await, 10);
     // A server on the database executes them.
     let (app, _dir) =
         TestApp::with_workflows(db, &[("late.yaml", &completed_workflow(&sink, "/ok/cli"))]).await;
@@ -408,10 +363,8 @@ async fn a_bulk_replay_killed_mid_way_replays_no_event_twice(db: &TestDb) {
             sink.url("/ok/k9")
         ),
     )]);
-    let wf_env = workflows.path().display().to_string();
     let logs = tempfile::tempdir().unwrap();
-    let env = [("SWITCHBOARD_WORKFLOWS", wf_env.as_str())];
-    let mut server = ServerProcess::start(db, logs.path(), &env).await;
+    let mut server = serve(db, &workflows, &logs).await;
     let http = client();
     let url = server.webhook_url();
     for chunk in (0..EVENTS).collect::<Vec<_>>().chunks(32) {
@@ -433,20 +386,15 @@ async fn a_bulk_replay_killed_mid_way_replays_no_event_twice(db: &TestDb) {
         assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     }
     let deadline = Instant::now() + Duration::from_secs(120);
-    while count(db, "SELECT COUNT(*) FROM runs WHERE status = 'succeeded'").await < EVENTS as i64 {
+    while db
+        .count("SELECT COUNT(*) FROM runs WHERE status = 'succeeded'")
+        .await
+        < EVENTS as i64
+    {
         assert!(Instant::now() < deadline, "original runs did not finish");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let resp = http
-        .post(format!("{}/api/v1/replays", server.base()))
-        .bearer_auth(common::TOKEN)
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let replay: Value = resp.json().await.unwrap();
-    let id = replay["id"].as_str().unwrap().to_owned();
+    let id = start_replay(&server, json!({})).await;
     let probe = Probe::open(db).await;
     let done_sql = format!("SELECT done FROM replays WHERE replay_id = '{id}'");
     let done_at_kill = kill_mid_page(&probe, &done_sql, &mut server).await;
@@ -454,8 +402,10 @@ async fn a_bulk_replay_killed_mid_way_replays_no_event_twice(db: &TestDb) {
         done_at_kill < EVENTS as i64,
         "killed after it finished ({done_at_kill}); the test did not interrupt it"
     );
-    let replayed_at_kill = count(db, "SELECT COUNT(*) FROM runs WHERE replay_of IS NOT NULL").await;
-    let server = ServerProcess::start(db, logs.path(), &env).await;
+    let replayed_at_kill = db
+        .count("SELECT COUNT(*) FROM runs WHERE replay_of IS NOT NULL")
+        .await;
+    let server = serve(db, &workflows, &logs).await;
     let deadline = Instant::now() + Duration::from_secs(90);
     let done = loop {
         let finished = probe
@@ -480,28 +430,27 @@ async fn a_bulk_replay_killed_mid_way_replays_no_event_twice(db: &TestDb) {
     };
     assert_eq!(done, EVENTS as i64, "each event counted once");
     assert_eq!(
-        count(db, "SELECT COUNT(*) FROM runs WHERE replay_of IS NOT NULL").await,
+        db.count("SELECT COUNT(*) FROM runs WHERE replay_of IS NOT NULL")
+            .await,
         EVENTS as i64,
         "one replay run per event ({replayed_at_kill} existed at the kill)"
     );
     assert_eq!(
-        count(
-            db,
-            "SELECT COUNT(DISTINCT replay_of) FROM runs WHERE replay_of IS NOT NULL"
-        )
-        .await,
+        db.count("SELECT COUNT(DISTINCT replay_of) FROM runs WHERE replay_of IS NOT NULL")
+            .await,
         EVENTS as i64
     );
     assert_eq!(
-        count(
-            db,
-            &format!("SELECT runs_created FROM replays WHERE replay_id = '{id}'")
-        )
+        db.count(&format!(
+            "SELECT runs_created FROM replays WHERE replay_id = '{id}'"
+        ))
         .await,
         EVENTS as i64
     );
     let deadline = Instant::now() + Duration::from_secs(120);
-    while count(db, "SELECT COUNT(*) FROM runs WHERE status = 'succeeded'").await
+    while db
+        .count("SELECT COUNT(*) FROM runs WHERE status = 'succeeded'")
+        .await
         < 2 * EVENTS as i64
     {
         assert!(Instant::now() < deadline, "replay runs did not finish");
@@ -528,23 +477,9 @@ async fn a_dispatch_killed_mid_way_creates_each_run_once(db: &TestDb) {
     let completed = store_events(db, "k", EVENTS).await;
     let sink = Sink::start().await;
     let workflows = workflow_dir(&[("late.yaml", &completed_workflow(&sink, "/ok/kd"))]);
-    let wf_env = workflows.path().display().to_string();
     let logs = tempfile::tempdir().unwrap();
-    let env = [("SWITCHBOARD_WORKFLOWS", wf_env.as_str())];
-    let mut server = ServerProcess::start(db, logs.path(), &env).await;
-    let http = client();
-    let resp = http
-        .post(format!("{}/api/v1/replays", server.base()))
-        .bearer_auth(common::TOKEN)
-        .json(&json!({"mode": "dispatch"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let id = resp.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let mut server = serve(db, &workflows, &logs).await;
+    let id = start_replay(&server, json!({"mode": "dispatch"})).await;
     let probe = Probe::open(db).await;
     let done_sql = format!("SELECT done FROM replays WHERE replay_id = '{id}'");
     let done_at_kill = kill_mid_page(&probe, &done_sql, &mut server).await;
@@ -552,7 +487,7 @@ async fn a_dispatch_killed_mid_way_creates_each_run_once(db: &TestDb) {
         done_at_kill < EVENTS as i64,
         "killed after it finished; the test did not interrupt it"
     );
-    let server = ServerProcess::start(db, logs.path(), &env).await;
+    let server = serve(db, &workflows, &logs).await;
     let deadline = Instant::now() + Duration::from_secs(120);
     let finished =
         format!("SELECT COUNT(*) FROM replays WHERE replay_id = '{id}' AND status = 'succeeded'");
@@ -609,22 +544,9 @@ async fn sigterm_hands_a_replay_back(db: &TestDb) {
     let completed = store_events(db, "t", EVENTS).await;
     let sink = Sink::start().await;
     let workflows = workflow_dir(&[("late.yaml", &completed_workflow(&sink, "/ok/t"))]);
-    let wf_env = workflows.path().display().to_string();
     let logs = tempfile::tempdir().unwrap();
-    let env = [("SWITCHBOARD_WORKFLOWS", wf_env.as_str())];
-    let mut server = ServerProcess::start(db, logs.path(), &env).await;
-    let resp = client()
-        .post(format!("{}/api/v1/replays", server.base()))
-        .bearer_auth(common::TOKEN)
-        .json(&json!({"mode": "dispatch"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let id = resp.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let mut server = serve(db, &workflows, &logs).await;
+    let id = start_replay(&server, json!({"mode": "dispatch"})).await;
     let probe = Probe::open(db).await;
     let done_sql = format!("SELECT done FROM replays WHERE replay_id = '{id}'");
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -634,6 +556,11 @@ async fn sigterm_hands_a_replay_back(db: &TestDb) {
     }
     server.terminate();
     assert!(server.wait_exit(Duration::from_secs(20)).await.success());
+    // Both monitors stopped gracefully, and no task ended as one the supervisor would restart.
+    let log = std::fs::read_to_string(&server.log).unwrap_or_default();
+    assert!(log.contains("replay workers stopped gracefully"), "{log}");
+    assert!(!log.contains("restarting it"), "{log}");
+    assert!(!log.contains("workers stopped with an error"), "{log}");
     assert_eq!(
         probe
             .count(&format!(
@@ -645,7 +572,7 @@ async fn sigterm_hands_a_replay_back(db: &TestDb) {
         probe.count(&done_sql).await,
         std::fs::read_to_string(&server.log).unwrap_or_default()
     );
-    let _server = ServerProcess::start(db, logs.path(), &env).await;
+    let _server = serve(db, &workflows, &logs).await;
     let finished =
         format!("SELECT COUNT(*) FROM replays WHERE replay_id = '{id}' AND status = 'succeeded'");
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -716,12 +643,9 @@ steps:
         sink.url("/ok/moved")
     );
     let (app, _dir) = TestApp::with_workflows(db, &[("moved.yaml", &yaml)]).await;
-    let (status, backtest) = post(
-        &app,
-        "/api/v1/workflows/backtest",
-        json!({"workflow": yaml}),
-    )
-    .await;
+    let (status, backtest) = app
+        .admin_post_json("/api/v1/workflows/backtest", json!({"workflow": yaml}))
+        .await;
     assert_eq!(status, 200, "{backtest}");
     let would: HashSet<String> = backtest["events"]
         .as_array()
@@ -734,9 +658,11 @@ steps:
         would,
         HashSet::from(["ev_f3".to_owned(), "ev_f6".to_owned()])
     );
-    let (status, r) = post(&app, "/api/v1/replays", json!({"mode": "dispatch"})).await;
+    let (status, r) = app
+        .admin_post_json("/api/v1/replays", json!({"mode": "dispatch"}))
+        .await;
     assert_eq!(status, 200, "{r}");
-    let done = wait_replay(&app, r["id"].as_str().unwrap(), 30).await;
+    let done = app.wait_replay(r["id"].as_str().unwrap(), 30).await;
     assert_eq!(
         (done["done"].as_i64(), done["runs_created"].as_i64()),
         (Some(7), Some(2)),

@@ -121,15 +121,7 @@ async fn wait_for_resumes_on_a_later_matching_event_with_its_envelope(db: &TestD
         "{w}"
     );
     assert_eq!(w["until"], waiting["resume_at"]);
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     assert!(
         metrics
             .lines()
@@ -518,14 +510,8 @@ fn validate_points_at_wait_mistakes() {
         "on: { event: conversation.ended }\norder: sometimes\nsteps:\n  - id: early\n    http: { url: \"https://x.example/{{ steps.q.event.id }}\" }\n  - id: q\n    wait_for:\n      event: conversation.ended\n      field: lead_status\n  - id: r\n    wait_for: { event: conversation.started, timeout: 1h }\n  - id: s\n    wait: soon\n  - id: t\n    wait_for:\n      event: conversation.custom_fields.updated\n      field: x\n      when: steps.q.timed_out\n      timeout: 5m\n",
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .arg("validate")
-        .arg(dir.path())
-        .env_remove("SWITCHBOARD_WORKFLOWS")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let (code, _, stderr) = common::validate(dir.path());
+    assert_eq!(code, 1, "{stderr}");
     for expected in [
         "bad.yaml:2:8: error: `order` is `sometimes`; use `conversation` or `none`",
         "bad.yaml:5:18: error: `http.url` uses steps.q, which runs later",
@@ -551,18 +537,8 @@ fn validate_points_at_wait_mistakes() {
         "on: { event: conversation.ended }\norder: none\nsteps:\n  - id: q\n    wait_for: { event: conversation.ended, status: [completed], timeout: 1d }\n  - id: p\n    http: { url: \"https://x.example/{{ steps.q.event.id }}\" }\n",
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .arg("validate")
-        .arg(dir.path())
-        .env_remove("SWITCHBOARD_WORKFLOWS")
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, _, stderr) = common::validate(dir.path());
+    assert_eq!(code, 0, "{stderr}");
 }
 
 /// A wait step is one `step` span, from when the run reached it to when it

@@ -13,11 +13,9 @@ use std::time::Duration;
 
 use common::sink::Sink;
 use common::{TestDb, workflow_dir};
-use switchboard::domain::IdempotencyKey;
 use switchboard::engine::{Engine, Gate, GateAnswer};
 use switchboard::store::runs::{Run, RunStatus};
-use switchboard::store::{NewEvent, RunHandoff, Verification};
-use switchboard::webhook::envelope::Envelope;
+use switchboard::store::{NewEvent, RunHandoff};
 use switchboard::workflow::Step;
 
 /// Holds the first attempt for 300 ms, then lets every attempt go.
@@ -38,23 +36,21 @@ impl Gate for HoldOnce {
 }
 
 fn event(id: &str) -> NewEvent {
-    let body = common::ended_body(id, "conv_gate", "completed");
-    NewEvent {
-        envelope: Envelope::parse(&body).unwrap(),
-        idempotency_key: IdempotencyKey::parse(format!("key-{id}")).unwrap(),
-        raw_body: body,
-        verification: Verification {
-            signed_url: "http://127.0.0.1/webhooks/operator".into(),
-            timestamp: "1".into(),
-            signature: "v1,x".into(),
-        },
-        received_at: chrono::Utc::now(),
-        span: tracing::Span::none(),
-    }
+    common::new_event(
+        common::ended_body(id, "conv_gate", "completed"),
+        &format!("key-{id}"),
+    )
 }
 
-async fn a_held_attempt_waits_without_an_attempt_then_goes(db: &TestDb) {
-    let sink = Sink::start().await;
+/// One workflow posting every `conversation.ended` to the sink's `/ok/crm`,
+/// loaded, and the test database's store, migrated.
+async fn crm_posting_to(
+    sink: &Sink,
+    db: &TestDb,
+) -> (
+    Arc<switchboard::workflow::registry::Registry>,
+    Arc<dyn switchboard::store::EventStore>,
+) {
     let dir = workflow_dir(&[(
         "crm.yaml",
         &format!(
@@ -67,6 +63,12 @@ async fn a_held_attempt_waits_without_an_attempt_then_goes(db: &TestDb) {
     ));
     let store = switchboard::store::connect(db.url()).await.unwrap();
     store.migrate().await.unwrap();
+    (registry, store)
+}
+
+async fn a_held_attempt_waits_without_an_attempt_then_goes(db: &TestDb) {
+    let sink = Sink::start().await;
+    let (registry, store) = crm_posting_to(&sink, db).await;
     let gate = Arc::new(HoldOnce(AtomicUsize::new(0)));
     let engine = Arc::new(
         Engine::new(
@@ -137,18 +139,7 @@ impl Gate for PanicsOnBoom {
 
 async fn a_panicking_run_fails_alone_and_its_worker_goes_on(db: &TestDb) {
     let sink = Sink::start().await;
-    let dir = workflow_dir(&[(
-        "crm.yaml",
-        &format!(
-            "on:\n  event: conversation.ended\nsteps:\n  - id: post\n    http:\n      url: \"{}\"\n      json: {{}}\n",
-            sink.url("/ok/crm")
-        ),
-    )]);
-    let registry = Arc::new(switchboard::workflow::registry::Registry::new(
-        switchboard::workflow::WorkflowSet::load(dir.path()).expect("workflows load"),
-    ));
-    let store = switchboard::store::connect(db.url()).await.unwrap();
-    store.migrate().await.unwrap();
+    let (registry, store) = crm_posting_to(&sink, db).await;
     // One slot: the run after the panic can only execute if the worker survived it.
     let engine = Arc::new(
         Engine::new(

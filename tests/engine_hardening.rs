@@ -8,44 +8,14 @@ mod common;
 use std::time::Duration;
 
 use common::sink::Sink;
-use common::{TestApp, TestDb, ended_body};
+use common::{TestApp, TestDb, ended_body, on_ended};
 use serde_json::Value;
 use switchboard::store::runs::RunStatus;
-
-fn on_ended(steps: &str) -> String {
-    format!("on: {{ event: conversation.ended }}\nsteps:\n{steps}")
-}
 
 async fn run_detail(app: &TestApp, run_id: &str) -> Value {
     let (status, run) = app.admin_get(&format!("/api/v1/runs/{run_id}")).await;
     assert_eq!(status, 200, "{run}");
     run
-}
-
-/// Runs SQL on the test database from outside the server (a test's own connection).
-async fn sql(db: &TestDb, statements: &[&str]) {
-    match db {
-        TestDb::Sqlite { .. } => {
-            let pool = sqlx::SqlitePool::connect(db.url()).await.unwrap();
-            for s in statements {
-                sqlx::query(sqlx::AssertSqlSafe(*s))
-                    .execute(&pool)
-                    .await
-                    .unwrap();
-            }
-            pool.close().await;
-        }
-        TestDb::Postgres { .. } => {
-            let pool = sqlx::PgPool::connect(db.url()).await.unwrap();
-            for s in statements {
-                sqlx::query(sqlx::AssertSqlSafe(*s))
-                    .execute(&pool)
-                    .await
-                    .unwrap();
-            }
-            pool.close().await;
-        }
-    }
 }
 
 /// Defect 1: a 200 whose body holds NUL (PostgreSQL refuses it in TEXT and
@@ -90,15 +60,13 @@ async fn an_outcome_that_cannot_be_stored_is_a_store_failure_not_a_resend(db: &T
     let (app, _dir) = TestApp::with_workflows(db, &[("store.yaml", &wf)]).await;
     match db {
         TestDb::Sqlite { .. } => {
-            sql(db, &["CREATE TRIGGER refuse_poison BEFORE INSERT ON attempts \
+            db.exec(&["CREATE TRIGGER refuse_poison BEFORE INSERT ON attempts \
                  WHEN NEW.response_body LIKE '%answered 201%' \
                  BEGIN SELECT RAISE(ABORT, 'refused by the test trigger'); END"])
             .await
         }
         TestDb::Postgres { .. } => {
-            sql(
-                db,
-                &[
+            db.exec(&[
                     "CREATE FUNCTION refuse_poison() RETURNS trigger AS $$ BEGIN \
                      IF NEW.response_body LIKE '%answered 201%' THEN RAISE EXCEPTION 'refused by the test trigger'; END IF; \
                      RETURN NEW; END $$ LANGUAGE plpgsql",
@@ -185,10 +153,9 @@ async fn a_superseded_claim_cannot_save(db: &TestDb) {
         .unwrap();
     let owner = runs[0].lease_owner.clone().expect("held");
     // The lease lapses (a stall) and the same owner claims the run again.
-    sql(
-        db,
-        &["UPDATE runs SET lease_until = '2000-01-01T00:00:00+00:00' WHERE status = 'running'"],
-    )
+    db.exec(&[
+        "UPDATE runs SET lease_until = '2000-01-01T00:00:00+00:00' WHERE status = 'running'",
+    ])
     .await;
     let again = app
         .store
@@ -488,11 +455,8 @@ async fn a_run_resumes_at_its_step_by_id(db: &TestDb) {
         .await;
     sink.wait_for("/status/503/d", 1, 10).await;
     // A run recorded before versions (no version) resumes on the workflow loaded under its name.
-    sql(
-        db,
-        &["UPDATE runs SET version = NULL WHERE event_id = 'ev_steps2'"],
-    )
-    .await;
+    db.exec(&["UPDATE runs SET version = NULL WHERE event_id = 'ev_steps2'"])
+        .await;
     std::fs::write(
         dir.path().join("steps.yaml"),
         on_ended(&format!(

@@ -27,30 +27,11 @@ fn many_workflows(n: usize, url: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-async fn count(db: &TestDb, sql: &'static str) -> i64 {
-    match db {
-        TestDb::Sqlite { .. } => {
-            let pool = sqlx::SqlitePool::connect(db.url()).await.unwrap();
-            let n: i64 = sqlx::query_scalar(sql).fetch_one(&pool).await.unwrap();
-            pool.close().await;
-            n
-        }
-        TestDb::Postgres { .. } => {
-            let pool = sqlx::PgPool::connect(db.url()).await.unwrap();
-            let n: i64 = sqlx::query_scalar(sql).fetch_one(&pool).await.unwrap();
-            pool.close().await;
-            n
-        }
-    }
-}
-
 /// 256 events that each start 40 workflows: 10,240 runs and as many match
 /// decisions in one transaction, far past both bind-parameter limits as one
 /// statement. The batch commits whole.
 async fn a_full_batch_of_many_matches_commits_in_one_transaction(db: &TestDb) {
-    use switchboard::domain::IdempotencyKey;
-    use switchboard::store::{AppendOutcome, NewEvent, Verification};
-    use switchboard::webhook::envelope::Envelope;
+    use switchboard::store::{AppendOutcome, NewEvent};
     let dir = workflow_dir(
         &many_workflows(40, "http://127.0.0.1:9/unused")
             .iter()
@@ -66,18 +47,7 @@ async fn a_full_batch_of_many_matches_commits_in_one_transaction(db: &TestDb) {
         .map(|i| {
             let body =
                 common::ended_body(&format!("ev_big_{i}"), &format!("c_big_{i}"), "completed");
-            NewEvent {
-                envelope: Envelope::parse(&body).unwrap(),
-                idempotency_key: IdempotencyKey::parse(format!("key-big-{i}")).unwrap(),
-                raw_body: body,
-                verification: Verification {
-                    signed_url: "http://127.0.0.1/webhooks/operator".into(),
-                    timestamp: "1".into(),
-                    signature: "v1,x".into(),
-                },
-                received_at: chrono::Utc::now(),
-                span: tracing::Span::none(),
-            }
+            common::new_event(body, &format!("key-big-{i}"))
         })
         .collect();
     let (outcomes, runs) = store
@@ -90,10 +60,10 @@ async fn a_full_batch_of_many_matches_commits_in_one_transaction(db: &TestDb) {
             .iter()
             .all(|o| matches!(o, AppendOutcome::Appended { .. }))
     );
-    assert_eq!(count(db, "SELECT COUNT(*) FROM events").await, 256);
-    assert_eq!(count(db, "SELECT COUNT(*) FROM runs").await, 256 * 40);
+    assert_eq!(db.count("SELECT COUNT(*) FROM events").await, 256);
+    assert_eq!(db.count("SELECT COUNT(*) FROM runs").await, 256 * 40);
     assert_eq!(
-        count(db, "SELECT COUNT(*) FROM match_decisions").await,
+        db.count("SELECT COUNT(*) FROM match_decisions").await,
         256 * 40
     );
 }
@@ -133,12 +103,13 @@ async fn forty_workflows_and_300_concurrent_deliveries(db: &TestDb) {
     }
     let not_ok: Vec<_> = statuses.iter().filter(|s| **s != 200).collect();
     assert!(not_ok.is_empty(), "answers other than 200: {not_ok:?}");
-    assert_eq!(count(db, "SELECT COUNT(*) FROM events").await, 300);
+    assert_eq!(db.count("SELECT COUNT(*) FROM events").await, 300);
     assert_eq!(
-        count(db, "SELECT COUNT(DISTINCT event_id) FROM events").await,
+        db.count("SELECT COUNT(DISTINCT event_id) FROM events")
+            .await,
         300
     );
-    assert_eq!(count(db, "SELECT COUNT(*) FROM runs").await, 300 * 40);
+    assert_eq!(db.count("SELECT COUNT(*) FROM runs").await, 300 * 40);
 }
 
 /// Holds the database's append lock from outside the server (SQLite: a write

@@ -9,19 +9,6 @@ use common::sink::Sink;
 use common::{TestApp, TestDb, ended_body};
 use serde_json::{Value, json};
 
-async fn post(app: &TestApp, path: &str, body: Value) -> (u16, Value) {
-    let resp = app
-        .client
-        .post(app.url(path))
-        .bearer_auth(common::TOKEN)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
-}
-
 fn workflow(sink: &Sink, path: &str, retry: &str) -> String {
     format!(
         "on: {{ event: conversation.ended }}\nsteps:\n  - id: post\n    http: {{ url: \"{}\" }}\n{retry}",
@@ -36,7 +23,9 @@ async fn replaying_an_event_creates_a_new_run_with_new_keys(db: &TestDb) {
     app.deliver(&ended_body("ev_rp", "conv_rp", "completed"))
         .await;
     let original = app.wait_runs_final(1, 10).await.remove(0);
-    let (status, outcomes) = post(&app, "/api/v1/events/ev_rp/replay", json!({})).await;
+    let (status, outcomes) = app
+        .admin_post_json("/api/v1/events/ev_rp/replay", json!({}))
+        .await;
     assert_eq!(status, 200, "{outcomes}");
     let new_id = outcomes[0]["new_run_id"].as_str().unwrap().to_owned();
     assert_eq!(outcomes[0]["original_run_id"], original.run_id.as_str());
@@ -53,14 +42,16 @@ async fn replaying_an_event_creates_a_new_run_with_new_keys(db: &TestDb) {
     );
     let (_, run) = app.admin_get(&format!("/api/v1/runs/{new_id}")).await;
     assert_eq!(run["replay_of"], original.run_id.as_str());
-    let (status, _) = post(&app, "/api/v1/events/ev_nope/replay", json!({})).await;
+    let (status, _) = app
+        .admin_post_json("/api/v1/events/ev_nope/replay", json!({}))
+        .await;
     assert_eq!(status, 404);
-    let (_, none) = post(
-        &app,
-        "/api/v1/events/ev_rp/replay",
-        json!({"workflows": ["other"]}),
-    )
-    .await;
+    let (_, none) = app
+        .admin_post_json(
+            "/api/v1/events/ev_rp/replay",
+            json!({"workflows": ["other"]}),
+        )
+        .await;
     assert_eq!(none, json!([]));
 }
 
@@ -75,7 +66,9 @@ async fn a_run_still_in_flight_is_not_replayed(db: &TestDb) {
     app.deliver(&ended_body("ev_fl", "conv_fl", "completed"))
         .await;
     sink.wait_for("/status/503", 1, 10).await;
-    let (status, outcomes) = post(&app, "/api/v1/events/ev_fl/replay", json!({})).await;
+    let (status, outcomes) = app
+        .admin_post_json("/api/v1/events/ev_fl/replay", json!({}))
+        .await;
     assert_eq!(status, 200);
     assert!(outcomes[0]["new_run_id"].is_null());
     assert!(
@@ -107,24 +100,16 @@ async fn a_bulk_replay_of_failed_runs_reports_progress(db: &TestDb) {
         .await;
     }
     app.wait_runs_final(8, 10).await;
-    let (status, replay) = post(
-        &app,
-        "/api/v1/replays",
-        json!({"type": "conversation.ended", "only_failed": true}),
-    )
-    .await;
+    let (status, replay) = app
+        .admin_post_json(
+            "/api/v1/replays",
+            json!({"type": "conversation.ended", "only_failed": true}),
+        )
+        .await;
     assert_eq!(status, 200, "{replay}");
     assert_eq!(replay["total"], 4);
     let id = replay["id"].as_str().unwrap().to_owned();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let done = loop {
-        let (_, r) = app.admin_get(&format!("/api/v1/replays/{id}")).await;
-        if r["status"] == "succeeded" {
-            break r;
-        }
-        assert!(Instant::now() < deadline, "replay did not finish: {r}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let done = app.wait_replay(&id, 10).await;
     assert_eq!(
         (
             done["done"].as_i64(),
@@ -224,12 +209,12 @@ async fn a_replay_runs_the_current_version_and_a_retry_its_own(db: &TestDb) {
     let (good_v2, bad_v2) = (version_of(&list, "good"), version_of(&list, "bad"));
     assert_ne!(good_v1, good_v2);
     // One event's replay.
-    let (status, outcomes) = post(
-        &app,
-        "/api/v1/events/ev_ver/replay",
-        json!({"workflows": ["good"]}),
-    )
-    .await;
+    let (status, outcomes) = app
+        .admin_post_json(
+            "/api/v1/events/ev_ver/replay",
+            json!({"workflows": ["good"]}),
+        )
+        .await;
     assert_eq!(status, 200, "{outcomes}");
     assert_eq!(outcomes[0]["version"], good_v2.as_str(), "{outcomes}");
     let new_id = outcomes[0]["new_run_id"].as_str().unwrap().to_owned();
@@ -250,7 +235,9 @@ async fn a_replay_runs_the_current_version_and_a_retry_its_own(db: &TestDb) {
     let (_, run) = app.admin_get(&format!("/api/v1/runs/{}", bad.run_id)).await;
     assert_eq!(run["version"], bad_v1.as_str(), "a retry keeps its version");
     // A bulk replay says which versions its runs execute, and they do.
-    let (status, replay) = post(&app, "/api/v1/replays", json!({"workflows": ["bad"]})).await;
+    let (status, replay) = app
+        .admin_post_json("/api/v1/replays", json!({"workflows": ["bad"]}))
+        .await;
     assert_eq!(status, 200, "{replay}");
     assert_eq!(
         replay["versions"],
@@ -382,18 +369,10 @@ async fn two_instances_drive_one_replay_once(db: &TestDb) {
         futures::future::join_all(bodies.iter().map(|body| a.deliver(body))).await;
     }
     a.wait_runs_final(EVENTS, 60).await;
-    let (status, replay) = post(&b, "/api/v1/replays", json!({})).await;
+    let (status, replay) = b.admin_post_json("/api/v1/replays", json!({})).await;
     assert_eq!(status, 200, "{replay}");
     let id = replay["id"].as_str().unwrap().to_owned();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let done = loop {
-        let (_, r) = a.admin_get(&format!("/api/v1/replays/{id}")).await;
-        if r["status"] == "succeeded" {
-            break r;
-        }
-        assert!(Instant::now() < deadline, "replay did not finish: {r}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let done = a.wait_replay(&id, 60).await;
     assert_eq!(
         (
             done["done"].as_i64(),
@@ -412,7 +391,33 @@ async fn two_instances_drive_one_replay_once(db: &TestDb) {
     assert_eq!(runs.len(), 2 * EVENTS);
 }
 
+/// The replay workers are supervised (task `replays`): stopped, they are
+/// restarted, and a replay created meanwhile is driven to its end.
+async fn the_replay_workers_are_restarted_when_they_stop(db: &TestDb) {
+    let app = TestApp::spawn(db).await;
+    assert!(
+        app.supervisor.abort("replays"),
+        "the replay workers run under the supervisor"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.supervisor.restarts("replays") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the replay workers were not seen stopping"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, replay) = app
+        .admin_post_json("/api/v1/replays", json!({"type": "conversation.ended"}))
+        .await;
+    assert_eq!(status, 200, "{replay}");
+    let id = replay["id"].as_str().unwrap().to_owned();
+    app.wait_replay(&id, 20).await;
+    assert_eq!(app.supervisor.restarts("replays"), 1);
+}
+
 on_both_backends!(
+    the_replay_workers_are_restarted_when_they_stop,
     a_replay_runs_the_current_version_and_a_retry_its_own,
     a_replay_is_leased_to_one_instance_at_a_time,
     two_instances_drive_one_replay_once,

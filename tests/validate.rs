@@ -5,26 +5,7 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
-
-fn validate(dir: &std::path::Path) -> (i32, String, String) {
-    validate_paths(&[dir])
-}
-
-fn validate_paths(paths: &[&Path]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .arg("validate")
-        .args(paths)
-        .env_remove("SWITCHBOARD_WORKFLOWS")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::{validate, validate_paths};
 
 #[test]
 fn the_shipped_examples_validate() {

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::sink::Sink;
-use common::{ServerProcess, TestApp, TestDb, client, deliver_to, ended_body};
+use common::{ServerProcess, TestApp, TestDb, client, deliver_to, ended_body, retrying_steps};
 use switchboard::store::runs::{Run, RunQuery, RunStatus};
 
 /// Every run in the database (up to 1,000), read through the store.
@@ -186,27 +186,6 @@ async fn two_instances_with_different_workflows_run_every_run() {
     let _ = b.wait();
 }
 
-fn on_ended(steps: &str) -> String {
-    format!("on: {{ event: conversation.ended }}\nsteps:\n{steps}")
-}
-
-/// Steps `ids`, each posting to `/ok/<id>` except `c`, which posts to `c_path`.
-fn steps(sink: &Sink, ids: &[&str], c_path: &str) -> String {
-    let mut s = String::new();
-    for id in ids {
-        let path = if *id == "c" {
-            c_path.to_owned()
-        } else {
-            format!("/ok/{id}")
-        };
-        s.push_str(&format!(
-            "  - id: {id}\n    retry: {{ max_attempts: 5, backoff: fixed, initial_delay: 1500ms }}\n    http: {{ url: \"{}\" }}\n",
-            sink.url(&path)
-        ));
-    }
-    on_ended(&s)
-}
-
 /// Waits until the run of `event` is `retrying` (its failed attempt saved).
 async fn wait_retrying(app: &TestApp, event: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -255,7 +234,10 @@ async fn a_retrying_run_completes_after_reloads(db: &TestDb) {
     let sink = Sink::start().await;
     let (app, dir) = TestApp::with_workflows(
         db,
-        &[("w.yaml", &steps(&sink, &["a", "b", "c"], "/flaky/2/c1"))],
+        &[(
+            "w.yaml",
+            &retrying_steps(&sink, &["a", "b", "c"], "/flaky/2/c1", "1500ms"),
+        )],
     )
     .await;
     app.deliver(&ended_body("ev_c1", "conv_c1", "completed"))
@@ -265,7 +247,7 @@ async fn a_retrying_run_completes_after_reloads(db: &TestDb) {
     // Reload without `a`: the run is at `c`, index 2 of its version, 1 of the new one.
     std::fs::write(
         dir.path().join("w.yaml"),
-        steps(&sink, &["b", "c"], "/flaky/2/c1"),
+        retrying_steps(&sink, &["b", "c"], "/flaky/2/c1", "1500ms"),
     )
     .unwrap();
     let (status, body) = app.admin_post("/api/v1/workflows/reload").await;
@@ -284,7 +266,7 @@ async fn a_retrying_run_completes_after_reloads(db: &TestDb) {
     // The whole workflow removed while a run retries `c`, then a restart with none loaded.
     std::fs::write(
         dir.path().join("w.yaml"),
-        steps(&sink, &["a", "b", "c"], "/flaky/2/c2"),
+        retrying_steps(&sink, &["a", "b", "c"], "/flaky/2/c2", "1500ms"),
     )
     .unwrap();
     let (status, body) = app.admin_post("/api/v1/workflows/reload").await;

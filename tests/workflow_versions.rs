@@ -8,29 +8,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::sink::Sink;
-use common::{ServerProcess, TestApp, TestDb, client, deliver_to, ended_body};
+use common::{ServerProcess, TestApp, TestDb, client, deliver_to, ended_body, retrying_steps};
 use switchboard::store::runs::RunStatus;
-
-fn on_ended(steps: &str) -> String {
-    format!("on: {{ event: conversation.ended }}\nsteps:\n{steps}")
-}
-
-/// Steps `ids`, each posting to `/ok/<id>` except `c`, which fails twice first.
-fn steps(sink: &Sink, ids: &[&str], c_path: &str) -> String {
-    let mut s = String::new();
-    for id in ids {
-        let path = if *id == "c" {
-            c_path.to_owned()
-        } else {
-            format!("/ok/{id}")
-        };
-        s.push_str(&format!(
-            "  - id: {id}\n    retry: {{ max_attempts: 5, backoff: fixed, initial_delay: 2500ms }}\n    http: {{ url: \"{}\" }}\n",
-            sink.url(&path)
-        ));
-    }
-    on_ended(&s)
-}
 
 /// A run retrying step `c` of `[a, b, c]` completes `c` after a reload that
 /// removed `a`, and after one that removed the whole workflow.
@@ -38,7 +17,10 @@ async fn a_run_keeps_its_version_across_reloads(db: &TestDb) {
     let sink = Sink::start().await;
     let (app, dir) = TestApp::with_workflows(
         db,
-        &[("steps.yaml", &steps(&sink, &["a", "b", "c"], "/flaky/2/c1"))],
+        &[(
+            "steps.yaml",
+            &retrying_steps(&sink, &["a", "b", "c"], "/flaky/2/c1", "2500ms"),
+        )],
     )
     .await;
     app.deliver(&ended_body("ev_v1", "conv_v1", "completed"))
@@ -46,7 +28,7 @@ async fn a_run_keeps_its_version_across_reloads(db: &TestDb) {
     sink.wait_for("/flaky/2/c1", 1, 10).await;
     std::fs::write(
         dir.path().join("steps.yaml"),
-        steps(&sink, &["b", "c"], "/flaky/2/c1"),
+        retrying_steps(&sink, &["b", "c"], "/flaky/2/c1", "2500ms"),
     )
     .unwrap();
     let (status, body) = app.admin_post("/api/v1/workflows/reload").await;
@@ -70,7 +52,7 @@ async fn a_run_keeps_its_version_across_reloads(db: &TestDb) {
     // The whole workflow removed while a run retries its last step.
     std::fs::write(
         dir.path().join("steps.yaml"),
-        steps(&sink, &["a", "b", "c"], "/flaky/2/c2"),
+        retrying_steps(&sink, &["a", "b", "c"], "/flaky/2/c2", "2500ms"),
     )
     .unwrap();
     let (status, body) = app.admin_post("/api/v1/workflows/reload").await;
@@ -222,28 +204,6 @@ async fn versions_are_content_addressed_and_served(db: &TestDb) {
     assert_eq!(status, 404);
 }
 
-/// Runs SQL on the test database from outside the server.
-async fn sql(db: &TestDb, statement: &str) {
-    match db {
-        TestDb::Sqlite { .. } => {
-            let pool = sqlx::SqlitePool::connect(db.url()).await.unwrap();
-            sqlx::query(sqlx::AssertSqlSafe(statement))
-                .execute(&pool)
-                .await
-                .unwrap();
-            pool.close().await;
-        }
-        TestDb::Postgres { .. } => {
-            let pool = sqlx::PgPool::connect(db.url()).await.unwrap();
-            sqlx::query(sqlx::AssertSqlSafe(statement))
-                .execute(&pool)
-                .await
-                .unwrap();
-            pool.close().await;
-        }
-    }
-}
-
 /// A run whose version is not in the database fails with a clear message
 /// (and does not fall back to whatever is loaded under its name).
 async fn a_run_whose_version_is_missing_fails_clearly(db: &TestDb) {
@@ -257,10 +217,9 @@ async fn a_run_whose_version_is_missing_fails_clearly(db: &TestDb) {
         .await;
     sink.wait_for("/flaky/1/m", 1, 10).await;
     let missing = "f".repeat(64);
-    sql(
-        db,
-        &format!("UPDATE runs SET version = '{missing}' WHERE event_id = 'ev_m'"),
-    )
+    db.exec(&[&format!(
+        "UPDATE runs SET version = '{missing}' WHERE event_id = 'ev_m'"
+    )])
     .await;
     let runs = app.wait_runs_final(1, 15).await;
     assert_eq!(runs[0].status, RunStatus::Failed);

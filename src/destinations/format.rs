@@ -10,7 +10,7 @@ use serde_saphyr::Spanned;
 
 use super::{BreakerPolicy, DestinationSpec, Destinations, Limits, Rate};
 use crate::workflow::diagnostic::{Diagnostic, Severity};
-use crate::workflow::format::Node;
+use crate::workflow::format::{Node, UnknownKey, known_entries, unknown_key_errors};
 
 /// The file name, in the workflows directory.
 pub const FILE_NAME: &str = "destinations.yaml";
@@ -259,25 +259,12 @@ pub fn compile(file: &Path, source: &str) -> Result<Destinations, Vec<Diagnostic
         return Ok(Destinations::default());
     }
     let tree: Node = serde_saphyr::from_str(source).map_err(|e| vec![parse_error(&e)])?;
-    for (key, part, allowed) in unknown_keys(&tree) {
-        let help = match crate::workflow::lint::did_you_mean(&key.value, allowed.iter().copied()) {
-            Some(k) => format!("did you mean `{k}`?"),
-            None => "the keys are listed in README \"Destinations\" and workflows/destinations.schema.json".into(),
-        };
-        c.error::<()>(
-            &key.referenced,
-            format!(
-                "unknown field `{}` in {part}, expected one of {}",
-                key.value,
-                allowed
-                    .iter()
-                    .map(|k| format!("`{k}`"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-            &help,
-        );
-    }
+    c.out.extend(unknown_key_errors(
+        file,
+        source,
+        &unknown_keys(&tree),
+        "the keys are listed in README \"Destinations\" and workflows/destinations.schema.json",
+    ));
     let spec: File = match serde_saphyr::from_str(source) {
         Ok(s) => s,
         Err(e) => {
@@ -385,43 +372,25 @@ pub fn compile(file: &Path, source: &str) -> Result<Destinations, Vec<Diagnostic
     Ok(Destinations::new(entries, default, c.out))
 }
 
-fn unknown_keys(root: &Node) -> Vec<(&Spanned<String>, &'static str, &'static [&'static str])> {
-    fn keys<'n>(
-        node: &'n Node,
-        part: &'static str,
-        allowed: &'static [&'static str],
-        out: &mut Vec<(&'n Spanned<String>, &'static str, &'static [&'static str])>,
-    ) -> Vec<(&'n str, &'n Node)> {
-        let Node::Map(entries) = node else {
-            return Vec::new();
-        };
-        let mut known = Vec::new();
-        for (k, v) in entries {
-            if allowed.contains(&k.value.as_str()) {
-                known.push((k.value.as_str(), v));
-            } else {
-                out.push((k, part, allowed));
-            }
-        }
-        known
-    }
+/// Every key of the file that is not part of the format.
+fn unknown_keys(root: &Node) -> Vec<UnknownKey<'_>> {
     let mut out = Vec::new();
-    for (k, v) in keys(root, "the destinations file", TOP_KEYS, &mut out) {
+    for (k, v) in known_entries(root, "the destinations file", TOP_KEYS, &mut out) {
         match k {
             "destinations" => {
                 let Node::Seq(items) = v else { continue };
                 for item in items {
-                    for (k, v) in keys(item, "a destination", ENTRY_KEYS, &mut out) {
+                    for (k, v) in known_entries(item, "a destination", ENTRY_KEYS, &mut out) {
                         if k == "circuit_breaker" {
-                            keys(v, "`circuit_breaker`", BREAKER_KEYS, &mut out);
+                            known_entries(v, "`circuit_breaker`", BREAKER_KEYS, &mut out);
                         }
                     }
                 }
             }
             "default" => {
-                for (k, v) in keys(v, "`default`", DEFAULT_KEYS, &mut out) {
+                for (k, v) in known_entries(v, "`default`", DEFAULT_KEYS, &mut out) {
                     if k == "circuit_breaker" {
-                        keys(v, "`circuit_breaker`", BREAKER_KEYS, &mut out);
+                        known_entries(v, "`circuit_breaker`", BREAKER_KEYS, &mut out);
                     }
                 }
             }

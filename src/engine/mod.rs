@@ -17,10 +17,12 @@ pub mod backend;
 pub mod backoff;
 mod driver;
 pub mod http;
+mod monitor;
 pub mod replay;
 pub mod replay_backend;
 pub mod save;
 pub mod setup;
+mod spawned;
 pub mod trace;
 pub mod versions;
 pub mod wait;
@@ -229,25 +231,11 @@ impl Engine {
     pub fn spawn(self: Arc<Self>) -> tokio::task::JoinHandle<()> {
         // Saves are written by their own task unless the appender took them.
         self.saver.start(self.store.clone(), self.wake.clone());
+        // A restart after a crash is running again (shutdown waits for it).
+        self.stopped.send_replace(false);
         tokio::spawn(async move {
-            let mut stop = self.stop.subscribe();
-            let mut grace = stop.clone();
-            let signal = async move {
-                let _ = stop.wait_for(Option::is_some).await;
-                Ok(())
-            };
-            // Starts after the signal: past it, the workers (and their runs) are dropped.
-            let terminator = async move {
-                let grace = grace
-                    .wait_for(Option::is_some)
-                    .await
-                    .ok()
-                    .and_then(|g| *g)
-                    .unwrap_or_default();
-                tokio::time::sleep(grace).await;
-            };
-            let monitor = worker::monitor(self.clone()).with_terminator(terminator);
-            if let Err(e) = monitor.run_with_signal(signal).await {
+            let monitor = worker::monitor(self.clone());
+            if let Err(e) = monitor::run_until_stopped(monitor, self.stop.subscribe()).await {
                 tracing::error!(error = %e, "the workers stopped with an error");
             }
             self.stopped.send_replace(true);

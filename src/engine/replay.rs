@@ -401,7 +401,7 @@ impl Driver {
 
     /// [`Self::drive`], supervised: a store error (the database is away) is logged and the drive starts again from the last committed
     /// page after a pause (1 s, doubling to 30 s), for as long as this
-    /// driver still holds the replay.
+    /// driver still holds the replay and the process is not stopping.
     pub async fn drive_supervised(&self, replay: Replay) {
         let id = replay.replay_id.clone();
         let token = replay.lease_token;
@@ -420,6 +420,9 @@ impl Driver {
                     }
                     Ok(_) => return, // finished, cancelled or taken over meanwhile
                     Err(e) => {
+                        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                            return; // the process stops: another instance takes the replay over
+                        }
                         tracing::error!(replay_id = %id, error = %e, "replay interrupted; retrying in {}", humantime::format_duration(pause));
                         tokio::time::sleep(pause).await;
                         pause = (pause * 2).min(Duration::from_secs(30));
@@ -431,6 +434,9 @@ impl Driver {
                 Ok(_) => return,
                 Err(e) => e.to_string(),
             };
+            if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
             tracing::error!(replay_id = %id, error = %error, "replay interrupted; resuming from its last saved page in {}", humantime::format_duration(pause));
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(30));

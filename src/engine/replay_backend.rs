@@ -9,7 +9,12 @@
 //! an error (that would drop every replay in flight): when nothing is
 //! claimable it waits for a new replay in this process or the poll interval
 //! (lapsed leases of other instances), and it logs and retries database
-//! errors.
+//! errors. It claims in a task of its own ([`Spawned`]), not inside
+//! `poll_next`, as the runs' backend does.
+//!
+//! The monitor is supervised (task `replays`) and stops gracefully:
+//! [`ReplayWorkers::stop`] ends every drive after its page in progress,
+//! waits for the monitor within the grace period, then hands the leases back.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -27,11 +32,14 @@ use apalis_core::task::task_id::RandomId;
 use apalis_core::worker::builder::WorkerBuilder;
 use apalis_core::worker::context::WorkerContext;
 use apalis_core::worker::ext::parallelize::ParallelizeExt;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinHandle;
 
 use super::replay::{Driver, LEASE, REPLAYS_CREATED};
+use super::spawned::Spawned;
 use crate::store::EventStore;
 use crate::store::runs::Replay;
+use crate::supervisor::Supervisor;
 
 /// Replays one process drives at once.
 pub const CONCURRENCY: usize = 2;
@@ -47,15 +55,14 @@ pub struct LeasedReplay {
     _permit: OwnedSemaphorePermit,
 }
 
-type Claim = Pin<Box<dyn Future<Output = Vec<LeasedReplay>> + Send>>;
-
 /// The `replays` table as an apalis backend.
 pub struct ReplayBackend {
     store: Arc<dyn EventStore>,
     owner: String,
     permits: Arc<Semaphore>,
     stopping: Arc<AtomicBool>,
-    claim: Option<Claim>,
+    /// The claim in flight, in a task of its own (aborted when dropped).
+    claim: Option<Spawned<Vec<LeasedReplay>>>,
     ready: VecDeque<LeasedReplay>,
 }
 
@@ -136,18 +143,24 @@ impl Backend for ReplayBackend {
                 return Poll::Ready(Some(Ok(Task::new(leased))));
             }
             let claim = self.claim.get_or_insert_with(|| {
-                Box::pin(claim(
+                Spawned::new(claim(
                     self.store.clone(),
                     self.owner.clone(),
                     self.permits.clone(),
                     self.stopping.clone(),
                 ))
             });
-            match claim.as_mut().poll(cx) {
+            match Pin::new(claim).poll(cx) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(replays) => {
+                Poll::Ready(claimed) => {
                     self.claim = None;
-                    self.ready.extend(replays);
+                    match claimed {
+                        Ok(replays) => self.ready.extend(replays),
+                        // The claim never panics (errors are retried inside it); if it did, claim again.
+                        Err(e) => {
+                            tracing::error!(error = %e, "the replay claim ended; claiming again")
+                        }
+                    }
                 }
             }
         }
@@ -158,6 +171,8 @@ impl Backend for ReplayBackend {
         _: &mut Context<'_>,
         _: &WorkerContext,
     ) -> Poll<Result<(), Self::Error>> {
+        // A claim that committed after this is handed back by `ReplayWorkers::stop`.
+        self.claim = None;
         Poll::Ready(Ok(()))
     }
 }
@@ -178,28 +193,16 @@ impl BackendConfig for ReplayBackend {
     }
 }
 
-/// A spawned task that is aborted when dropped (the worker stopped).
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Future for AbortOnDrop<T> {
-    type Output = Result<T, tokio::task::JoinError>;
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.0).poll(cx)
-    }
-}
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// This process's replay workers: register them on the [`Monitor`], and call
-/// [`ReplayWorkers::stop`] when the process stops.
+/// This process's replay workers: run them with [`ReplayWorkers::supervise`],
+/// and call [`ReplayWorkers::stop`] when the process stops.
 #[derive(Clone)]
 pub struct ReplayWorkers {
     driver: Arc<Driver>,
     permits: Arc<Semaphore>,
+    /// Set (to the grace period) when shutdown begins.
+    stop: Arc<watch::Sender<Option<Duration>>>,
+    /// No monitor is running (not started yet, or it returned).
+    idle: Arc<watch::Sender<bool>>,
 }
 
 impl ReplayWorkers {
@@ -213,6 +216,8 @@ impl ReplayWorkers {
                 stopping: Arc::new(AtomicBool::new(false)),
             }),
             permits: Arc::new(Semaphore::new(CONCURRENCY)),
+            stop: Arc::new(watch::Sender::new(None)),
+            idle: Arc::new(watch::Sender::new(true)),
         }
     }
 
@@ -220,8 +225,33 @@ impl ReplayWorkers {
         &self.driver.owner
     }
 
+    /// Runs the monitor under `supervisor`, as task `replays` (restarted if
+    /// it ends before [`ReplayWorkers::stop`]).
+    pub fn supervise(&self, supervisor: &Arc<Supervisor>) -> JoinHandle<()> {
+        // Running from now on: a stop waits for the monitor even if it has not started yet.
+        self.idle.send_replace(false);
+        let this = self.clone();
+        supervisor.spawn("replays", move || this.spawn())
+    }
+
+    /// Runs the replay worker under an apalis [`Monitor`] until
+    /// [`ReplayWorkers::stop`]: then the drives in progress end after their
+    /// page, within the grace period (past it they are dropped).
+    fn spawn(&self) -> JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            this.idle.send_replace(false);
+            let monitor = this.register(Monitor::new());
+            match super::monitor::run_until_stopped(monitor, this.stop.subscribe()).await {
+                Ok(()) => tracing::info!("replay workers stopped gracefully"),
+                Err(e) => tracing::error!(error = %e, "the replay workers stopped"),
+            }
+            this.idle.send_replace(true);
+        })
+    }
+
     /// Adds the replay worker to `monitor`.
-    pub fn register(&self, monitor: Monitor) -> Monitor {
+    fn register(&self, monitor: Monitor) -> Monitor {
         let this = self.clone();
         monitor.register(move |_restarts| {
             let backend = ReplayBackend {
@@ -235,7 +265,7 @@ impl ReplayWorkers {
             let driver = this.driver.clone();
             WorkerBuilder::new(format!("replays-{}", uuid::Uuid::new_v4().simple()))
                 .backend(backend)
-                .parallelize(|f| AbortOnDrop(tokio::spawn(f)))
+                .parallelize(Spawned::new)
                 .build(move |leased: LeasedReplay| {
                     let driver = driver.clone();
                     async move {
@@ -246,10 +276,16 @@ impl ReplayWorkers {
         })
     }
 
-    /// Stops driving (after the page in progress) and hands the leases back
-    /// at once, so another instance takes the replays over without waiting.
-    pub async fn stop(&self) {
+    /// Stops driving (after the page in progress), waits for the monitor
+    /// (within `grace`), then hands the leases back at once, so another
+    /// instance takes the replays over without waiting.
+    pub async fn stop(&self, grace: Duration) {
         self.driver.stopping.store(true, Ordering::SeqCst);
+        self.stop.send_replace(Some(grace));
+        let mut idle = self.idle.subscribe();
+        // The monitor returns within the grace (or just after it, when it drops the workers).
+        let _ = tokio::time::timeout(grace + Duration::from_secs(2), idle.wait_for(|i| *i)).await;
+        // After the monitor returned: no claim or page of this process commits any more.
         match self
             .driver
             .store

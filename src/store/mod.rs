@@ -13,6 +13,7 @@
 
 pub mod appender;
 mod batch;
+mod leased;
 pub mod model;
 pub mod order;
 pub mod postgres;

@@ -123,6 +123,5 @@ super::waits::impl_wait_store!(
     PostgresStore,
     sqlx::Postgres,
     Some(APPEND_LOCK),
-    "FOR UPDATE",
-    true
+    "FOR UPDATE"
 );

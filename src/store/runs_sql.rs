@@ -104,13 +104,15 @@ macro_rules! impl_run_store {
             ) -> Result<bool, $crate::store::StoreError> {
                 use $crate::store::runs::{storable_json, storable_text};
                 let keep = u.lease.is_some();
-                let sql = format!(
-                    "UPDATE runs SET status = $1, step_index = $2, attempt = $3, attempts_total = $4, \
-                     next_attempt_at = $5, lease_owner = CASE WHEN $6 THEN lease_owner ELSE NULL END, \
-                     lease_until = CASE WHEN $6 THEN {} ELSE NULL END, step_results = $8, last_error = $9, \
-                     finished_at = $10, updated_at = $11, step_id = $15, wait_reason = $16 \
-                     WHERE run_id = $12 AND lease_owner = $13 AND lease_token = $14 AND status = 'running'",
-                    $crate::store::runs_sql::lease_sql($db_clock, 7)
+                let sql = $crate::store::leased::RUNS.fenced_update(
+                    &format!(
+                        "status = $1, step_index = $2, attempt = $3, attempts_total = $4, \
+                         next_attempt_at = $5, lease_owner = CASE WHEN $6 THEN lease_owner ELSE NULL END, \
+                         lease_until = CASE WHEN $6 THEN {} ELSE NULL END, step_results = $8, last_error = $9, \
+                         finished_at = $10, updated_at = $11, step_id = $15, wait_reason = $16",
+                        $crate::store::runs_sql::lease_sql($db_clock, 7)
+                    ),
+                    12,
                 );
                 let q = sqlx::query(sqlx::AssertSqlSafe(sql))
                     .bind(u.status.as_str())
@@ -119,12 +121,7 @@ macro_rules! impl_run_store {
                     .bind(u.attempts_total)
                     .bind(u.next_attempt_at)
                     .bind(keep);
-                let lease = u.lease.unwrap_or_default();
-                let q = if $db_clock {
-                    q.bind(lease.as_secs_f64())
-                } else {
-                    q.bind($crate::store::runs_sql::local_lease_until(lease))
-                };
+                let q = $crate::store::leased::bind_lease!(q, u.lease.unwrap_or_default(), $db_clock);
                 let r = q
                     .bind(sqlx::types::Json(storable_json(&u.step_results).as_ref()))
                     .bind(u.last_error.as_deref().map(storable_text))
@@ -164,6 +161,82 @@ macro_rules! impl_run_store {
                     .await?;
                 }
                 Ok(true)
+            }
+
+            /// Claims up to `limit` free or lapsed rows of the leased table `t` for
+            /// `owner` (see [`crate::store::leased`]).
+            async fn claim_leased<'c, O>(
+                ex: impl sqlx::Executor<'c, Database = $db>,
+                t: &$crate::store::leased::Leased,
+                owner: &str,
+                now: chrono::DateTime<chrono::Utc>,
+                lease: std::time::Duration,
+                limit: u32,
+            ) -> Result<Vec<O>, $crate::store::StoreError>
+            where
+                O: for<'r> sqlx::FromRow<'r, <$db as sqlx::Database>::Row> + Send + Unpin,
+            {
+                let q = sqlx::query_as::<$db, O>(sqlx::AssertSqlSafe(t.claim_sql($db_clock, $lock_clause)))
+                    .bind(owner);
+                let q = $crate::store::leased::bind_lease!(q, lease, $db_clock);
+                Ok(q.bind(now).bind(i64::from(limit)).fetch_all(ex).await?)
+            }
+
+            /// Extends `owner`'s lease (with `token`) on row `id` of `t`; false if it lost it.
+            async fn renew_leased<'c>(
+                ex: impl sqlx::Executor<'c, Database = $db>,
+                t: &$crate::store::leased::Leased,
+                id: &str,
+                owner: &str,
+                token: i64,
+                lease: std::time::Duration,
+            ) -> Result<bool, $crate::store::StoreError> {
+                let q = sqlx::query::<$db>(sqlx::AssertSqlSafe(t.renew_sql($db_clock)));
+                let q = $crate::store::leased::bind_lease!(q, lease, $db_clock);
+                let r = q.bind(id).bind(owner).bind(token).execute(ex).await?;
+                Ok(r.rows_affected() == 1)
+            }
+
+            /// Hands back every lease `owner` holds on `t`; how many.
+            async fn release_leased(
+                &self,
+                t: &$crate::store::leased::Leased,
+                owner: &str,
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<u64, $crate::store::StoreError> {
+                let r = sqlx::query(sqlx::AssertSqlSafe(t.release_sql($db_clock)))
+                    .bind(now)
+                    .bind(owner)
+                    .execute(&self.writer)
+                    .await?;
+                Ok(r.rows_affected())
+            }
+
+            /// [`RunStore::hold_run`] on `ex` (also a wait not over yet, in its transaction).
+            #[allow(clippy::too_many_arguments)]
+            async fn hold_in<'c>(
+                ex: impl sqlx::Executor<'c, Database = $db>,
+                run_id: &str,
+                owner: &str,
+                token: i64,
+                until: chrono::DateTime<chrono::Utc>,
+                reason: &str,
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<bool, $crate::store::StoreError> {
+                let r = sqlx::query::<$db>(sqlx::AssertSqlSafe($crate::store::leased::RUNS.fenced_update(
+                    "status = 'waiting', wait_reason = $1, next_attempt_at = $2, \
+                     lease_owner = NULL, lease_until = NULL, updated_at = $3",
+                    4,
+                )))
+                .bind(reason)
+                .bind(until)
+                .bind(now)
+                .bind(run_id)
+                .bind(owner)
+                .bind(token)
+                .execute(ex)
+                .await?;
+                Ok(r.rows_affected() == 1)
             }
 
             /// Applies a state change guarded by the run's current status (`$1` is now,
@@ -288,46 +361,13 @@ macro_rules! impl_run_store {
                 lease: std::time::Duration,
                 limit: u32,
             ) -> Result<Vec<$crate::store::runs::Run>, $crate::store::StoreError> {
-                use $crate::store::runs_sql::{lease_sql, now_sql};
-                // Due runs and lapsed leases are read by two ordered index
-                // scans that stop at the limit (`runs_due`, `runs_leased`):
-                // one `OR` over both was planned as a bitmap scan and a sort
-                // of every due run, a cost that grew with the backlog (3 ms
-                // per claim with 2,500 runs queued).
-                let sql = format!(
-                    "WITH due AS (SELECT run_id, next_attempt_at AS k FROM runs \
-                        WHERE status IN ('scheduled', 'retrying', 'waiting') AND next_attempt_at <= $3 \
-                        ORDER BY next_attempt_at LIMIT $4 {lock}), \
-                     lapsed AS (SELECT run_id, lease_until AS k FROM runs \
-                        WHERE status = 'running' AND lease_until < {now} \
-                        ORDER BY lease_until LIMIT $4 {lock}) \
-                     UPDATE runs SET status = 'running', lease_owner = $1, lease_until = {lease}, \
-                     lease_token = lease_token + 1, updated_at = $3 \
-                     WHERE run_id IN (SELECT run_id FROM \
-                        (SELECT run_id, k FROM due UNION ALL SELECT run_id, k FROM lapsed) AS c \
-                        ORDER BY k LIMIT $4) \
-                     RETURNING {columns}",
-                    lease = lease_sql($db_clock, 2),
-                    now = now_sql($db_clock, 3),
-                    lock = $lock_clause,
-                    columns = $crate::store::runs_sql::RUN_COLUMNS
-                );
                 let mut tx = self.writer.begin().await?;
                 let prelude: Option<&str> = $claim_prelude;
                 if let Some(prelude) = prelude {
                     sqlx::query(prelude).execute(&mut *tx).await?;
                 }
-                let q = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(owner);
-                let q = if $db_clock {
-                    q.bind(lease.as_secs_f64())
-                } else {
-                    q.bind($crate::store::runs_sql::local_lease_until(lease))
-                };
-                let runs = q
-                    .bind(now)
-                    .bind(i64::from(limit))
-                    .fetch_all(&mut *tx)
-                    .await?;
+                let runs =
+                    Self::claim_leased(&mut *tx, &$crate::store::leased::RUNS, owner, now, lease, limit).await?;
                 tx.commit().await?;
                 Ok(runs)
             }
@@ -339,24 +379,7 @@ macro_rules! impl_run_store {
                 token: i64,
                 lease: std::time::Duration,
             ) -> Result<bool, $crate::store::StoreError> {
-                let sql = format!(
-                    "UPDATE runs SET lease_until = {} \
-                     WHERE run_id = $2 AND lease_owner = $3 AND lease_token = $4 AND status = 'running'",
-                    $crate::store::runs_sql::lease_sql($db_clock, 1)
-                );
-                let q = sqlx::query(sqlx::AssertSqlSafe(sql));
-                let q = if $db_clock {
-                    q.bind(lease.as_secs_f64())
-                } else {
-                    q.bind($crate::store::runs_sql::local_lease_until(lease))
-                };
-                let r = q
-                    .bind(run_id)
-                    .bind(owner)
-                    .bind(token)
-                    .execute(&self.writer)
-                    .await?;
-                Ok(r.rows_affected() == 1)
+                Self::renew_leased(&self.writer, &$crate::store::leased::RUNS, run_id, owner, token, lease).await
             }
 
             async fn release_leases(
@@ -364,16 +387,7 @@ macro_rules! impl_run_store {
                 owner: &str,
                 now: chrono::DateTime<chrono::Utc>,
             ) -> Result<u64, $crate::store::StoreError> {
-                let sql = format!(
-                    "UPDATE runs SET lease_until = {} WHERE lease_owner = $2 AND status = 'running'",
-                    $crate::store::runs_sql::now_sql($db_clock, 1)
-                );
-                let r = sqlx::query(sqlx::AssertSqlSafe(sql))
-                    .bind(now)
-                    .bind(owner)
-                    .execute(&self.writer)
-                    .await?;
-                Ok(r.rows_affected())
+                self.release_leased(&$crate::store::leased::RUNS, owner, now).await
             }
 
             async fn wake_held(
@@ -405,20 +419,7 @@ macro_rules! impl_run_store {
                 reason: &str,
                 now: chrono::DateTime<chrono::Utc>,
             ) -> Result<bool, $crate::store::StoreError> {
-                let r = sqlx::query(
-                    "UPDATE runs SET status = 'waiting', wait_reason = $1, next_attempt_at = $2, \
-                     lease_owner = NULL, lease_until = NULL, updated_at = $3 \
-                     WHERE run_id = $4 AND lease_owner = $5 AND lease_token = $6 AND status = 'running'",
-                )
-                .bind(reason)
-                .bind(until)
-                .bind(now)
-                .bind(run_id)
-                .bind(owner)
-                .bind(token)
-                .execute(&self.writer)
-                .await?;
-                Ok(r.rows_affected() == 1)
+                Self::hold_in(&self.writer, run_id, owner, token, until, reason, now).await
             }
 
             async fn save_progress(
@@ -687,28 +688,7 @@ macro_rules! impl_run_store {
                 lease: std::time::Duration,
                 limit: u32,
             ) -> Result<Vec<$crate::store::runs::Replay>, $crate::store::StoreError> {
-                use $crate::store::runs_sql::lease_sql;
-                // $1 owner, $2 lease, $3 limit, $4 now (SQLite only).
-                let now_expr = if $db_clock { "clock_timestamp()" } else { "$4" };
-                let sql = format!(
-                    "UPDATE replays SET lease_owner = $1, lease_until = {}, lease_token = lease_token + 1 \
-                     WHERE replay_id IN (SELECT replay_id FROM replays WHERE status = 'running' \
-                        AND (lease_until IS NULL OR lease_until < {now_expr}) \
-                        ORDER BY created_at LIMIT $3 {}) \
-                     AND status = 'running' RETURNING {}",
-                    lease_sql($db_clock, 2),
-                    $lock_clause,
-                    $crate::store::runs_sql::REPLAY_COLUMNS
-                );
-                let q = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(owner);
-                let q = if $db_clock {
-                    q.bind(lease.as_secs_f64())
-                } else {
-                    q.bind($crate::store::runs_sql::local_lease_until(lease))
-                };
-                let q = q.bind(i64::from(limit));
-                let q = if $db_clock { q } else { q.bind(now) };
-                Ok(q.fetch_all(&self.writer).await?)
+                Self::claim_leased(&self.writer, &$crate::store::leased::REPLAYS, owner, now, lease, limit).await
             }
 
             async fn commit_replay_page(
@@ -725,19 +705,10 @@ macro_rules! impl_run_store {
                 use $crate::store::runs::ReplayPage;
                 let mut tx = self.writer.begin().await?;
                 // The fence first: it also locks the replay's row until this page commits.
-                let fence = format!(
-                    "UPDATE replays SET lease_until = {} \
-                     WHERE replay_id = $2 AND lease_owner = $3 AND lease_token = $4 AND status = 'running'",
-                    $crate::store::runs_sql::lease_sql($db_clock, 1)
-                );
-                let q = sqlx::query(sqlx::AssertSqlSafe(fence));
-                let q = if $db_clock {
-                    q.bind(lease.as_secs_f64())
-                } else {
-                    q.bind($crate::store::runs_sql::local_lease_until(lease))
-                };
-                let held = q.bind(replay_id).bind(owner).bind(token).execute(&mut *tx).await?;
-                if held.rows_affected() != 1 {
+                let held =
+                    Self::renew_leased(&mut *tx, &$crate::store::leased::REPLAYS, replay_id, owner, token, lease)
+                        .await?;
+                if !held {
                     tx.rollback().await?;
                     return Ok(None);
                 }
@@ -828,10 +799,10 @@ macro_rules! impl_run_store {
                 token: i64,
                 now: chrono::DateTime<chrono::Utc>,
             ) -> Result<bool, $crate::store::StoreError> {
-                let res = sqlx::query(
-                    "UPDATE replays SET status = 'succeeded', finished_at = $1, lease_owner = NULL, lease_until = NULL \
-                     WHERE replay_id = $2 AND lease_owner = $3 AND lease_token = $4 AND status = 'running'",
-                )
+                let res = sqlx::query(sqlx::AssertSqlSafe($crate::store::leased::REPLAYS.fenced_update(
+                    "status = 'succeeded', finished_at = $1, lease_owner = NULL, lease_until = NULL",
+                    2,
+                )))
                 .bind(now)
                 .bind(replay_id)
                 .bind(owner)
@@ -844,16 +815,9 @@ macro_rules! impl_run_store {
             async fn release_replay_leases(
                 &self,
                 owner: &str,
-                _now: chrono::DateTime<chrono::Utc>,
+                now: chrono::DateTime<chrono::Utc>,
             ) -> Result<u64, $crate::store::StoreError> {
-                let res = sqlx::query(
-                    "UPDATE replays SET lease_owner = NULL, lease_until = NULL \
-                     WHERE lease_owner = $1 AND status = 'running'",
-                )
-                .bind(owner)
-                .execute(&self.writer)
-                .await?;
-                Ok(res.rows_affected())
+                self.release_leased(&$crate::store::leased::REPLAYS, owner, now).await
             }
 
             async fn decisions(

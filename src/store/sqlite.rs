@@ -168,4 +168,4 @@ impl_event_store!(SqliteStore, sqlx::Sqlite, {
 impl_run_store!(SqliteStore, sqlx::Sqlite, "", None, "", false);
 
 // Durable waits (src/store/waits.rs): one writer connection serializes them with appends.
-super::waits::impl_wait_store!(SqliteStore, sqlx::Sqlite, None, "", false);
+super::waits::impl_wait_store!(SqliteStore, sqlx::Sqlite, None, "");

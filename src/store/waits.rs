@@ -283,9 +283,10 @@ pub(crate) use match_waits_in_tx;
 
 /// Implements [`WaitStore`]: `$append_lock` is the advisory lock that serializes
 /// with appends (PostgreSQL; SQLite has one writer connection),
-/// `$row_lock` the row-lock clause of a SELECT, `$db_clock` whether leases use the database's clock.
+/// `$row_lock` the row-lock clause of a SELECT. The run's own writes are the
+/// run store's (`impl_run_store!`: `save_in_tx`, `hold_in`).
 macro_rules! impl_wait_store {
-    ($store:ty, $db:ty, $append_lock:expr, $row_lock:expr, $db_clock:expr) => {
+    ($store:ty, $db:ty, $append_lock:expr, $row_lock:expr) => {
         #[async_trait::async_trait]
         impl $crate::store::waits::WaitStore for $store {
             async fn begin_wait(
@@ -296,7 +297,6 @@ macro_rules! impl_wait_store {
                 w: &$crate::store::waits::NewWait,
                 now: chrono::DateTime<chrono::Utc>,
             ) -> Result<Option<bool>, $crate::store::StoreError> {
-                use $crate::store::runs::storable_json;
                 let mut tx = self.writer.begin().await?;
                 if w.kind == "event" {
                     let lock: Option<i64> = $append_lock;
@@ -324,27 +324,17 @@ macro_rules! impl_wait_store {
                         .await?;
                     matched = $crate::store::waits::first_match(conv, &events, &wait_for, w.after_seq);
                 }
-                let due = if matched.is_some() { now } else { w.until };
-                let r = sqlx::query(
-                    "UPDATE runs SET status = 'waiting', wait_reason = $1, step_index = $2, step_id = $3, \
-                     attempt = $4, attempts_total = $5, next_attempt_at = $6, lease_owner = NULL, \
-                     lease_until = NULL, step_results = $7, last_error = NULL, updated_at = $8 \
-                     WHERE run_id = $9 AND lease_owner = $10 AND lease_token = $11 AND status = 'running'",
-                )
-                .bind(w.kind)
-                .bind(u.step_index)
-                .bind(u.step_id.as_deref())
-                .bind(u.attempt)
-                .bind(u.attempts_total)
-                .bind(due)
-                .bind(sqlx::types::Json(storable_json(&u.step_results).as_ref()))
-                .bind(now)
-                .bind(&w.run_id)
-                .bind(owner)
-                .bind(token)
-                .execute(&mut *tx)
-                .await?;
-                if r.rows_affected() != 1 {
+                // Parked with the run store's one save: waiting, no lease, due at once if matched.
+                let parked = $crate::store::runs::RunUpdate {
+                    status: $crate::store::runs::RunStatus::Waiting,
+                    next_attempt_at: if matched.is_some() { now } else { w.until },
+                    lease: None,
+                    last_error: None,
+                    finished_at: None,
+                    wait_reason: Some(w.kind.to_owned()),
+                    ..u.clone()
+                };
+                if !Self::save_in_tx(&mut tx, &w.run_id, owner, token, None, &parked, now).await? {
                     tx.rollback().await?;
                     return Ok(None);
                 }
@@ -384,7 +374,6 @@ macro_rules! impl_wait_store {
                 now: chrono::DateTime<chrono::Utc>,
                 make_update: $crate::store::waits::MakeUpdate<'_>,
             ) -> Result<$crate::store::waits::FinishWait, $crate::store::StoreError> {
-                use $crate::store::runs::{storable_json, storable_text};
                 use $crate::store::waits::{FinishWait, RunWait, WaitOutcome};
                 let mut tx = self.writer.begin().await?;
                 // The wait may end the run (a last step): the order lock comes before any row lock.
@@ -402,22 +391,12 @@ macro_rules! impl_wait_store {
                     tx.rollback().await?;
                     return Ok(FinishWait::NotWaiting);
                 };
-                let fenced = "WHERE run_id = $1 AND lease_owner = $2 AND lease_token = $3 AND status = 'running'";
                 if wait.matched_seq.is_none() && wait.until_at > now {
-                    let r = sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "UPDATE runs SET status = 'waiting', next_attempt_at = $4, lease_owner = NULL, \
-                         lease_until = NULL, wait_reason = $5, updated_at = $6 {fenced}"
-                    )))
-                    .bind(run_id)
-                    .bind(owner)
-                    .bind(token)
-                    .bind(wait.until_at)
-                    .bind(&wait.kind)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
+                    // Not over yet: parked again until then (as `hold_run`).
+                    let held =
+                        Self::hold_in(&mut *tx, run_id, owner, token, wait.until_at, &wait.kind, now).await?;
                     tx.commit().await?;
-                    return Ok(if r.rows_affected() == 1 {
+                    return Ok(if held {
                         FinishWait::Pending(wait.until_at)
                     } else {
                         FinishWait::LeaseLost
@@ -438,40 +417,12 @@ macro_rules! impl_wait_store {
                     None => None,
                 };
                 let outcome = WaitOutcome { wait, envelope };
-                let u = make_update(&outcome);
-                let keep = u.lease.is_some();
-                let sql = format!(
-                    "UPDATE runs SET status = $4, step_index = $5, attempt = $6, attempts_total = $7, \
-                     next_attempt_at = $8, lease_owner = CASE WHEN $9 THEN lease_owner ELSE NULL END, \
-                     lease_until = CASE WHEN $9 THEN {} ELSE NULL END, step_results = $11, last_error = $12, \
-                     finished_at = $13, updated_at = $14, step_id = $15, wait_reason = NULL {fenced}",
-                    $crate::store::runs_sql::lease_sql($db_clock, 10)
-                );
-                let q = sqlx::query(sqlx::AssertSqlSafe(sql))
-                    .bind(run_id)
-                    .bind(owner)
-                    .bind(token)
-                    .bind(u.status.as_str())
-                    .bind(u.step_index)
-                    .bind(u.attempt)
-                    .bind(u.attempts_total)
-                    .bind(u.next_attempt_at)
-                    .bind(keep);
-                let lease = u.lease.unwrap_or_default();
-                let q = if $db_clock {
-                    q.bind(lease.as_secs_f64())
-                } else {
-                    q.bind($crate::store::runs_sql::local_lease_until(lease))
+                // The wait is over: the run store's one save (no attempt), its wait reason cleared.
+                let u = $crate::store::runs::RunUpdate {
+                    wait_reason: None,
+                    ..make_update(&outcome)
                 };
-                let r = q
-                    .bind(sqlx::types::Json(storable_json(&u.step_results).as_ref()))
-                    .bind(u.last_error.as_deref().map(storable_text))
-                    .bind(u.finished_at)
-                    .bind(now)
-                    .bind(u.step_id.as_deref())
-                    .execute(&mut *tx)
-                    .await?;
-                if r.rows_affected() != 1 {
+                if !Self::save_in_tx(&mut tx, run_id, owner, token, None, &u, now).await? {
                     tx.rollback().await?;
                     return Ok(FinishWait::LeaseLost);
                 }

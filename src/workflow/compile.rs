@@ -323,24 +323,12 @@ pub fn compile(file: &Path, source: &str) -> Result<(Workflow, Vec<Diagnostic>),
         is_setup: false,
         has_change: false,
     };
-    for (key, part, allowed) in format::unknown_keys(&tree) {
-        let d = c.error(
-            pos(&key.referenced),
-            format!(
-                "unknown field `{}` in {part}, expected one of {}",
-                key.value,
-                allowed
-                    .iter()
-                    .map(|k| format!("`{k}`"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        );
-        d.help = Some(match lint::did_you_mean(&key.value, allowed.iter().copied()) {
-            Some(k) => format!("did you mean `{k}`?"),
-            None => "the keys a workflow may use are listed in README \"Workflows\" and workflows/workflow.schema.json".into(),
-        });
-    }
+    c.out.extend(format::unknown_key_errors(
+        file,
+        source,
+        &format::unknown_keys(&tree),
+        "the keys a workflow may use are listed in README \"Workflows\" and workflows/workflow.schema.json",
+    ));
     // Second pass: the typed file (unknown keys ignored: reported above).
     let spec: WorkflowFile = match serde_saphyr::from_str(source) {
         Ok(spec) => spec,

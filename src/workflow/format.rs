@@ -8,10 +8,14 @@
 //! the checked [`super::Workflow`].
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 use serde_saphyr::Spanned;
+
+use super::diagnostic::{Diagnostic, Severity};
+use super::lint::did_you_mean;
 
 /// `one` or `[one, two]`.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -253,46 +257,90 @@ pub const HTTP_KEYS: &[&str] = &[
 ];
 pub const RETRY_KEYS: &[&str] = &["max_attempts", "backoff", "initial_delay", "max_delay"];
 
-/// Every key of the tree that is not part of the format: (key, where, the keys allowed there).
-pub fn unknown_keys(root: &Node) -> Vec<(&Spanned<String>, &'static str, &'static [&'static str])> {
-    fn keys<'n>(
-        node: &'n Node,
-        part: &'static str,
-        allowed: &'static [&'static str],
-        out: &mut Vec<(&'n Spanned<String>, &'static str, &'static [&'static str])>,
-    ) -> Vec<(&'n str, &'n Node)> {
-        let Node::Map(entries) = node else {
-            return Vec::new();
-        };
-        let mut known = Vec::new();
-        for (k, v) in entries {
-            if allowed.contains(&k.value.as_str()) {
-                known.push((k.value.as_str(), v));
-            } else {
-                out.push((k, part, allowed));
-            }
+/// A key that is not part of the format: the key, the part of the file it
+/// is in, and the keys allowed there.
+pub type UnknownKey<'n> = (&'n Spanned<String>, &'static str, &'static [&'static str]);
+
+/// The entries of the mapping `node` whose keys `allowed` lists; every
+/// other key is added to `out`, as unknown in `part`. Nothing for a non-mapping.
+pub fn known_entries<'n>(
+    node: &'n Node,
+    part: &'static str,
+    allowed: &'static [&'static str],
+    out: &mut Vec<UnknownKey<'n>>,
+) -> Vec<(&'n str, &'n Node)> {
+    let Node::Map(entries) = node else {
+        return Vec::new();
+    };
+    let mut known = Vec::new();
+    for (k, v) in entries {
+        if allowed.contains(&k.value.as_str()) {
+            known.push((k.value.as_str(), v));
+        } else {
+            out.push((k, part, allowed));
         }
-        known
     }
+    known
+}
+
+/// One error per unknown key, at the key: the keys allowed there, and a
+/// "did you mean" when one is close, else `listed` (where the keys are documented).
+pub fn unknown_key_errors(
+    file: &Path,
+    source: &str,
+    unknown: &[UnknownKey<'_>],
+    listed: &str,
+) -> Vec<Diagnostic> {
+    unknown
+        .iter()
+        .map(|(key, part, allowed)| {
+            let message = format!(
+                "unknown field `{}` in {part}, expected one of {}",
+                key.value,
+                allowed
+                    .iter()
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let help = match did_you_mean(&key.value, allowed.iter().copied()) {
+                Some(k) => format!("did you mean `{k}`?"),
+                None => listed.to_owned(),
+            };
+            Diagnostic::new(
+                Severity::Error,
+                file,
+                source,
+                key.referenced.line() as usize,
+                key.referenced.column() as usize,
+                message,
+            )
+            .help(help)
+        })
+        .collect()
+}
+
+/// Every key of the tree that is not part of the format.
+pub fn unknown_keys(root: &Node) -> Vec<UnknownKey<'_>> {
     let mut out = Vec::new();
-    for (k, v) in keys(root, "the workflow", TOP_KEYS, &mut out) {
+    for (k, v) in known_entries(root, "the workflow", TOP_KEYS, &mut out) {
         match k {
             "on" => {
-                keys(v, "`on`", ON_KEYS, &mut out);
+                known_entries(v, "`on`", ON_KEYS, &mut out);
             }
             "steps" => {
                 let Node::Seq(steps) = v else { continue };
                 for step in steps {
-                    for (k, v) in keys(step, "a step", STEP_KEYS, &mut out) {
+                    for (k, v) in known_entries(step, "a step", STEP_KEYS, &mut out) {
                         match k {
                             "http" => {
-                                keys(v, "`http`", HTTP_KEYS, &mut out);
+                                known_entries(v, "`http`", HTTP_KEYS, &mut out);
                             }
                             "retry" => {
-                                keys(v, "`retry`", RETRY_KEYS, &mut out);
+                                known_entries(v, "`retry`", RETRY_KEYS, &mut out);
                             }
                             "wait_for" => {
-                                keys(v, "`wait_for`", WAIT_FOR_KEYS, &mut out);
+                                known_entries(v, "`wait_for`", WAIT_FOR_KEYS, &mut out);
                             }
                             _ => {}
                         }

@@ -4,7 +4,11 @@
 
 #![allow(dead_code)]
 
+pub mod probe;
 pub mod sink;
+
+#[allow(unused_imports)] // each test file uses what it needs
+pub use probe::{Probe, new_event};
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -194,6 +198,8 @@ pub struct TestApp {
     pub addr: SocketAddr,
     pub client: reqwest::Client,
     pub store: std::sync::Arc<dyn switchboard::store::EventStore>,
+    /// The server's background tasks (fault tests stop them through it).
+    pub supervisor: std::sync::Arc<switchboard::supervisor::Supervisor>,
     server: tokio::task::JoinHandle<()>,
 }
 
@@ -231,6 +237,55 @@ pub fn sign_headers(key: &str, url: &str, idem: &str, ts: &str, body: &[u8]) -> 
 pub fn client() -> reqwest::Client {
     init();
     reqwest::Client::builder().build().unwrap()
+}
+
+/// `switchboard validate PATHS…` as a user runs it: (exit status, stdout, stderr).
+pub fn validate_paths(paths: &[&Path]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .arg("validate")
+        .args(paths)
+        .env_remove("SWITCHBOARD_WORKFLOWS")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// [`validate_paths`] of one directory or file.
+pub fn validate(path: &Path) -> (i32, String, String) {
+    validate_paths(&[path])
+}
+
+/// A workflow on `conversation.ended` with these steps.
+pub fn on_ended(steps: &str) -> String {
+    format!("on: {{ event: conversation.ended }}\nsteps:\n{steps}")
+}
+
+/// A workflow on `conversation.ended` with steps `ids`, each posting to the
+/// sink's `/ok/<id>` except `c`, which posts to `c_path`; every step retries
+/// (5 attempts, `initial_delay` apart).
+pub fn retrying_steps(
+    sink: &sink::Sink,
+    ids: &[&str],
+    c_path: &str,
+    initial_delay: &str,
+) -> String {
+    let mut s = String::new();
+    for id in ids {
+        let path = if *id == "c" {
+            c_path.to_owned()
+        } else {
+            format!("/ok/{id}")
+        };
+        s.push_str(&format!(
+            "  - id: {id}\n    retry: {{ max_attempts: 5, backoff: fixed, initial_delay: {initial_delay} }}\n    http: {{ url: \"{}\" }}\n",
+            sink.url(&path)
+        ));
+    }
+    on_ended(&s)
 }
 
 /// A directory of workflow files for one test.
@@ -295,6 +350,7 @@ impl TestApp {
         let app = Application::build(settings).await.expect("build app");
         let addr = app.local_addr();
         let store = app.store();
+        let supervisor = app.supervisor();
         let server = tokio::spawn(async move {
             let _ = app.run().await;
         });
@@ -302,6 +358,7 @@ impl TestApp {
             addr,
             client: client(),
             store,
+            supervisor,
             server,
         }
     }
@@ -324,23 +381,56 @@ impl TestApp {
     }
 
     pub async fn admin_get(&self, path: &str) -> (u16, Value) {
-        self.admin(reqwest::Method::GET, path).await
+        self.admin(reqwest::Method::GET, path, None).await
     }
 
     pub async fn admin_post(&self, path: &str) -> (u16, Value) {
-        self.admin(reqwest::Method::POST, path).await
+        self.admin(reqwest::Method::POST, path, None).await
     }
 
-    async fn admin(&self, method: reqwest::Method, path: &str) -> (u16, Value) {
-        let resp = self
+    /// A POST of `body` as JSON to the admin API.
+    pub async fn admin_post_json(&self, path: &str, body: Value) -> (u16, Value) {
+        self.admin(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    async fn admin(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = self
             .client
             .request(method, self.url(path))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap();
+            .bearer_auth(TOKEN);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.unwrap();
         let status = resp.status().as_u16();
         (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Waits until replay `id` has succeeded (or panics after `secs`); returns it.
+    pub async fn wait_replay(&self, id: &str, secs: u64) -> Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            let (_, r) = self.admin_get(&format!("/api/v1/replays/{id}")).await;
+            if r["status"] == "succeeded" {
+                return r;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "replay {id} did not finish in {secs}s: {r}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The text of `GET /metrics`.
+    pub async fn metrics_text(&self) -> String {
+        let resp = self.client.get(self.url("/metrics")).send().await.unwrap();
+        resp.text().await.unwrap()
     }
 
     /// Every stored event, oldest first (follows cursors).
