@@ -2,7 +2,8 @@
 //! sinks on 127.0.0.1: a rate limit holds runs without failing them (and the
 //! sink never answers 429), a concurrency cap is never exceeded, a breaker
 //! opens on a dead destination (connection refused) and probes at most once
-//! per cool-down while runs keep their attempts, a Retry-After pauses the
+//! per cool-down while runs keep their attempts (a failed probe is not
+//! counted against the run that sent it), a Retry-After pauses the
 //! whole destination, a healthy destination is not held behind a dead one,
 //! two instances on PostgreSQL share the limits, the reset endpoint, and
 //! `switchboard validate` on a broken `destinations.yaml`.
@@ -365,6 +366,90 @@ async fn a_breaker_holds_runs_on_a_dead_destination(db: &TestDb) {
     assert_eq!(up.statuses().len(), 10);
 }
 
+/// A run that is the breaker's probe again and again does not use up its
+/// attempts: with `max_attempts: 2`, its first attempt opens the breaker
+/// (`failures: 1`) and every later one is a probe that fails. Each failed
+/// probe is recorded (`probe_failed`) but not counted, the run goes back to
+/// `waiting` / `circuit_open` rather than failing, and once the destination
+/// listens it succeeds within its own 2 attempts.
+async fn a_failed_probe_does_not_use_up_the_runs_attempts(db: &TestDb) {
+    let port = dead_port();
+    let dead = format!("http://127.0.0.1:{port}/");
+    let dest = format!(
+        "destinations:\n  - name: dead\n    url: \"{dead}\"\n    circuit_breaker: {{ failures: 1, cool_down: 1s, max_cool_down: 1s }}\n"
+    );
+    let retry =
+        "    retry:\n      max_attempts: 2\n      initial_delay: 100ms\n      max_delay: 200ms\n";
+    let (app, _dir) = TestApp::with_workflows(
+        db,
+        &[
+            ("destinations.yaml", &dest),
+            ("dead.yaml", &workflow(&format!("{dead}crm"), retry)),
+        ],
+    )
+    .await;
+    deliver_n(&app, "probe", 1).await;
+    // Three attempts: the one that opened the breaker and two probes (without
+    // the fix the first probe was the run's last attempt and it failed for good).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (run, attempts) = loop {
+        let rs = runs(&app).await;
+        assert_eq!(rs.len(), 1);
+        let attempts = app.store.attempts(&rs[0].run_id).await.unwrap();
+        if attempts.len() >= 3 || rs[0].status == "failed" {
+            break (rs[0].clone(), attempts);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no second probe within 30 s: {:?}",
+            (&rs[0].status, &rs[0].wait_reason, attempts.len())
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_ne!(
+        run.status, "failed",
+        "the run failed because it was the probe: {:?}",
+        run.last_error
+    );
+    let outcomes: Vec<&str> = attempts.iter().map(|a| a.outcome.as_str()).collect();
+    assert_eq!(outcomes[0], "retrying", "{outcomes:?}");
+    assert!(
+        outcomes[1..].iter().all(|o| *o == "probe_failed"),
+        "{outcomes:?}"
+    );
+    assert!(
+        attempts[1..].iter().all(|a| a.attempt == 2),
+        "a failed probe is not counted: {:?}",
+        attempts.iter().map(|a| a.attempt).collect::<Vec<_>>()
+    );
+    let held = wait_runs(&app, 20, "held by the breaker after a failed probe", |rs| {
+        rs[0].status == "waiting" && rs[0].wait_reason.as_deref() == Some("circuit_open")
+    })
+    .await;
+    assert!(held[0].attempt <= 1, "attempt {}", held[0].attempt);
+    assert!(
+        held[0]
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("probe"),
+        "{:?}",
+        held[0].last_error
+    );
+    // The destination comes up: the next probe succeeds, within the run's 2 attempts.
+    let up = LimitSink::start_on(&format!("127.0.0.1:{port}"), Counters::default()).await;
+    let rs = app.wait_runs_final(1, 30).await;
+    assert_eq!(rs[0].status, "succeeded", "{:?}", rs[0].last_error);
+    let all = app.store.attempts(&rs[0].run_id).await.unwrap();
+    let last = all.last().unwrap();
+    assert_eq!(last.outcome, "succeeded");
+    assert_eq!(
+        last.attempt, 2,
+        "counted attempts: the first and the successful one"
+    );
+    assert_eq!(up.statuses().len(), 1);
+}
+
 /// A 429 with `Retry-After: 2` pauses the whole destination: the other runs
 /// wait without sending until then.
 async fn a_retry_after_pauses_the_destination(db: &TestDb) {
@@ -500,6 +585,7 @@ on_both_backends!(
     a_rate_limit_holds_runs_without_failing_them,
     a_concurrency_cap_is_never_exceeded,
     a_breaker_holds_runs_on_a_dead_destination,
+    a_failed_probe_does_not_use_up_the_runs_attempts,
     a_retry_after_pauses_the_destination,
     the_reset_endpoint_closes_a_breaker,
 );

@@ -184,11 +184,23 @@ impl Permit {
         &self.dest
     }
 
-    pub fn report(mut self, outcome: &Outcome) {
-        if let Some(gate) = self.gate.take() {
-            gate.finish(&mut self, Some(outcome));
+    /// Gives the attempt's outcome to the gate; says what it did to the breaker.
+    pub fn report(mut self, outcome: &Outcome) -> Reported {
+        match self.gate.take() {
+            Some(gate) => gate.finish(&mut self, Some(outcome)),
+            None => Reported::default(),
         }
     }
+}
+
+/// What an attempt's outcome did to its destination's breaker.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Reported {
+    /// The attempt was the breaker's probe and failed: the breaker is open
+    /// again until then (the next probe).
+    pub probe_failed_until: Option<DateTime<Utc>>,
+    /// The attempt closed the breaker.
+    pub closed: bool,
 }
 
 impl Drop for Permit {
@@ -453,9 +465,10 @@ impl Gate {
     }
 
     /// Returns a permit's slot and records its outcome.
-    fn finish(&self, permit: &mut Permit, outcome: Option<&Outcome>) {
+    fn finish(&self, permit: &mut Permit, outcome: Option<&Outcome>) -> Reported {
         let now = Utc::now();
         let mut changed = None;
+        let mut reported = Reported::default();
         {
             let mut states = self.inner.states.lock().expect("gate state");
             let s = states.entry(permit.dest.clone()).or_default();
@@ -488,6 +501,10 @@ impl Gate {
                             tracing::info!(destination = %permit.dest, "circuit breaker closed");
                         }
                         crate::prometheus::destination_state(&permit.dest, s.breaker.state.gauge());
+                        reported.closed = s.breaker.state == State::Closed;
+                    }
+                    if permit.probe && failed && s.breaker.state == State::Open {
+                        reported.probe_failed_until = s.breaker.until;
                     }
                     if let Some(ra) = o.retry_after {
                         let until = plus(now, ra.min(MAX_PAUSE));
@@ -548,6 +565,7 @@ impl Gate {
                 });
             }
         }
+        reported
     }
 
     /// Closes the breaker of `name` and ends a pause; false when no such destination.

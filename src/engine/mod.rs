@@ -542,12 +542,10 @@ impl Engine {
                 };
             let before = state.clone();
             let (attempt, update, done) = self
-                .attempt(&run, &trace, wf, step, &mut state, &ctx, &secrets, &masker)
+                .attempt(
+                    &run, &trace, wf, step, &mut state, &ctx, &secrets, &masker, permit,
+                )
                 .await;
-            // Destinations (issue 14): the outcome feeds the breaker and Retry-After pauses.
-            if let Some(permit) = permit {
-                permit.report(&crate::destinations::gate::Outcome::of_attempt(&attempt));
-            }
             let Some((attempt, update)) = self.save_attempt(&run, &before, attempt, update).await?
             else {
                 return Ok(());
@@ -668,6 +666,7 @@ impl Engine {
         ctx: &Value,
         secrets: &HashMap<String, Option<String>>,
         masker: &http::Masker,
+        permit: Option<crate::destinations::gate::Permit>,
     ) -> (Attempt, RunUpdate, bool) {
         state.attempt += 1;
         state.attempts_total += 1;
@@ -749,7 +748,17 @@ impl Engine {
                 driver::Outcome::Failed(f)
             }
         };
-        let next = driver::after_attempt(state, wf, step, outcome, rand::random::<f64>());
+        // Destinations (issue 14): the outcome feeds the breaker and Retry-After pauses;
+        // a failed probe is recorded but not counted (the run waits for the next one).
+        let reported = permit
+            .map(|p| p.report(&crate::destinations::gate::Outcome::of_attempt(&record)))
+            .unwrap_or_default();
+        let next = match (outcome, reported.probe_failed_until) {
+            (driver::Outcome::Failed(f), Some(until)) if f.retryable => {
+                driver::after_failed_probe(state, step, &f, until)
+            }
+            (outcome, _) => driver::after_attempt(state, wf, step, outcome, rand::random::<f64>()),
+        };
         record.outcome = next.outcome.into();
         if let Some(delay) = next.retry_in {
             record.next_delay_ms = Some(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
