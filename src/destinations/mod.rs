@@ -237,13 +237,17 @@ pub async fn admit_step(
     gate: &gate::Gate,
     step: &crate::workflow::Step,
     ctx: &serde_json::Value,
-    run_id: &str,
+    run: &crate::store::runs::Run,
 ) -> Option<gate::Admit> {
     if gate.config().is_empty() {
         return None;
     }
     let url = step_url(step, ctx)?;
-    Some(gate.admit(&url, Some(run_id)).await)
+    let who = gate::RunRef {
+        id: &run.run_id,
+        created_at: run.created_at,
+    };
+    Some(gate.admit(&url, Some(who)).await)
 }
 
 /// Setup hook: asks the gate for a lookup to `url`. An open breaker or a

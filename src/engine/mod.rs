@@ -521,25 +521,29 @@ impl Engine {
             let index = state.step_index;
             // Destinations (issue 14): the gate, right before the attempt. A hold parks the
             // run (waiting, no attempt recorded, lease released); it resumes by itself.
-            let permit =
-                match crate::destinations::admit_step(&self.registry.gate, step, &ctx, &run.run_id)
-                    .await
-                {
-                    Some(crate::destinations::gate::Admit::Hold(hold)) => {
-                        crate::destinations::hold_run(
-                            &*self.store,
-                            &run,
-                            &self.owner,
-                            &trace,
-                            (index, &step.id),
-                            &hold,
-                        )
-                        .await?;
-                        return Ok(());
-                    }
-                    Some(crate::destinations::gate::Admit::Go(permit)) => Some(permit),
-                    None => None,
-                };
+            let permit = match crate::destinations::admit_step(
+                &self.registry.gate,
+                step,
+                &ctx,
+                &run,
+            )
+            .await
+            {
+                Some(crate::destinations::gate::Admit::Hold(hold)) => {
+                    crate::destinations::hold_run(
+                        &*self.store,
+                        &run,
+                        &self.owner,
+                        &trace,
+                        (index, &step.id),
+                        &hold,
+                    )
+                    .await?;
+                    return Ok(());
+                }
+                Some(crate::destinations::gate::Admit::Go(permit)) => Some(permit),
+                None => None,
+            };
             let before = state.clone();
             let (attempt, update, done) = self
                 .attempt(
