@@ -462,6 +462,81 @@ async fn a_failed_probe_does_not_use_up_the_runs_attempts(db: &TestDb) {
     assert_eq!(up.statuses().len(), 1);
 }
 
+/// The value of a counter on `/metrics` (0 when absent).
+async fn counter(app: &TestApp, line_prefix: &str) -> f64 {
+    let text = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(line_prefix))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// While a breaker is open, held runs cost next to nothing: only the oldest
+/// comes back for each probe; the others are parked (due a minute or more
+/// out, not re-claimed and re-saved every cool-down) and are woken all at
+/// once when the probe succeeds, so every run completes soon after the
+/// destination recovers.
+async fn a_breaker_parks_held_runs_until_it_closes(db: &TestDb) {
+    let port = dead_port();
+    let dead = format!("http://127.0.0.1:{port}/");
+    let dest = format!(
+        "destinations:\n  - name: parked\n    url: \"{dead}\"\n    circuit_breaker: {{ failures: 2, cool_down: 1s, max_cool_down: 1s }}\n"
+    );
+    let retry =
+        "    retry:\n      max_attempts: 3\n      initial_delay: 100ms\n      max_delay: 200ms\n";
+    let (app, _dir) = TestApp::with_workflows(
+        db,
+        &[
+            ("destinations.yaml", &dest),
+            ("dead.yaml", &workflow(&format!("{dead}crm"), retry)),
+        ],
+    )
+    .await;
+    deliver_n(&app, "park", 10).await;
+    // All but the one that comes back for the probe are parked.
+    wait_runs(&app, 30, "9 runs parked by the breaker", |rs| {
+        let parked_at = chrono::Utc::now() + chrono::TimeDelta::seconds(30);
+        rs.iter()
+            .filter(|r| {
+                r.status == "waiting"
+                    && r.wait_reason.as_deref() == Some("circuit_open")
+                    && r.next_attempt_at > parked_at
+            })
+            .count()
+            >= 9
+    })
+    .await;
+    // Over the next cool-downs, only the probing run is held again (not all ten each time).
+    let held = "switchboard_destination_held_total{destination=\"parked\",reason=\"circuit_open\"}";
+    let (before, t0) = (counter(&app, held).await, Instant::now());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let holds = counter(&app, held).await - before;
+    let cool_downs = t0.elapsed().as_secs_f64().ceil();
+    assert!(
+        holds <= 2.0 * cool_downs + 2.0,
+        "{holds} holds in {cool_downs} cool-downs with 10 runs held"
+    );
+    let rs = runs(&app).await;
+    assert!(rs.iter().all(|r| r.status != "failed"), "{rs:?}");
+    // The destination comes up: the probe closes the breaker and wakes the parked runs
+    // (parked, they would come back only a minute after the probe).
+    let up = LimitSink::start_on(&format!("127.0.0.1:{port}"), Counters::default()).await;
+    let rs = wait_runs(&app, 30, "all runs succeeded after recovery", |rs| {
+        rs.len() == 10 && rs.iter().all(|r| r.status == "succeeded")
+    })
+    .await;
+    assert_eq!(rs.len(), 10);
+    assert_eq!(up.statuses().len(), 10);
+}
+
 /// Held runs of one destination resume oldest first: 30 runs created one
 /// after another to a destination that lets `limits` through; the sink
 /// receives them in the order they were created.
@@ -648,6 +723,7 @@ on_both_backends!(
     a_concurrency_cap_is_never_exceeded,
     a_breaker_holds_runs_on_a_dead_destination,
     a_failed_probe_does_not_use_up_the_runs_attempts,
+    a_breaker_parks_held_runs_until_it_closes,
     held_runs_resume_oldest_first_by_rate,
     held_runs_resume_oldest_first_by_concurrency,
     a_retry_after_pauses_the_destination,

@@ -78,6 +78,14 @@ struct Inner {
     config: RwLock<Arc<Destinations>>,
     states: Mutex<HashMap<String, DestState>>,
     shared: Option<super::shared::Shared>,
+    /// Where parked runs are woken when a breaker closes (see [`Gate::attach`]).
+    wake: std::sync::OnceLock<Waker>,
+}
+
+/// The run store and the workers' wake-up, to wake parked runs.
+struct Waker {
+    store: Arc<dyn crate::store::EventStore>,
+    notify: Arc<tokio::sync::Notify>,
 }
 
 /// Cheap to clone; one per process (shared by the engine and setup answers).
@@ -102,6 +110,12 @@ const CONCURRENCY_RETRY: Duration = Duration::from_millis(50);
 const CONCURRENCY_SPACING: Duration = Duration::from_millis(5);
 /// The longest `Retry-After` that pauses a destination.
 const MAX_PAUSE: Duration = Duration::from_secs(3600);
+/// Runs held by an open breaker other than the oldest (which comes back for
+/// the probe) are parked: they come back when it closes (woken all at once,
+/// oldest first) or, should that wake be lost, this long after the probe
+/// time, one [`PARK_SPACING`] apart, and are parked again if it is still open.
+const PARK: Duration = Duration::from_secs(60);
+const PARK_SPACING: Duration = Duration::from_millis(50);
 /// How long past its turn a held run is waited for by younger runs before it
 /// is forgotten (cancelled, or late): a claim may come up to a second late.
 const TURN_GRACE: Duration = Duration::from_secs(2);
@@ -218,6 +232,8 @@ pub struct Permit {
     slot: Option<super::shared::Slot>,
     counted: bool,
     policy: Option<super::BreakerPolicy>,
+    /// The run's place in the queue (a failed probe keeps it).
+    run: Option<QueueKey>,
 }
 
 impl Permit {
@@ -229,6 +245,7 @@ impl Permit {
             slot: None,
             counted: false,
             policy: None,
+            run: None,
         }
     }
 
@@ -286,6 +303,7 @@ impl Gate {
                 config: RwLock::new(Arc::new(Destinations::default())),
                 states: Mutex::new(HashMap::new()),
                 shared,
+                wake: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -297,6 +315,51 @@ impl Gate {
             shared.configure(&d);
         }
         *self.inner.config.write().expect("gate config") = d;
+        // A destination may be gone, or its breaker changed: parked runs look again.
+        self.wake_parked();
+    }
+
+    /// Gives the gate the run store and the workers' wake-up, so that runs
+    /// parked behind an open breaker are woken (one UPDATE) when it closes.
+    pub fn attach(
+        &self,
+        store: Arc<dyn crate::store::EventStore>,
+        notify: Arc<tokio::sync::Notify>,
+    ) {
+        let _ = self.inner.wake.set(Waker { store, notify });
+    }
+
+    /// Makes every run parked behind a breaker due now, oldest first (for
+    /// every destination: those still open park them again), in the
+    /// background, tried 3 times; the parked runs' own time is the safety net.
+    fn wake_parked(&self) {
+        let Some(w) = self.inner.wake.get() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (store, notify) = (w.store.clone(), w.notify.clone());
+        runtime.spawn(async move {
+            for tries in 1..=3u32 {
+                match store
+                    .wake_held(&[HoldReason::CircuitOpen.as_str()], Utc::now())
+                    .await
+                {
+                    Ok(n) => {
+                        if n > 0 {
+                            tracing::info!(runs = n, "runs parked behind a circuit breaker woken");
+                            notify.notify_waiters();
+                        }
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, tries, "cannot wake the runs parked behind a circuit breaker; they come back by themselves");
+                        tokio::time::sleep(Duration::from_millis(500) * tries).await;
+                    }
+                }
+            }
+        });
     }
 
     pub fn config(&self) -> Arc<Destinations> {
@@ -450,7 +513,13 @@ impl Gate {
                     .range(..&key)
                     .filter(|(_, u)| **u >= awaited)
                     .count();
-                let until = plus(earliest, spacing * u32::try_from(ahead).unwrap_or(u32::MAX));
+                let ahead = u32::try_from(ahead).unwrap_or(u32::MAX);
+                let until = if reason == HoldReason::CircuitOpen && ahead > 0 {
+                    // Parked: only the oldest comes back for the probe.
+                    plus(plus(earliest, PARK), PARK_SPACING * ahead)
+                } else {
+                    plus(earliest, spacing * ahead)
+                };
                 s.queue.insert(key, until);
                 until
             }
@@ -536,6 +605,7 @@ impl Gate {
                     slot: None,
                     counted: true,
                     policy: limits.breaker,
+                    run: run.map(|r| r.key()),
                 });
             }
         };
@@ -581,9 +651,17 @@ impl Gate {
                         }
                         crate::prometheus::destination_state(&permit.dest, s.breaker.state.gauge());
                         reported.closed = s.breaker.state == State::Closed;
+                        if reported.closed {
+                            // Every held run's turn has come (parked ones are woken below).
+                            s.queue.values_mut().for_each(|u| *u = now);
+                        }
                     }
                     if permit.probe && failed && s.breaker.state == State::Open {
                         reported.probe_failed_until = s.breaker.until;
+                        // The run that probed comes back for the next probe, first in line.
+                        if let (Some(key), Some(until)) = (permit.run.take(), s.breaker.until) {
+                            s.queue.insert(key, until);
+                        }
                     }
                     if let Some(ra) = o.retry_after {
                         let until = plus(now, ra.min(MAX_PAUSE));
@@ -612,6 +690,9 @@ impl Gate {
                     }
                 }
             }
+        }
+        if reported.closed {
+            self.wake_parked();
         }
         let paused = outcome.and_then(|o| o.retry_after).is_some();
         if let Some(shared) = &self.inner.shared {
@@ -700,6 +781,11 @@ impl Gate {
             }
             // Closed both ways: keep this process's count of consecutive failures.
             if !(s.breaker.state == State::Closed && b.state == State::Closed) {
+                if s.breaker.state != State::Closed && b.state == State::Closed {
+                    // Closed by another instance (which wakes the parked runs).
+                    let now = Utc::now();
+                    s.queue.values_mut().for_each(|u| *u = now);
+                }
                 s.breaker = b;
             }
             s.paused_until = paused.filter(|p| *p > Utc::now());
