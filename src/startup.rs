@@ -145,6 +145,7 @@ impl Application {
         let gate = crate::destinations::gate_for(store.backend(), &settings.database_url).await?;
         let registry = Arc::new(Registry::with_gate(workflows, gate));
         let wake = Arc::new(Notify::new());
+        crate::destinations::attach(&registry.gate, store.clone(), wake.clone()).await;
         let supervisor = Supervisor::new();
         let engine = Arc::new(Engine::new(
             store.clone(),
@@ -379,6 +380,7 @@ pub async fn run_workers(
     let registry = Arc::new(Registry::with_gate(workflows, gate));
     crate::engine::http::EgressPolicy::from_env().map_err(anyhow::Error::msg)?;
     let wake = Arc::new(Notify::new());
+    crate::destinations::attach(&registry.gate, store.clone(), wake.clone()).await;
     prometheus::install();
     let supervisor = Supervisor::new();
     let mut tasks = Vec::new();

@@ -2,7 +2,8 @@
 //! sinks on 127.0.0.1: a rate limit holds runs without failing them (and the
 //! sink never answers 429), a concurrency cap is never exceeded, a breaker
 //! opens on a dead destination (connection refused) and probes at most once
-//! per cool-down while runs keep their attempts, a Retry-After pauses the
+//! per cool-down while runs keep their attempts (a failed probe is not
+//! counted against the run that sent it), a Retry-After pauses the
 //! whole destination, a healthy destination is not held behind a dead one,
 //! two instances on PostgreSQL share the limits, the reset endpoint, and
 //! `switchboard validate` on a broken `destinations.yaml`.
@@ -34,6 +35,8 @@ struct Counters {
     log: Mutex<Vec<(Instant, u16)>>,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
+    /// The path of every request, in the order they arrived.
+    paths: Mutex<Vec<String>>,
 }
 
 struct LimitSink {
@@ -49,8 +52,9 @@ impl Drop for LimitSink {
 }
 
 #[handler]
-async fn limited(_req: &Request, c: Data<&Arc<Counters>>) -> Response {
+async fn limited(req: &Request, c: Data<&Arc<Counters>>) -> Response {
     let now = Instant::now();
+    c.paths.lock().unwrap().push(req.uri().path().to_owned());
     let n_total = c.log.lock().unwrap().len();
     if n_total == 0
         && let Some(secs) = c.retry_after_first
@@ -359,10 +363,228 @@ async fn a_breaker_holds_runs_on_a_dead_destination(db: &TestDb) {
         rs.len() == 20 && rs.iter().all(|r| r.status == "succeeded")
     })
     .await;
+    // (Failed probes are recorded but not counted against max_attempts.)
     for r in rs.iter().filter(|r| r.workflow == "dead") {
-        assert!(r.attempts_total <= 3, "{} attempts", r.attempts_total);
+        let counted = app
+            .store
+            .attempts(&r.run_id)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|a| a.outcome != "probe_failed")
+            .count();
+        assert!(counted <= 3, "{counted} counted attempts");
     }
     assert_eq!(up.statuses().len(), 10);
+}
+
+/// A run that is the breaker's probe again and again does not use up its
+/// attempts: with `max_attempts: 2`, its first attempt opens the breaker
+/// (`failures: 1`) and every later one is a probe that fails. Each failed
+/// probe is recorded (`probe_failed`) but not counted, the run goes back to
+/// `waiting` / `circuit_open` rather than failing, and once the destination
+/// listens it succeeds within its own 2 attempts.
+async fn a_failed_probe_does_not_use_up_the_runs_attempts(db: &TestDb) {
+    let port = dead_port();
+    let dead = format!("http://127.0.0.1:{port}/");
+    let dest = format!(
+        "destinations:\n  - name: dead\n    url: \"{dead}\"\n    circuit_breaker: {{ failures: 1, cool_down: 1s, max_cool_down: 1s }}\n"
+    );
+    let retry =
+        "    retry:\n      max_attempts: 2\n      initial_delay: 100ms\n      max_delay: 200ms\n";
+    let (app, _dir) = TestApp::with_workflows(
+        db,
+        &[
+            ("destinations.yaml", &dest),
+            ("dead.yaml", &workflow(&format!("{dead}crm"), retry)),
+        ],
+    )
+    .await;
+    deliver_n(&app, "probe", 1).await;
+    // Three attempts: the one that opened the breaker and two probes (without
+    // the fix the first probe was the run's last attempt and it failed for good).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (run, attempts) = loop {
+        let rs = runs(&app).await;
+        assert_eq!(rs.len(), 1);
+        let attempts = app.store.attempts(&rs[0].run_id).await.unwrap();
+        if attempts.len() >= 3 || rs[0].status == "failed" {
+            break (rs[0].clone(), attempts);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no second probe within 30 s: {:?}",
+            (&rs[0].status, &rs[0].wait_reason, attempts.len())
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_ne!(
+        run.status, "failed",
+        "the run failed because it was the probe: {:?}",
+        run.last_error
+    );
+    let outcomes: Vec<&str> = attempts.iter().map(|a| a.outcome.as_str()).collect();
+    assert_eq!(outcomes[0], "retrying", "{outcomes:?}");
+    assert!(
+        outcomes[1..].iter().all(|o| *o == "probe_failed"),
+        "{outcomes:?}"
+    );
+    assert!(
+        attempts[1..].iter().all(|a| a.attempt == 2),
+        "a failed probe is not counted: {:?}",
+        attempts.iter().map(|a| a.attempt).collect::<Vec<_>>()
+    );
+    let held = wait_runs(&app, 20, "held by the breaker after a failed probe", |rs| {
+        rs[0].status == "waiting" && rs[0].wait_reason.as_deref() == Some("circuit_open")
+    })
+    .await;
+    assert!(held[0].attempt <= 1, "attempt {}", held[0].attempt);
+    assert!(
+        held[0]
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("probe"),
+        "{:?}",
+        held[0].last_error
+    );
+    // The destination comes up: the next probe succeeds, within the run's 2 attempts.
+    let up = LimitSink::start_on(&format!("127.0.0.1:{port}"), Counters::default()).await;
+    let rs = app.wait_runs_final(1, 30).await;
+    assert_eq!(rs[0].status, "succeeded", "{:?}", rs[0].last_error);
+    let all = app.store.attempts(&rs[0].run_id).await.unwrap();
+    let last = all.last().unwrap();
+    assert_eq!(last.outcome, "succeeded");
+    assert_eq!(
+        last.attempt, 2,
+        "counted attempts: the first and the successful one"
+    );
+    assert_eq!(up.statuses().len(), 1);
+}
+
+/// The value of a counter on `/metrics` (0 when absent).
+async fn counter(app: &TestApp, line_prefix: &str) -> f64 {
+    let text = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(line_prefix))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// While a breaker is open, held runs cost next to nothing: only the oldest
+/// comes back for each probe; the others are parked (due a minute or more
+/// out, not re-claimed and re-saved every cool-down) and are woken all at
+/// once when the probe succeeds, so every run completes soon after the
+/// destination recovers.
+async fn a_breaker_parks_held_runs_until_it_closes(db: &TestDb) {
+    let port = dead_port();
+    let dead = format!("http://127.0.0.1:{port}/");
+    let dest = format!(
+        "destinations:\n  - name: parked\n    url: \"{dead}\"\n    circuit_breaker: {{ failures: 2, cool_down: 1s, max_cool_down: 1s }}\n"
+    );
+    let retry =
+        "    retry:\n      max_attempts: 3\n      initial_delay: 100ms\n      max_delay: 200ms\n";
+    let (app, _dir) = TestApp::with_workflows(
+        db,
+        &[
+            ("destinations.yaml", &dest),
+            ("dead.yaml", &workflow(&format!("{dead}crm"), retry)),
+        ],
+    )
+    .await;
+    deliver_n(&app, "park", 10).await;
+    // All but the one that comes back for the probe are parked.
+    wait_runs(&app, 30, "9 runs parked by the breaker", |rs| {
+        let parked_at = chrono::Utc::now() + chrono::TimeDelta::seconds(30);
+        rs.iter()
+            .filter(|r| {
+                r.status == "waiting"
+                    && r.wait_reason.as_deref() == Some("circuit_open")
+                    && r.next_attempt_at > parked_at
+            })
+            .count()
+            >= 9
+    })
+    .await;
+    // Over the next cool-downs, only the probing run is held again (not all ten each time).
+    let held = "switchboard_destination_held_total{destination=\"parked\",reason=\"circuit_open\"}";
+    let (before, t0) = (counter(&app, held).await, Instant::now());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let holds = counter(&app, held).await - before;
+    let cool_downs = t0.elapsed().as_secs_f64().ceil();
+    assert!(
+        holds <= 2.0 * cool_downs + 2.0,
+        "{holds} holds in {cool_downs} cool-downs with 10 runs held"
+    );
+    let rs = runs(&app).await;
+    assert!(rs.iter().all(|r| r.status != "failed"), "{rs:?}");
+    // The destination comes up: the probe closes the breaker and wakes the parked runs
+    // (parked, they would come back only a minute after the probe).
+    let up = LimitSink::start_on(&format!("127.0.0.1:{port}"), Counters::default()).await;
+    let rs = wait_runs(&app, 30, "all runs succeeded after recovery", |rs| {
+        rs.len() == 10 && rs.iter().all(|r| r.status == "succeeded")
+    })
+    .await;
+    assert_eq!(rs.len(), 10);
+    assert_eq!(up.statuses().len(), 10);
+}
+
+/// Held runs of one destination resume oldest first: 30 runs created one
+/// after another to a destination that lets `limits` through; the sink
+/// receives them in the order they were created.
+async fn held_runs_resume_oldest_first(db: &TestDb, limits: &str, delay_ms: u64) {
+    let sink = LimitSink::start(Counters {
+        delay_ms,
+        ..Default::default()
+    })
+    .await;
+    let dest = format!(
+        "destinations:\n  - name: crm\n    url: \"{}\"\n{limits}",
+        sink.url("/")
+    );
+    let (app, _dir) = TestApp::with_workflows(
+        db,
+        &[
+            ("destinations.yaml", &dest),
+            (
+                "crm.yaml",
+                &workflow(&sink.url("/crm/{{ event.conversation_id }}"), ""),
+            ),
+        ],
+    )
+    .await;
+    deliver_n(&app, "order", 30).await;
+    let rs = app.wait_runs_final(30, 60).await;
+    assert!(rs.iter().all(|r| r.status == "succeeded"), "{rs:?}");
+    let order: Vec<usize> = sink
+        .c
+        .paths
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|p| p.rsplit('_').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(
+        order,
+        (0..30).collect::<Vec<_>>(),
+        "the order the sink received them in"
+    );
+}
+
+async fn held_runs_resume_oldest_first_by_rate(db: &TestDb) {
+    held_runs_resume_oldest_first(db, "    rate: 5/s\n    burst: 1\n", 0).await;
+}
+
+async fn held_runs_resume_oldest_first_by_concurrency(db: &TestDb) {
+    held_runs_resume_oldest_first(db, "    concurrency: 1\n", 30).await;
 }
 
 /// A 429 with `Retry-After: 2` pauses the whole destination: the other runs
@@ -492,6 +714,10 @@ on_both_backends!(
     a_rate_limit_holds_runs_without_failing_them,
     a_concurrency_cap_is_never_exceeded,
     a_breaker_holds_runs_on_a_dead_destination,
+    a_failed_probe_does_not_use_up_the_runs_attempts,
+    a_breaker_parks_held_runs_until_it_closes,
+    held_runs_resume_oldest_first_by_rate,
+    held_runs_resume_oldest_first_by_concurrency,
     a_retry_after_pauses_the_destination,
     the_reset_endpoint_closes_a_breaker,
 );

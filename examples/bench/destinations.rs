@@ -38,7 +38,9 @@ async fn gate_cost(rows: &mut Vec<Row>) -> anyhow::Result<()> {
                 continue;
             }
             match gate.admit("http://127.0.0.1:9/crm/deliveries", None).await {
-                Admit::Go(p) => p.report(&ok),
+                Admit::Go(p) => {
+                    p.report(&ok);
+                }
                 Admit::Hold(_) => anyhow::bail!("held with nothing limited"),
             }
         }

@@ -6,7 +6,7 @@
 //! cargo run --release --example bench -- [--pg postgres://…] [--no-sqlite]
 //!     [--scenarios ingest,e2e,setup,growth,idle,destinations] [--duration 10s] [--growth 10000,100000]
 //!     [--idle 60s] [--json results.json] [--smoke] [--no-build]
-//!     [--waits 100000] [--outage 20s]
+//!     [--waits 100000] [--outage 60s]
 //! ```
 //!
 //! Scenarios (each on every backend asked for):
@@ -67,7 +67,7 @@ struct Options {
     build: bool,
     /// Waiting runs for `waits`.
     waits: usize,
-    /// How long the destination of `outage` is down.
+    /// How long the destination of `outage` is down (issue 14: 60 s).
     outage: Duration,
 }
 
@@ -84,7 +84,7 @@ fn parse_args() -> anyhow::Result<Options> {
         connections: 64,
         build: true,
         waits: 100_000,
-        outage: Duration::from_secs(20),
+        outage: Duration::from_secs(60),
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {

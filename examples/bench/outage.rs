@@ -1,11 +1,14 @@
 //! Bench scenario `outage` (issue 14 "Measured"): a destination down
 //! (connection refused: a loopback port nothing listens on) while N runs
 //! (default 1,000, `max_attempts: 3`) are queued to it, for `--outage`
-//! (default 20 s), then a sink started on that port. Measured: attempts
-//! (probes) while the breaker is open per cool-down (from the server's
-//! `switchboard_attempts_total`), whether every run succeeded and how long
-//! after the recovery the last one arrived, and a healthy second
-//! destination's ack → sink latency during the outage and without one.
+//! (default 60 s, as issue 14 says), then a sink started on that port.
+//! Measured: attempts (probes) while the breaker is open per cool-down (from
+//! the server's `switchboard_attempts_total`), whether every run succeeded
+//! and how long after the recovery the last one arrived, and a healthy second
+//! destination's ack → sink latency during the outage and without one, with
+//! what the server spent meanwhile (CPU; on SQLite also its write
+//! transactions, `switchboard_store_commits_total`), to show what the held
+//! runs cost while the breaker is open.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -60,6 +63,28 @@ async fn healthy(url: String, sink: &Sink, dur: Duration) -> (Vec<Duration>, u64
     lat.sort();
     let lost = sent.errors + sent.ok - lat.len() as u64;
     (lat, lost)
+}
+
+/// The server's CPU seconds and (SQLite) commits so far.
+async fn spent(server: &Server) -> (f64, f64) {
+    let commits = server::metric(server, "switchboard_store_commits_total", "")
+        .await
+        .unwrap_or(f64::NAN);
+    (server::cpu_seconds(server.pid()), commits)
+}
+
+/// "CPU x % of a core, y commits/s" between two readings `dur` apart.
+fn spent_note(a: (f64, f64), b: (f64, f64), dur: Duration) -> String {
+    let secs = dur.as_secs_f64();
+    let commits = if (b.1 - a.1).is_finite() && b.1 > 0.0 {
+        format!(", {:.0} commits/s", (b.1 - a.1) / secs)
+    } else {
+        String::new()
+    };
+    format!(
+        "; server CPU {:.1} % of a core{commits}",
+        100.0 * (b.0 - a.0) / secs
+    )
 }
 
 fn latency_row(label: &str, b: &str, lat: &[Duration], lost: u64, dur: Duration) -> Row {
@@ -121,14 +146,19 @@ pub async fn run(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Resul
     } else {
         Duration::from_secs(5)
     };
+    let before = (spent(&server).await, Instant::now());
     let (lat, lost) = healthy(server.webhook_url(), &ok_sink, base_dur).await;
-    rows.push(latency_row(
+    let after = (spent(&server).await, Instant::now());
+    let mut row = latency_row(
         "7. outage: healthy ack → sink, no outage",
         b,
         &lat,
         lost,
         base_dur,
-    ));
+    );
+    row.note
+        .push_str(&spent_note(before.0, after.0, after.1 - before.1));
+    rows.push(row);
 
     // The outage: n runs queued to the dead port, the healthy destination loaded meanwhile.
     let down_at = Instant::now();
@@ -148,6 +178,7 @@ pub async fn run(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Resul
     let load_task = tokio::spawn(async move { healthy(url, &healthy_sink, during_dur).await });
     // When does the breaker open, and how many attempts had gone by then?
     let mut opened: Option<(Instant, f64)> = None;
+    let mut open_spent = None;
     while down_at.elapsed() < outage {
         if opened.is_none()
             && server::metric(
@@ -159,10 +190,12 @@ pub async fn run(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Resul
                 == 1.0
         {
             opened = Some((Instant::now(), connect_attempts(&server).await?));
+            open_spent = Some((spent(&server).await, Instant::now()));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let at_end = connect_attempts(&server).await?;
+    let end_spent = (spent(&server).await, Instant::now());
     let (lat, lost) = load_task.await?;
 
     // The recovery.
@@ -218,13 +251,20 @@ pub async fn run(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Resul
             ))
         ),
     ));
-    rows.push(latency_row(
+    let mut row = latency_row(
         "7. outage: healthy ack → sink, during it",
         b,
         &lat,
         lost,
         during_dur,
-    ));
+    );
+    if let Some((s, at)) = open_spent {
+        row.note.push_str(&format!(
+            "{} (while the breaker was open)",
+            spent_note(s, end_spent.0, end_spent.1 - at)
+        ));
+    }
+    rows.push(row);
     drop(server);
     drop_db(backend, &db).await;
     Ok(())

@@ -223,7 +223,9 @@ pub struct AttemptView {
     pub response_headers: Option<Value>,
     /// The first 64 KiB of the response body.
     pub response_body: Option<String>,
-    /// `succeeded`, `retrying` or `failed`.
+    /// `succeeded`, `retrying`, `failed`, or `probe_failed` (the destination's
+    /// circuit-breaker probe failed: not counted against `max_attempts`, the run waits
+    /// for the next probe).
     pub outcome: String,
     /// `dns`, `connect`, `tls`, `timeout`, `http_3xx`, `http_4xx`, `http_5xx`, `template`, `secret`,
     /// `egress`, `store`, `request`.

@@ -8,7 +8,7 @@
 //! through [`super::shared`]; destinations without a rate or a cap never
 //! touch the database per request.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -41,23 +41,36 @@ struct Health {
 const HEALTH_WINDOW: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
 const LAST_ERRORS: usize = 5;
 
+/// A held run's place in its destination's queue: (created at, run id).
+type QueueKey = (DateTime<Utc>, String);
+
+/// A run asking the gate (held runs of a destination go oldest first).
+#[derive(Clone, Copy, Debug)]
+pub struct RunRef<'a> {
+    pub id: &'a str,
+    pub created_at: DateTime<Utc>,
+}
+
+impl RunRef<'_> {
+    fn key(&self) -> QueueKey {
+        (self.created_at, self.id.to_owned())
+    }
+}
+
 #[derive(Default)]
 struct DestState {
     /// GCRA: the theoretical arrival time of the next request.
     tat: Option<DateTime<Utc>>,
     /// When the requests of the last rate period were let through (sliding window).
     sent: VecDeque<DateTime<Utc>>,
-    /// Where the next held request is scheduled to come back (held requests
-    /// come back one interval apart, oldest first, instead of all at once).
-    cursor: Option<DateTime<Utc>>,
     in_flight: u32,
     breaker: Breaker,
     paused_until: Option<DateTime<Utc>>,
     /// When this process last changed the breaker or the pause (the shared
     /// copy read back may predate that write).
     changed_at: Option<std::time::Instant>,
-    /// Runs held now: run id → until.
-    held: HashMap<String, DateTime<Utc>>,
+    /// Runs held now, oldest first: (created at, run id) → when it comes back.
+    queue: BTreeMap<QueueKey, DateTime<Utc>>,
     health: Health,
 }
 
@@ -65,6 +78,14 @@ struct Inner {
     config: RwLock<Arc<Destinations>>,
     states: Mutex<HashMap<String, DestState>>,
     shared: Option<super::shared::Shared>,
+    /// Where parked runs are woken when a breaker closes (see [`Gate::attach`]).
+    wake: std::sync::OnceLock<Waker>,
+}
+
+/// The run store and the workers' wake-up, to wake parked runs.
+struct Waker {
+    store: Arc<dyn crate::store::EventStore>,
+    notify: Arc<tokio::sync::Notify>,
 }
 
 /// Cheap to clone; one per process (shared by the engine and setup answers).
@@ -89,6 +110,52 @@ const CONCURRENCY_RETRY: Duration = Duration::from_millis(50);
 const CONCURRENCY_SPACING: Duration = Duration::from_millis(5);
 /// The longest `Retry-After` that pauses a destination.
 const MAX_PAUSE: Duration = Duration::from_secs(3600);
+/// Runs held by an open breaker other than the oldest (which comes back for
+/// the probe) are parked: they come back when it closes (woken all at once,
+/// oldest first) or, should that wake be lost, this long after the probe
+/// time, one [`PARK_SPACING`] apart, and are parked again if it is still open.
+const PARK: Duration = Duration::from_secs(60);
+const PARK_SPACING: Duration = Duration::from_millis(50);
+/// How long past its turn a held run is waited for by younger runs before it
+/// is forgotten (cancelled, or late): a claim may come up to a second late.
+const TURN_GRACE: Duration = Duration::from_secs(2);
+
+/// When a run must let an older held run of its destination go first: the
+/// oldest held run older than `r` whose turn is now or within one spacing (and
+/// that has not been forgotten: see [`TURN_GRACE`]), for destinations with a
+/// rate or a cap (without them nothing is scarce). Forgets stale turns.
+fn older_turn(
+    queue: &mut BTreeMap<QueueKey, DateTime<Utc>>,
+    limits: &super::Limits,
+    r: RunRef<'_>,
+    now: DateTime<Utc>,
+) -> Option<(DateTime<Utc>, HoldReason)> {
+    let (lookahead, reason) = match (limits.rate, limits.concurrency) {
+        (Some(rate), _) => (
+            rate.interval().max(CONCURRENCY_RETRY),
+            HoldReason::RateLimited,
+        ),
+        (None, Some(_)) => (CONCURRENCY_RETRY, HoldReason::Concurrency),
+        (None, None) => return None,
+    };
+    let stale = now - chrono::TimeDelta::from_std(TURN_GRACE).unwrap_or_default();
+    let soon = plus(now, lookahead);
+    let key = r.key();
+    let mut forgotten = Vec::new();
+    let mut turn = None;
+    for (k, until) in queue.range(..&key) {
+        if *until < stale {
+            forgotten.push(k.clone());
+        } else if *until <= soon {
+            turn = Some(*until);
+            break;
+        }
+    }
+    for k in forgotten {
+        queue.remove(&k);
+    }
+    turn.map(|t| (t, reason))
+}
 
 /// How an attempt ended, as the gate needs it.
 #[derive(Clone, Debug, Default)]
@@ -165,6 +232,8 @@ pub struct Permit {
     slot: Option<super::shared::Slot>,
     counted: bool,
     policy: Option<super::BreakerPolicy>,
+    /// The run's place in the queue (a failed probe keeps it).
+    run: Option<QueueKey>,
 }
 
 impl Permit {
@@ -176,6 +245,7 @@ impl Permit {
             slot: None,
             counted: false,
             policy: None,
+            run: None,
         }
     }
 
@@ -184,11 +254,23 @@ impl Permit {
         &self.dest
     }
 
-    pub fn report(mut self, outcome: &Outcome) {
-        if let Some(gate) = self.gate.take() {
-            gate.finish(&mut self, Some(outcome));
+    /// Gives the attempt's outcome to the gate; says what it did to the breaker.
+    pub fn report(mut self, outcome: &Outcome) -> Reported {
+        match self.gate.take() {
+            Some(gate) => gate.finish(&mut self, Some(outcome)),
+            None => Reported::default(),
         }
     }
+}
+
+/// What an attempt's outcome did to its destination's breaker.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Reported {
+    /// The attempt was the breaker's probe and failed: the breaker is open
+    /// again until then (the next probe).
+    pub probe_failed_until: Option<DateTime<Utc>>,
+    /// The attempt closed the breaker.
+    pub closed: bool,
 }
 
 impl Drop for Permit {
@@ -221,6 +303,7 @@ impl Gate {
                 config: RwLock::new(Arc::new(Destinations::default())),
                 states: Mutex::new(HashMap::new()),
                 shared,
+                wake: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -232,14 +315,60 @@ impl Gate {
             shared.configure(&d);
         }
         *self.inner.config.write().expect("gate config") = d;
+        // A destination may be gone, or its breaker changed: parked runs look again.
+        self.wake_parked();
+    }
+
+    /// Gives the gate the run store and the workers' wake-up, so that runs
+    /// parked behind an open breaker are woken (one UPDATE) when it closes.
+    pub fn attach(
+        &self,
+        store: Arc<dyn crate::store::EventStore>,
+        notify: Arc<tokio::sync::Notify>,
+    ) {
+        let _ = self.inner.wake.set(Waker { store, notify });
+    }
+
+    /// Makes every run parked behind a breaker due now, oldest first (for
+    /// every destination: those still open park them again), in the
+    /// background, tried 3 times; the parked runs' own time is the safety net.
+    fn wake_parked(&self) {
+        let Some(w) = self.inner.wake.get() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (store, notify) = (w.store.clone(), w.notify.clone());
+        runtime.spawn(async move {
+            for tries in 1..=3u32 {
+                match store
+                    .wake_held(&[HoldReason::CircuitOpen.as_str()], Utc::now())
+                    .await
+                {
+                    Ok(n) => {
+                        if n > 0 {
+                            tracing::info!(runs = n, "runs parked behind a circuit breaker woken");
+                            notify.notify_waiters();
+                        }
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, tries, "cannot wake the runs parked behind a circuit breaker; they come back by themselves");
+                        tokio::time::sleep(Duration::from_millis(500) * tries).await;
+                    }
+                }
+            }
+        });
     }
 
     pub fn config(&self) -> Arc<Destinations> {
         self.inner.config.read().expect("gate config").clone()
     }
 
-    /// Asks to send one request to `url` now; `run_id` (for runs) counts held runs.
-    pub async fn admit(&self, url: &str, run_id: Option<&str>) -> Admit {
+    /// Asks to send one request to `url` now; `run` (for runs, not lookups)
+    /// queues held runs oldest first.
+    pub async fn admit(&self, url: &str, run: Option<RunRef<'_>>) -> Admit {
         let config = self.config();
         if config.is_empty() {
             return Admit::Go(Permit::free());
@@ -250,7 +379,7 @@ impl Gate {
         if let Some(shared) = &self.inner.shared {
             shared.refresh_if_stale(self).await;
         }
-        let verdict = self.admit_local(&dest, run_id);
+        let verdict = self.admit_local(&dest, run);
         let verdict = match (verdict, &self.inner.shared) {
             (Ok(permit), Some(shared))
                 if dest.limits.rate.is_some() || dest.limits.concurrency.is_some() =>
@@ -267,7 +396,7 @@ impl Gate {
                                     shared.release(slot).await;
                                 }
                                 permit.counted_back();
-                                Err(self.held(&dest, until, reason, run_id))
+                                Err(self.held(&dest, until, reason, run))
                             }
                         }
                     }
@@ -275,7 +404,7 @@ impl Gate {
                         // Give back what the local gate counted.
                         let mut permit = permit;
                         permit.counted_back();
-                        Err(self.held(&dest, hold.0, hold.1, run_id))
+                        Err(self.held(&dest, hold.0, hold.1, run))
                     }
                 }
             }
@@ -298,13 +427,24 @@ impl Gate {
                         }
                         permit.probe = false;
                         permit.counted_back();
-                        let hold = self.held(&dest, until, HoldReason::CircuitOpen, run_id);
+                        let hold = self.held(&dest, until, HoldReason::CircuitOpen, run);
                         crate::prometheus::destination_held(
                             &hold.destination,
                             hold.reason.as_str(),
                         );
                         return Admit::Hold(hold);
                     }
+                }
+                // Out of the queue only now: while the shared gate is asked, younger runs wait behind it.
+                if let Some(r) = run
+                    && let Some(s) = self
+                        .inner
+                        .states
+                        .lock()
+                        .expect("gate state")
+                        .get_mut(&dest.name)
+                {
+                    s.queue.remove(&r.key());
                 }
                 Admit::Go(permit)
             }
@@ -342,13 +482,16 @@ impl Gate {
             .unwrap_or_default()
     }
 
-    /// Schedules a held request: oldest first, one spacing apart.
+    /// Schedules a held request. A run comes back one spacing after every
+    /// held run of the destination older than it (that is still awaited):
+    /// oldest first, never all at once, and a run held again keeps its place
+    /// ahead of younger ones. A lookup (no run) waits for `earliest` itself.
     fn held(
         &self,
         dest: &DestinationSpec,
         earliest: DateTime<Utc>,
         reason: HoldReason,
-        run_id: Option<&str>,
+        run: Option<RunRef<'_>>,
     ) -> Hold {
         let mut states = self.inner.states.lock().expect("gate state");
         let s = states.entry(dest.name.clone()).or_default();
@@ -360,16 +503,30 @@ impl Gate {
                 .map_or(CONCURRENCY_SPACING, |r| r.interval()),
             _ => CONCURRENCY_SPACING,
         };
-        // Oldest first: each held request comes back one spacing after the one held before it.
-        let from = s.cursor.filter(|c| *c > earliest).unwrap_or(earliest);
-        s.cursor = Some(plus(from, spacing));
-        let until = from;
-        if let Some(id) = run_id {
-            s.held.insert(id.to_owned(), until);
-        }
-        if s.held.len() > 10_000 {
+        let until = match run {
+            None => earliest,
+            Some(r) => {
+                let key = r.key();
+                let awaited = now - chrono::TimeDelta::from_std(TURN_GRACE).unwrap_or_default();
+                let ahead = s
+                    .queue
+                    .range(..&key)
+                    .filter(|(_, u)| **u >= awaited)
+                    .count();
+                let ahead = u32::try_from(ahead).unwrap_or(u32::MAX);
+                let until = if reason == HoldReason::CircuitOpen && ahead > 0 {
+                    // Parked: only the oldest comes back for the probe.
+                    plus(plus(earliest, PARK), PARK_SPACING * ahead)
+                } else {
+                    plus(earliest, spacing * ahead)
+                };
+                s.queue.insert(key, until);
+                until
+            }
+        };
+        if s.queue.len() > 10_000 {
             let stale = now - chrono::TimeDelta::minutes(1);
-            s.held.retain(|_, u| *u > stale);
+            s.queue.retain(|_, u| *u > stale);
         }
         Hold {
             destination: dest.name.clone(),
@@ -378,7 +535,7 @@ impl Gate {
         }
     }
 
-    fn admit_local(&self, dest: &DestinationSpec, run_id: Option<&str>) -> Result<Permit, Hold> {
+    fn admit_local(&self, dest: &DestinationSpec, run: Option<RunRef<'_>>) -> Result<Permit, Hold> {
         let now = Utc::now();
         let limits = dest.limits;
         let hold = {
@@ -398,8 +555,14 @@ impl Gate {
                 if let Verdict::Hold(until) = verdict {
                     break 'hold Some((until, HoldReason::CircuitOpen));
                 }
+                // Oldest first: a run waits behind an older held run whose turn has come.
+                if let Some(r) = run
+                    && let Some((turn, reason)) = older_turn(&mut s.queue, &limits, r, now)
+                {
+                    break 'hold Some((turn.max(now), reason));
+                }
+                // (Shared or not: this process's own requests never exceed the cap either.)
                 if let Some(cap) = limits.concurrency
-                    && self.inner.shared.is_none()
                     && s.in_flight >= cap
                 {
                     break 'hold Some((plus(now, CONCURRENCY_RETRY), HoldReason::Concurrency));
@@ -435,9 +598,6 @@ impl Gate {
                     s.changed_at = Some(std::time::Instant::now());
                 }
                 s.in_flight += 1;
-                if let Some(id) = run_id {
-                    s.held.remove(id);
-                }
                 return Ok(Permit {
                     gate: Some(self.clone()),
                     dest: dest.name.clone(),
@@ -445,17 +605,19 @@ impl Gate {
                     slot: None,
                     counted: true,
                     policy: limits.breaker,
+                    run: run.map(|r| r.key()),
                 });
             }
         };
         let (until, reason) = hold.expect("held");
-        Err(self.held(dest, until, reason, run_id))
+        Err(self.held(dest, until, reason, run))
     }
 
     /// Returns a permit's slot and records its outcome.
-    fn finish(&self, permit: &mut Permit, outcome: Option<&Outcome>) {
+    fn finish(&self, permit: &mut Permit, outcome: Option<&Outcome>) -> Reported {
         let now = Utc::now();
         let mut changed = None;
+        let mut reported = Reported::default();
         {
             let mut states = self.inner.states.lock().expect("gate state");
             let s = states.entry(permit.dest.clone()).or_default();
@@ -488,6 +650,18 @@ impl Gate {
                             tracing::info!(destination = %permit.dest, "circuit breaker closed");
                         }
                         crate::prometheus::destination_state(&permit.dest, s.breaker.state.gauge());
+                        reported.closed = s.breaker.state == State::Closed;
+                        if reported.closed {
+                            // Every held run's turn has come (parked ones are woken below).
+                            s.queue.values_mut().for_each(|u| *u = now);
+                        }
+                    }
+                    if permit.probe && failed && s.breaker.state == State::Open {
+                        reported.probe_failed_until = s.breaker.until;
+                        // The run that probed comes back for the next probe, first in line.
+                        if let (Some(key), Some(until)) = (permit.run.take(), s.breaker.until) {
+                            s.queue.insert(key, until);
+                        }
                     }
                     if let Some(ra) = o.retry_after {
                         let until = plus(now, ra.min(MAX_PAUSE));
@@ -516,6 +690,9 @@ impl Gate {
                     }
                 }
             }
+        }
+        if reported.closed {
+            self.wake_parked();
         }
         let paused = outcome.and_then(|o| o.retry_after).is_some();
         if let Some(shared) = &self.inner.shared {
@@ -548,6 +725,7 @@ impl Gate {
                 });
             }
         }
+        reported
     }
 
     /// Closes the breaker of `name` and ends a pause; false when no such destination.
@@ -561,7 +739,7 @@ impl Gate {
             s.breaker = Breaker::default();
             s.paused_until = None;
             s.changed_at = Some(std::time::Instant::now());
-            for until in s.held.values_mut() {
+            for until in s.queue.values_mut() {
                 *until = Utc::now();
             }
         }
@@ -603,6 +781,11 @@ impl Gate {
             }
             // Closed both ways: keep this process's count of consecutive failures.
             if !(s.breaker.state == State::Closed && b.state == State::Closed) {
+                if s.breaker.state != State::Closed && b.state == State::Closed {
+                    // Closed by another instance (which wakes the parked runs).
+                    let now = Utc::now();
+                    s.queue.values_mut().for_each(|u| *u = now);
+                }
                 s.breaker = b;
             }
             s.paused_until = paused.filter(|p| *p > Utc::now());
@@ -652,7 +835,7 @@ impl Gate {
                     paused_until: s.and_then(|s| s.paused_until).filter(|p| *p > now),
                     in_flight: s.map_or(0, |s| s.in_flight),
                     held_runs: s.map_or(0, |s| {
-                        s.held
+                        s.queue
                             .values()
                             .filter(|u| **u > now - chrono::TimeDelta::seconds(5))
                             .count()

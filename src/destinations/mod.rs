@@ -212,6 +212,28 @@ pub async fn hold_run(
     Ok(held)
 }
 
+/// Startup hook: gives the gate the store and the workers' wake-up (to wake
+/// the runs parked behind a breaker when it closes), and wakes runs parked
+/// before this process started (on SQLite the breakers start closed again;
+/// on PostgreSQL those still open park them again).
+pub async fn attach(
+    gate: &gate::Gate,
+    store: std::sync::Arc<dyn crate::store::EventStore>,
+    notify: std::sync::Arc<tokio::sync::Notify>,
+) {
+    match store
+        .wake_held(&[HoldReason::CircuitOpen.as_str()], chrono::Utc::now())
+        .await
+    {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(runs = n, "runs parked behind a circuit breaker woken"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot wake the runs parked behind a circuit breaker; they come back by themselves")
+        }
+    }
+    gate.attach(store, notify);
+}
+
 /// The gate of a process: shared through the database on PostgreSQL (a small
 /// pool of its own), in this process on SQLite.
 pub async fn gate_for(
@@ -237,13 +259,17 @@ pub async fn admit_step(
     gate: &gate::Gate,
     step: &crate::workflow::Step,
     ctx: &serde_json::Value,
-    run_id: &str,
+    run: &crate::store::runs::Run,
 ) -> Option<gate::Admit> {
     if gate.config().is_empty() {
         return None;
     }
     let url = step_url(step, ctx)?;
-    Some(gate.admit(&url, Some(run_id)).await)
+    let who = gate::RunRef {
+        id: &run.run_id,
+        created_at: run.created_at,
+    };
+    Some(gate.admit(&url, Some(who)).await)
 }
 
 /// Setup hook: asks the gate for a lookup to `url`. An open breaker or a

@@ -8,7 +8,9 @@
 //! ends the run (`succeeded`); a retryable failure with attempts left
 //! schedules the next attempt (`retrying`, due after the backoff, lease
 //! released); any other failure ends the run (`failed`); a hold or a wait
-//! pauses it (`waiting` with a reason, lease released, no attempt counted).
+//! pauses it (`waiting` with a reason, lease released, no attempt counted);
+//! a failed circuit-breaker probe is recorded but not counted, and the run
+//! waits (`circuit_open`) for the next probe.
 
 use std::time::Duration;
 
@@ -29,7 +31,7 @@ pub(crate) enum Outcome {
 /// The run's next state after an attempt.
 pub(crate) struct Next {
     pub update: RunUpdate,
-    /// The attempt's recorded outcome: `succeeded`, `retrying` or `failed`.
+    /// The attempt's recorded outcome: `succeeded`, `retrying`, `failed` or `probe_failed`.
     pub outcome: &'static str,
     /// The backoff before the next attempt, when there is one.
     pub retry_in: Option<Duration>,
@@ -89,6 +91,32 @@ pub(crate) fn after_attempt(
                 stop: true,
             }
         }
+    }
+}
+
+/// Destinations (issue 14): the attempt was its destination's circuit-breaker
+/// probe, it failed, and the breaker opened again until `until`. The probe
+/// is the breaker's, not the run's own try: it is recorded (outcome
+/// `probe_failed`) but not counted against `max_attempts`, and the run waits
+/// (`circuit_open`) for the next probe time instead of retrying or failing.
+pub(crate) fn after_failed_probe(
+    state: &mut RunState,
+    step: &Step,
+    f: &http::Failure,
+    until: DateTime<Utc>,
+) -> Next {
+    state.attempt = (state.attempt - 1).max(0);
+    Next {
+        update: RunUpdate {
+            last_error: Some(format!(
+                "step `{}`: {} (as its destination's circuit-breaker probe; not counted against max_attempts)",
+                step.id, f.message
+            )),
+            ..state.waiting(until.max(now()), "circuit_open".into())
+        },
+        outcome: "probe_failed",
+        retry_in: None,
+        stop: true,
     }
 }
 
@@ -255,6 +283,27 @@ mod tests {
             next.update.last_error.as_deref(),
             Some("step `s0`: HTTP 503 (after 2 attempts)")
         );
+    }
+
+    #[test]
+    fn a_failed_probe_at_the_last_attempt_waits_uncounted_instead_of_failing() {
+        let wf = workflow(1);
+        let mut state = fresh();
+        // max_attempts: 2, and this attempt (the probe, counted in `state` already) was the last.
+        state.attempt = 2;
+        state.attempts_total = 2;
+        let until = now() + chrono::TimeDelta::seconds(5);
+        let Outcome::Failed(f) = failure(true) else {
+            unreachable!()
+        };
+        let next = after_failed_probe(&mut state, &wf.steps[0], &f, until);
+        assert_eq!((next.outcome, next.stop), ("probe_failed", true));
+        assert_eq!(next.update.status, RunStatus::Waiting);
+        assert_eq!(next.update.wait_reason.as_deref(), Some("circuit_open"));
+        assert_eq!(next.update.next_attempt_at, until);
+        assert_eq!(next.update.attempt, 1, "the probe is not counted");
+        assert_eq!(next.update.attempts_total, 2, "but it was made");
+        assert!(next.update.last_error.unwrap().contains("probe"));
     }
 
     #[test]

@@ -511,33 +511,35 @@ impl Engine {
             let index = state.step_index;
             // Destinations (issue 14): the gate, right before the attempt. A hold parks the
             // run (waiting, no attempt recorded, lease released); it resumes by itself.
-            let permit =
-                match crate::destinations::admit_step(&self.registry.gate, step, &ctx, &run.run_id)
-                    .await
-                {
-                    Some(crate::destinations::gate::Admit::Hold(hold)) => {
-                        crate::destinations::hold_run(
-                            &*self.store,
-                            &run,
-                            &self.owner,
-                            &trace,
-                            (index, &step.id),
-                            &hold,
-                        )
-                        .await?;
-                        return Ok(());
-                    }
-                    Some(crate::destinations::gate::Admit::Go(permit)) => Some(permit),
-                    None => None,
-                };
+            let permit = match crate::destinations::admit_step(
+                &self.registry.gate,
+                step,
+                &ctx,
+                &run,
+            )
+            .await
+            {
+                Some(crate::destinations::gate::Admit::Hold(hold)) => {
+                    crate::destinations::hold_run(
+                        &*self.store,
+                        &run,
+                        &self.owner,
+                        &trace,
+                        (index, &step.id),
+                        &hold,
+                    )
+                    .await?;
+                    return Ok(());
+                }
+                Some(crate::destinations::gate::Admit::Go(permit)) => Some(permit),
+                None => None,
+            };
             let before = state.clone();
             let (attempt, update, done) = self
-                .attempt(&run, &trace, wf, step, &mut state, &ctx, &secrets, &masker)
+                .attempt(
+                    &run, &trace, wf, step, &mut state, &ctx, &secrets, &masker, permit,
+                )
                 .await;
-            // Destinations (issue 14): the outcome feeds the breaker and Retry-After pauses.
-            if let Some(permit) = permit {
-                permit.report(&crate::destinations::gate::Outcome::of_attempt(&attempt));
-            }
             let Some((attempt, update)) = self.save_attempt(&run, &before, attempt, update).await?
             else {
                 return Ok(());
@@ -658,6 +660,7 @@ impl Engine {
         ctx: &Value,
         secrets: &HashMap<String, Option<String>>,
         masker: &http::Masker,
+        permit: Option<crate::destinations::gate::Permit>,
     ) -> (Attempt, RunUpdate, bool) {
         state.attempt += 1;
         state.attempts_total += 1;
@@ -739,7 +742,17 @@ impl Engine {
                 driver::Outcome::Failed(f)
             }
         };
-        let next = driver::after_attempt(state, wf, step, outcome, rand::random::<f64>());
+        // Destinations (issue 14): the outcome feeds the breaker and Retry-After pauses;
+        // a failed probe is recorded but not counted (the run waits for the next one).
+        let reported = permit
+            .map(|p| p.report(&crate::destinations::gate::Outcome::of_attempt(&record)))
+            .unwrap_or_default();
+        let next = match (outcome, reported.probe_failed_until) {
+            (driver::Outcome::Failed(f), Some(until)) if f.retryable => {
+                driver::after_failed_probe(state, step, &f, until)
+            }
+            (outcome, _) => driver::after_attempt(state, wf, step, outcome, rand::random::<f64>()),
+        };
         record.outcome = next.outcome.into();
         if let Some(delay) = next.retry_in {
             record.next_delay_ms = Some(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));

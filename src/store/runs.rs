@@ -314,7 +314,8 @@ pub trait RunStore: Send + Sync + 'static {
     ) -> Result<bool, StoreError>;
 
     /// Destinations (issue 14): makes every run waiting for one of `reasons`
-    /// due now (a breaker was reset); returns how many.
+    /// due now (a breaker was reset or closed), oldest first (`next_attempt_at`
+    /// becomes the run's `created_at`, at most `now`); returns how many.
     async fn wake_held(&self, reasons: &[&str], now: DateTime<Utc>) -> Result<u64, StoreError>;
 
     /// Ends every lease `owner` holds now, so other workers take its runs at

@@ -397,8 +397,9 @@ macro_rules! impl_run_store {
             ) -> Result<u64, $crate::store::StoreError> {
                 let mut woken = 0;
                 for reason in reasons {
+                    // Due at once, oldest first: the claim takes them by next_attempt_at.
                     woken += sqlx::query(
-                        "UPDATE runs SET next_attempt_at = $1 \
+                        "UPDATE runs SET next_attempt_at = CASE WHEN created_at < $1 THEN created_at ELSE $1 END \
                          WHERE status = 'waiting' AND wait_reason = $2 AND next_attempt_at > $1",
                     )
                     .bind(now)
