@@ -13,6 +13,7 @@
 
 pub mod appender;
 mod batch;
+pub mod due;
 pub mod model;
 pub mod order;
 pub mod postgres;

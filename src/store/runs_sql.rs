@@ -242,17 +242,18 @@ macro_rules! impl_run_store {
                 limit: u32,
             ) -> Result<Vec<$crate::store::runs::Run>, $crate::store::StoreError> {
                 use $crate::store::runs_sql::{lease_sql, now_sql};
+                // The runs to take: store/due.rs (index-backed however many runs wait).
                 let sql = format!(
                     "UPDATE runs SET status = 'running', lease_owner = $1, lease_until = {}, \
                      lease_token = lease_token + 1, updated_at = $3 \
-                     WHERE run_id IN (SELECT run_id FROM runs \
-                        WHERE (status IN ('scheduled', 'retrying', 'waiting') AND next_attempt_at <= $3) \
-                           OR (status = 'running' AND lease_until < {}) \
-                        ORDER BY next_attempt_at LIMIT $4 {}) \
+                     WHERE run_id IN ({}) \
                      RETURNING {}",
                     lease_sql($db_clock, 2),
-                    now_sql($db_clock, 3),
-                    $lock_clause,
+                    $crate::store::due::claimable_sql(
+                        $crate::store::EventStore::backend(self),
+                        &now_sql($db_clock, 3),
+                        $lock_clause
+                    ),
                     $crate::store::runs_sql::RUN_COLUMNS
                 );
                 let mut tx = self.writer.begin().await?;
@@ -445,10 +446,9 @@ macro_rules! impl_run_store {
             ) -> Result<Option<chrono::DateTime<chrono::Utc>>, $crate::store::StoreError> {
                 // One statement, one round trip.
                 let (due, lapse): (Option<chrono::DateTime<chrono::Utc>>, Option<chrono::DateTime<chrono::Utc>>) =
-                    sqlx::query_as(
-                        "SELECT (SELECT MIN(next_attempt_at) FROM runs WHERE status IN ('scheduled', 'retrying', 'waiting')), \
-                                (SELECT MIN(lease_until) FROM runs WHERE status = 'running')",
-                    )
+                    sqlx::query_as($crate::store::due::next_wakeup_sql(
+                        $crate::store::EventStore::backend(self),
+                    ))
                     .fetch_one(&self.reader)
                     .await?;
                 Ok(match (due, lapse) {
