@@ -22,7 +22,9 @@ pub(crate) struct Leased {
     /// limit: one `OR` over both of the runs' conditions was planned as a
     /// bitmap scan and a sort of every due run, a cost that grew with the
     /// backlog (3 ms per claim with 2,500 runs queued, on PostgreSQL).
-    claimable: &'static [(&'static str, &'static str)],
+    /// On SQLite each scan names its partial index (`INDEXED BY`): without
+    /// statistics its planner chose `runs_by_status` and read every waiting run.
+    claimable: &'static [(&'static str, &'static str, Option<&'static str>)],
     /// What a claim sets besides the lease (`$3` is now).
     claim_set: &'static str,
     /// Checked again on the rows the claim's subquery picked (or empty).
@@ -40,8 +42,13 @@ pub(crate) const RUNS: Leased = Leased {
         (
             "status IN ('scheduled', 'retrying', 'waiting') AND next_attempt_at <= $3",
             "next_attempt_at",
+            Some("runs_due"),
         ),
-        ("status = 'running' AND lease_until < {now}", "lease_until"),
+        (
+            "status = 'running' AND lease_until < {now}",
+            "lease_until",
+            Some("runs_leased"),
+        ),
     ],
     claim_set: "status = 'running', updated_at = $3, ",
     claim_recheck: "",
@@ -57,6 +64,7 @@ pub(crate) const REPLAYS: Leased = Leased {
     claimable: &[(
         "status = 'running' AND (lease_until IS NULL OR lease_until < {now})",
         "created_at",
+        None,
     )],
     claim_set: "",
     claim_recheck: " AND status = 'running'",
@@ -81,9 +89,13 @@ impl Leased {
             .claimable
             .iter()
             .enumerate()
-            .map(|(i, (cond, key))| {
+            .map(|(i, (cond, key, index))| {
+                let indexed = match index {
+                    Some(index) if !db_clock => format!(" INDEXED BY {index}"),
+                    _ => String::new(),
+                };
                 format!(
-                    "c{i} AS (SELECT {id}, {key} AS k FROM {table} WHERE {} ORDER BY {key} LIMIT $4 {lock_clause})",
+                    "c{i} AS (SELECT {id}, {key} AS k FROM {table}{indexed} WHERE {} ORDER BY {key} LIMIT $4 {lock_clause})",
                     cond.replace("{now}", &now)
                 )
             })
@@ -150,10 +162,10 @@ mod tests {
     fn the_run_statements_are_the_ones_written_for_runs() {
         let claim = RUNS.claim_sql(false, "");
         assert!(claim.starts_with(
-            "WITH c0 AS (SELECT run_id, next_attempt_at AS k FROM runs WHERE \
+            "WITH c0 AS (SELECT run_id, next_attempt_at AS k FROM runs INDEXED BY runs_due WHERE \
              status IN ('scheduled', 'retrying', 'waiting') AND next_attempt_at <= $3 \
              ORDER BY next_attempt_at LIMIT $4 ), \
-             c1 AS (SELECT run_id, lease_until AS k FROM runs WHERE status = 'running' AND lease_until < $3 \
+             c1 AS (SELECT run_id, lease_until AS k FROM runs INDEXED BY runs_leased WHERE status = 'running' AND lease_until < $3 \
              ORDER BY lease_until LIMIT $4 ) \
              UPDATE runs SET status = 'running', updated_at = $3, lease_owner = $1, lease_until = $2, \
              lease_token = lease_token + 1 WHERE run_id IN (SELECT run_id FROM \

@@ -13,6 +13,7 @@
 
 pub mod appender;
 mod batch;
+pub mod due;
 mod leased;
 pub mod model;
 pub mod order;

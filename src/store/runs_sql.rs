@@ -470,10 +470,9 @@ macro_rules! impl_run_store {
             ) -> Result<Option<chrono::DateTime<chrono::Utc>>, $crate::store::StoreError> {
                 // One statement, one round trip.
                 let (due, lapse): (Option<chrono::DateTime<chrono::Utc>>, Option<chrono::DateTime<chrono::Utc>>) =
-                    sqlx::query_as(
-                        "SELECT (SELECT MIN(next_attempt_at) FROM runs WHERE status IN ('scheduled', 'retrying', 'waiting')), \
-                                (SELECT MIN(lease_until) FROM runs WHERE status = 'running')",
-                    )
+                    sqlx::query_as($crate::store::due::next_wakeup_sql(
+                        $crate::store::EventStore::backend(self),
+                    ))
                     .fetch_one(&self.reader)
                     .await?;
                 Ok(match (due, lapse) {
