@@ -251,10 +251,11 @@ impl Engine {
         if run.attempts_total == 0 && run.step_index == 0 && run.wait_reason.is_none() {
             crate::prometheus::run_started(&run.workflow);
         }
+        // Boxed: spawning moves the future, and a run's is large.
         let work = {
             let me = self.clone();
             let run = run.clone();
-            async move { me.drive(run).await }
+            Box::pin(async move { me.drive(run).await })
         };
         // Renews the lease; ends with `true` when the lease is lost (taken over,
         // or not renewed for nearly a whole lease), so the work stops before

@@ -33,7 +33,9 @@ pub(super) fn monitor(engine: Arc<Engine>) -> Monitor {
                 tower::service_fn(move |task: Task<Run>| {
                     let engine = engine.clone();
                     async move {
-                        engine.execute(task.args).await;
+                        // Boxed: the run's future is large, and apalis moves the
+                        // service's future several times on its way to being polled.
+                        Box::pin(engine.execute(task.args)).await;
                         Ok::<(), Infallible>(())
                     }
                 })

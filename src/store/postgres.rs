@@ -22,6 +22,9 @@ const APPEND_LOCK: i64 = 0x5357_4244_0001; // "SWBD" 1
 pub const RUNS_CHANNEL: &str = "switchboard_runs";
 const NOTIFY_RUNS: &str = "SELECT pg_notify('switchboard_runs', '')";
 
+/// A pooled connection idle for longer is pinged before it is used again.
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+
 pub struct PostgresStore {
     reader: PgPool,
     /// The same pool: PostgreSQL needs no separate writer.
@@ -47,6 +50,19 @@ impl PostgresStore {
             // Short: while PostgreSQL is down, a webhook gets its 503 within ~2 s
             // (Operator retries it) instead of waiting out a long timeout.
             .acquire_timeout(Duration::from_secs(2))
+            // A connection is pinged before use only when it sat idle for a while
+            // (a round trip per transaction otherwise, on both sides): one used in
+            // the last second is known to be alive, and if PostgreSQL went away
+            // since, the statement fails like any other during an outage.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_IF_IDLE_FOR {
+                        sqlx::Connection::ping(conn).await?;
+                    }
+                    Ok(true)
+                })
+            })
             .after_release(|conn, _| {
                 Box::pin(async move { Ok(!sqlx::Connection::is_in_transaction(&*conn)) })
             })

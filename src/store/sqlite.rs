@@ -74,8 +74,11 @@ impl SqliteStore {
         // A failed COMMIT (disk full, I/O error) can leave sqlx believing the
         // connection is still inside a transaction, and every later BEGIN then
         // fails: such a connection is closed on release and a fresh one opened.
+        // No ping before acquire: on SQLite it tests nothing (the connection is a
+        // thread of this process) and costs a round trip to that thread per transaction.
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
+            .test_before_acquire(false)
             .after_connect(|conn, _| Box::pin(count_commits(conn)))
             .after_release(|conn, _| {
                 Box::pin(async move { Ok(!sqlx::Connection::is_in_transaction(&*conn)) })
@@ -84,6 +87,7 @@ impl SqliteStore {
             .await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
+            .test_before_acquire(false)
             .after_connect(|conn, _| Box::pin(count_commits(conn)))
             .after_release(|conn, _| {
                 Box::pin(async move { Ok(!sqlx::Connection::is_in_transaction(&*conn)) })

@@ -311,7 +311,14 @@ impl<DB: Database> Floating<DB, Live<DB>> {
         // returned to the pool; also of course, if it was dropped due to an error
         // this is simply a band-aid as SQLx-next connections should be able
         // to recover from cancellations
-        if let Err(error) = self.raw.ping().await {
+        //
+        // Switchboard patch: `flush`, not `ping`. PostgreSQL's `flush` sends what is
+        // queued (a dropped transaction's ROLLBACK) and reads every answer still owed
+        // (a cancelled query), which is what the ping was for, without a round trip
+        // when nothing is owed; SQLite's is a no-op where its ping was a round trip
+        // to the connection's thread. A dead connection is still found: by this flush
+        // when it has something to send, else by the next acquire's test.
+        if let Err(error) = self.raw.flush().await {
             tracing::warn!(
                 %error,
                 "error occurred while testing the connection on-release",
