@@ -24,6 +24,12 @@ pub struct Saver {
     queue: Mutex<Option<SaveQueue>>,
 }
 
+impl Default for Saver {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Saver {
     /// A queue nobody writes yet: the appender takes it ([`Saver::take`]), or
     /// [`Saver::start`] starts the save task on it.
