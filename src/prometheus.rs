@@ -135,7 +135,7 @@ fn describe() {
     );
     describe_gauge!(
         "switchboard_jobs_waiting",
-        "Runs due now that no worker has taken yet"
+        "Runs due now that no worker has started yet (stored, or queued in memory for a free slot)"
     );
     describe_gauge!(
         "switchboard_jobs_oldest_waiting_age_seconds",
@@ -309,8 +309,11 @@ async fn read_store_gauges(store: &dyn EventStore) {
     let now = chrono::Utc::now();
     match store.stats(now).await {
         Ok(stats) => {
-            gauge!("switchboard_jobs_waiting").set(stats.runs_waiting as f64);
-            gauge!("switchboard_jobs_pending").set(stats.runs_pending as f64);
+            // Runs queued in memory for a free slot are `running` in the
+            // database but wait for a worker like the due ones.
+            let queued = crate::engine::backend::queued_in_memory();
+            gauge!("switchboard_jobs_waiting").set((stats.runs_waiting + queued) as f64);
+            gauge!("switchboard_jobs_pending").set((stats.runs_pending - queued).max(0) as f64);
             let age = stats
                 .oldest_waiting_since
                 .map(|t| (now - t).num_milliseconds().max(0) as f64 / 1000.0)

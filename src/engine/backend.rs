@@ -63,6 +63,22 @@ pub struct LocalRuns {
     waker: Mutex<Option<Waker>>,
 }
 
+/// Runs waiting in memory for a free slot, in every engine of this process
+/// (`/metrics` counts them as waiting: in the database they are `running`).
+static QUEUED: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// How many runs wait in memory for a free slot in this process.
+pub fn queued_in_memory() -> i64 {
+    QUEUED.load(std::sync::atomic::Ordering::Relaxed).max(0)
+}
+
+impl Drop for LocalRuns {
+    fn drop(&mut self) {
+        let left = self.queue.get_mut().map_or(0, |q| q.len());
+        QUEUED.fetch_sub(left as i64, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 impl LocalRuns {
     pub fn push(&self, runs: impl IntoIterator<Item = Run>) {
         let at = std::time::Instant::now();
@@ -70,6 +86,10 @@ impl LocalRuns {
         let before = queue.len();
         queue.extend(runs.into_iter().map(|r| (r, at)));
         let added = queue.len() > before;
+        QUEUED.fetch_add(
+            (queue.len() - before) as i64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         drop(queue);
         if added && let Some(w) = self.waker.lock().expect("local runs lock").take() {
             w.wake();
@@ -93,7 +113,11 @@ impl LocalRuns {
     }
 
     fn pop(&self) -> Option<(Run, std::time::Instant)> {
-        self.queue.lock().expect("local runs lock").pop_front()
+        let run = self.queue.lock().expect("local runs lock").pop_front();
+        if run.is_some() {
+            QUEUED.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        run
     }
 }
 
