@@ -116,7 +116,8 @@ pub struct EngineArgs {
     #[arg(long, env = "SWITCHBOARD_WORKFLOWS", default_value = "./workflows")]
     pub workflows: PathBuf,
 
-    /// Workflow runs executed at once by this process.
+    /// Outbound requests in flight at once from this process's workflow runs
+    /// (four run slots per request slot: a run saving its outcome holds none).
     #[arg(long, env = "SWITCHBOARD_WORKER_CONCURRENCY", default_value_t = 32)]
     pub worker_concurrency: usize,
 

@@ -311,13 +311,16 @@ async fn read_store_gauges(store: &dyn EventStore) {
         Ok(stats) => {
             // Runs queued in memory for a free slot are `running` in the
             // database but wait for a worker like the due ones.
-            let queued = crate::engine::backend::queued_in_memory();
+            // So are runs waiting for a request slot (engine/slots.rs).
+            let (for_slot, slot_since) = crate::engine::slots::waiting();
+            let queued = crate::engine::backend::queued_in_memory() + for_slot as i64;
             gauge!("switchboard_jobs_waiting").set((stats.runs_waiting + queued) as f64);
             gauge!("switchboard_jobs_pending").set((stats.runs_pending - queued).max(0) as f64);
             let age = stats
                 .oldest_waiting_since
                 .map(|t| (now - t).num_milliseconds().max(0) as f64 / 1000.0)
-                .unwrap_or(0.0);
+                .unwrap_or(0.0)
+                .max(slot_since.map_or(0.0, |t| t.elapsed().as_secs_f64()));
             gauge!("switchboard_jobs_oldest_waiting_age_seconds").set(age);
             gauge!("switchboard_store_events").set(stats.events as f64);
             gauge!("switchboard_store_size_bytes").set(stats.size_bytes as f64);

@@ -112,6 +112,35 @@ async fn forty_workflows_and_300_concurrent_deliveries(db: &TestDb) {
     assert_eq!(db.count("SELECT COUNT(*) FROM runs").await, 300 * 40);
 }
 
+/// `SWITCHBOARD_WORKER_CONCURRENCY` bounds the requests in flight (run
+/// slots are four times as many, for runs saving their outcomes): with 2,
+/// twelve runs to a slow sink never have more than 2 requests at the sink
+/// at once, and all of them arrive.
+async fn worker_concurrency_bounds_the_requests_in_flight(db: &TestDb) {
+    let sink = Sink::start().await;
+    let dir = workflow_dir(&[(
+        "slow.yaml",
+        &format!(
+            "name: slow\non: {{ event: conversation.ended }}\nsteps:\n  - id: post\n    http: {{ url: \"{}\" }}\n",
+            sink.url("/slow/200/bounded")
+        ),
+    )]);
+    let mut s = settings(db);
+    s.workflows_dir = dir.path().to_owned();
+    s.worker_concurrency = 2;
+    let app = TestApp::spawn_with(s).await;
+    for i in 0..12 {
+        let body = common::ended_body(&format!("ev_cap_{i}"), &format!("c_cap_{i}"), "completed");
+        assert_eq!(app.deliver(&body).await.status(), 200);
+    }
+    sink.wait_for("/slow/200/bounded", 12, 30).await;
+    assert_eq!(
+        sink.max_in_flight(),
+        2,
+        "as many requests in flight as the worker concurrency, never more"
+    );
+}
+
 /// Holds the database's append lock from outside the server (SQLite: a write
 /// transaction; PostgreSQL: the appender's advisory lock), until dropped.
 enum Blocker {
@@ -487,6 +516,7 @@ async fn an_interrupted_replay_resumes_without_a_restart(db: &TestDb) {
 }
 
 on_both_backends!(
+    worker_concurrency_bounds_the_requests_in_flight,
     a_full_batch_of_many_matches_commits_in_one_transaction,
     forty_workflows_and_300_concurrent_deliveries,
     every_delivery_is_answered_within_the_append_timeout,

@@ -12,16 +12,29 @@
 //! `store` failure rather than sent again. A run resumes at its step by id.
 //! New runs wake the workers at once (in-process, and through
 //! LISTEN/NOTIFY on PostgreSQL); polling is only a safety net.
+//!
+//! A run's path through the files: [`worker`] (apalis-core's monitor) takes
+//! it from [`backend`] (our leased `runs` table, or in memory when this
+//! process created it); [`execute`] supervises it (lease renewal, panics);
+//! [`Engine::drive`] here walks its steps, asking [`driver`] (the pure step
+//! machine: state + outcome → next state) what comes next; [`wait`] parks it
+//! at a wait step; [`attempt`] sends one request under a request slot
+//! ([`slots`]); [`save`] group-commits its progress; [`observe`] emits its
+//! metrics and spans once a save is durable.
 
+mod attempt;
 pub mod backend;
 pub mod backoff;
 mod driver;
+mod execute;
 pub mod http;
 mod monitor;
+mod observe;
 pub mod replay;
 pub mod replay_backend;
 pub mod save;
 pub mod setup;
+pub mod slots;
 mod spawned;
 pub mod trace;
 pub mod versions;
@@ -37,13 +50,11 @@ use serde_json::{Value, json};
 use tokio::sync::{Notify, Semaphore};
 
 use crate::store::EventStore;
-use crate::store::runs::{Attempt, Run, RunStatus, RunUpdate};
+use crate::store::runs::Run;
 use crate::workflow::registry::Registry;
 use crate::workflow::{Step, Workflow, template};
 use driver::RunState;
-use http::ErrorClass;
 use trace::{RunTrace, StepEnd};
-use tracing::Instrument;
 
 /// How long a claimed run stays with its worker without a renewal.
 pub const LEASE: Duration = Duration::from_secs(5);
@@ -51,6 +62,11 @@ const RENEW_EVERY: Duration = Duration::from_millis(1500);
 /// How often a progress save is tried before the attempt is recorded as a `store` failure.
 const SAVE_TRIES: u32 = 3;
 const SAVE_RETRY_DELAY: Duration = Duration::from_millis(300);
+/// Runs in flight per request slot: a run whose request has been answered
+/// waits for its save to commit (a share of the next group commit) without
+/// holding a request slot, so slots turn over at the speed of the requests,
+/// not of the commits.
+const RUNS_PER_REQUEST_SLOT: usize = 4;
 
 /// What the gate answers before an attempt is sent.
 #[derive(Clone, Debug, PartialEq)]
@@ -94,9 +110,14 @@ pub struct Engine {
     client: http::Client,
     wake: Arc<Notify>,
     owner: String,
+    /// Outbound requests in flight at once (`SWITCHBOARD_WORKER_CONCURRENCY`).
     concurrency: usize,
-    /// One permit per run executing now (tower's concurrency limit holds them).
+    /// One permit per run executing now (tower's concurrency limit holds
+    /// them): [`RUNS_PER_REQUEST_SLOT`] per request slot.
     permits: Arc<Semaphore>,
+    /// One permit per outbound request in flight, held from just before the
+    /// request is sent until its response is read (not while it is saved).
+    requests: Arc<Semaphore>,
     /// Asked before every attempt (default: always go).
     gate: Arc<dyn Gate>,
     /// Group-commits run saves.
@@ -141,7 +162,8 @@ impl Engine {
             // Unique per process: a restarted process never mistakes an old lease for its own.
             owner: format!("{}-{}", hostname(), uuid::Uuid::new_v4().simple()),
             concurrency: concurrency.max(1),
-            permits: Arc::new(Semaphore::new(concurrency.max(1))),
+            permits: Arc::new(Semaphore::new(concurrency.max(1) * RUNS_PER_REQUEST_SLOT)),
+            requests: Arc::new(Semaphore::new(concurrency.max(1))),
             local: backend::LocalRuns::default(),
             stop: tokio::sync::watch::Sender::new(None),
             stopped: tokio::sync::watch::Sender::new(false),
@@ -196,7 +218,7 @@ impl Engine {
     /// once; an interrupted attempt is sent again with the same
     /// Idempotency-Key). Returns how many runs were handed back.
     pub async fn shutdown(&self, grace: Duration) -> u64 {
-        let in_flight = self.concurrency - self.permits.available_permits();
+        let in_flight = self.run_slots() - self.permits.available_permits();
         if in_flight > 0 {
             tracing::info!(in_flight, grace = %humantime::format_duration(grace), "waiting for runs in flight");
         }
@@ -226,6 +248,11 @@ impl Engine {
         &self.owner
     }
 
+    /// How many runs may be in flight at once.
+    fn run_slots(&self) -> usize {
+        self.concurrency * RUNS_PER_REQUEST_SLOT
+    }
+
     /// Runs the workers under apalis-core's [`Monitor`](apalis_core::monitor::Monitor)
     /// until [`Engine::shutdown`] (or until the task is dropped).
     pub fn spawn(self: Arc<Self>) -> tokio::task::JoinHandle<()> {
@@ -242,152 +269,9 @@ impl Engine {
         })
     }
 
-    /// Drives one claimed run. The lease is renewed inside the run's own
-    /// future, so renewal ends with the run, a panic included (a panic is
-    /// caught and recorded as the run's failure).
-    async fn execute(self: &Arc<Self>, run: Run) {
-        let run_id = run.run_id.clone();
-        // (A run resumed from a wait at its first step is not a new start.)
-        if run.attempts_total == 0 && run.step_index == 0 && run.wait_reason.is_none() {
-            crate::prometheus::run_started(&run.workflow);
-        }
-        // Boxed: spawning moves the future, and a run's is large.
-        let work = {
-            let me = self.clone();
-            let run = run.clone();
-            Box::pin(async move { me.drive(run).await })
-        };
-        // Renews the lease; ends with `true` when the lease is lost (taken over,
-        // or not renewed for nearly a whole lease), so the work stops before
-        // another worker may send the same step.
-        let renew = async {
-            let mut renewed = std::time::Instant::now();
-            loop {
-                tokio::time::sleep(RENEW_EVERY).await;
-                match self
-                    .store
-                    .renew_lease(&run.run_id, &self.owner, run.lease_token, LEASE)
-                    .await
-                {
-                    Ok(true) => renewed = std::time::Instant::now(),
-                    Ok(false) => return true,
-                    Err(e) => {
-                        tracing::warn!(run_id, error = %e, "could not renew lease");
-                        if renewed.elapsed() + RENEW_EVERY >= LEASE {
-                            return true;
-                        }
-                    }
-                }
-            }
-        };
-        match supervised(work, renew).await {
-            Supervised::Done(Ok(())) => {}
-            Supervised::Done(Err(e)) => {
-                tracing::error!(run_id, error = %e, "run interrupted by a store error; it resumes when its lease lapses");
-            }
-            Supervised::Panicked(why) => self.fail_on_panic(&run, why).await,
-            Supervised::LeaseLost => {
-                tracing::warn!(
-                    run_id,
-                    "lost the lease on a run; stopped working on it (its new worker goes on, with the same Idempotency-Key)"
-                );
-            }
-        }
-    }
-
-    /// Records a panic in the engine as the run's failure (as of its last save).
-    async fn fail_on_panic(&self, claimed: &Run, why: String) {
-        let run = self
-            .store
-            .get_run(&claimed.run_id)
-            .await
-            .ok()
-            .flatten()
-            .unwrap_or_else(|| claimed.clone());
-        let trace = RunTrace::new(&run);
-        let state = RunState::from(&run);
-        let update = state.failed(format!(
-            "the engine failed while running step `{}`: {why}",
-            state.step_id.as_deref().unwrap_or("?")
-        ));
-        match self.save(claimed, None, &update).await {
-            Ok(true) => self.finished(&run, &trace, &update),
-            Ok(false) => {}
-            Err(e) => {
-                tracing::error!(run_id = %run.run_id, error = %e, "run panicked ({why}) and its failure could not be stored; it resumes when its lease lapses")
-            }
-        }
-    }
-
-    /// Saves progress; false when the lease was lost (another claim has the run).
-    async fn save(
-        &self,
-        run: &Run,
-        attempt: Option<&Attempt>,
-        update: &RunUpdate,
-    ) -> Result<bool, crate::store::StoreError> {
-        let mut tries = 0;
-        let saved = loop {
-            tries += 1;
-            let save = crate::store::runs::Save {
-                run_id: run.run_id.clone(),
-                owner: self.owner.clone(),
-                token: run.lease_token,
-                attempt: attempt.cloned(),
-                update: update.clone(),
-            };
-            match self.saver.save(save).await {
-                Ok(saved) => break saved,
-                Err(e) if tries < SAVE_TRIES => {
-                    tracing::warn!(run_id = %run.run_id, error = %e, tries, "could not save a run's progress; trying again");
-                    tokio::time::sleep(SAVE_RETRY_DELAY * tries).await;
-                }
-                Err(e) => return Err(e),
-            }
-        };
-        if !saved {
-            tracing::warn!(run_id = %run.run_id, "lost the lease on a run; leaving it to its new worker");
-        }
-        Ok(saved)
-    }
-
-    /// Saves an attempt and its outcome. If that keeps failing, the attempt is
-    /// recorded as a failure of class `store` (without the response that
-    /// could not be stored) and the run fails: a request is never sent again
-    /// only because its outcome could not be written. Returns the update
-    /// that was saved, or `None` when the lease was lost.
-    async fn save_attempt(
-        &self,
-        run: &Run,
-        before: &RunState,
-        mut attempt: Attempt,
-        update: RunUpdate,
-    ) -> Result<Option<(Attempt, RunUpdate)>, crate::store::StoreError> {
-        let e = match self.save(run, Some(&attempt), &update).await {
-            Ok(true) => return Ok(Some((attempt, update))),
-            Ok(false) => return Ok(None),
-            Err(e) => e,
-        };
-        let why = format!(
-            "the outcome of the attempt could not be stored ({e}); the request is not sent again"
-        );
-        tracing::error!(run_id = %run.run_id, step = %attempt.step_id, "{why}");
-        attempt.outcome = "failed".into();
-        attempt.error_class = Some(ErrorClass::Store.as_str().into());
-        attempt.error_message = Some(why.clone());
-        attempt.response_headers = None;
-        attempt.response_body = None;
-        attempt.next_delay_ms = None;
-        let mut state = before.clone();
-        state.attempt = attempt.attempt;
-        state.attempts_total = attempt.number;
-        let update = state.failed(format!("step `{}`: {why}", attempt.step_id));
-        Ok(self
-            .save(run, Some(&attempt), &update)
-            .await?
-            .then_some((attempt, update)))
-    }
-
+    /// Executes a run's steps from where it stands: each step's `if`, its
+    /// wait, the destination's gate, the attempt and its save, until the run
+    /// ends or stops (to wait, to retry later, or because its lease was lost).
     async fn drive(&self, run: Run) -> Result<(), crate::store::StoreError> {
         let set = self.registry.current();
         let trace = RunTrace::new(&run);
@@ -557,81 +441,6 @@ impl Engine {
         Ok(())
     }
 
-    /// Metrics and spans after a saved attempt: the attempt is counted; a
-    /// step that ended (succeeded, or failed for good) and a run that
-    /// ended are emitted.
-    async fn observe(
-        &self,
-        run: &Run,
-        trace: &RunTrace,
-        index: i64,
-        attempt: &Attempt,
-        update: &RunUpdate,
-    ) {
-        crate::prometheus::attempt(
-            &run.workflow,
-            &attempt.outcome,
-            attempt.error_class.as_deref(),
-            Duration::from_millis(attempt.duration_ms.max(0) as u64),
-        );
-        let step_ended = update.step_index > index || update.status == RunStatus::Failed;
-        if step_ended && crate::telemetry::tracing_enabled() {
-            // The step began with its first attempt, maybe in another process.
-            let started = if attempt.attempt <= 1 {
-                attempt.started_at
-            } else {
-                self.store
-                    .attempts(&run.run_id)
-                    .await
-                    .ok()
-                    .and_then(|all| {
-                        all.iter()
-                            .filter(|a| a.step_index == index)
-                            .map(|a| a.started_at)
-                            .min()
-                    })
-                    .unwrap_or(attempt.started_at)
-            };
-            let failed = update.status == RunStatus::Failed;
-            trace.emit_step(
-                run,
-                StepEnd {
-                    index,
-                    step_id: &attempt.step_id,
-                    started,
-                    attempts: attempt.attempt,
-                    skipped: false,
-                    error: update.last_error.clone().filter(|_| failed),
-                },
-            );
-        }
-        if update.status.is_final() {
-            self.finished(run, trace, update);
-        }
-    }
-
-    /// A run reached a final state: count it and emit its span; a failure
-    /// is logged once, at WARN, with its cause (secrets masked, by name only).
-    fn finished(&self, run: &Run, trace: &RunTrace, update: &RunUpdate) {
-        if update.status == RunStatus::Failed {
-            tracing::warn!(
-                run_id = %run.run_id,
-                workflow = %run.workflow,
-                step = update.step_id.as_deref().unwrap_or("-"),
-                error = update.last_error.as_deref().unwrap_or(""),
-                "run failed: {}",
-                update.last_error.as_deref().unwrap_or("")
-            );
-        }
-        crate::prometheus::run_finished(&run.workflow, update.status.as_str());
-        trace.emit_run(
-            run,
-            update.status.as_str(),
-            update.attempts_total,
-            update.last_error.clone(),
-        );
-    }
-
     fn context(
         &self,
         run: &Run,
@@ -647,124 +456,6 @@ impl Engine {
         }
         ctx
     }
-
-    /// Makes one attempt at `step`; returns the attempt record, the run's new
-    /// state, and whether the run stops here (for now or for good).
-    #[allow(clippy::too_many_arguments)]
-    async fn attempt(
-        &self,
-        run: &Run,
-        trace: &RunTrace,
-        wf: &Workflow,
-        step: &Step,
-        state: &mut RunState,
-        ctx: &Value,
-        secrets: &HashMap<String, Option<String>>,
-        masker: &http::Masker,
-        permit: Option<crate::destinations::gate::Permit>,
-    ) -> (Attempt, RunUpdate, bool) {
-        state.attempt += 1;
-        state.attempts_total += 1;
-        let started = now();
-        let mut record = Attempt {
-            run_id: run.run_id.clone(),
-            number: state.attempts_total,
-            step_index: state.step_index,
-            step_id: step.id.clone(),
-            attempt: state.attempt,
-            started_at: started,
-            duration_ms: 0,
-            request: sqlx::types::Json(Value::Null),
-            response_status: None,
-            response_headers: None,
-            response_body: None,
-            outcome: String::new(),
-            error_class: None,
-            error_message: None,
-            next_delay_ms: None,
-        };
-        let mut missing: Vec<&str> = secrets
-            .iter()
-            .filter(|(_, v)| v.is_none())
-            .map(|(k, _)| k.as_str())
-            .collect();
-        missing.sort_unstable();
-        let prepared = if let Some(name) = missing.first() {
-            Err(http::Failure {
-                class: ErrorClass::Secret,
-                message: format!(
-                    "secret {name} is declared but its environment variable is not set"
-                ),
-                retryable: false,
-                retry_after: None,
-            })
-        } else {
-            // Rendered once, with the real values; only the record is masked.
-            http::prepare(&step.http, ctx, masker)
-        };
-        let prepared = match prepared {
-            Ok(p) => p,
-            Err(f) => {
-                record.outcome = "failed".into();
-                record.error_class = Some(f.class.as_str().into());
-                record.error_message = Some(f.message.clone());
-                let update = state.failed(format!("step `{}`: {}", step.id, f.message));
-                return (record, update, true);
-            }
-        };
-        let span = trace.attempt_span(run, state.step_index, &step.id, state.attempt, &prepared);
-        let extra = [
-            ("idempotency-key", format!("{}:{}", run.run_id, step.id)),
-            (
-                "traceparent",
-                crate::telemetry::outbound_traceparent(&span, trace.root()),
-            ),
-        ];
-        let ex = http::exchange(&self.client, &prepared, &extra, step.timeout, masker)
-            .instrument(span.clone())
-            .await;
-        let _entered = span.enter();
-        record.duration_ms = ex.duration_ms;
-        record.request = sqlx::types::Json(ex.request);
-        if let Some(resp) = &ex.response {
-            record.response_status = Some(i64::from(resp.status));
-            record.response_headers = Some(sqlx::types::Json(json!(resp.headers)));
-            record.response_body = Some(resp.body.clone());
-        }
-        let outcome = match ex.failure {
-            None => {
-                let resp = ex.response.expect("no failure means a response");
-                tracing::debug!(run_id = %run.run_id, step = %step.id, status = resp.status, "step succeeded");
-                driver::Outcome::Succeeded(resp.as_step_result())
-            }
-            Some(f) => {
-                record.error_class = Some(f.class.as_str().into());
-                record.error_message = Some(f.message.clone());
-                driver::Outcome::Failed(f)
-            }
-        };
-        // Destinations (issue 14): the outcome feeds the breaker and Retry-After pauses;
-        // a failed probe is recorded but not counted (the run waits for the next one).
-        let reported = permit
-            .map(|p| p.report(&crate::destinations::gate::Outcome::of_attempt(&record)))
-            .unwrap_or_default();
-        let next = match (outcome, reported.probe_failed_until) {
-            (driver::Outcome::Failed(f), Some(until)) if f.retryable => {
-                driver::after_failed_probe(state, step, &f, until)
-            }
-            (outcome, _) => driver::after_attempt(state, wf, step, outcome, rand::random::<f64>()),
-        };
-        record.outcome = next.outcome.into();
-        if let Some(delay) = next.retry_in {
-            record.next_delay_ms = Some(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
-            span.record(
-                "switchboard.retry.delay_ms",
-                u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-            );
-            tracing::info!(run_id = %run.run_id, step = %step.id, attempt = state.attempt, error = record.error_class.as_deref().unwrap_or(""), delay = %humantime::format_duration(delay), "attempt failed; retrying");
-        }
-        (record, next.update, next.stop)
-    }
 }
 
 /// The appender leases runs it creates to this engine (its free slots and a
@@ -774,10 +465,10 @@ impl crate::store::RunHandoff for Engine {
         if self.stop.borrow().is_some() {
             return None; // shutting down: leave new runs to a claim
         }
-        // The free slots, plus a queue as deep as the slots: at full load a
-        // run created here waits in memory for a slot rather than being
-        // stored `scheduled` and claimed back (a claim transaction per few
-        // runs). A run that waits longer than half its lease is left to a
+        // The free run slots, plus a queue as deep as the request slots: at
+        // full load a run created here waits in memory for a slot rather than
+        // being stored `scheduled` and claimed back (a claim transaction per
+        // few runs). A run that waits longer than half its lease is left to a
         // claim ([`backend::RunsBackend`]).
         let max =
             (self.permits.available_permits() + self.concurrency).saturating_sub(self.local.len());
@@ -798,62 +489,6 @@ impl crate::store::RunHandoff for Engine {
         } else {
             None
         }
-    }
-}
-
-/// Runs `work` in a task of its own with `renew` alongside, and returns its
-/// output, or the message of its panic. `renew` ends when `work` ends,
-/// however it ends; if `renew` finishes first (the lease is lost), `work`
-/// goes on alone (its saves are refused by the fencing token).
-/// How a run's work under [`supervised`] ended.
-enum Supervised<T> {
-    Done(T),
-    Panicked(String),
-    /// The renewal lost the lease: the work was stopped.
-    LeaseLost,
-}
-
-async fn supervised<T: Send + 'static>(
-    work: impl std::future::Future<Output = T> + Send + 'static,
-    renew: impl std::future::Future<Output = bool>,
-) -> Supervised<T> {
-    // Aborted if this future is dropped (the monitor drops runs still going past the grace).
-    let mut task = AbortOnDrop(tokio::spawn(work));
-    let task = &mut task.0;
-    tokio::pin!(renew);
-    let mut renewing = true;
-    let joined = loop {
-        tokio::select! {
-            joined = &mut *task => break joined,
-            lost = &mut renew, if renewing => {
-                renewing = false;
-                if lost {
-                    task.abort();
-                    let _ = (&mut *task).await;
-                    return Supervised::LeaseLost;
-                }
-            }
-        }
-    };
-    match joined {
-        Ok(v) => Supervised::Done(v),
-        Err(e) => Supervised::Panicked(match e.try_into_panic() {
-            Ok(p) => p
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| p.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a panic".into()),
-            Err(e) => e.to_string(),
-        }),
-    }
-}
-
-/// Aborts the task when dropped.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
@@ -900,60 +535,6 @@ fn hostname() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    #[tokio::test]
-    async fn renewal_ends_with_the_run_and_a_panic_is_caught() {
-        let renewals = Arc::new(AtomicUsize::new(0));
-        let counter = renewals.clone();
-        let renew = async move {
-            loop {
-                counter.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                if counter.load(Ordering::SeqCst) == usize::MAX {
-                    return false;
-                }
-            }
-        };
-        let work = async {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            let _ = after(Duration::MAX);
-            panic!("boom in step");
-        };
-        let outcome: Supervised<()> = supervised(work, renew).await;
-        assert!(matches!(&outcome, Supervised::Panicked(why) if why == "boom in step"));
-        let seen = renewals.load(Ordering::SeqCst);
-        assert!(seen > 1, "renewed while the run worked");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(
-            renewals.load(Ordering::SeqCst),
-            seen,
-            "renewal outlived the run"
-        );
-    }
-
-    #[tokio::test]
-    async fn a_lost_lease_stops_the_work() {
-        let stopped = Arc::new(AtomicUsize::new(0));
-        struct Flag(Arc<AtomicUsize>);
-        impl Drop for Flag {
-            fn drop(&mut self) {
-                self.0.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-        let flag = Flag(stopped.clone());
-        let work = async move {
-            let _flag = flag;
-            tokio::time::sleep(Duration::from_secs(30)).await; // an HTTP call in flight
-        };
-        let renew = async {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            true // another worker took the run over
-        };
-        let outcome = supervised(work, renew).await;
-        assert!(matches!(outcome, Supervised::LeaseLost));
-        assert_eq!(stopped.load(Ordering::SeqCst), 1, "the work was dropped");
-    }
 
     #[test]
     fn a_huge_delay_is_capped_not_a_panic() {

@@ -13,8 +13,11 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use super::driver::RunState;
+use super::http::ErrorClass;
+use super::{Engine, SAVE_RETRY_DELAY, SAVE_TRIES};
 use crate::store::StoreError;
-use crate::store::runs::{RunStore, Save};
+use crate::store::runs::{Attempt, Run, RunStore, RunUpdate, Save};
 use crate::store::saves::{self, SaveQueue, SaveRequest};
 
 /// A handle to the save queue.
@@ -72,5 +75,77 @@ async fn run(store: Arc<dyn RunStore>, queue: SaveQueue, wake: Arc<Notify>) {
         let (mut batch, mut replies) = (vec![save], vec![reply]);
         saves::drain(&mut rx, &mut batch, &mut replies);
         saves::write(store.as_ref(), batch, replies, &wake).await;
+    }
+}
+
+/// A run's saves, through the queue, retried a few times.
+impl Engine {
+    /// Saves progress; false when the lease was lost (another claim has the run).
+    pub(super) async fn save(
+        &self,
+        run: &Run,
+        attempt: Option<&Attempt>,
+        update: &RunUpdate,
+    ) -> Result<bool, crate::store::StoreError> {
+        let mut tries = 0;
+        let saved = loop {
+            tries += 1;
+            let save = crate::store::runs::Save {
+                run_id: run.run_id.clone(),
+                owner: self.owner.clone(),
+                token: run.lease_token,
+                attempt: attempt.cloned(),
+                update: update.clone(),
+            };
+            match self.saver.save(save).await {
+                Ok(saved) => break saved,
+                Err(e) if tries < SAVE_TRIES => {
+                    tracing::warn!(run_id = %run.run_id, error = %e, tries, "could not save a run's progress; trying again");
+                    tokio::time::sleep(SAVE_RETRY_DELAY * tries).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        if !saved {
+            tracing::warn!(run_id = %run.run_id, "lost the lease on a run; leaving it to its new worker");
+        }
+        Ok(saved)
+    }
+
+    /// Saves an attempt and its outcome. If that keeps failing, the attempt is
+    /// recorded as a failure of class `store` (without the response that
+    /// could not be stored) and the run fails: a request is never sent again
+    /// only because its outcome could not be written. Returns the update
+    /// that was saved, or `None` when the lease was lost.
+    pub(super) async fn save_attempt(
+        &self,
+        run: &Run,
+        before: &RunState,
+        mut attempt: Attempt,
+        update: RunUpdate,
+    ) -> Result<Option<(Attempt, RunUpdate)>, crate::store::StoreError> {
+        let e = match self.save(run, Some(&attempt), &update).await {
+            Ok(true) => return Ok(Some((attempt, update))),
+            Ok(false) => return Ok(None),
+            Err(e) => e,
+        };
+        let why = format!(
+            "the outcome of the attempt could not be stored ({e}); the request is not sent again"
+        );
+        tracing::error!(run_id = %run.run_id, step = %attempt.step_id, "{why}");
+        attempt.outcome = "failed".into();
+        attempt.error_class = Some(ErrorClass::Store.as_str().into());
+        attempt.error_message = Some(why.clone());
+        attempt.response_headers = None;
+        attempt.response_body = None;
+        attempt.next_delay_ms = None;
+        let mut state = before.clone();
+        state.attempt = attempt.attempt;
+        state.attempts_total = attempt.number;
+        let update = state.failed(format!("step `{}`: {why}", attempt.step_id));
+        Ok(self
+            .save(run, Some(&attempt), &update)
+            .await?
+            .then_some((attempt, update)))
     }
 }

@@ -39,6 +39,26 @@ impl Received {
 struct State {
     received: Mutex<Vec<Received>>,
     counts: Mutex<HashMap<String, usize>>,
+    /// Requests being answered now, and the most there ever were at once.
+    in_flight: Mutex<(usize, usize)>,
+}
+
+/// Counts a request in flight until dropped.
+struct InFlight(Arc<State>);
+
+impl InFlight {
+    fn new(state: &Arc<State>) -> Self {
+        let mut f = state.in_flight.lock().unwrap();
+        f.0 += 1;
+        f.1 = f.1.max(f.0);
+        Self(state.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.lock().unwrap().0 -= 1;
+    }
 }
 
 pub struct Sink {
@@ -55,6 +75,7 @@ impl Drop for Sink {
 
 #[handler]
 async fn record(req: &Request, body: Body, state: Data<&Arc<State>>) -> Response {
+    let _in_flight = InFlight::new(&state);
     let path = req.uri().path().to_owned();
     let body = body.into_string().await.unwrap_or_default();
     let n = {
@@ -156,6 +177,12 @@ impl Sink {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// The most requests this sink was answering at once.
+    #[allow(dead_code)]
+    pub fn max_in_flight(&self) -> usize {
+        self.state.in_flight.lock().unwrap().1
     }
 
     pub fn received(&self) -> Vec<Received> {
