@@ -33,6 +33,9 @@ pub fn binary(build: bool) -> anyhow::Result<PathBuf> {
         let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
             .args(&args)
             .current_dir(env!("CARGO_MANIFEST_DIR"))
+            // Into this program's own target directory (where `bin` is looked for below),
+            // whatever CARGO_TARGET_DIR this program was built with.
+            .env("CARGO_TARGET_DIR", dir.parent().unwrap_or(dir))
             .status()?;
         anyhow::ensure!(
             status.success(),

@@ -404,7 +404,11 @@ async fn outage(ctx: &Ctx, db: &str, label: &str) -> anyhow::Result<Vec<String>>
     let port = server::free_port();
     let wf = ctx.tmp.path().join(format!("wf-{}", tag()));
     let retry = if ctx.long {
-        "{ max_attempts: 12, backoff: exponential, initial_delay: 1s, max_delay: 30s }"
+        // Full jitter: 11 delays under caps 1, 2, 4, … 30 s sum to 105 s on average but to
+        // less than the 59 s outage about once in 60 runs, and a run that spends all its
+        // attempts inside the outage fails as promised. 20 attempts outlast it (the chance
+        // that 19 such delays sum to under 59 s is about 1 in 5 million).
+        "{ max_attempts: 20, backoff: exponential, initial_delay: 1s, max_delay: 30s }"
     } else {
         // Full jitter can spend 10 attempts inside a 5 s outage (about one run in 150):
         // the promise is "while max_attempts allows", so allow enough to outlast it.
@@ -447,6 +451,23 @@ async fn outage(ctx: &Ctx, db: &str, label: &str) -> anyhow::Result<Vec<String>>
         sink.distinct(),
         schedule.join(", ")
     );
+    let failed = store
+        .list_runs(&RunQuery {
+            limit: 100_000,
+            ..Default::default()
+        })
+        .await?
+        .into_iter()
+        .filter(|r| r.status != "succeeded");
+    for r in failed {
+        println!(
+            "  not succeeded: {} {} after {} attempts: {}",
+            r.run_id,
+            r.status,
+            r.attempts_total,
+            r.last_error.as_deref().unwrap_or("-")
+        );
+    }
     let mut f = Vec::new();
     check(
         runs == out.acked.len() && runs > 0,
