@@ -99,6 +99,16 @@ impl Gate for AlwaysGo {
     }
 }
 
+/// What comes after a check before a step's attempt.
+enum StepFlow {
+    /// Go on with this step.
+    Go,
+    /// This step is done (skipped): on to the next one.
+    Next,
+    /// The run stopped (ended, or its lease was lost).
+    Stop,
+}
+
 /// The `User-Agent` of every outbound request.
 pub fn user_agent() -> String {
     format!("switchboard/{}", env!("CARGO_PKG_VERSION"))
@@ -279,30 +289,19 @@ impl Engine {
         // The version the run matched: the loaded one when the hash is the same,
         // else the stored one; runs without a version use the workflow loaded under their name.
         let held: Arc<Workflow>;
-        let loaded = set.get(&run.workflow);
-        let wf: &Workflow = match (&run.version, loaded) {
+        let wf: &Workflow = match (&run.version, set.get(&run.workflow)) {
             (Some(hash), Some(wf)) if &wf.version == hash => wf,
             (Some(hash), _) => match self.stored_version(&run.workflow, hash).await? {
                 Ok(wf) => {
                     held = wf;
                     &held
                 }
-                Err(why) => {
-                    let update = state.failed(why);
-                    if self.save(&run, None, &update).await? {
-                        self.finished(&run, &trace, &update);
-                    }
-                    return Ok(());
-                }
+                Err(why) => return self.end_failed(&run, &trace, &state, why).await,
             },
             (None, Some(wf)) => wf,
             (None, None) => {
-                let update =
-                    state.failed(format!("workflow `{}` is no longer loaded", run.workflow));
-                if self.save(&run, None, &update).await? {
-                    self.finished(&run, &trace, &update);
-                }
-                return Ok(());
+                let why = format!("workflow `{}` is no longer loaded", run.workflow);
+                return self.end_failed(&run, &trace, &state, why).await;
             }
         };
         // Resume at the step by its id (the index only for runs saved before ids were).
@@ -310,14 +309,11 @@ impl Engine {
             match wf.steps.iter().position(|s| s.id == id) {
                 Some(i) => state.step_index = i as i64,
                 None => {
-                    let update = state.failed(format!(
+                    let why = format!(
                         "step `{id}` is no longer in workflow `{}`; the run cannot resume (replay the event to run the workflow as it is now)",
                         run.workflow
-                    ));
-                    if self.save(&run, None, &update).await? {
-                        self.finished(&run, &trace, &update);
-                    }
-                    return Ok(());
+                    );
+                    return self.end_failed(&run, &trace, &state, why).await;
                 }
             }
         }
@@ -327,52 +323,13 @@ impl Engine {
         while let Some(step) = wf.steps.get(state.step_index as usize) {
             let ctx = self.context(&run, &state, &secrets);
             if let Some(cond) = &step.condition {
-                // Conditions see the real values (they yield booleans).
-                match template::truthy(cond, &ctx) {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        state
-                            .results
-                            .insert(step.id.clone(), json!({"skipped": true}));
-                        let index = state.step_index;
-                        state.step_index += 1;
-                        state.attempt = 0;
-                        state.at(wf);
-                        if !self.save(&run, None, &state.running()).await? {
-                            return Ok(());
-                        }
-                        trace.emit_step(
-                            &run,
-                            StepEnd {
-                                index,
-                                step_id: &step.id,
-                                started: now(),
-                                attempts: 0,
-                                skipped: true,
-                                error: None,
-                            },
-                        );
-                        continue;
-                    }
-                    Err(e) => {
-                        let update = state
-                            .failed(masker.text(&format!("step `{}`: `if` failed: {e}", step.id)));
-                        if self.save(&run, None, &update).await? {
-                            trace.emit_step(
-                                &run,
-                                StepEnd {
-                                    index: state.step_index,
-                                    step_id: &step.id,
-                                    started: now(),
-                                    attempts: 0,
-                                    skipped: false,
-                                    error: update.last_error.clone(),
-                                },
-                            );
-                            self.finished(&run, &trace, &update);
-                        }
-                        return Ok(());
-                    }
+                match self
+                    .condition(&run, &trace, wf, step, cond, &ctx, &masker, &mut state)
+                    .await?
+                {
+                    StepFlow::Go => {}
+                    StepFlow::Next => continue,
+                    StepFlow::Stop => return Ok(()),
                 }
             }
             // Durable waits (wait.rs): `wait` / `wait_for` steps park the run or end its wait.
@@ -394,8 +351,8 @@ impl Engine {
                 return Ok(());
             }
             let index = state.step_index;
-            // Destinations (issue 14): the gate, right before the attempt. A hold parks the
-            // run (waiting, no attempt recorded, lease released); it resumes by itself.
+            // Destinations (issue 14): a hold parks the run (waiting, no attempt
+            // recorded, lease released); it resumes by itself.
             let permit = match crate::destinations::admit_step(
                 &self.registry.gate,
                 step,
@@ -405,12 +362,13 @@ impl Engine {
             .await
             {
                 Some(crate::destinations::gate::Admit::Hold(hold)) => {
+                    let at = (index, step.id.as_str());
                     crate::destinations::hold_run(
                         &*self.store,
                         &run,
                         &self.owner,
                         &trace,
-                        (index, &step.id),
+                        at,
                         &hold,
                     )
                     .await?;
@@ -439,6 +397,73 @@ impl Engine {
             self.finished(&run, &trace, &update);
         }
         Ok(())
+    }
+
+    /// Ends the run as failed for `why` (if its lease still holds).
+    async fn end_failed(
+        &self,
+        run: &Run,
+        trace: &RunTrace,
+        state: &RunState,
+        why: String,
+    ) -> Result<(), crate::store::StoreError> {
+        let update = state.failed(why);
+        if self.save(run, None, &update).await? {
+            self.finished(run, trace, &update);
+        }
+        Ok(())
+    }
+
+    /// A step's `if`: true goes on to the step; false skips it (saved, with a
+    /// span for the skipped step); an error fails the run.
+    #[allow(clippy::too_many_arguments)]
+    async fn condition(
+        &self,
+        run: &Run,
+        trace: &RunTrace,
+        wf: &Workflow,
+        step: &Step,
+        cond: &str,
+        ctx: &Value,
+        masker: &http::Masker,
+        state: &mut RunState,
+    ) -> Result<StepFlow, crate::store::StoreError> {
+        // Conditions see the real values (they yield booleans).
+        let (skipped, error) = match template::truthy(cond, ctx) {
+            Ok(true) => return Ok(StepFlow::Go),
+            Ok(false) => (true, None),
+            Err(e) => (false, Some(e)),
+        };
+        let index = state.step_index;
+        let update = match &error {
+            None => {
+                state
+                    .results
+                    .insert(step.id.clone(), json!({"skipped": true}));
+                state.step_index += 1;
+                state.attempt = 0;
+                state.at(wf);
+                state.running()
+            }
+            Some(e) => state.failed(masker.text(&format!("step `{}`: `if` failed: {e}", step.id))),
+        };
+        if !self.save(run, None, &update).await? {
+            return Ok(StepFlow::Stop);
+        }
+        let end = StepEnd {
+            index,
+            step_id: &step.id,
+            started: now(),
+            attempts: 0,
+            skipped,
+            error: update.last_error.clone().filter(|_| error.is_some()),
+        };
+        trace.emit_step(run, end);
+        if error.is_some() {
+            self.finished(run, trace, &update);
+            return Ok(StepFlow::Stop);
+        }
+        Ok(StepFlow::Next)
     }
 
     fn context(
