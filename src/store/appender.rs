@@ -4,8 +4,11 @@
 //! after that commit. Where the store has one writer (SQLite), the
 //! workers' run saves wait in the same task and go into the same
 //! transaction ([`super::saves`]): a burst's deliveries and saves share
-//! commits instead of taking turns at the writer. Saves with no delivery
-//! to ride with are written at once, alone.
+//! commits instead of taking turns at the writer. A save that ends its run
+//! waits up to [`super::saves::SAVE_LINGER`] for a delivery to ride with (at the rates
+//! users run, the next webhook is a few milliseconds away), so that a
+//! one-step run often costs no commit of its own; other saves, and final
+//! ones that found no delivery, are written at once, alone.
 
 use std::sync::Arc;
 
@@ -70,6 +73,9 @@ impl Appender {
         let queue: Queue = Arc::new(tokio::sync::Mutex::new(rx));
         // Where the store has one writer, the workers' saves share the appends' commits.
         let saves = local.as_ref().and_then(|l| l.take_saves());
+        let linger = local
+            .as_ref()
+            .map_or(std::time::Duration::ZERO, |l| l.save_linger());
         let task = supervisor.spawn("appender", move || {
             tokio::spawn(run(
                 store.clone(),
@@ -79,6 +85,7 @@ impl Appender {
                 queue.clone(),
                 saves.clone(),
                 timeout,
+                linger,
             ))
         });
         (Self { tx, timeout }, task)
@@ -125,6 +132,7 @@ async fn run(
     queue: Queue,
     saves: Option<SaveQueue>,
     timeout: std::time::Duration,
+    linger: std::time::Duration,
 ) {
     let mut rx = queue.lock_owned().await;
     let mut saves_rx = match saves {
@@ -178,6 +186,44 @@ async fn run(
         }
         if events_closed && saves_rx.is_none() {
             break;
+        }
+        // Saves that end their runs, with no delivery to ride with: wait a
+        // moment for one (or for a save that cannot wait).
+        let lingering = |events: &Vec<NewEvent>, saves: &Vec<Save>| {
+            events.is_empty()
+                && !saves.is_empty()
+                && saves.iter().all(|s| s.update.status.is_final())
+        };
+        if !events_closed && !linger.is_zero() && lingering(&events, &pending_saves) {
+            let until = tokio::time::Instant::now() + linger;
+            while lingering(&events, &pending_saves) {
+                tokio::select! {
+                    biased;
+                    event = rx.recv() => match event {
+                        Some((event, reply)) => push(&mut events, &mut replies, event, reply),
+                        None => {
+                            events_closed = true;
+                            break;
+                        }
+                    },
+                    save = async {
+                        match saves_rx.as_mut() {
+                            Some(rx) => rx.recv().await,
+                            None => std::future::pending().await,
+                        }
+                    } => match save {
+                        Some((save, reply)) => {
+                            pending_saves.push(save);
+                            save_replies.push(reply);
+                        }
+                        None => {
+                            saves_rx = None;
+                            break;
+                        }
+                    },
+                    _ = tokio::time::sleep_until(until) => break,
+                }
+            }
         }
         let max_batch = batch_size(dispatcher.fan_out());
         while !events_closed && events.len() < max_batch {

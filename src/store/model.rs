@@ -239,6 +239,11 @@ pub trait RunHandoff: Send + Sync {
     fn take_saves(&self) -> Option<super::saves::SaveQueue> {
         None
     }
+    /// How long saves that end their runs may wait for a delivery to share
+    /// its commit ([`super::saves::SAVE_LINGER`]).
+    fn save_linger(&self) -> std::time::Duration {
+        super::saves::SAVE_LINGER
+    }
 }
 
 /// Decides, inside the append transaction, which workflows an event starts.

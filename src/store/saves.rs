@@ -16,6 +16,14 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use super::StoreError;
 use super::runs::{RunStore, Save, SavedBatch};
 
+/// How long saves that end their runs wait for a delivery to share its
+/// commit. Only final saves wait: nothing is waiting for them (the run's
+/// request was answered; its slot for a request is free), whereas a run
+/// that goes on to its next step waits for its save. A kill -9 within the
+/// wait loses the save like any save not yet committed: the attempt is made
+/// again with the same Idempotency-Key.
+pub const SAVE_LINGER: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// Most saves written in one transaction.
 pub const MAX_SAVES: usize = 256;
 
