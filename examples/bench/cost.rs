@@ -11,6 +11,8 @@
 //!   server was stopped and every backend of the database has exited, and
 //!   the server's start-up transactions (measured by starting and stopping
 //!   a server once per scenario, [`Probe::startup_xacts`]) are subtracted.
+//! - Context switches of the server's threads (`/proc/<pid>/task/*/status`),
+//!   per message: threads put to sleep and woken again.
 //! - CPU, from /proc (utime + stime): the server process; on PostgreSQL
 //!   also the backends serving the phase's database (`pg_stat_activity`
 //!   pids for its datname, at the start and at the end of the phase; a
@@ -37,6 +39,8 @@ pub struct Cost {
     pub messages: u64,
     pub tx_per_msg: f64,
     pub server_cpu_ms: f64,
+    /// Context switches of the server's threads.
+    pub server_switches: f64,
     /// PostgreSQL backends of the phase's database (NaN on SQLite: inside the server).
     pub db_cpu_ms: f64,
     /// PostgreSQL's shared background processes (whole cluster; NaN on SQLite).
@@ -48,6 +52,7 @@ impl Cost {
         let num = |v: f64| if v.is_finite() { json!(v) } else { Value::Null };
         json!({"messages": self.messages, "db_transactions_per_message": num(self.tx_per_msg),
                "server_cpu_ms_per_message": num(self.server_cpu_ms),
+               "server_context_switches_per_message": num(self.server_switches),
                "db_cpu_ms_per_message": num(self.db_cpu_ms),
                "pg_shared_background_cpu_ms_per_message": num(self.shared_cpu_ms)})
     }
@@ -62,6 +67,7 @@ pub struct Probe {
 /// A phase under way: the readings at its start.
 pub struct Phase {
     server_cpu: f64,
+    switches: u64,
     commits: u64,
     xacts: i64,
     /// Messages sent between `xacts` and `begin` (a warm-up): counted for PostgreSQL's transactions.
@@ -164,6 +170,7 @@ impl Probe {
     pub async fn begin(&self, server: &Server, xacts: i64, warmup: u64) -> anyhow::Result<Phase> {
         Ok(Phase {
             server_cpu: server::cpu_seconds(server.pid()),
+            switches: server::context_switches(server.pid()),
             commits: if self.pg.is_none() {
                 sqlite_commits(server).await?
             } else {
@@ -186,6 +193,7 @@ impl Probe {
         startup: i64,
     ) -> anyhow::Result<Cost> {
         let server_cpu = server::cpu_seconds(server.pid()) - phase.server_cpu;
+        let switches = server::context_switches(server.pid()).saturating_sub(phase.switches);
         let grown = |before: &HashMap<u32, f64>, after: HashMap<u32, f64>| -> f64 {
             after
                 .into_iter()
@@ -212,6 +220,7 @@ impl Probe {
             messages,
             tx_per_msg,
             server_cpu_ms: per(server_cpu * 1e3),
+            server_switches: per(switches as f64),
             db_cpu_ms: if pg { per(db_cpu * 1e3) } else { f64::NAN },
             shared_cpu_ms: if pg { per(shared_cpu * 1e3) } else { f64::NAN },
         })

@@ -210,6 +210,14 @@ fn print_rows(rows: &[Row]) {
         });
         let mut note = r.note.clone();
         if let Some(c) = &r.cost
+            && c.server_switches.is_finite()
+        {
+            note.push_str(&format!(
+                "; {:.1} server context switches/msg",
+                c.server_switches
+            ));
+        }
+        if let Some(c) = &r.cost
             && c.shared_cpu_ms.is_finite()
         {
             note.push_str(&format!(
