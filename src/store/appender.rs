@@ -83,9 +83,8 @@ impl Appender {
                 local.clone(),
                 wake.clone(),
                 queue.clone(),
-                saves.clone(),
+                (saves.clone(), linger),
                 timeout,
-                linger,
             ))
         });
         (Self { tx, timeout }, task)
@@ -130,9 +129,9 @@ async fn run(
     local: Option<Arc<dyn RunHandoff>>,
     wake: Arc<Notify>,
     queue: Queue,
-    saves: Option<SaveQueue>,
+    // The workers' saves (SQLite), and how long final ones wait for a delivery.
+    (saves, linger): (Option<SaveQueue>, std::time::Duration),
     timeout: std::time::Duration,
-    linger: std::time::Duration,
 ) {
     let mut rx = queue.lock_owned().await;
     let mut saves_rx = match saves {
