@@ -139,7 +139,7 @@ async fn a_final_save_waits_for_a_delivery_to_share_its_commit() {
     );
     // ...and the next delivery takes it along: one commit for both.
     appender.append(event("ev_c")).await.unwrap();
-    assert_eq!(answer.await.unwrap().unwrap(), true, "saved with ev_c");
+    assert!(answer.await.unwrap().unwrap(), "saved with ev_c");
     assert_eq!(
         switchboard::store::sqlite::commits() - before,
         1,
@@ -154,6 +154,6 @@ async fn a_final_save_waits_for_a_delivery_to_share_its_commit() {
     let saved = tokio::time::timeout(Duration::from_secs(4), answer)
         .await
         .expect("written without waiting out the 5 s linger");
-    assert_eq!(saved.unwrap().unwrap(), true);
+    assert!(saved.unwrap().unwrap());
     assert_eq!(switchboard::store::sqlite::commits() - before, 1);
 }
