@@ -268,7 +268,92 @@ async fn due_statements_use_the_partial_indexes(db: &TestDb) {
     }
 }
 
+/// The gauges `/metrics` reads (store/gauges.rs) count from indexes only
+/// (no table read, and no `runs_by_status` walk over every waiting run): the
+/// counts of waiting runs come from the partial index `runs_waiting`, the
+/// oldest wait from `run_waits_started`. They used to read every waiting
+/// run's row (a join with `run_waits`) on each scrape.
+async fn gauge_statements_read_indexes_only(db: &TestDb) {
+    use switchboard::store::Backend;
+    use switchboard::store::gauges::{stats_sql, wait_stats_sql};
+    let app = TestApp::spawn(db).await;
+    for i in 0..5 {
+        app.deliver(&ended_body(
+            &format!("ev_{i}"),
+            &format!("conv_{i}"),
+            "completed",
+        ))
+        .await;
+    }
+    let backend = match db {
+        TestDb::Sqlite { .. } => Backend::Sqlite,
+        TestDb::Postgres { .. } => Backend::Postgres,
+    };
+    if let TestDb::Postgres { url, .. } = db {
+        // Parked runs, as many as make PostgreSQL's planner weigh its choices
+        // (SQLite's statements name their indexes).
+        let pool = sqlx::PgPool::connect(url).await.unwrap();
+        for sql in [
+            "INSERT INTO runs (run_id, workflow, event_seq, event_id, conversation_id, status, wait_reason, \
+             next_attempt_at, context, step_results, created_at, updated_at) \
+             SELECT 'run_parked_' || i, 'parked', i, 'ev_parked_' || i, 'conv_parked_' || i, 'waiting', \
+             CASE WHEN i % 2 = 0 THEN 'timer' ELSE 'event' END, now() + interval '1 day', '{}', '{}', now(), now() \
+             FROM generate_series(1, 5000) i",
+            "INSERT INTO run_waits (run_id, step_id, kind, after_seq, matcher, started_at, until_at) \
+             SELECT 'run_parked_' || i, 'settle', 'timer', i, 'null', now(), now() + interval '1 day' \
+             FROM generate_series(1, 5000) i",
+            "ANALYZE runs",
+            "ANALYZE run_waits",
+        ] {
+            sqlx::query(sql).execute(&pool).await.unwrap();
+        }
+    }
+    let stats = stats_sql(backend).replace("$1", "'2030-01-01T00:00:00Z'");
+    for (name, sql) in [("stats", stats), ("wait stats", wait_stats_sql(backend))] {
+        let plan = plan_of(db, &sql).await;
+        assert!(
+            plan.contains("runs_waiting"),
+            "{name} does not read runs_waiting:\n{plan}"
+        );
+        match db {
+            TestDb::Sqlite { .. } => {
+                for line in plan.lines().filter(|l| l.contains(" runs ")) {
+                    // Counted from the index (no row of `runs` read), or a range of
+                    // `runs_due` (only the due runs, or the first one).
+                    assert!(
+                        line.contains("COVERING INDEX")
+                            || (line.starts_with("SEARCH") && line.contains("runs_due")),
+                        "{name} reads rows of runs:\n{plan}"
+                    );
+                }
+            }
+            TestDb::Postgres { .. } => {
+                assert!(
+                    !plan.contains("Seq Scan on runs") && !plan.contains("Seq Scan on run_waits"),
+                    "{name} scans a table:\n{plan}"
+                );
+                // Waiting runs are never found through runs_by_status (all of them, read from the table).
+                assert!(
+                    !plan.contains("Index Cond: (status = 'waiting'::text)"),
+                    "{name} reads every waiting run through runs_by_status:\n{plan}"
+                );
+            }
+        }
+        if name == "wait stats" {
+            assert!(
+                plan.contains("run_waits_started"),
+                "the oldest wait is not read from run_waits_started:\n{plan}"
+            );
+            assert!(
+                !plan.contains("runs_by_status"),
+                "{name} reads runs_by_status:\n{plan}"
+            );
+        }
+    }
+}
+
 on_both_backends!(
     list_queries_use_indexes,
-    due_statements_use_the_partial_indexes
+    due_statements_use_the_partial_indexes,
+    gauge_statements_read_indexes_only
 );

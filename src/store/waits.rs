@@ -480,14 +480,22 @@ macro_rules! impl_wait_store {
             async fn wait_stats(
                 &self,
             ) -> Result<(i64, Option<chrono::DateTime<chrono::Utc>>), $crate::store::StoreError> {
-                // Runs at a wait step, and runs held by order (waiting since created).
-                Ok(sqlx::query_as(
-                    "SELECT COUNT(*), MIN(COALESCE(w.started_at, r.created_at)) FROM runs r \
-                     LEFT JOIN run_waits w ON w.run_id = r.run_id \
-                     WHERE r.status = 'waiting' AND (w.run_id IS NOT NULL OR r.wait_reason = 'order')",
-                )
+                // Runs at a wait step, and runs held by order (waiting since created):
+                // index reads only (store/gauges.rs).
+                let (waiting, at_step, in_order): (
+                    i64,
+                    Option<chrono::DateTime<chrono::Utc>>,
+                    Option<chrono::DateTime<chrono::Utc>>,
+                ) = sqlx::query_as(sqlx::AssertSqlSafe(
+                    $crate::store::gauges::wait_stats_sql(<Self as $crate::store::EventStore>::backend(self)),
+                ))
                 .fetch_one(&self.reader)
-                .await?)
+                .await?;
+                let oldest = match (at_step, in_order) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                Ok((waiting, oldest))
             }
         }
     };
