@@ -321,7 +321,7 @@ pub async fn run(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Resul
         &median_sample(with_samples),
         server::rss_mb(server.pid()).1,
         format!(
-            "median of {ROUNDS} rounds of {} ({} /s), alternating with the empty store;              custom_fields.updated of the waiting conversations, none matching; latencies: median round",
+            "median of {ROUNDS} rounds of {} ({} /s), alternating with the empty store; custom_fields.updated of the waiting conversations, none matching; latencies: median round",
             humantime::format_duration(round),
             rounds(&with)
         ),
