@@ -352,8 +352,45 @@ async fn gauge_statements_read_indexes_only(db: &TestDb) {
     }
 }
 
+/// At creation, the look-up of a batch's conversations with unfinished runs
+/// (order, in the append transaction) probes `runs_in_order` once per
+/// conversation on PostgreSQL, whatever the statistics (here: none): a plain
+/// `IN` was planned as a bitmap scan of every unfinished run (every waiting
+/// run), 91 ms per batch with 78,000 waiting. SQLite's `IN` form is in
+/// [`QUERIES`].
+async fn order_lookup_at_creation_probes_each_conversation(db: &TestDb) {
+    let TestDb::Postgres { url, .. } = db else {
+        return;
+    };
+    let _app = TestApp::spawn(db).await;
+    let pool = sqlx::PgPool::connect(url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO runs (run_id, workflow, event_seq, event_id, conversation_id, status, wait_reason, \
+         next_attempt_at, context, step_results, created_at, updated_at) \
+         SELECT 'run_parked_' || i, 'parked', i, 'ev_parked_' || i, 'conv_parked_' || i, 'waiting', 'timer', \
+         now() + interval '1 day', '{}', '{}', now(), now() FROM generate_series(1, 5000) i",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let sql = switchboard::store::order::unfinished_of_conversations_pg(3)
+        .replace("$1", "'conv_parked_1'")
+        .replace("$2", "'conv_parked_2'")
+        .replace("$3", "'conv_parked_3'");
+    let plan = plan_of(db, &sql).await;
+    assert!(
+        plan.contains("Nested Loop") && plan.contains("runs_in_order"),
+        "not one probe of runs_in_order per conversation:\n{plan}"
+    );
+    assert!(
+        !plan.contains("Bitmap Heap Scan on runs") && !plan.contains("Seq Scan on runs"),
+        "reads every unfinished run:\n{plan}"
+    );
+}
+
 on_both_backends!(
     list_queries_use_indexes,
     due_statements_use_the_partial_indexes,
-    gauge_statements_read_indexes_only
+    gauge_statements_read_indexes_only,
+    order_lookup_at_creation_probes_each_conversation
 );

@@ -103,6 +103,7 @@ impl WaitBatch {
     }
 
     /// How many waits are queued.
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.queue.lock().expect("wait queue").len()
     }
