@@ -132,6 +132,15 @@ async fn wait_for_resumes_on_a_later_matching_event_with_its_envelope(db: &TestD
         metrics.contains("switchboard_runs_oldest_wait_seconds "),
         "{metrics}"
     );
+    // A parked run is waiting, not pending (in backoff or held by a worker), nor due.
+    for gauge in ["switchboard_jobs_pending ", "switchboard_jobs_waiting "] {
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with(gauge) && l.ends_with(" 0")),
+            "{gauge}: {metrics}"
+        );
+    }
     // Another conversation, another field, another value: none resumes it.
     let others = [
         field_body("ev_e2", "conv_other", AT, "lead_status", json!("qualified")),

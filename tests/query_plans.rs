@@ -268,7 +268,129 @@ async fn due_statements_use_the_partial_indexes(db: &TestDb) {
     }
 }
 
+/// The gauges `/metrics` reads (store/gauges.rs) count from indexes only
+/// (no table read, and no `runs_by_status` walk over every waiting run): the
+/// counts of waiting runs come from the partial index `runs_waiting`, the
+/// oldest wait from `run_waits_started`. They used to read every waiting
+/// run's row (a join with `run_waits`) on each scrape.
+async fn gauge_statements_read_indexes_only(db: &TestDb) {
+    use switchboard::store::Backend;
+    use switchboard::store::gauges::{stats_sql, wait_stats_sql};
+    let app = TestApp::spawn(db).await;
+    for i in 0..5 {
+        app.deliver(&ended_body(
+            &format!("ev_{i}"),
+            &format!("conv_{i}"),
+            "completed",
+        ))
+        .await;
+    }
+    let backend = match db {
+        TestDb::Sqlite { .. } => Backend::Sqlite,
+        TestDb::Postgres { .. } => Backend::Postgres,
+    };
+    if let TestDb::Postgres { url, .. } = db {
+        // Parked runs, as many as make PostgreSQL's planner weigh its choices
+        // (SQLite's statements name their indexes).
+        let pool = sqlx::PgPool::connect(url).await.unwrap();
+        for sql in [
+            "INSERT INTO runs (run_id, workflow, event_seq, event_id, conversation_id, status, wait_reason, \
+             next_attempt_at, context, step_results, created_at, updated_at) \
+             SELECT 'run_parked_' || i, 'parked', i, 'ev_parked_' || i, 'conv_parked_' || i, 'waiting', \
+             CASE WHEN i % 2 = 0 THEN 'timer' ELSE 'event' END, now() + interval '1 day', '{}', '{}', now(), now() \
+             FROM generate_series(1, 5000) i",
+            "INSERT INTO run_waits (run_id, step_id, kind, after_seq, matcher, started_at, until_at) \
+             SELECT 'run_parked_' || i, 'settle', 'timer', i, 'null', now(), now() + interval '1 day' \
+             FROM generate_series(1, 5000) i",
+            "ANALYZE runs",
+            "ANALYZE run_waits",
+        ] {
+            sqlx::query(sql).execute(&pool).await.unwrap();
+        }
+    }
+    let stats = stats_sql(backend).replace("$1", "'2030-01-01T00:00:00Z'");
+    for (name, sql) in [("stats", stats), ("wait stats", wait_stats_sql(backend))] {
+        let plan = plan_of(db, &sql).await;
+        assert!(
+            plan.contains("runs_waiting"),
+            "{name} does not read runs_waiting:\n{plan}"
+        );
+        match db {
+            TestDb::Sqlite { .. } => {
+                for line in plan.lines().filter(|l| l.contains(" runs ")) {
+                    // Counted from the index (no row of `runs` read), or a range of
+                    // `runs_due` (only the due runs, or the first one).
+                    assert!(
+                        line.contains("COVERING INDEX")
+                            || (line.starts_with("SEARCH") && line.contains("runs_due")),
+                        "{name} reads rows of runs:\n{plan}"
+                    );
+                }
+            }
+            TestDb::Postgres { .. } => {
+                assert!(
+                    !plan.contains("Seq Scan on runs") && !plan.contains("Seq Scan on run_waits"),
+                    "{name} scans a table:\n{plan}"
+                );
+                // Waiting runs are never found through runs_by_status (all of them, read from the table).
+                assert!(
+                    !plan.contains("Index Cond: (status = 'waiting'::text)"),
+                    "{name} reads every waiting run through runs_by_status:\n{plan}"
+                );
+            }
+        }
+        if name == "wait stats" {
+            assert!(
+                plan.contains("run_waits_started"),
+                "the oldest wait is not read from run_waits_started:\n{plan}"
+            );
+            assert!(
+                !plan.contains("runs_by_status"),
+                "{name} reads runs_by_status:\n{plan}"
+            );
+        }
+    }
+}
+
+/// At creation, the look-up of a batch's conversations with unfinished runs
+/// (order, in the append transaction) probes `runs_in_order` once per
+/// conversation on PostgreSQL, whatever the statistics (here: none): a plain
+/// `IN` was planned as a bitmap scan of every unfinished run (every waiting
+/// run), 91 ms per batch with 78,000 waiting. SQLite's `IN` form is in
+/// [`QUERIES`].
+async fn order_lookup_at_creation_probes_each_conversation(db: &TestDb) {
+    let TestDb::Postgres { url, .. } = db else {
+        return;
+    };
+    let _app = TestApp::spawn(db).await;
+    let pool = sqlx::PgPool::connect(url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO runs (run_id, workflow, event_seq, event_id, conversation_id, status, wait_reason, \
+         next_attempt_at, context, step_results, created_at, updated_at) \
+         SELECT 'run_parked_' || i, 'parked', i, 'ev_parked_' || i, 'conv_parked_' || i, 'waiting', 'timer', \
+         now() + interval '1 day', '{}', '{}', now(), now() FROM generate_series(1, 5000) i",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let sql = switchboard::store::order::unfinished_of_conversations_pg(3)
+        .replace("$1", "'conv_parked_1'")
+        .replace("$2", "'conv_parked_2'")
+        .replace("$3", "'conv_parked_3'");
+    let plan = plan_of(db, &sql).await;
+    assert!(
+        plan.contains("Nested Loop") && plan.contains("runs_in_order"),
+        "not one probe of runs_in_order per conversation:\n{plan}"
+    );
+    assert!(
+        !plan.contains("Bitmap Heap Scan on runs") && !plan.contains("Seq Scan on runs"),
+        "reads every unfinished run:\n{plan}"
+    );
+}
+
 on_both_backends!(
     list_queries_use_indexes,
-    due_statements_use_the_partial_indexes
+    due_statements_use_the_partial_indexes,
+    gauge_statements_read_indexes_only,
+    order_lookup_at_creation_probes_each_conversation
 );

@@ -47,6 +47,13 @@ impl Engine {
         wait: &WaitStep,
         state: &mut RunState,
     ) -> Result<WaitFlow, crate::store::StoreError> {
+        // A run claimed without a wait reason of a wait step was never parked
+        // since (parking sets it, with its `run_waits` row, in one transaction):
+        // it reaches the step now, without a look for a wait to end.
+        if !matches!(run.wait_reason.as_deref(), Some("timer" | "event")) {
+            self.begin(run, step, wait, state).await?;
+            return Ok(WaitFlow::Stop);
+        }
         let index = state.step_index;
         let before = state.clone();
         // The step's result and the run's next state, built from how the wait ended.

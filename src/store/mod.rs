@@ -14,6 +14,7 @@
 pub mod appender;
 mod batch;
 pub mod due;
+pub mod gauges;
 mod leased;
 pub mod model;
 pub mod order;
@@ -112,7 +113,8 @@ pub struct StoreStats {
     pub runs_waiting: i64,
     /// When the longest-waiting due run fell due.
     pub oldest_waiting_since: Option<chrono::DateTime<chrono::Utc>>,
-    /// Runs scheduled for later (backoff) or held by a worker.
+    /// Runs scheduled for later (backoff, a destination's hold) or held by a
+    /// worker; not the runs parked at a wait step or by order.
     pub runs_pending: i64,
     /// The database's size on disk, in bytes.
     pub size_bytes: i64,

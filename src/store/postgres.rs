@@ -29,6 +29,8 @@ pub struct PostgresStore {
     reader: PgPool,
     /// The same pool: PostgreSQL needs no separate writer.
     writer: PgPool,
+    /// Runs reaching a wait step, parked in one transaction (store/waits.rs).
+    waits: super::waits::WaitBatch,
 }
 
 fn migrator() -> sqlx::migrate::Migrator {
@@ -71,6 +73,7 @@ impl PostgresStore {
         Ok(Self {
             writer: pool.clone(),
             reader: pool,
+            waits: Default::default(),
         })
     }
 

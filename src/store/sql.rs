@@ -590,17 +590,17 @@ macro_rules! impl_event_store {
             &self,
             now: chrono::DateTime<chrono::Utc>,
         ) -> Result<$crate::store::StoreStats, $crate::store::StoreError> {
-            let (events, waiting, oldest, pending): (
+            // Index reads only, however many runs are parked (store/gauges.rs).
+            let (events, waiting, oldest, active, held, due_parked): (
                 Option<i64>,
                 i64,
                 Option<chrono::DateTime<chrono::Utc>>,
                 i64,
-            ) = sqlx::query_as(
-                "SELECT (SELECT MAX(seq) FROM events), \
-                        (SELECT COUNT(*) FROM runs WHERE status IN ('scheduled', 'retrying', 'waiting') AND next_attempt_at <= $1), \
-                        (SELECT MIN(next_attempt_at) FROM runs WHERE status IN ('scheduled', 'retrying', 'waiting')), \
-                        (SELECT COUNT(*) FROM runs WHERE status IN ('scheduled', 'retrying', 'waiting', 'running'))",
-            )
+                i64,
+                i64,
+            ) = sqlx::query_as(sqlx::AssertSqlSafe(
+                $crate::store::gauges::stats_sql(self.backend()),
+            ))
             .bind(now)
             .fetch_one(&self.reader)
             .await?;
@@ -611,7 +611,9 @@ macro_rules! impl_event_store {
                 events: events.unwrap_or(0),
                 runs_waiting: waiting,
                 oldest_waiting_since: oldest.filter(|t| *t <= now),
-                runs_pending: pending - waiting,
+                // Due later (backoff, a destination's hold) or held by a worker; runs
+                // parked at a wait step or by order are not pending (`switchboard_runs_waiting`).
+                runs_pending: (active + held - (waiting - due_parked)).max(0),
                 size_bytes,
             })
         }

@@ -25,6 +25,8 @@ use super::{AppendOutcome, Backend, Dispatcher, LocalLease, NewEvent, StoreError
 pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
+    /// Runs reaching a wait step, parked in one transaction (store/waits.rs).
+    waits: super::waits::WaitBatch,
 }
 
 /// The connection settings every connection gets.
@@ -94,7 +96,11 @@ impl SqliteStore {
             })
             .connect_with(options)
             .await?;
-        Ok(Self { writer, reader })
+        Ok(Self {
+            writer,
+            reader,
+            waits: Default::default(),
+        })
     }
 
     /// The pool that writes (one connection).
@@ -173,3 +179,114 @@ impl_run_store!(SqliteStore, sqlx::Sqlite, "", None, "", false);
 
 // Durable waits (src/store/waits.rs): one writer connection serializes them with appends.
 super::waits::impl_wait_store!(SqliteStore, sqlx::Sqlite, None, "");
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::store::EventStore;
+    use crate::store::runs::{RunStatus, RunUpdate};
+    use crate::store::waits::{NewWait, WaitStore};
+
+    /// Runs reaching a wait step while a batch is being written queue up and
+    /// are parked together, in one transaction, by the next writer; a run whose
+    /// lease was lost is answered `None` and fails none of the others.
+    #[tokio::test]
+    async fn runs_reaching_a_wait_step_together_are_parked_in_one_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            SqliteStore::connect(&format!("sqlite://{}/w.db", dir.path().display()))
+                .await
+                .unwrap(),
+        );
+        store.migrate().await.unwrap();
+        let now = chrono::Utc::now();
+        for i in 0..3 {
+            sqlx::query(
+                "INSERT INTO runs (run_id, workflow, event_seq, event_id, status, next_attempt_at, context, \
+                 step_results, created_at, updated_at, lease_owner, lease_until, lease_token) \
+                 VALUES ($1, 'wf', $2, $3, 'running', $4, '{}', '{}', $4, $4, 'me', $5, 1)",
+            )
+            .bind(format!("run_{i}"))
+            .bind(i as i64)
+            .bind(format!("ev_{i}"))
+            .bind(now)
+            .bind(now + chrono::TimeDelta::minutes(5))
+            .execute(&store.writer)
+            .await
+            .unwrap();
+        }
+        let until = now + chrono::TimeDelta::hours(1);
+        let turn = store.waits.turn.lock().await;
+        let mut parking = Vec::new();
+        for (i, token) in [1, 1, 2].into_iter().enumerate() {
+            let store = store.clone();
+            parking.push(tokio::spawn(async move {
+                let update = RunUpdate {
+                    status: RunStatus::Waiting,
+                    step_index: 0,
+                    step_id: Some("settle".into()),
+                    attempt: 0,
+                    attempts_total: 0,
+                    next_attempt_at: until,
+                    lease: None,
+                    step_results: serde_json::json!({}),
+                    last_error: None,
+                    finished_at: None,
+                    wait_reason: Some("timer".into()),
+                };
+                let wait = NewWait {
+                    run_id: format!("run_{i}"),
+                    step_id: "settle".into(),
+                    kind: "timer",
+                    conversation_id: None,
+                    event_type: None,
+                    after_seq: i as i64,
+                    matcher: serde_json::Value::Null,
+                    started_at: now,
+                    until,
+                };
+                store.begin_wait("me", token, &update, &wait, now).await
+            }));
+        }
+        // All three queue behind the batch being written (the turn held here).
+        for _ in 0..10_000 {
+            if store.waits.len() == 3 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            store.waits.len(),
+            3,
+            "the waits queue while a batch is written"
+        );
+        drop(turn);
+        let mut answers = Vec::new();
+        for p in parking {
+            answers.push(p.await.unwrap().unwrap());
+        }
+        assert_eq!(
+            answers,
+            [Some(false), Some(false), None],
+            "run_2's lease was lost"
+        );
+        assert_eq!(store.waits.len(), 0);
+        let parked: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT r.run_id, r.status, (SELECT COUNT(*) FROM run_waits w WHERE w.run_id = r.run_id) \
+             FROM runs r ORDER BY r.run_id",
+        )
+        .fetch_all(&store.reader)
+        .await
+        .unwrap();
+        assert_eq!(
+            parked,
+            [
+                ("run_0".into(), "waiting".into(), 1),
+                ("run_1".into(), "waiting".into(), 1),
+                ("run_2".into(), "running".into(), 0),
+            ]
+        );
+    }
+}

@@ -84,6 +84,48 @@ pub enum FinishWait {
     Done(Box<WaitOutcome>, Box<RunUpdate>),
 }
 
+/// Runs reaching a wait step, queued for one transaction (group commit):
+/// a burst of runs parking costs one commit (one fsync on SQLite) per
+/// batch, not one each. Each store holds one.
+#[derive(Default)]
+pub struct WaitBatch {
+    queue: std::sync::Mutex<Vec<QueuedWait>>,
+    /// Held while a batch is written; the next holder writes what queued meanwhile.
+    pub(crate) turn: tokio::sync::Mutex<()>,
+}
+
+/// Most waits written in one transaction.
+const MAX_WAITS: usize = 256;
+
+impl WaitBatch {
+    pub(crate) fn push(&self, wait: QueuedWait) {
+        self.queue.lock().expect("wait queue").push(wait);
+    }
+
+    /// How many waits are queued.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.queue.lock().expect("wait queue").len()
+    }
+
+    /// Up to [`MAX_WAITS`] queued waits, oldest first.
+    pub(crate) fn take(&self) -> Vec<QueuedWait> {
+        let mut queue = self.queue.lock().expect("wait queue");
+        let n = queue.len().min(MAX_WAITS);
+        queue.drain(..n).collect()
+    }
+}
+
+/// A [`WaitStore::begin_wait`] waiting for its transaction.
+pub(crate) struct QueuedWait {
+    pub owner: String,
+    pub token: i64,
+    pub update: RunUpdate,
+    pub wait: NewWait,
+    pub now: DateTime<Utc>,
+    pub reply: tokio::sync::oneshot::Sender<Result<Option<bool>, StoreError>>,
+}
+
 /// Builds the run's update from how its wait ended.
 pub type MakeUpdate<'a> = &'a (dyn Fn(&WaitOutcome) -> RunUpdate + Send + Sync);
 
@@ -287,6 +329,116 @@ pub(crate) use match_waits_in_tx;
 /// run store's (`impl_run_store!`: `save_in_tx`, `hold_in`).
 macro_rules! impl_wait_store {
     ($store:ty, $db:ty, $append_lock:expr, $row_lock:expr) => {
+        impl $store {
+            /// Writes queued waits in one transaction and answers each; if that
+            /// fails, one by one, so that one bad wait does not fail its neighbours.
+            async fn write_waits(&self, jobs: Vec<$crate::store::waits::QueuedWait>) {
+                let parked = self.park_in_one_tx(&jobs).await;
+                match parked {
+                    Ok(results) => {
+                        for (job, r) in jobs.into_iter().zip(results) {
+                            let _ = job.reply.send(Ok(r));
+                        }
+                    }
+                    Err(e) if jobs.len() == 1 => {
+                        let job = jobs.into_iter().next().expect("one wait");
+                        let _ = job.reply.send(Err(e));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, batch = jobs.len(), "batched waits failed; parking one by one");
+                        for job in jobs {
+                            let one = self
+                                .park_in_one_tx(std::slice::from_ref(&job))
+                                .await
+                                .map(|r| r[0]);
+                            let _ = job.reply.send(one);
+                        }
+                    }
+                }
+            }
+
+            /// Parks each run of `jobs` at its wait step (see [`WaitStore::begin_wait`])
+            /// in one transaction: `None` for a run whose lease was lost (nothing
+            /// written for it), else whether its `wait_for` matched already.
+            async fn park_in_one_tx(
+                &self,
+                jobs: &[$crate::store::waits::QueuedWait],
+            ) -> Result<Vec<Option<bool>>, $crate::store::StoreError> {
+                let mut tx = self.writer.begin().await?;
+                if jobs.iter().any(|j| j.wait.kind == "event") {
+                    let lock: Option<i64> = $append_lock;
+                    if let Some(lock) = lock {
+                        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                            .bind(lock)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                }
+                let mut results = Vec::with_capacity(jobs.len());
+                for job in jobs {
+                    let (owner, token, u, w, now) = (job.owner.as_str(), job.token, &job.update, &job.wait, job.now);
+                    // An event already stored after the trigger counts (no lost race:
+                    // appends wait for this transaction, or were committed before it).
+                    let mut matched: Option<(i64, String)> = None;
+                    if let (Some(conv), Some(wait_for)) = (
+                        w.conversation_id.as_deref(),
+                        serde_json::from_value::<$crate::workflow::wait::WaitFor>(w.matcher.clone()).ok(),
+                    ) {
+                        let events: Vec<$crate::store::waits::LoggedEvent> =
+                            sqlx::query_as(
+                                "SELECT seq, event_id, event_type, raw_body, received_at FROM events \
+                                 WHERE conversation_id = $1 ORDER BY seq",
+                            )
+                            .bind(conv)
+                            .fetch_all(&mut *tx)
+                            .await?;
+                        matched = $crate::store::waits::first_match(conv, &events, &wait_for, w.after_seq);
+                    }
+                    // Parked with the run store's one save: waiting, no lease, due at once if matched.
+                    let parked = $crate::store::runs::RunUpdate {
+                        status: $crate::store::runs::RunStatus::Waiting,
+                        next_attempt_at: if matched.is_some() { now } else { w.until },
+                        lease: None,
+                        last_error: None,
+                        finished_at: None,
+                        wait_reason: Some(w.kind.to_owned()),
+                        ..u.clone()
+                    };
+                    if !Self::save_in_tx(&mut tx, &w.run_id, owner, token, None, &parked, now).await? {
+                        // Lost the lease: nothing written for this run.
+                        results.push(None);
+                        continue;
+                    }
+                    sqlx::query("DELETE FROM run_waits WHERE run_id = $1")
+                        .bind(&w.run_id)
+                        .execute(&mut *tx)
+                        .await?;
+                    sqlx::query(
+                        "INSERT INTO run_waits (run_id, step_id, kind, conversation_id, event_type, after_seq, \
+                         matcher, started_at, until_at, matched_event_id, matched_seq, matched_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                    )
+                    .bind(&w.run_id)
+                    .bind(&w.step_id)
+                    .bind(w.kind)
+                    .bind(w.conversation_id.as_deref())
+                    .bind(w.event_type.as_deref())
+                    .bind(w.after_seq)
+                    .bind(w.matcher.to_string())
+                    .bind(w.started_at)
+                    .bind(w.until)
+                    .bind(matched.as_ref().map(|m| m.1.clone()))
+                    .bind(matched.as_ref().map(|m| m.0))
+                    .bind(matched.as_ref().map(|_| now))
+                    .execute(&mut *tx)
+                    .await?;
+                    results.push(Some(matched.is_some()));
+                }
+                tx.commit().await?;
+                Ok(results)
+            }
+        }
+
         #[async_trait::async_trait]
         impl $crate::store::waits::WaitStore for $store {
             async fn begin_wait(
@@ -297,72 +449,25 @@ macro_rules! impl_wait_store {
                 w: &$crate::store::waits::NewWait,
                 now: chrono::DateTime<chrono::Utc>,
             ) -> Result<Option<bool>, $crate::store::StoreError> {
-                let mut tx = self.writer.begin().await?;
-                if w.kind == "event" {
-                    let lock: Option<i64> = $append_lock;
-                    if let Some(lock) = lock {
-                        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                            .bind(lock)
-                            .execute(&mut *tx)
-                            .await?;
+                // Group commit: whoever gets the turn writes every wait queued by
+                // then in one transaction (see [`WaitBatch`]).
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                self.waits.push($crate::store::waits::QueuedWait {
+                    owner: owner.to_owned(),
+                    token,
+                    update: u.clone(),
+                    wait: w.clone(),
+                    now,
+                    reply,
+                });
+                {
+                    let _turn = self.waits.turn.lock().await;
+                    let jobs = self.waits.take();
+                    if !jobs.is_empty() {
+                        self.write_waits(jobs).await;
                     }
                 }
-                // An event already stored after the trigger counts (no lost race:
-                // appends wait for this transaction, or were committed before it).
-                let mut matched: Option<(i64, String)> = None;
-                if let (Some(conv), Some(wait_for)) = (
-                    w.conversation_id.as_deref(),
-                    serde_json::from_value::<$crate::workflow::wait::WaitFor>(w.matcher.clone()).ok(),
-                ) {
-                    let events: Vec<$crate::store::waits::LoggedEvent> =
-                        sqlx::query_as(
-                            "SELECT seq, event_id, event_type, raw_body, received_at FROM events \
-                             WHERE conversation_id = $1 ORDER BY seq",
-                        )
-                        .bind(conv)
-                        .fetch_all(&mut *tx)
-                        .await?;
-                    matched = $crate::store::waits::first_match(conv, &events, &wait_for, w.after_seq);
-                }
-                // Parked with the run store's one save: waiting, no lease, due at once if matched.
-                let parked = $crate::store::runs::RunUpdate {
-                    status: $crate::store::runs::RunStatus::Waiting,
-                    next_attempt_at: if matched.is_some() { now } else { w.until },
-                    lease: None,
-                    last_error: None,
-                    finished_at: None,
-                    wait_reason: Some(w.kind.to_owned()),
-                    ..u.clone()
-                };
-                if !Self::save_in_tx(&mut tx, &w.run_id, owner, token, None, &parked, now).await? {
-                    tx.rollback().await?;
-                    return Ok(None);
-                }
-                sqlx::query("DELETE FROM run_waits WHERE run_id = $1")
-                    .bind(&w.run_id)
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query(
-                    "INSERT INTO run_waits (run_id, step_id, kind, conversation_id, event_type, after_seq, \
-                     matcher, started_at, until_at, matched_event_id, matched_seq, matched_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-                )
-                .bind(&w.run_id)
-                .bind(&w.step_id)
-                .bind(w.kind)
-                .bind(w.conversation_id.as_deref())
-                .bind(w.event_type.as_deref())
-                .bind(w.after_seq)
-                .bind(w.matcher.to_string())
-                .bind(w.started_at)
-                .bind(w.until)
-                .bind(matched.as_ref().map(|m| m.1.clone()))
-                .bind(matched.as_ref().map(|m| m.0))
-                .bind(matched.as_ref().map(|_| now))
-                .execute(&mut *tx)
-                .await?;
-                tx.commit().await?;
-                Ok(Some(matched.is_some()))
+                answer.await.unwrap_or(Err($crate::store::StoreError::Closed))
             }
 
             async fn finish_wait(
@@ -480,14 +585,22 @@ macro_rules! impl_wait_store {
             async fn wait_stats(
                 &self,
             ) -> Result<(i64, Option<chrono::DateTime<chrono::Utc>>), $crate::store::StoreError> {
-                // Runs at a wait step, and runs held by order (waiting since created).
-                Ok(sqlx::query_as(
-                    "SELECT COUNT(*), MIN(COALESCE(w.started_at, r.created_at)) FROM runs r \
-                     LEFT JOIN run_waits w ON w.run_id = r.run_id \
-                     WHERE r.status = 'waiting' AND (w.run_id IS NOT NULL OR r.wait_reason = 'order')",
-                )
+                // Runs at a wait step, and runs held by order (waiting since created):
+                // index reads only (store/gauges.rs).
+                let (waiting, at_step, in_order): (
+                    i64,
+                    Option<chrono::DateTime<chrono::Utc>>,
+                    Option<chrono::DateTime<chrono::Utc>>,
+                ) = sqlx::query_as(sqlx::AssertSqlSafe(
+                    $crate::store::gauges::wait_stats_sql(<Self as $crate::store::EventStore>::backend(self)),
+                ))
                 .fetch_one(&self.reader)
-                .await?)
+                .await?;
+                let oldest = match (at_step, in_order) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                Ok((waiting, oldest))
             }
         }
     };
