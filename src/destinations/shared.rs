@@ -251,6 +251,103 @@ impl Shared {
         Ok(None)
     }
 
+    /// The queue of held runs shared by every instance (`destination_queue`):
+    /// the earliest turn, within `[stale, soon]`, of a run of `name` older
+    /// than `key` (it goes first); forgets turns older than `stale` (a run
+    /// that never came back). `Err` when the database cannot say.
+    pub async fn older_turn(
+        &self,
+        name: &str,
+        key: &(DateTime<Utc>, String),
+        stale: DateTime<Utc>,
+        soon: DateTime<Utc>,
+    ) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+        sqlx::query_scalar(
+            "WITH forgotten AS (DELETE FROM destination_queue WHERE name = $1 AND turn < $4) \
+             SELECT min(turn) FROM destination_queue WHERE name = $1 \
+             AND (created_at, run_id) < ($2, $3) AND turn >= $4 AND turn <= $5",
+        )
+        .bind(name)
+        .bind(key.0)
+        .bind(&key.1)
+        .bind(stale)
+        .bind(soon)
+        .fetch_one(&self.pool)
+        .await
+    }
+
+    /// Queues a held run of `name` behind every older held run still awaited
+    /// (turn at or after `stale`), in one statement: its turn is `earliest`
+    /// plus `spacing` per run ahead of it, or, `parked` with runs ahead,
+    /// `earliest + park + park_spacing` per run ahead. Returns the turn.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn enqueue(
+        &self,
+        name: &str,
+        key: &(DateTime<Utc>, String),
+        stale: DateTime<Utc>,
+        earliest: DateTime<Utc>,
+        spacing: Duration,
+        parked: Option<(Duration, Duration)>,
+    ) -> Result<DateTime<Utc>, sqlx::Error> {
+        let (park, park_spacing) = parked.unwrap_or_default();
+        sqlx::query_scalar(
+            "WITH ahead AS (SELECT count(*)::float8 AS n FROM destination_queue WHERE name = $1 \
+                AND (created_at, run_id) < ($2, $3) AND turn >= $4) \
+             INSERT INTO destination_queue AS q (name, created_at, run_id, turn) \
+             SELECT $1, $2, $3, CASE WHEN $7 AND ahead.n > 0 \
+                THEN $5 + make_interval(secs => $8 + $9 * ahead.n) \
+                ELSE $5 + make_interval(secs => $6 * ahead.n) END FROM ahead \
+             ON CONFLICT (name, created_at, run_id) DO UPDATE SET turn = EXCLUDED.turn \
+             RETURNING turn",
+        )
+        .bind(name)
+        .bind(key.0)
+        .bind(&key.1)
+        .bind(stale)
+        .bind(earliest)
+        .bind(spacing.as_secs_f64())
+        .bind(parked.is_some())
+        .bind(park.as_secs_f64())
+        .bind(park_spacing.as_secs_f64())
+        .fetch_one(&self.pool)
+        .await
+    }
+
+    /// Every held run's turn has come (the breaker closed or was reset): the
+    /// parked runs, woken oldest first, are waited for by younger ones.
+    pub async fn turns_now(&self, name: &str) {
+        let r = sqlx::query("UPDATE destination_queue SET turn = $2 WHERE name = $1 AND turn > $2")
+            .bind(name)
+            .bind(Utc::now())
+            .execute(&self.pool)
+            .await;
+        if let Err(e) = r {
+            tracing::warn!(destination = %name, error = %e, "cannot bring the shared queue's turns forward");
+        }
+    }
+
+    /// Takes a run let through out of the shared queue.
+    pub async fn dequeue(&self, name: &str, key: &(DateTime<Utc>, String)) {
+        let r = sqlx::query(
+            "DELETE FROM destination_queue WHERE name = $1 AND created_at = $2 AND run_id = $3",
+        )
+        .bind(name)
+        .bind(key.0)
+        .bind(&key.1)
+        .execute(&self.pool)
+        .await;
+        if let Err(e) = r {
+            tracing::warn!(destination = %name, error = %e, "cannot take a run out of the shared queue; it is forgotten after its turn");
+        }
+    }
+
+    /// Reads every breaker state and pause now, however recent the cache.
+    pub async fn refresh_now(&self, gate: &super::gate::Gate) {
+        *self.refreshed.lock().expect("refresh lock") = None;
+        self.refresh_if_stale(gate).await;
+    }
+
     pub async fn release(&self, slot: Slot) {
         let r = sqlx::query(
             "UPDATE destination_slots SET holder = NULL, expires_at = NULL WHERE name = $1 AND slot = $2 AND holder = $3",
