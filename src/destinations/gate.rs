@@ -417,35 +417,29 @@ impl Gate {
         let verdict = self.admit_local(&dest, run);
         let verdict = match (verdict, &self.inner.shared) {
             (Ok(permit), Some(shared)) if limited => {
-                match self.older_turn_shared(shared, &dest, run).await {
-                    Some(turn) => {
+                let queued = run.and_then(|r| self.queued_run(&dest, r));
+                match shared.admit(&dest, queued.as_ref()).await {
+                    Ok(slot) => {
                         let mut permit = permit;
-                        permit.counted_back();
-                        Err(turn)
-                    }
-                    None => match shared.admit(&dest, permit.probe).await {
-                        Ok(slot) => {
-                            let mut permit = permit;
-                            permit.slot = slot;
-                            // A pause or an opening that came while the shared query ran holds it still.
-                            match self.stopped_since(&dest.name, permit.probe) {
-                                None => Ok(permit),
-                                Some(hold) => {
-                                    if let Some(slot) = permit.slot.take() {
-                                        shared.release(slot).await;
-                                    }
-                                    permit.counted_back();
-                                    Err(hold)
+                        permit.slot = slot;
+                        // A pause or an opening that came while the shared query ran holds it still.
+                        match self.stopped_since(&dest.name, permit.probe) {
+                            None => Ok(permit),
+                            Some(hold) => {
+                                if let Some(slot) = permit.slot.take() {
+                                    shared.release(slot).await;
                                 }
+                                permit.counted_back();
+                                Err(hold)
                             }
                         }
-                        Err(hold) => {
-                            // Give back what the local gate counted.
-                            let mut permit = permit;
-                            permit.counted_back();
-                            Err(hold)
-                        }
-                    },
+                    }
+                    Err(hold) => {
+                        // Give back what the local gate counted.
+                        let mut permit = permit;
+                        permit.counted_back();
+                        Err(hold)
+                    }
                 }
             }
             (v, _) => v,
@@ -480,24 +474,15 @@ impl Gate {
         match verdict {
             Ok(permit) => {
                 // Out of the queue only now: while the shared gate is asked, younger runs wait behind it.
-                if let Some(r) = run {
-                    if let Some(s) = self
+                if let Some(r) = run
+                    && let Some(s) = self
                         .inner
                         .states
                         .lock()
                         .expect("gate state")
                         .get_mut(&dest.name)
-                    {
-                        s.queue.remove(&r.key());
-                    }
-                    // A run that comes back from a hold leaves the shared queue (a new run is not in it).
-                    if limited
-                        && r.held
-                            .is_some_and(|h| HoldReason::ALL.iter().any(|x| x.as_str() == h))
-                        && let Some(shared) = &self.inner.shared
-                    {
-                        shared.dequeue(&dest.name, &r.key()).await;
-                    }
+                {
+                    s.queue.remove(&r.key());
                 }
                 Admit::Go(permit)
             }
@@ -514,29 +499,24 @@ impl Gate {
         }
     }
 
-    /// The shared queue's answer to "may `run` go, or is an older held run's
-    /// turn now?" (the local queue only knows this instance's runs). A
-    /// database error lets it go (the local queue still orders this instance's runs).
-    async fn older_turn_shared(
+    /// What the shared gate needs of `r` for the shared queue: `None` when
+    /// nothing is scarce (no rate, no cap).
+    fn queued_run(
         &self,
-        shared: &super::shared::Shared,
         dest: &DestinationSpec,
-        run: Option<RunRef<'_>>,
-    ) -> Option<(DateTime<Utc>, HoldReason)> {
-        let r = run?;
+        r: RunRef<'_>,
+    ) -> Option<super::shared::QueuedRun> {
         let (lookahead, reason) = lookahead(&dest.limits)?;
         let now = Utc::now();
-        let stale = now - chrono::TimeDelta::from_std(TURN_GRACE).unwrap_or_default();
-        match shared
-            .older_turn(&dest.name, &r.key(), stale, plus(now, lookahead))
-            .await
-        {
-            Ok(turn) => turn.map(|t| (t.max(now), reason)),
-            Err(e) => {
-                tracing::warn!(destination = %dest.name, error = %e, "cannot read the shared queue of held runs; this instance's order only");
-                None
-            }
-        }
+        Some(super::shared::QueuedRun {
+            key: r.key(),
+            held: r
+                .held
+                .is_some_and(|h| HoldReason::ALL.iter().any(|x| x.as_str() == h)),
+            stale: now - chrono::TimeDelta::from_std(TURN_GRACE).unwrap_or_default(),
+            soon: plus(now, lookahead),
+            reason,
+        })
     }
 
     /// [`Self::held`], with the run's turn taken from the queue every
