@@ -299,6 +299,29 @@ pub async fn run(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Resul
         ));
     }
     row.note.push_str(&slow);
+    // Whether the healthy destination's own runs were ever held (its breaker, a pause).
+    let held = server::metric(
+        &server,
+        "switchboard_destination_held_total",
+        "destination=\"healthy\"",
+    )
+    .await
+    .unwrap_or(f64::NAN);
+    let healthy_failed: f64 = reqwest::get(format!("{}/metrics", server.base))
+        .await?
+        .text()
+        .await?
+        .lines()
+        .filter(|l| {
+            l.starts_with("switchboard_attempts_total{")
+                && l.contains("workflow=\"healthy\"")
+                && !l.contains("outcome=\"succeeded\"")
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum();
+    row.note.push_str(&format!(
+        "; healthy runs held by their destination: {held:.0}, attempts not succeeded: {healthy_failed:.0}"
+    ));
     rows.push(row);
     drop(server);
     drop_db(backend, &db).await;
