@@ -122,6 +122,9 @@ const PARK_SPACING: Duration = Duration::from_millis(50);
 /// How long past its turn a held run is waited for by younger runs before it
 /// is forgotten (cancelled, or late): a claim may come up to a second late.
 const TURN_GRACE: Duration = Duration::from_secs(2);
+/// How long a run waits in process for the shared gate (PostgreSQL) before
+/// it is parked instead (see [`Gate::admit_shared`]).
+const SHARED_WAIT: Duration = Duration::from_millis(100);
 
 /// How far ahead an older held run's turn makes a younger run wait behind it,
 /// and the reason it waits; `None` without a rate or a cap (nothing is scarce).
@@ -417,8 +420,7 @@ impl Gate {
         let verdict = self.admit_local(&dest, run);
         let verdict = match (verdict, &self.inner.shared) {
             (Ok(permit), Some(shared)) if limited => {
-                let queued = run.and_then(|r| self.queued_run(&dest, r));
-                match shared.admit(&dest, queued.as_ref()).await {
+                match self.admit_shared(shared, &dest, run).await {
                     Ok(slot) => {
                         let mut permit = permit;
                         permit.slot = slot;
@@ -495,6 +497,37 @@ impl Gate {
                 };
                 crate::prometheus::destination_held(&hold.destination, hold.reason.as_str());
                 Admit::Hold(hold)
+            }
+        }
+    }
+
+    /// The shared gate's answer for a request the local gate let through. A
+    /// run held for at most [`SHARED_WAIT`] (by an older held run being let
+    /// through on another instance, the next rate token, a slot) waits here
+    /// and asks again instead of being parked and claimed back: that trip
+    /// through the database takes longer than a token's interval, so with
+    /// several instances each hold would lose the destination's turn.
+    async fn admit_shared(
+        &self,
+        shared: &super::shared::Shared,
+        dest: &DestinationSpec,
+        run: Option<RunRef<'_>>,
+    ) -> Result<Option<super::shared::Slot>, (DateTime<Utc>, HoldReason)> {
+        let waited_until = std::time::Instant::now() + SHARED_WAIT;
+        loop {
+            let queued = run.and_then(|r| self.queued_run(dest, r));
+            match shared.admit(dest, queued.as_ref()).await {
+                Err((until, reason))
+                    if run.is_some()
+                        && matches!(reason, HoldReason::RateLimited | HoldReason::Concurrency) =>
+                {
+                    let wait = (until - Utc::now()).to_std().unwrap_or_default();
+                    if std::time::Instant::now() + wait > waited_until {
+                        return Err((until, reason));
+                    }
+                    tokio::time::sleep(wait.max(Duration::from_millis(2))).await;
+                }
+                verdict => return verdict,
             }
         }
     }
