@@ -539,12 +539,38 @@ async fn a_breaker_parks_held_runs_until_it_closes(db: &TestDb) {
     assert_eq!(up.statuses().len(), 10);
 }
 
+/// Waits until the sink answered its first request (429 + `Retry-After`,
+/// which pauses the destination), and a little more for the pause to be
+/// written where every instance reads it.
+async fn wait_paused(sink: &LimitSink) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !sink.statuses().iter().any(|(_, s)| *s == 429) {
+        assert!(Instant::now() < deadline, "the first request never came");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+/// The numbers of the runs in the order the sink received them (the
+/// warm-up run, not numbered, left out).
+fn received_order(sink: &LimitSink) -> Vec<usize> {
+    sink.c
+        .paths
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p.rsplit('_').next()?.parse().ok())
+        .collect()
+}
+
 /// Held runs of one destination resume oldest first: 30 runs created one
-/// after another to a destination that lets `limits` through; the sink
-/// receives them in the order they were created.
+/// after another to a destination that lets `limits` through, while a
+/// `Retry-After` (answered to a warm-up run) pauses it, so that every one of
+/// them is held; the sink receives them in the order they were created.
 async fn held_runs_resume_oldest_first(db: &TestDb, limits: &str, delay_ms: u64) {
     let sink = LimitSink::start(Counters {
         delay_ms,
+        retry_after_first: Some(4),
         ..Default::default()
     })
     .await;
@@ -563,17 +589,15 @@ async fn held_runs_resume_oldest_first(db: &TestDb, limits: &str, delay_ms: u64)
         ],
     )
     .await;
+    let r = app
+        .deliver(&ended_body("ev_warm", "conv_warm", "completed"))
+        .await;
+    assert_eq!(r.status(), 200);
+    wait_paused(&sink).await;
     deliver_n(&app, "order", 30).await;
-    let rs = app.wait_runs_final(30, 60).await;
+    let rs = app.wait_runs_final(31, 60).await;
     assert!(rs.iter().all(|r| r.status == "succeeded"), "{rs:?}");
-    let order: Vec<usize> = sink
-        .c
-        .paths
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|p| p.rsplit('_').next().unwrap().parse().unwrap())
-        .collect();
+    let order = received_order(&sink);
     assert_eq!(
         order,
         (0..30).collect::<Vec<_>>(),
@@ -761,6 +785,100 @@ async fn two_instances_on_postgres_share_the_limits() {
     assert!(max <= 2, "{max} in flight with a shared cap of 2");
     // Both instances worked (the runs were shared, not all taken by one).
     drop(b);
+}
+
+/// Held runs of one destination resume oldest first across instances: two
+/// `switchboard serve` processes on one PostgreSQL database, 30 runs created
+/// one after another, alternately through each, to a destination limited by
+/// `limits` and paused by a `Retry-After` (answered to a warm-up run), so
+/// that every one of them is held. Both instances hold runs (each instance
+/// starts the runs it created, and a held run comes back on whichever
+/// instance claims it), so with only each instance's own queue of held runs
+/// the two would interleave theirs; the sink must receive them in the order
+/// they were created.
+async fn held_runs_resume_oldest_first_across_instances(limits: &str, delay_ms: u64) {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let sink = LimitSink::start(Counters {
+        delay_ms,
+        retry_after_first: Some(4),
+        ..Default::default()
+    })
+    .await;
+    let dest = format!(
+        "destinations:\n  - name: crm\n    url: \"{}\"\n{limits}",
+        sink.url("/")
+    );
+    let wf = workflow(&sink.url("/crm/{{ event.conversation_id }}"), "");
+    let dir = common::workflow_dir(&[("destinations.yaml", &dest), ("crm.yaml", &wf)]);
+    let logs = tempfile::tempdir().unwrap();
+    let env = [("SWITCHBOARD_WORKFLOWS", dir.path().to_str().unwrap())];
+    let a = common::ServerProcess::start(&db, logs.path(), &env).await;
+    let b = common::ServerProcess::start(&db, logs.path(), &env).await;
+    let client = common::client();
+    let warm = ended_body("ev_warm", "conv_warm", "completed");
+    let r = common::deliver_to(&client, &a.webhook_url(), &warm, Default::default()).await;
+    assert_eq!(r.status(), 200);
+    wait_paused(&sink).await;
+    for i in 0..30 {
+        let url = if i % 2 == 0 {
+            a.webhook_url()
+        } else {
+            b.webhook_url()
+        };
+        let body = ended_body(&format!("ev_x_{i}"), &format!("conv_x_{i}"), "completed");
+        let r = common::deliver_to(&client, &url, &body, Default::default()).await;
+        assert_eq!(r.status(), 200);
+    }
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let rs = common::runs_of(&a.base()).await;
+        if rs.len() == 31 && rs.iter().all(|r| r["status"] == "succeeded") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not all 31 runs succeeded: {:?}",
+            rs.iter()
+                .map(|r| (&r["status"], &r["wait_reason"], &r["last_error"]))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Both instances held runs of the destination (the order was not one instance's alone).
+    for (who, p) in [("a", &a), ("b", &b)] {
+        let text = client
+            .get(format!("{}/metrics", p.base()))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let held: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("switchboard_destination_held_total{destination=\"crm\""))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum();
+        assert!(held > 0.0, "instance {who} held no run:\n{text}");
+    }
+    let order = received_order(&sink);
+    assert_eq!(
+        order,
+        (0..30).collect::<Vec<_>>(),
+        "the order the sink received them in, from two instances"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_runs_resume_oldest_first_across_instances_by_rate() {
+    held_runs_resume_oldest_first_across_instances("    rate: 5/s\n    burst: 1\n", 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_runs_resume_oldest_first_across_instances_by_concurrency() {
+    held_runs_resume_oldest_first_across_instances("    concurrency: 1\n", 30).await;
 }
 
 async fn deliver_n_at(app: &TestApp, i: usize) {

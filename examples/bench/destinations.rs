@@ -277,3 +277,151 @@ pub async fn shared_rate(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyho
     drop_db(backend, &db).await;
     Ok(())
 }
+
+/// The load average of the machine (1 min), to print next to a figure.
+pub fn loadavg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Scenario `dest-overhead` (issue 14: "overhead for destinations with no
+/// limits: none measurable"): scenario 2's fixed 300/s phase (ack → sink
+/// latency, server CPU and transactions per delivery) with no
+/// `destinations.yaml`, with a breaker-only `default:` (the workflow's URL
+/// falls to it), and with an entry without limits covering the URL (beside
+/// that default). One database and one workflow; the variants take turns,
+/// round after round (`--rounds`, at least 3), each phase on a server of
+/// its own, so noise of a shared machine falls on all of them; the medians
+/// over the rounds and their differences to no file are printed.
+pub async fn overhead(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let b = backend_name(backend);
+    let db = fresh_db(backend, ctx.tmp.path()).await?;
+    let breaker =
+        "default:\n  circuit_breaker: { failures: 10, cool_down: 30s, max_cool_down: 10m }\n";
+    // One sink: the workflow is the same text in every variant.
+    let (sink, sink_url) = Sink::start().await?;
+    let mut variants = Vec::new();
+    for (label, with) in [
+        ("no destinations.yaml", 0),
+        ("breaker-only default", 1),
+        ("entry without limits", 2),
+    ] {
+        let wf = ctx.tmp.path().join(format!("wf-overhead-{}", tag()));
+        write_workflow(
+            &wf,
+            "e2e.yaml",
+            &format!(
+                "name: e2e\non: {{ event: conversation.ended }}\nsteps:\n  - id: post\n    http:\n      url: \"{sink_url}/deliveries\"\n      json: {{ event: \"{{{{ event.id }}}}\" }}\n"
+            ),
+        )?;
+        match with {
+            1 => write_workflow(&wf, "destinations.yaml", breaker)?,
+            2 => write_workflow(
+                &wf,
+                "destinations.yaml",
+                &format!("destinations:\n  - name: sink\n    url: \"{sink_url}/\"\n{breaker}"),
+            )?,
+            _ => {}
+        }
+        let probe = super::Probe::new(backend, &db);
+        let startup = probe
+            .startup_xacts(&ctx.bin, &db, &wf, ctx.tmp.path())
+            .await?;
+        variants.push((
+            label,
+            super::E2e {
+                ctx,
+                db: db.clone(),
+                wf,
+                sink: sink.clone(),
+                probe,
+                startup,
+            },
+        ));
+    }
+    let rounds = ctx.o.rounds.max(3);
+    // (p50, p99, server CPU ms, db CPU ms, tx, load average) per round, per variant.
+    let mut got: Vec<Vec<[f64; 6]>> = vec![Vec::new(); variants.len()];
+    for round in 1..=rounds {
+        for (k, (label, v)) in variants.iter().enumerate() {
+            let load_before = loadavg();
+            let row = v.fixed(b, 300.0).await?;
+            let cost = row.cost.clone();
+            let c = |f: fn(&super::cost::Cost) -> f64| cost.as_ref().map_or(f64::NAN, f);
+            let fig = [
+                row.p50,
+                row.p99,
+                c(|c| c.server_cpu_ms),
+                c(|c| c.db_cpu_ms),
+                c(|c| c.tx_per_msg),
+                (load_before + loadavg()) / 2.0,
+            ];
+            println!(
+                "dest-overhead {b} round {round} {label:<22}: p50 {:.2} ms, p99 {:.2} ms, server {:.3} ms/delivery, db {:.3} ms, tx {:.2}, {} of {:.0}/s delivered, errors {}, load {:.2}",
+                fig[0], fig[1], fig[2], fig[3], fig[4], row.rate, 300.0, row.errors, fig[5]
+            );
+            anyhow::ensure!(row.errors == 0, "{label}: {} errors", row.errors);
+            got[k].push(fig);
+        }
+    }
+    let med = |k: usize, i: usize| median(got[k].iter().map(|f| f[i]).collect());
+    for (k, (label, _)) in variants.iter().enumerate() {
+        let each = |i: usize| {
+            got[k]
+                .iter()
+                .map(|f| format!("{:.2}", f[i]))
+                .collect::<Vec<_>>()
+                .join("/")
+        };
+        let diff = if k == 0 {
+            String::new()
+        } else {
+            format!(
+                "; vs no file: p50 {:+.3} ms, p99 {:+.3} ms, server CPU {:+.3} ms/delivery",
+                med(k, 0) - med(0, 0),
+                med(k, 1) - med(0, 1),
+                med(k, 2) - med(0, 2)
+            )
+        };
+        rows.push(Row {
+            scenario: format!("5. dest-overhead, 300/s, {label}"),
+            backend: b.into(),
+            rate: 300.0,
+            p50: med(k, 0),
+            p90: f64::NAN,
+            p99: med(k, 1),
+            max: f64::NAN,
+            errors: 0,
+            rss_peak_mb: f64::NAN,
+            note: format!(
+                "medians of {rounds} rounds: server CPU {:.3} ms/delivery (rounds {}), db {:.3} ms, tx {:.2}; p99 by round {}; load avg {}{diff}",
+                med(k, 2),
+                each(2),
+                med(k, 3),
+                med(k, 4),
+                each(1),
+                each(5),
+            ),
+            cost: None,
+        });
+    }
+    drop(variants);
+    drop_db(backend, &db).await;
+    Ok(())
+}

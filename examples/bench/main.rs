@@ -6,7 +6,7 @@
 //! cargo run --release --example bench -- [--pg postgres://…] [--no-sqlite]
 //!     [--scenarios ingest,e2e,setup,growth,idle,destinations] [--duration 10s] [--growth 10000,100000]
 //!     [--idle 60s] [--json results.json] [--smoke] [--no-build]
-//!     [--waits 100000] [--outage 60s]
+//!     [--waits 100000] [--outage 60s] [--rounds 3]
 //! ```
 //!
 //! Scenarios (each on every backend asked for):
@@ -35,6 +35,9 @@
 //! with 1,000 runs queued (`max_attempts: 3`): probes per cool-down, time to drain after the
 //! recovery, a healthy destination's ack → sink p99 during and without it (see `outage.rs`).
 //! `shared-rate` (PostgreSQL only, not in the default list): two instances sharing `rate: 50/s`.
+//! `dest-overhead` (not in the default list): the fixed 300/s phase of scenario 2 with no
+//! `destinations.yaml`, with a breaker-only `default:` and with an entry without limits, in
+//! interleaved rounds (`--rounds`, at least 3); medians and differences (see `destinations.rs`).
 
 mod ceilings;
 #[path = "../common/mod.rs"]
@@ -69,6 +72,8 @@ struct Options {
     waits: usize,
     /// How long the destination of `outage` is down (issue 14: 60 s).
     outage: Duration,
+    /// Rounds of `dest-overhead` (at least 3).
+    rounds: usize,
 }
 
 fn parse_args() -> anyhow::Result<Options> {
@@ -85,6 +90,7 @@ fn parse_args() -> anyhow::Result<Options> {
         build: true,
         waits: 100_000,
         outage: Duration::from_secs(60),
+        rounds: 3,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -109,6 +115,7 @@ fn parse_args() -> anyhow::Result<Options> {
             "--no-build" => o.build = false,
             "--waits" => o.waits = value()?.replace('_', "").parse()?,
             "--outage" => o.outage = humantime::parse_duration(&value()?)?,
+            "--rounds" => o.rounds = value()?.parse()?,
             "--smoke" => {
                 o.duration = Duration::from_secs(1);
                 o.growth = vec![1_000];
@@ -777,6 +784,7 @@ async fn main() -> anyhow::Result<()> {
                 "waits" => waits::run(&ctx, &backend, &mut rows).await,
                 "outage" => outage::run(&ctx, &backend, &mut rows).await,
                 "shared-rate" => destinations::shared_rate(&ctx, &backend, &mut rows).await,
+                "dest-overhead" => destinations::overhead(&ctx, &backend, &mut rows).await,
                 other => Err(anyhow::anyhow!("unknown scenario {other}")),
             };
             if let Err(e) = result {

@@ -31,8 +31,35 @@ fn body(tag: &str, i: u64, status: &str) -> String {
     .to_string()
 }
 
+/// When the slow deliveries (ack → sink over 20 ms) of a phase were acked,
+/// in seconds after `start`: "n slow, at a–b s" (to tell a burst from a steady cost).
+fn slow_note(start: Instant, slow: &[(Instant, Duration)]) -> String {
+    if slow.is_empty() {
+        return "; none over 20 ms".into();
+    }
+    let at: Vec<f64> = slow
+        .iter()
+        .map(|(t, _)| t.saturating_duration_since(start).as_secs_f64())
+        .collect();
+    let (lo, hi) = at
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(*x), b.max(*x)));
+    let in_first = at.iter().filter(|x| **x < 3.0).count();
+    format!(
+        "; {} over 20 ms, acked {lo:.1}–{hi:.1} s into the phase ({in_first} in its first 3 s)",
+        slow.len()
+    )
+}
+
 /// The healthy destination at a fixed rate for `dur`: sorted ack → sink latencies and the errors.
 async fn healthy(url: String, sink: &Sink, dur: Duration) -> (Vec<Duration>, u64) {
+    let (lat, lost, _) = healthy_timed(url, sink, dur).await;
+    (lat, lost)
+}
+
+/// [`healthy`], and [`slow_note`] of the phase.
+async fn healthy_timed(url: String, sink: &Sink, dur: Duration) -> (Vec<Duration>, u64, String) {
+    let start = Instant::now();
     let acks: Arc<Mutex<HashMap<u64, Instant>>> = Default::default();
     let t = tag();
     let t2 = t.clone();
@@ -53,16 +80,22 @@ async fn healthy(url: String, sink: &Sink, dur: Duration) -> (Vec<Duration>, u64
         .await;
     let acks = acks.lock().unwrap();
     let arrivals = sink.arrivals.lock().unwrap();
-    let mut lat: Vec<Duration> = acks
+    let timed: Vec<(Instant, Duration)> = acks
         .iter()
         .filter_map(|(i, acked)| {
             let (arrived, _) = arrivals.get(&format!("ev_{t}_{i}"))?;
-            Some(arrived.saturating_duration_since(*acked))
+            Some((*acked, arrived.saturating_duration_since(*acked)))
         })
         .collect();
+    let slow: Vec<(Instant, Duration)> = timed
+        .iter()
+        .copied()
+        .filter(|(_, l)| *l > Duration::from_millis(20))
+        .collect();
+    let mut lat: Vec<Duration> = timed.iter().map(|(_, l)| *l).collect();
     lat.sort();
     let lost = sent.errors + sent.ok - lat.len() as u64;
-    (lat, lost)
+    (lat, lost, slow_note(start, &slow))
 }
 
 /// The server's CPU seconds and (SQLite) commits so far.
@@ -175,7 +208,8 @@ pub async fn run(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Resul
         .saturating_sub(Duration::from_millis(500))
         .max(Duration::from_secs(1));
     let (url, healthy_sink) = (server.webhook_url(), ok_sink.clone());
-    let load_task = tokio::spawn(async move { healthy(url, &healthy_sink, during_dur).await });
+    let load_task =
+        tokio::spawn(async move { healthy_timed(url, &healthy_sink, during_dur).await });
     // When does the breaker open, and how many attempts had gone by then?
     let mut opened: Option<(Instant, f64)> = None;
     let mut open_spent = None;
@@ -196,7 +230,7 @@ pub async fn run(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Resul
     }
     let at_end = connect_attempts(&server).await?;
     let end_spent = (spent(&server).await, Instant::now());
-    let (lat, lost) = load_task.await?;
+    let (lat, lost, slow) = load_task.await?;
 
     // The recovery.
     let down_sink = Sink::start_on(port).await?;
@@ -264,6 +298,30 @@ pub async fn run(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Resul
             spent_note(s, end_spent.0, end_spent.1 - at)
         ));
     }
+    row.note.push_str(&slow);
+    // Whether the healthy destination's own runs were ever held (its breaker, a pause).
+    let held = server::metric(
+        &server,
+        "switchboard_destination_held_total",
+        "destination=\"healthy\"",
+    )
+    .await
+    .unwrap_or(f64::NAN);
+    let healthy_failed: f64 = reqwest::get(format!("{}/metrics", server.base))
+        .await?
+        .text()
+        .await?
+        .lines()
+        .filter(|l| {
+            l.starts_with("switchboard_attempts_total{")
+                && l.contains("workflow=\"healthy\"")
+                && !l.contains("outcome=\"succeeded\"")
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum();
+    row.note.push_str(&format!(
+        "; healthy runs held by their destination: {held:.0}, attempts not succeeded: {healthy_failed:.0}"
+    ));
     rows.push(row);
     drop(server);
     drop_db(backend, &db).await;

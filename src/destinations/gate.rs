@@ -49,6 +49,9 @@ type QueueKey = (DateTime<Utc>, String);
 pub struct RunRef<'a> {
     pub id: &'a str,
     pub created_at: DateTime<Utc>,
+    /// Why the run waited before this claim (`runs.wait_reason`): a run that
+    /// comes back from a hold may be in the shared queue.
+    pub held: Option<&'a str>,
 }
 
 impl RunRef<'_> {
@@ -119,6 +122,33 @@ const PARK_SPACING: Duration = Duration::from_millis(50);
 /// How long past its turn a held run is waited for by younger runs before it
 /// is forgotten (cancelled, or late): a claim may come up to a second late.
 const TURN_GRACE: Duration = Duration::from_secs(2);
+/// How long a run waits in process for the shared gate (PostgreSQL) before
+/// it is parked instead (see [`Gate::admit_shared`]).
+const SHARED_WAIT: Duration = Duration::from_millis(100);
+
+/// How far ahead an older held run's turn makes a younger run wait behind it,
+/// and the reason it waits; `None` without a rate or a cap (nothing is scarce).
+fn lookahead(limits: &super::Limits) -> Option<(Duration, HoldReason)> {
+    match (limits.rate, limits.concurrency) {
+        (Some(rate), _) => Some((
+            rate.interval().max(CONCURRENCY_RETRY),
+            HoldReason::RateLimited,
+        )),
+        (None, Some(_)) => Some((CONCURRENCY_RETRY, HoldReason::Concurrency)),
+        (None, None) => None,
+    }
+}
+
+/// The spacing of held runs queued one behind the other.
+fn spacing_of(dest: &DestinationSpec, reason: HoldReason) -> Duration {
+    match reason {
+        HoldReason::RateLimited => dest
+            .limits
+            .rate
+            .map_or(CONCURRENCY_SPACING, |r| r.interval()),
+        _ => CONCURRENCY_SPACING,
+    }
+}
 
 /// When a run must let an older held run of its destination go first: the
 /// oldest held run older than `r` whose turn is now or within one spacing (and
@@ -130,14 +160,7 @@ fn older_turn(
     r: RunRef<'_>,
     now: DateTime<Utc>,
 ) -> Option<(DateTime<Utc>, HoldReason)> {
-    let (lookahead, reason) = match (limits.rate, limits.concurrency) {
-        (Some(rate), _) => (
-            rate.interval().max(CONCURRENCY_RETRY),
-            HoldReason::RateLimited,
-        ),
-        (None, Some(_)) => (CONCURRENCY_RETRY, HoldReason::Concurrency),
-        (None, None) => return None,
-    };
+    let (lookahead, reason) = lookahead(limits)?;
     let stale = now - chrono::TimeDelta::from_std(TURN_GRACE).unwrap_or_default();
     let soon = plus(now, lookahead);
     let key = r.key();
@@ -333,33 +356,37 @@ impl Gate {
     /// every destination: those still open park them again), in the
     /// background, tried 3 times; the parked runs' own time is the safety net.
     fn wake_parked(&self) {
-        let Some(w) = self.inner.wake.get() else {
-            return;
-        };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        let gate = self.clone();
+        runtime.spawn(async move { gate.wake_parked_now().await });
+    }
+
+    /// [`Self::wake_parked`], awaited.
+    async fn wake_parked_now(&self) {
+        let Some(w) = self.inner.wake.get() else {
+            return;
+        };
         let (store, notify) = (w.store.clone(), w.notify.clone());
-        runtime.spawn(async move {
-            for tries in 1..=3u32 {
-                match store
-                    .wake_held(&[HoldReason::CircuitOpen.as_str()], Utc::now())
-                    .await
-                {
-                    Ok(n) => {
-                        if n > 0 {
-                            tracing::info!(runs = n, "runs parked behind a circuit breaker woken");
-                            notify.notify_waiters();
-                        }
-                        return;
+        for tries in 1..=3u32 {
+            match store
+                .wake_held(&[HoldReason::CircuitOpen.as_str()], Utc::now())
+                .await
+            {
+                Ok(n) => {
+                    if n > 0 {
+                        tracing::info!(runs = n, "runs parked behind a circuit breaker woken");
+                        notify.notify_waiters();
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, tries, "cannot wake the runs parked behind a circuit breaker; they come back by themselves");
-                        tokio::time::sleep(Duration::from_millis(500) * tries).await;
-                    }
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, tries, "cannot wake the runs parked behind a circuit breaker; they come back by themselves");
+                    tokio::time::sleep(Duration::from_millis(500) * tries).await;
                 }
             }
-        });
+        }
     }
 
     pub fn config(&self) -> Arc<Destinations> {
@@ -367,7 +394,8 @@ impl Gate {
     }
 
     /// Asks to send one request to `url` now; `run` (for runs, not lookups)
-    /// queues held runs oldest first.
+    /// queues held runs oldest first (on PostgreSQL, for a destination with a
+    /// rate or a cap, in a queue every instance shares: see [`Self::held_shared`]).
     pub async fn admit(&self, url: &str, run: Option<RunRef<'_>>) -> Admit {
         let config = self.config();
         if config.is_empty() {
@@ -376,27 +404,35 @@ impl Gate {
         let Some(dest) = config.find(url) else {
             return Admit::Go(Permit::free());
         };
+        let limited = dest.limits.rate.is_some() || dest.limits.concurrency.is_some();
         if let Some(shared) = &self.inner.shared {
-            shared.refresh_if_stale(self).await;
+            // A run parked behind a breaker that comes back while this instance still
+            // sees the breaker open was most likely woken because another instance's
+            // probe closed it: read the shared state now rather than park it again.
+            if run.is_some_and(|r| r.held == Some(HoldReason::CircuitOpen.as_str()))
+                && self.breaker_of(&dest.name).state != State::Closed
+            {
+                shared.refresh_now(self).await;
+            } else {
+                shared.refresh_if_stale(self).await;
+            }
         }
         let verdict = self.admit_local(&dest, run);
         let verdict = match (verdict, &self.inner.shared) {
-            (Ok(permit), Some(shared))
-                if dest.limits.rate.is_some() || dest.limits.concurrency.is_some() =>
-            {
-                match shared.admit(&dest, permit.probe).await {
+            (Ok(permit), Some(shared)) if limited => {
+                match self.admit_shared(shared, &dest, run).await {
                     Ok(slot) => {
                         let mut permit = permit;
                         permit.slot = slot;
                         // A pause or an opening that came while the shared query ran holds it still.
                         match self.stopped_since(&dest.name, permit.probe) {
                             None => Ok(permit),
-                            Some((until, reason)) => {
+                            Some(hold) => {
                                 if let Some(slot) = permit.slot.take() {
                                     shared.release(slot).await;
                                 }
                                 permit.counted_back();
-                                Err(self.held(&dest, until, reason, run))
+                                Err(hold)
                             }
                         }
                     }
@@ -404,20 +440,22 @@ impl Gate {
                         // Give back what the local gate counted.
                         let mut permit = permit;
                         permit.counted_back();
-                        Err(self.held(&dest, hold.0, hold.1, run))
+                        Err(hold)
                     }
                 }
             }
             (v, _) => v,
         };
-        match verdict {
+        let verdict = match verdict {
             Ok(mut permit) => {
                 if permit.probe
                     && let Some(shared) = &self.inner.shared
                 {
                     // One probe for every instance: whoever turns the shared row half open sends it.
                     let b = self.breaker_of(&dest.name);
-                    if !shared.claim_probe(&dest.name, &b).await {
+                    if shared.claim_probe(&dest.name, &b).await {
+                        Ok(permit)
+                    } else {
                         let until = Utc::now() + chrono::TimeDelta::seconds(1);
                         {
                             let mut states = self.inner.states.lock().expect("gate state");
@@ -427,14 +465,16 @@ impl Gate {
                         }
                         permit.probe = false;
                         permit.counted_back();
-                        let hold = self.held(&dest, until, HoldReason::CircuitOpen, run);
-                        crate::prometheus::destination_held(
-                            &hold.destination,
-                            hold.reason.as_str(),
-                        );
-                        return Admit::Hold(hold);
+                        Err((until, HoldReason::CircuitOpen))
                     }
+                } else {
+                    Ok(permit)
                 }
+            }
+            Err(hold) => Err(hold),
+        };
+        match verdict {
+            Ok(permit) => {
                 // Out of the queue only now: while the shared gate is asked, younger runs wait behind it.
                 if let Some(r) = run
                     && let Some(s) = self
@@ -448,11 +488,113 @@ impl Gate {
                 }
                 Admit::Go(permit)
             }
-            Err(hold) => {
+            Err((earliest, reason)) => {
+                let hold = match (&self.inner.shared, run) {
+                    (Some(shared), Some(r)) if limited => {
+                        self.held_shared(shared, &dest, earliest, reason, r).await
+                    }
+                    _ => self.held(&dest, earliest, reason, run),
+                };
                 crate::prometheus::destination_held(&hold.destination, hold.reason.as_str());
                 Admit::Hold(hold)
             }
         }
+    }
+
+    /// The shared gate's answer for a request the local gate let through. A
+    /// run held for at most [`SHARED_WAIT`] (by an older held run being let
+    /// through on another instance, the next rate token, a slot) waits here
+    /// and asks again instead of being parked and claimed back: that trip
+    /// through the database takes longer than a token's interval, so with
+    /// several instances each hold would lose the destination's turn.
+    async fn admit_shared(
+        &self,
+        shared: &super::shared::Shared,
+        dest: &DestinationSpec,
+        run: Option<RunRef<'_>>,
+    ) -> Result<Option<super::shared::Slot>, (DateTime<Utc>, HoldReason)> {
+        let waited_until = std::time::Instant::now() + SHARED_WAIT;
+        loop {
+            let queued = run.and_then(|r| self.queued_run(dest, r));
+            match shared.admit(dest, queued.as_ref()).await {
+                Err((until, reason))
+                    if run.is_some()
+                        && matches!(reason, HoldReason::RateLimited | HoldReason::Concurrency) =>
+                {
+                    let wait = (until - Utc::now()).to_std().unwrap_or_default();
+                    if std::time::Instant::now() + wait > waited_until {
+                        return Err((until, reason));
+                    }
+                    tokio::time::sleep(wait.max(Duration::from_millis(2))).await;
+                }
+                verdict => return verdict,
+            }
+        }
+    }
+
+    /// What the shared gate needs of `r` for the shared queue: `None` when
+    /// nothing is scarce (no rate, no cap).
+    fn queued_run(
+        &self,
+        dest: &DestinationSpec,
+        r: RunRef<'_>,
+    ) -> Option<super::shared::QueuedRun> {
+        let (lookahead, reason) = lookahead(&dest.limits)?;
+        let now = Utc::now();
+        Some(super::shared::QueuedRun {
+            key: r.key(),
+            held: r
+                .held
+                .is_some_and(|h| HoldReason::ALL.iter().any(|x| x.as_str() == h)),
+            stale: now - chrono::TimeDelta::from_std(TURN_GRACE).unwrap_or_default(),
+            soon: plus(now, lookahead),
+            reason,
+        })
+    }
+
+    /// [`Self::held`], with the run's turn taken from the queue every
+    /// instance shares (PostgreSQL, destinations with a rate or a cap): one
+    /// spacing after every older held run still awaited, whichever instance
+    /// held it. The local queue keeps the same turn.
+    async fn held_shared(
+        &self,
+        shared: &super::shared::Shared,
+        dest: &DestinationSpec,
+        earliest: DateTime<Utc>,
+        reason: HoldReason,
+        r: RunRef<'_>,
+    ) -> Hold {
+        let mut hold = self.held(dest, earliest, reason, Some(r));
+        let stale = Utc::now() - chrono::TimeDelta::from_std(TURN_GRACE).unwrap_or_default();
+        let parked = (reason == HoldReason::CircuitOpen).then_some((PARK, PARK_SPACING));
+        match shared
+            .enqueue(
+                &dest.name,
+                &r.key(),
+                stale,
+                earliest,
+                spacing_of(dest, reason),
+                parked,
+            )
+            .await
+        {
+            Ok(turn) => {
+                hold.until = turn;
+                if let Some(s) = self
+                    .inner
+                    .states
+                    .lock()
+                    .expect("gate state")
+                    .get_mut(&dest.name)
+                {
+                    s.queue.insert(r.key(), turn);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(destination = %dest.name, error = %e, "cannot queue a held run in the shared queue; this instance's order only");
+            }
+        }
+        hold
     }
 
     /// A pause, or an open breaker (for a request that is not the probe), in force now.
@@ -496,13 +638,7 @@ impl Gate {
         let mut states = self.inner.states.lock().expect("gate state");
         let s = states.entry(dest.name.clone()).or_default();
         let now = Utc::now();
-        let spacing = match reason {
-            HoldReason::RateLimited => dest
-                .limits
-                .rate
-                .map_or(CONCURRENCY_SPACING, |r| r.interval()),
-            _ => CONCURRENCY_SPACING,
-        };
+        let spacing = spacing_of(dest, reason);
         let until = match run {
             None => earliest,
             Some(r) => {
@@ -535,7 +671,12 @@ impl Gate {
         }
     }
 
-    fn admit_local(&self, dest: &DestinationSpec, run: Option<RunRef<'_>>) -> Result<Permit, Hold> {
+    /// The local gate: a permit, or held from when, for what (not queued yet).
+    fn admit_local(
+        &self,
+        dest: &DestinationSpec,
+        run: Option<RunRef<'_>>,
+    ) -> Result<Permit, (DateTime<Utc>, HoldReason)> {
         let now = Utc::now();
         let limits = dest.limits;
         let hold = {
@@ -609,8 +750,7 @@ impl Gate {
                 });
             }
         };
-        let (until, reason) = hold.expect("held");
-        Err(self.held(dest, until, reason, run))
+        Err(hold.expect("held"))
     }
 
     /// Returns a permit's slot and records its outcome.
@@ -691,7 +831,9 @@ impl Gate {
                 }
             }
         }
-        if reported.closed {
+        // With other instances, the closed breaker is written before the parked runs are
+        // woken: an instance that claims one reads the shared state then (see `admit`).
+        if reported.closed && self.inner.shared.is_none() {
             self.wake_parked();
         }
         let paused = outcome.and_then(|o| o.retry_after).is_some();
@@ -712,12 +854,18 @@ impl Gate {
             if (slot.is_some() || changed.is_some() || pause.is_some())
                 && let Ok(runtime) = tokio::runtime::Handle::try_current()
             {
+                let gate = self.clone();
+                let closed = reported.closed;
                 runtime.spawn(async move {
                     if let Some(slot) = slot {
                         shared.release(slot).await;
                     }
                     if let Some(b) = changed {
                         shared.write_breaker(&dest, &b).await;
+                    }
+                    if closed {
+                        shared.turns_now(&dest).await;
+                        gate.wake_parked_now().await;
                     }
                     if let Some(Some(until)) = pause {
                         shared.write_pause(&dest, until).await;
@@ -747,6 +895,7 @@ impl Gate {
         if let Some(shared) = &self.inner.shared {
             shared.write_breaker(name, &Breaker::default()).await;
             shared.write_pause(name, Utc::now()).await;
+            shared.turns_now(name).await;
         }
         true
     }

@@ -268,6 +268,7 @@ pub async fn admit_step(
     let who = gate::RunRef {
         id: &run.run_id,
         created_at: run.created_at,
+        held: run.wait_reason.as_deref(),
     };
     Some(gate.admit(&url, Some(who)).await)
 }

@@ -37,6 +37,19 @@ type StateRow = (
     Option<DateTime<Utc>>,
 );
 
+/// A run asking the shared gate, for the shared queue of held runs.
+pub struct QueuedRun {
+    /// (created at, run id).
+    pub key: (DateTime<Utc>, String),
+    /// It comes back from a hold (it may be in the queue).
+    pub held: bool,
+    /// An older held run whose turn is in `[stale, soon]` goes first.
+    pub stale: DateTime<Utc>,
+    pub soon: DateTime<Utc>,
+    /// Why it waits behind one.
+    pub reason: HoldReason,
+}
+
 /// A concurrency slot held in the database.
 pub struct Slot {
     name: String,
@@ -130,22 +143,73 @@ impl Shared {
         }
     }
 
-    /// Takes a token of the shared bucket and a shared concurrency slot.
+    /// Takes a token of the shared bucket and a shared concurrency slot, in
+    /// one transaction with the destination's row locked (so the admissions
+    /// of one destination are decided one at a time across instances). With
+    /// `run` (a run, not a lookup), first the shared queue: an older held run
+    /// whose turn is now holds this one behind it; let through, a run that
+    /// comes back from a hold leaves the queue in the same transaction (an
+    /// older run being let through never blocks a younger one: it waits for
+    /// the lock and then finds it gone).
     /// Err: held until when, why.
     pub async fn admit(
         &self,
         dest: &DestinationSpec,
-        _probe: bool,
+        run: Option<&QueuedRun>,
     ) -> Result<Option<Slot>, (DateTime<Utc>, HoldReason)> {
         let now = Utc::now();
         if let Err(e) = self.ensure(dest).await {
             tracing::warn!(destination = %dest.name, error = %e, "cannot record a destination; holding");
             return Err((now + chrono::TimeDelta::seconds(1), HoldReason::Concurrency));
         }
+        match self.admit_in_tx(dest, run).await {
+            Ok(verdict) => verdict,
+            Err(e) => {
+                tracing::warn!(destination = %dest.name, error = %e, "cannot take a rate token or a concurrency slot; holding");
+                let reason = if dest.limits.rate.is_some() {
+                    HoldReason::RateLimited
+                } else {
+                    HoldReason::Concurrency
+                };
+                Err((now + chrono::TimeDelta::seconds(1), reason))
+            }
+        }
+    }
+
+    async fn admit_in_tx(
+        &self,
+        dest: &DestinationSpec,
+        run: Option<&QueuedRun>,
+    ) -> Result<Result<Option<Slot>, (DateTime<Utc>, HoldReason)>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let (tat, now): (Option<DateTime<Utc>>, DateTime<Utc>) = sqlx::query_as(
+            "SELECT tat, clock_timestamp() FROM destination_state WHERE name = $1 FOR UPDATE",
+        )
+        .bind(&dest.name)
+        .fetch_one(&mut *tx)
+        .await?;
+        if let Some(q) = run {
+            let host_now = Utc::now();
+            let turn: Option<DateTime<Utc>> = sqlx::query_scalar(
+                "SELECT min(turn) FROM destination_queue WHERE name = $1 \
+                 AND (created_at, run_id) < ($2, $3) AND turn >= $4 AND turn <= $5",
+            )
+            .bind(&dest.name)
+            .bind(q.key.0)
+            .bind(&q.key.1)
+            .bind(q.stale)
+            .bind(q.soon)
+            .fetch_one(&mut *tx)
+            .await?;
+            if let Some(turn) = turn {
+                tx.rollback().await?;
+                return Ok(Err((turn.max(host_now), q.reason)));
+            }
+        }
         let slot = match dest.limits.concurrency {
             Some(cap) => {
                 let token = uuid::Uuid::new_v4().simple().to_string();
-                let got: Result<Option<i32>, _> = sqlx::query_scalar(
+                let got: Option<i32> = sqlx::query_scalar(
                     "UPDATE destination_slots SET holder = $2, expires_at = now() + make_interval(secs => $4) \
                      WHERE (name, slot) = (SELECT name, slot FROM destination_slots \
                         WHERE name = $1 AND slot < $3 AND (holder IS NULL OR expires_at < now()) \
@@ -155,68 +219,61 @@ impl Shared {
                 .bind(&token)
                 .bind(cap as i32)
                 .bind(SLOT_LEASE.as_secs_f64())
-                .fetch_optional(&self.pool)
-                .await;
+                .fetch_optional(&mut *tx)
+                .await?;
                 match got {
-                    Ok(Some(slot)) => Some(Slot {
+                    Some(slot) => Some(Slot {
                         name: dest.name.clone(),
                         slot,
                         token,
                     }),
-                    Ok(None) => {
-                        return Err((
-                            now + chrono::TimeDelta::milliseconds(50),
+                    None => {
+                        tx.rollback().await?;
+                        return Ok(Err((
+                            Utc::now() + chrono::TimeDelta::milliseconds(50),
                             HoldReason::Concurrency,
-                        ));
-                    }
-                    Err(e) => {
-                        tracing::warn!(destination = %dest.name, error = %e, "cannot take a concurrency slot; holding");
-                        return Err((now + chrono::TimeDelta::seconds(1), HoldReason::Concurrency));
+                        )));
                     }
                 }
             }
             None => None,
         };
-        if let Some(rate) = dest.limits.rate {
-            let held = match self.take_token(dest, rate).await {
-                Ok(held) => held,
-                Err(e) => {
-                    tracing::warn!(destination = %dest.name, error = %e, "cannot take a rate token; holding");
-                    Some(now + chrono::TimeDelta::seconds(1))
-                }
-            };
-            if let Some(at) = held {
-                if let Some(slot) = slot {
-                    self.release(slot).await;
-                }
-                return Err((at, HoldReason::RateLimited));
-            }
+        if let Some(rate) = dest.limits.rate
+            && let Some(at) = Self::take_token(&mut tx, dest, rate, tat, now).await?
+        {
+            tx.rollback().await?;
+            return Ok(Err((at, HoldReason::RateLimited)));
         }
-        Ok(slot)
+        if let Some(q) = run.filter(|q| q.held) {
+            sqlx::query(
+                "DELETE FROM destination_queue WHERE name = $1 AND created_at = $2 AND run_id = $3",
+            )
+            .bind(&dest.name)
+            .bind(q.key.0)
+            .bind(&q.key.1)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(Ok(slot))
     }
 
-    /// One transaction, the destination's row locked: the token bucket (GCRA)
-    /// and the sliding window (at most `count` sends in any `period`), by the
-    /// database's clock. `Some(when)`: held until then.
+    /// In the admission's transaction, the destination's row locked: the
+    /// token bucket (GCRA) and the sliding window (at most `count` sends in
+    /// any `period`), by the database's clock (`now`). `Some(when)`: held until then.
     async fn take_token(
-        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
         dest: &DestinationSpec,
         rate: super::Rate,
+        tat: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
     ) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
         let interval =
             chrono::TimeDelta::from_std(rate.interval()).unwrap_or(chrono::TimeDelta::MAX / 2);
         let period = chrono::TimeDelta::from_std(rate.period).unwrap_or(chrono::TimeDelta::MAX / 2);
         let tau = interval * (rate.burst.saturating_sub(1) as i32);
-        let mut tx = self.pool.begin().await?;
-        let (tat, now): (Option<DateTime<Utc>>, DateTime<Utc>) = sqlx::query_as(
-            "SELECT tat, clock_timestamp() FROM destination_state WHERE name = $1 FOR UPDATE",
-        )
-        .bind(&dest.name)
-        .fetch_one(&mut *tx)
-        .await?;
         let t = tat.map_or(now, |t| t.max(now));
         if t - now > tau {
-            tx.rollback().await?;
             return Ok(Some(t - tau));
         }
         // The count-th most recent send inside the window, if there are that many.
@@ -226,29 +283,86 @@ impl Shared {
         .bind(&dest.name)
         .bind(now - period)
         .bind(i64::from(rate.count) - 1)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&mut **tx)
         .await?;
         if let Some(at) = nth {
-            tx.rollback().await?;
             return Ok(Some(at + period));
         }
         sqlx::query("DELETE FROM destination_sends WHERE name = $1 AND at <= $2")
             .bind(&dest.name)
             .bind(now - period)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
         sqlx::query("INSERT INTO destination_sends (name, at) VALUES ($1, $2)")
             .bind(&dest.name)
             .bind(now)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
         sqlx::query("UPDATE destination_state SET tat = $2 WHERE name = $1")
             .bind(&dest.name)
             .bind(t + interval)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
-        tx.commit().await?;
         Ok(None)
+    }
+
+    /// Queues a held run of `name` behind every older held run still awaited
+    /// (turn at or after `stale`; older turns are forgotten: a run that never
+    /// came back), in one statement: its turn is `earliest`
+    /// plus `spacing` per run ahead of it, or, `parked` with runs ahead,
+    /// `earliest + park + park_spacing` per run ahead. Returns the turn.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn enqueue(
+        &self,
+        name: &str,
+        key: &(DateTime<Utc>, String),
+        stale: DateTime<Utc>,
+        earliest: DateTime<Utc>,
+        spacing: Duration,
+        parked: Option<(Duration, Duration)>,
+    ) -> Result<DateTime<Utc>, sqlx::Error> {
+        let (park, park_spacing) = parked.unwrap_or_default();
+        sqlx::query_scalar(
+            "WITH forgotten AS (DELETE FROM destination_queue WHERE name = $1 AND turn < $4), \
+             ahead AS (SELECT count(*)::float8 AS n FROM destination_queue WHERE name = $1 \
+                AND (created_at, run_id) < ($2, $3) AND turn >= $4) \
+             INSERT INTO destination_queue AS q (name, created_at, run_id, turn) \
+             SELECT $1, $2, $3, CASE WHEN $7 AND ahead.n > 0 \
+                THEN $5 + make_interval(secs => $8 + $9 * ahead.n) \
+                ELSE $5 + make_interval(secs => $6 * ahead.n) END FROM ahead \
+             ON CONFLICT (name, created_at, run_id) DO UPDATE SET turn = EXCLUDED.turn \
+             RETURNING turn",
+        )
+        .bind(name)
+        .bind(key.0)
+        .bind(&key.1)
+        .bind(stale)
+        .bind(earliest)
+        .bind(spacing.as_secs_f64())
+        .bind(parked.is_some())
+        .bind(park.as_secs_f64())
+        .bind(park_spacing.as_secs_f64())
+        .fetch_one(&self.pool)
+        .await
+    }
+
+    /// Every held run's turn has come (the breaker closed or was reset): the
+    /// parked runs, woken oldest first, are waited for by younger ones.
+    pub async fn turns_now(&self, name: &str) {
+        let r = sqlx::query("UPDATE destination_queue SET turn = $2 WHERE name = $1 AND turn > $2")
+            .bind(name)
+            .bind(Utc::now())
+            .execute(&self.pool)
+            .await;
+        if let Err(e) = r {
+            tracing::warn!(destination = %name, error = %e, "cannot bring the shared queue's turns forward");
+        }
+    }
+
+    /// Reads every breaker state and pause now, however recent the cache.
+    pub async fn refresh_now(&self, gate: &super::gate::Gate) {
+        *self.refreshed.lock().expect("refresh lock") = None;
+        self.refresh_if_stale(gate).await;
     }
 
     pub async fn release(&self, slot: Slot) {
