@@ -232,6 +232,9 @@ async fn a_replay_runs_the_current_version_and_a_retry_its_own(db: &TestDb) {
         .await;
     assert_eq!(status, 200, "{body}");
     sink.wait_for("/status/400/v1", 2, 10).await;
+    // Until its failure is saved the retried run is in flight, and a bulk
+    // replay skips an event whose run of the workflow is still in flight.
+    app.wait_runs_final(3, 10).await;
     let (_, run) = app.admin_get(&format!("/api/v1/runs/{}", bad.run_id)).await;
     assert_eq!(run["version"], bad_v1.as_str(), "a retry keeps its version");
     // A bulk replay says which versions its runs execute, and they do.
