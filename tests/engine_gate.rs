@@ -58,11 +58,7 @@ async fn crm_posting_to(
             sink.url("/ok/crm")
         ),
     )]);
-    let registry = Arc::new(switchboard::workflow::registry::Registry::new(
-        switchboard::workflow::WorkflowSet::load(dir.path()).expect("workflows load"),
-    ));
-    let store = switchboard::store::connect(db.url()).await.unwrap();
-    store.migrate().await.unwrap();
+    let (registry, store) = common::registry_and_store(db, dir.path()).await;
     (registry, store)
 }
 

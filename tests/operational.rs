@@ -38,11 +38,7 @@ async fn a_full_batch_of_many_matches_commits_in_one_transaction(db: &TestDb) {
             .map(|(f, y)| (f.as_str(), y.as_str()))
             .collect::<Vec<_>>(),
     );
-    let registry = switchboard::workflow::registry::Registry::new(
-        switchboard::workflow::WorkflowSet::load(dir.path()).expect("workflows load"),
-    );
-    let store = switchboard::store::connect(db.url()).await.unwrap();
-    store.migrate().await.unwrap();
+    let (registry, store) = common::registry_and_store(db, dir.path()).await;
     let batch: Vec<NewEvent> = (0..256)
         .map(|i| {
             let body =
@@ -51,7 +47,7 @@ async fn a_full_batch_of_many_matches_commits_in_one_transaction(db: &TestDb) {
         })
         .collect();
     let (outcomes, runs) = store
-        .append_batch(&batch, &registry)
+        .append_batch(&batch, registry.as_ref())
         .await
         .expect("the batch is split under the bind limit, not refused");
     assert_eq!(runs, 256 * 40);

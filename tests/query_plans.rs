@@ -204,13 +204,10 @@ async fn plan_of(db: &TestDb, sql: &str) -> String {
     }
 }
 
-/// The statements a worker runs whenever it looks for work (store/due.rs)
-/// read the partial indexes of due runs and lapsed leases, not every run of
-/// a status: on SQLite without statistics the planner used to pick
-/// `runs_by_status` and read every waiting run, twice a second.
-async fn due_statements_use_the_partial_indexes(db: &TestDb) {
+/// A server on `db` that took five `conversation.ended` events (so the
+/// tables hold runs to plan over), and `db`'s backend.
+async fn app_with_runs(db: &TestDb) -> (TestApp, switchboard::store::Backend) {
     use switchboard::store::Backend;
-    use switchboard::store::due::{claim_sql, next_wakeup_sql};
     let app = TestApp::spawn(db).await;
     for i in 0..5 {
         app.deliver(&ended_body(
@@ -224,6 +221,17 @@ async fn due_statements_use_the_partial_indexes(db: &TestDb) {
         TestDb::Sqlite { .. } => Backend::Sqlite,
         TestDb::Postgres { .. } => Backend::Postgres,
     };
+    (app, backend)
+}
+
+/// The statements a worker runs whenever it looks for work (store/due.rs)
+/// read the partial indexes of due runs and lapsed leases, not every run of
+/// a status: on SQLite without statistics the planner used to pick
+/// `runs_by_status` and read every waiting run, twice a second.
+async fn due_statements_use_the_partial_indexes(db: &TestDb) {
+    use switchboard::store::Backend;
+    use switchboard::store::due::{claim_sql, next_wakeup_sql};
+    let (_app, backend) = app_with_runs(db).await;
     // The claim as it runs, with its parameters written in (EXPLAIN only: nothing is claimed).
     let lease = match backend {
         Backend::Sqlite => "'2030-01-01T00:00:05Z'",
@@ -274,21 +282,8 @@ async fn due_statements_use_the_partial_indexes(db: &TestDb) {
 /// oldest wait from `run_waits_started`. They used to read every waiting
 /// run's row (a join with `run_waits`) on each scrape.
 async fn gauge_statements_read_indexes_only(db: &TestDb) {
-    use switchboard::store::Backend;
     use switchboard::store::gauges::{stats_sql, wait_stats_sql};
-    let app = TestApp::spawn(db).await;
-    for i in 0..5 {
-        app.deliver(&ended_body(
-            &format!("ev_{i}"),
-            &format!("conv_{i}"),
-            "completed",
-        ))
-        .await;
-    }
-    let backend = match db {
-        TestDb::Sqlite { .. } => Backend::Sqlite,
-        TestDb::Postgres { .. } => Backend::Postgres,
-    };
+    let (_app, backend) = app_with_runs(db).await;
     if let TestDb::Postgres { url, .. } = db {
         // Parked runs, as many as make PostgreSQL's planner weigh its choices
         // (SQLite's statements name their indexes).

@@ -11,28 +11,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{TestDb, workflow_dir};
-use switchboard::domain::IdempotencyKey;
 use switchboard::store::appender::Appender;
 use switchboard::store::runs::{Run, RunStatus, RunUpdate, Save};
 use switchboard::store::saves::{self, SaveQueue, SaveRequest};
-use switchboard::store::{LocalLease, NewEvent, RunHandoff, Verification};
-use switchboard::webhook::envelope::Envelope;
+use switchboard::store::{LocalLease, NewEvent, RunHandoff};
 use tokio::sync::{mpsc, oneshot};
 
+/// A `conversation.ended` of its own conversation, keyed `key-<id>`.
 fn event(id: &str) -> NewEvent {
     let body = common::ended_body(id, &format!("conv_{id}"), "completed");
-    NewEvent {
-        envelope: Envelope::parse(&body).unwrap(),
-        idempotency_key: IdempotencyKey::parse(format!("key-{id}")).unwrap(),
-        raw_body: body,
-        verification: Verification {
-            signed_url: "http://127.0.0.1/webhooks/operator".into(),
-            timestamp: "1".into(),
-            signature: "v1,x".into(),
-        },
-        received_at: chrono::Utc::now(),
-        span: tracing::Span::none(),
-    }
+    common::new_event(body, &format!("key-{id}"))
 }
 
 /// The workers, as the appender sees them: runs handed over are kept, and
@@ -100,11 +88,7 @@ async fn a_final_save_waits_for_a_delivery_to_share_its_commit() {
         "crm.yaml",
         "on:\n  event: conversation.ended\nsteps:\n  - id: post\n    http:\n      url: \"http://127.0.0.1:9/never\"\n      json: {}\n",
     )]);
-    let registry = Arc::new(switchboard::workflow::registry::Registry::new(
-        switchboard::workflow::WorkflowSet::load(dir.path()).expect("workflows load"),
-    ));
-    let store = switchboard::store::connect(db.url()).await.unwrap();
-    store.migrate().await.unwrap();
+    let (registry, store) = common::registry_and_store(&db, dir.path()).await;
     let (tx, queue) = saves::queue();
     let workers = Arc::new(Workers {
         handed: Mutex::new(Vec::new()),

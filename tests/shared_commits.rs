@@ -7,29 +7,16 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::{TestDb, workflow_dir};
-use switchboard::domain::IdempotencyKey;
 use switchboard::store::runs::{Attempt, RunStatus, RunUpdate, Save};
-use switchboard::store::{AppendOutcome, Backend, LocalLease, NewEvent, Verification};
-use switchboard::webhook::envelope::Envelope;
+use switchboard::store::{AppendOutcome, Backend, LocalLease, NewEvent};
 
+/// A `conversation.ended` of its own conversation, keyed `key-<id>`.
 fn event(id: &str) -> NewEvent {
     let body = common::ended_body(id, &format!("conv_{id}"), "completed");
-    NewEvent {
-        envelope: Envelope::parse(&body).unwrap(),
-        idempotency_key: IdempotencyKey::parse(format!("key-{id}")).unwrap(),
-        raw_body: body,
-        verification: Verification {
-            signed_url: "http://127.0.0.1/webhooks/operator".into(),
-            timestamp: "1".into(),
-            signature: "v1,x".into(),
-        },
-        received_at: chrono::Utc::now(),
-        span: tracing::Span::none(),
-    }
+    common::new_event(body, &format!("key-{id}"))
 }
 
 /// The save of a one-step run that succeeded at its first attempt.
@@ -78,11 +65,7 @@ async fn saves_ride_in_the_append_transaction(db: &TestDb) {
         "crm.yaml",
         "on:\n  event: conversation.ended\nsteps:\n  - id: post\n    http:\n      url: \"http://127.0.0.1:9/never\"\n      json: {}\n",
     )]);
-    let registry = Arc::new(switchboard::workflow::registry::Registry::new(
-        switchboard::workflow::WorkflowSet::load(dir.path()).expect("workflows load"),
-    ));
-    let store = switchboard::store::connect(db.url()).await.unwrap();
-    store.migrate().await.unwrap();
+    let (registry, store) = common::registry_and_store(db, dir.path()).await;
     let sqlite = store.backend() == Backend::Sqlite;
     assert_eq!(store.shares_commits(), sqlite);
     let lease = LocalLease {

@@ -297,6 +297,24 @@ pub fn workflow_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
     dir
 }
 
+/// The workflows of `dir` as a dispatcher, and a migrated store on `db`: for
+/// tests that drive the store (or the appender) without a server.
+#[allow(dead_code)]
+pub async fn registry_and_store(
+    db: &TestDb,
+    dir: &std::path::Path,
+) -> (
+    std::sync::Arc<switchboard::workflow::registry::Registry>,
+    std::sync::Arc<dyn switchboard::store::EventStore>,
+) {
+    let registry = std::sync::Arc::new(switchboard::workflow::registry::Registry::new(
+        switchboard::workflow::WorkflowSet::load(dir).expect("workflows load"),
+    ));
+    let store = switchboard::store::connect(db.url()).await.unwrap();
+    store.migrate().await.unwrap();
+    (registry, store)
+}
+
 impl TestApp {
     /// A server whose workflows are these files.
     pub async fn with_workflows(db: &TestDb, files: &[(&str, &str)]) -> (Self, tempfile::TempDir) {
