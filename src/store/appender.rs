@@ -121,6 +121,8 @@ enum Next {
     /// Every save sender is gone (the engine stopped).
     SavesClosed,
     Closed,
+    /// The saves waiting for a delivery waited long enough.
+    Lingered,
 }
 
 async fn run(
@@ -155,8 +157,13 @@ async fn run(
             replies.push(reply);
         }
     };
+    // While saves that end their runs wait for a delivery to ride with: until when.
+    let mut linger_until: Option<tokio::time::Instant> = None;
     loop {
-        // Events first; a save wakes the loop as well.
+        if events_closed && saves_rx.is_none() && pending_saves.is_empty() {
+            break;
+        }
+        // Events first; a save wakes the loop as well, and so does the end of a linger.
         let next = tokio::select! {
             biased;
             event = rx.recv(), if !events_closed => match event {
@@ -172,6 +179,12 @@ async fn run(
                 Some(save) => Next::Save(save),
                 None => Next::SavesClosed,
             },
+            _ = async {
+                match linger_until {
+                    Some(until) => tokio::time::sleep_until(until).await,
+                    None => std::future::pending().await,
+                }
+            } => Next::Lingered,
         };
         match next {
             Next::Event(event, reply) => push(&mut events, &mut replies, event, reply),
@@ -182,48 +195,23 @@ async fn run(
             Next::SavesClosed => saves_rx = None,
             // No more deliveries; runs finishing within the shutdown grace still save here.
             Next::Closed => events_closed = true,
-        }
-        if events_closed && saves_rx.is_none() {
-            break;
+            Next::Lingered => {}
         }
         // Saves that end their runs, with no delivery to ride with: wait a
-        // moment for one (or for a save that cannot wait).
-        let lingering = |events: &Vec<NewEvent>, saves: &Vec<Save>| {
-            events.is_empty()
-                && !saves.is_empty()
-                && saves.iter().all(|s| s.update.status.is_final())
-        };
-        if !events_closed && !linger.is_zero() && lingering(&events, &pending_saves) {
-            let until = tokio::time::Instant::now() + linger;
-            while lingering(&events, &pending_saves) {
-                tokio::select! {
-                    biased;
-                    event = rx.recv() => match event {
-                        Some((event, reply)) => push(&mut events, &mut replies, event, reply),
-                        None => {
-                            events_closed = true;
-                            break;
-                        }
-                    },
-                    save = async {
-                        match saves_rx.as_mut() {
-                            Some(rx) => rx.recv().await,
-                            None => std::future::pending().await,
-                        }
-                    } => match save {
-                        Some((save, reply)) => {
-                            pending_saves.push(save);
-                            save_replies.push(reply);
-                        }
-                        None => {
-                            saves_rx = None;
-                            break;
-                        }
-                    },
-                    _ = tokio::time::sleep_until(until) => break,
-                }
+        // moment for one (or for a save that cannot wait), then go alone.
+        let lingering = !linger.is_zero()
+            && !events_closed
+            && saves_rx.is_some()
+            && events.is_empty()
+            && !pending_saves.is_empty()
+            && pending_saves.iter().all(|s| s.update.status.is_final());
+        if lingering {
+            let until = *linger_until.get_or_insert_with(|| tokio::time::Instant::now() + linger);
+            if tokio::time::Instant::now() < until {
+                continue;
             }
         }
+        linger_until = None;
         let max_batch = batch_size(dispatcher.fan_out());
         while !events_closed && events.len() < max_batch {
             match rx.try_recv() {
