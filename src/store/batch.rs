@@ -288,8 +288,12 @@ mod tests {
         use crate::store::model::{MatchRecord, NewRun, PreparedAnswer};
         use crate::store::sql;
         // One row of each insert, in PostgreSQL's numbered placeholders.
-        fn binds(qb: sqlx::QueryBuilder<sqlx::Postgres>) -> usize {
-            qb.sql().as_str().matches('$').count()
+        fn binds(write: impl FnOnce(&mut sql::Statements<sqlx::Postgres>)) -> usize {
+            let mut w = sql::Statements::default();
+            write(&mut w);
+            let texts = w.texts();
+            assert_eq!(texts.len(), 1, "one statement");
+            texts[0].matches('$').count()
         }
         let event = new_event("ev_a", "k1");
         let insert = Insert {
@@ -298,12 +302,12 @@ mod tests {
             stream_version: Some(1),
         };
         assert_eq!(
-            binds(sql::insert_events(std::slice::from_ref(&insert)).unwrap()),
+            binds(|w| sql::insert_events(w, std::slice::from_ref(&insert))),
             EVENT_BINDS
         );
         let state = ConversationState::new("conv_1");
         assert_eq!(
-            binds(sql::upsert_conversations([&state]).unwrap()),
+            binds(|w| sql::upsert_conversations(w, [&state])),
             CONVERSATION_BINDS
         );
         let decision = MatchRecord {
@@ -313,7 +317,7 @@ mod tests {
             reason: None,
         };
         assert_eq!(
-            binds(sql::insert_decisions(&[decision]).unwrap()),
+            binds(|w| sql::insert_decisions(w, &[decision])),
             DECISION_BINDS
         );
         let answer = PreparedAnswer {
@@ -322,7 +326,7 @@ mod tests {
             fallback_reason: None,
         };
         assert_eq!(
-            binds(sql::insert_answers(&[(1, "ev_a".into(), answer)]).unwrap()),
+            binds(|w| sql::insert_answers(w, &[(1, "ev_a".into(), answer)])),
             ANSWER_BINDS
         );
         let run = NewRun {
@@ -339,7 +343,7 @@ mod tests {
             held: false,
         };
         assert_eq!(
-            binds(sql::insert_runs(&[run], None, false).unwrap()),
+            binds(|w| sql::insert_runs(w, &[run], None, false)),
             RUN_BINDS
         );
         // 256 events, each matching 40 workflows, fit in statements under both limits.

@@ -114,7 +114,7 @@ impl Leased {
 
     /// An UPDATE of `set` on the row `$first` if owner `$first + 1` still
     /// holds it with token `$first + 2` (the fence of every leased write).
-    pub(crate) fn fenced_update(&self, set: &str, first: u8) -> String {
+    pub(crate) fn fenced_update(&self, set: &str, first: usize) -> String {
         format!(
             "UPDATE {} SET {set} WHERE {} = ${first} AND lease_owner = ${} AND lease_token = ${} \
              AND status = 'running'",

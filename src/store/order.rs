@@ -92,58 +92,64 @@ pub fn unfinished_of_conversations_pg(n: usize) -> String {
     )
 }
 
-/// Inside the append transaction, before the runs are inserted: locks the
-/// ordered pairs (`$lock`: PostgreSQL), reads which have unfinished runs,
-/// and marks the held runs of `$runs` ([`hold_new_runs`]).
+/// SQLite: the (workflow, conversation) pairs with an unfinished original
+/// run among conversations `ids` (not empty), read with the append's other
+/// reads (one writer: nothing changes them before the plan is written).
+pub(crate) fn unfinished_of<DB: sqlx::Database>(qb: &mut sqlx::QueryBuilder<DB>, ids: &[&str])
+where
+    for<'t> &'t str: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+{
+    qb.push(format!(
+        "SELECT DISTINCT workflow, conversation_id FROM runs WHERE replay_of IS NULL AND status IN {UNFINISHED} \
+         AND conversation_id IN "
+    ));
+    super::sql::push_list(qb, ids.iter().copied());
+}
+
+/// Inside the append transaction, before the runs are inserted: marks the
+/// held runs of `$runs` ([`hold_new_runs`]) given which pairs have unfinished
+/// runs: `$read` if they were read already ([`unfinished_of`], SQLite), or
+/// else locked (`$lock`) and read here, one probe per conversation (PostgreSQL).
 macro_rules! hold_in_tx {
-    ($db:ty, $tx:expr, $runs:expr, $lock:expr) => {{
+    ($db:ty, $tx:expr, $runs:expr, $lock:expr, $read:expr) => {{
         let runs: &mut [$crate::store::model::NewRun] = $runs;
         let keys = $crate::store::order::keys(runs);
         if !keys.is_empty() {
-            let lock: bool = $lock;
-            // Binds per statement stay far under both limits: a batch is at most
-            // 256 events; chunks of 1000 pairs.
-            for chunk in keys.chunks(1000) {
-                if lock {
-                    let mut qb = sqlx::QueryBuilder::<$db>::new(
-                        "SELECT pg_advisory_xact_lock(hashtext(k.w), hashtext(k.c)) FROM (",
-                    );
-                    qb.push_values(chunk, |mut row, (w, c)| {
-                        row.push_bind(w.as_str()).push_bind(c.as_str());
-                    });
-                    qb.push(") AS k(w, c)");
-                    qb.build().execute(&mut **$tx).await?;
+            let read: Option<std::collections::HashSet<(String, String)>> = $read;
+            let unfinished = match read {
+                Some(unfinished) => unfinished,
+                None => {
+                    let lock: bool = $lock;
+                    // Binds per statement stay far under both limits: a batch is at most
+                    // 256 events; chunks of 1000 pairs.
+                    for chunk in keys.chunks(1000) {
+                        if lock {
+                            let mut qb = sqlx::QueryBuilder::<$db>::new(
+                                "SELECT pg_advisory_xact_lock(hashtext(k.w), hashtext(k.c)) FROM (",
+                            );
+                            qb.push_values(chunk, |mut row, (w, c)| {
+                                row.push_bind(w.as_str()).push_bind(c.as_str());
+                            });
+                            qb.push(") AS k(w, c)");
+                            qb.build().execute(&mut **$tx).await?;
+                        }
+                    }
+                    let mut convs: Vec<&str> = keys.iter().map(|(_, c)| c.as_str()).collect();
+                    convs.sort();
+                    convs.dedup();
+                    let mut unfinished = std::collections::HashSet::new();
+                    for chunk in convs.chunks(1000) {
+                        let sql = $crate::store::order::unfinished_of_conversations_pg(chunk.len());
+                        let mut q =
+                            sqlx::query_as::<$db, (String, String)>(sqlx::AssertSqlSafe(sql));
+                        for c in chunk {
+                            q = q.bind(*c);
+                        }
+                        unfinished.extend(q.fetch_all(&mut **$tx).await?);
+                    }
+                    unfinished
                 }
-            }
-            let mut convs: Vec<&str> = keys.iter().map(|(_, c)| c.as_str()).collect();
-            convs.sort();
-            convs.dedup();
-            let mut unfinished: std::collections::HashSet<(String, String)> =
-                std::collections::HashSet::new();
-            for chunk in convs.chunks(1000) {
-                let rows: Vec<(String, String)> = if lock {
-                    // PostgreSQL (the backend that locks): one probe per conversation.
-                    let sql = $crate::store::order::unfinished_of_conversations_pg(chunk.len());
-                    let mut q = sqlx::query_as::<$db, (String, String)>(sqlx::AssertSqlSafe(sql));
-                    for c in chunk {
-                        q = q.bind(*c);
-                    }
-                    q.fetch_all(&mut **$tx).await?
-                } else {
-                    let mut qb = sqlx::QueryBuilder::<$db>::new(format!(
-                        "SELECT DISTINCT workflow, conversation_id FROM runs WHERE replay_of IS NULL AND status IN {} \
-                         AND conversation_id IN (",
-                        $crate::store::order::UNFINISHED
-                    ));
-                    let mut sep = qb.separated(", ");
-                    for c in chunk {
-                        sep.push_bind(*c);
-                    }
-                    qb.push(")");
-                    qb.build_query_as().fetch_all(&mut **$tx).await?
-                };
-                unfinished.extend(rows);
-            }
+            };
             $crate::store::order::hold_new_runs(runs, &unfinished);
         }
     }};
@@ -168,6 +174,26 @@ macro_rules! lock_order_in_tx {
 }
 pub(crate) use lock_order_in_tx;
 
+/// Releases the next run held by order behind each of `count` runs that
+/// ended (`$first + 1` is now, the run ids follow): the first unfinished run
+/// of each one's (workflow, conversation), if it is held by order.
+pub(crate) fn release_next_sql(first: usize, count: usize) -> String {
+    let list = (0..count)
+        .map(|i| format!("${}", first + i + 2))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "UPDATE runs SET status = 'scheduled', wait_reason = NULL, next_attempt_at = ${now}, updated_at = ${now} \
+         WHERE status = 'waiting' AND wait_reason = 'order' AND run_id IN (\
+           SELECT (SELECT h.run_id FROM runs h \
+                   WHERE h.conversation_id = f.conversation_id AND h.workflow = f.workflow \
+                     AND h.replay_of IS NULL AND h.status IN {UNFINISHED} \
+                   ORDER BY h.event_seq LIMIT 1) \
+           FROM runs f WHERE f.conversation_id IS NOT NULL AND f.run_id IN ({list}))",
+        now = first + 1,
+    )
+}
+
 /// In the transaction that ended the runs `$run_ids` (`&[&str]`, after
 /// their updates): releases, for each, the earliest unfinished original run
 /// of its workflow and conversation if it is held by order (it becomes
@@ -185,20 +211,7 @@ macro_rules! release_next_in_tx {
         let ids: &[&str] = $run_ids;
         let mut released = 0u64;
         for chunk in ids.chunks(1000) {
-            let list = (0..chunk.len())
-                .map(|i| format!("${}", i + 2))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let sql = format!(
-                "UPDATE runs SET status = 'scheduled', wait_reason = NULL, next_attempt_at = $1, updated_at = $1 \
-                 WHERE status = 'waiting' AND wait_reason = 'order' AND run_id IN (\
-                   SELECT (SELECT h.run_id FROM runs h \
-                           WHERE h.conversation_id = f.conversation_id AND h.workflow = f.workflow \
-                             AND h.replay_of IS NULL AND h.status IN {} \
-                           ORDER BY h.event_seq LIMIT 1) \
-                   FROM runs f WHERE f.conversation_id IS NOT NULL AND f.run_id IN ({list}))",
-                $crate::store::order::UNFINISHED
-            );
+            let sql = $crate::store::order::release_next_sql(0, chunk.len());
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind($now);
             for id in chunk {
                 q = q.bind(*id);
@@ -206,7 +219,9 @@ macro_rules! release_next_in_tx {
             released += q.execute(&mut **$tx).await?.rows_affected();
         }
         let notify: Option<&str> = $notify;
-        if released > 0 && let Some(notify) = notify {
+        if released > 0
+            && let Some(notify) = notify
+        {
             sqlx::query(notify).execute(&mut **$tx).await?;
         }
         released

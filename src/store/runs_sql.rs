@@ -11,7 +11,7 @@ pub(crate) const RUN_COLUMNS: &str = "run_id, workflow, event_seq, event_id, con
 
 /// Lease expiry as SQL: `$n` seconds from the database's clock (PostgreSQL),
 /// or `$n` as a time computed by this host (SQLite: one host, one clock).
-pub(crate) fn lease_sql(db_clock: bool, n: u8) -> String {
+pub(crate) fn lease_sql(db_clock: bool, n: usize) -> String {
     if db_clock {
         format!("clock_timestamp() + make_interval(secs => ${n})")
     } else {
@@ -20,7 +20,7 @@ pub(crate) fn lease_sql(db_clock: bool, n: u8) -> String {
 }
 
 /// "Now" for lease comparisons: the database's clock, or the bound `$n`.
-pub(crate) fn now_sql(db_clock: bool, n: u8) -> String {
+pub(crate) fn now_sql(db_clock: bool, n: usize) -> String {
     if db_clock {
         "clock_timestamp()".to_owned()
     } else {
@@ -38,12 +38,195 @@ pub(crate) fn local_lease_until(lease: std::time::Duration) -> chrono::DateTime<
 pub(crate) const ATTEMPT_COLUMNS: &str = "run_id, number, step_index, step_id, attempt, started_at, duration_ms, \
      request, response_status, response_headers, response_body, outcome, error_class, error_message, next_delay_ms";
 
+/// Values a save's UPDATE of its run takes ([`save_update_sql`]).
+pub(crate) const SAVE_BINDS: usize = 16;
+/// Values an attempt's INSERT takes ([`attempt_insert_sql`]).
+pub(crate) const ATTEMPT_BINDS: usize = 15;
+
+/// A save's fenced UPDATE of its run, its parameters numbered from `$first + 1`
+/// (bound by `bind_save!`).
+pub(crate) fn save_update_sql(db_clock: bool, first: usize) -> String {
+    let p = |n: usize| format!("${}", first + n);
+    super::leased::RUNS.fenced_update(
+        &format!(
+            "status = {}, step_index = {}, attempt = {}, attempts_total = {}, next_attempt_at = {}, \
+             lease_owner = CASE WHEN {keep} THEN lease_owner ELSE NULL END, \
+             lease_until = CASE WHEN {keep} THEN {} ELSE NULL END, step_results = {}, last_error = {}, \
+             finished_at = {}, updated_at = {}, step_id = {}, wait_reason = {}",
+            p(1),
+            p(2),
+            p(3),
+            p(4),
+            p(5),
+            lease_sql(db_clock, first + 7),
+            p(8),
+            p(9),
+            p(10),
+            p(11),
+            p(15),
+            p(16),
+            keep = p(6),
+        ),
+        first + 12,
+    )
+}
+
+/// An attempt's INSERT, its parameters numbered from `$first + 1`. With
+/// `if_updated` it writes only if the statement before it changed a row
+/// (SQLite's `changes()`): the attempt of a save whose fenced UPDATE matched,
+/// in the same query.
+pub(crate) fn attempt_insert_sql(first: usize, if_updated: bool) -> String {
+    let values = (1..=ATTEMPT_BINDS)
+        .map(|n| format!("${}", first + n))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if if_updated {
+        format!("INSERT INTO attempts ({ATTEMPT_COLUMNS}) SELECT {values} WHERE changes() = 1")
+    } else {
+        format!("INSERT INTO attempts ({ATTEMPT_COLUMNS}) VALUES ({values})")
+    }
+}
+
+/// Binds a save's values for [`save_update_sql`].
+macro_rules! bind_update {
+    ($q:expr, $run_id:expr, $owner:expr, $token:expr, $u:expr, $now:expr, $db_clock:expr) => {{
+        use $crate::store::runs::{storable_json, storable_text};
+        let u: &$crate::store::runs::RunUpdate = $u;
+        let q = $q
+            .bind(u.status.as_str())
+            .bind(u.step_index)
+            .bind(u.attempt)
+            .bind(u.attempts_total)
+            .bind(u.next_attempt_at)
+            .bind(u.lease.is_some());
+        let q = $crate::store::leased::bind_lease!(q, u.lease.unwrap_or_default(), $db_clock);
+        q.bind(sqlx::types::Json(storable_json(&u.step_results).as_ref()))
+            .bind(u.last_error.as_deref().map(storable_text))
+            .bind(u.finished_at)
+            .bind($now)
+            .bind($run_id)
+            .bind($owner)
+            .bind($token)
+            .bind(u.step_id.as_deref())
+            .bind(u.wait_reason.as_deref())
+    }};
+}
+pub(crate) use bind_update;
+
+/// Binds an attempt's values for [`attempt_insert_sql`].
+macro_rules! bind_attempt {
+    ($q:expr, $a:expr) => {{
+        use $crate::store::runs::{storable_json, storable_text};
+        let a: &$crate::store::runs::Attempt = $a;
+        $q.bind(&a.run_id)
+            .bind(a.number)
+            .bind(a.step_index)
+            .bind(storable_text(&a.step_id))
+            .bind(a.attempt)
+            .bind(a.started_at)
+            .bind(a.duration_ms)
+            .bind(sqlx::types::Json(storable_json(&a.request.0).as_ref()))
+            .bind(a.response_status)
+            .bind(
+                a.response_headers
+                    .as_ref()
+                    .map(|h| sqlx::types::Json(storable_json(&h.0).into_owned())),
+            )
+            .bind(a.response_body.as_deref().map(storable_text))
+            .bind(&a.outcome)
+            .bind(a.error_class.as_deref())
+            .bind(a.error_message.as_deref().map(storable_text))
+            .bind(a.next_delay_ms)
+    }};
+}
+pub(crate) use bind_attempt;
+
 pub(crate) const REPLAY_COLUMNS: &str = "replay_id, filter, status, total, done, runs_created, skipped, failed, \
      cursor_seq, created_at, finished_at, mode, lease_owner, lease_until, lease_token";
 
 macro_rules! impl_run_store {
     ($store:ty, $db:ty, $lock_clause:expr, $claim_prelude:expr, $row_lock:expr, $db_clock:expr) => {
         impl $store {
+            /// [`Self::save_batch_in_tx`] on SQLite, in one query: per save its
+            /// UPDATE then its attempt's INSERT (written only if the UPDATE matched:
+            /// `changes()`), then the release of the runs held behind those that end.
+            /// One round trip to the connection's thread instead of up to three per
+            /// save (see [`crate::store::sql::Writes`]).
+            async fn save_joined_in_tx(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                saves: &[$crate::store::runs::Save],
+                now: chrono::DateTime<chrono::Utc>,
+            ) -> Result<$crate::store::runs::SavedBatch, $crate::store::StoreError> {
+                use futures_util::TryStreamExt;
+                use $crate::store::runs_sql::{attempt_insert_sql, save_update_sql, ATTEMPT_BINDS, SAVE_BINDS};
+                let mut saved = Vec::with_capacity(saves.len());
+                let mut released = 0;
+                // Parameters are numbered across the query: at most 500 saves keep the
+                // highest (500 × 32) under SQLite's limit of 32,766.
+                for chunk in saves.chunks(500) {
+                    let mut sql = String::new();
+                    let mut first = 0;
+                    for s in chunk {
+                        sql.push_str(&save_update_sql($db_clock, first));
+                        first += SAVE_BINDS;
+                        if s.attempt.is_some() {
+                            sql.push_str("; ");
+                            sql.push_str(&attempt_insert_sql(first, true));
+                            first += ATTEMPT_BINDS;
+                        }
+                        sql.push_str("; ");
+                    }
+                    // A run held behind one whose save did not match stays held: the
+                    // release takes the first unfinished run of its pair, which is then
+                    // still the one whose lease was lost.
+                    let ending: Vec<&str> = chunk
+                        .iter()
+                        .filter(|s| s.update.status.is_final())
+                        .map(|s| s.run_id.as_str())
+                        .collect();
+                    if !ending.is_empty() {
+                        sql.push_str(&$crate::store::order::release_next_sql(first, ending.len()));
+                    }
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(chunk.len() == 1);
+                    for s in chunk {
+                        q = $crate::store::runs_sql::bind_update!(
+                            q,
+                            s.run_id.as_str(),
+                            s.owner.as_str(),
+                            s.token,
+                            &s.update,
+                            now,
+                            $db_clock
+                        );
+                        if let Some(a) = &s.attempt {
+                            q = $crate::store::runs_sql::bind_attempt!(q, a);
+                        }
+                    }
+                    if !ending.is_empty() {
+                        q = q.bind(now);
+                        for id in &ending {
+                            q = q.bind(*id);
+                        }
+                    }
+                    // Rows changed by each statement, in order.
+                    let changed: Vec<u64> = sqlx::Executor::fetch_many(&mut **tx, q)
+                        .try_filter_map(|step| async move { Ok(step.left().map(|r| r.rows_affected())) })
+                        .try_collect()
+                        .await?;
+                    let mut changed = changed.into_iter();
+                    for s in chunk {
+                        saved.push(changed.next() == Some(1));
+                        if s.attempt.is_some() {
+                            changed.next();
+                        }
+                    }
+                    if !ending.is_empty() {
+                        released += changed.next().unwrap_or(0) as usize;
+                    }
+                }
+                Ok($crate::store::runs::SavedBatch { saved, released })
+            }
+
             /// A batch of saves inside `tx` ([`RunStore::save_progress_batch`]'s
             /// work, which SQLite also does inside an append's transaction).
             pub(crate) async fn save_batch_in_tx(
@@ -71,6 +254,9 @@ macro_rules! impl_run_store {
                     }
                     qb.push(") ORDER BY 1, 2) AS k");
                     qb.build().execute(&mut **tx).await?;
+                }
+                if <$db as sqlx::Database>::NAME == "SQLite" {
+                    return Self::save_joined_in_tx(tx, saves, now).await;
                 }
                 let mut saved = Vec::with_capacity(saves.len());
                 let mut ended: Vec<&str> = Vec::new();
@@ -102,63 +288,16 @@ macro_rules! impl_run_store {
                 u: &$crate::store::runs::RunUpdate,
                 now: chrono::DateTime<chrono::Utc>,
             ) -> Result<bool, $crate::store::StoreError> {
-                use $crate::store::runs::{storable_json, storable_text};
-                let keep = u.lease.is_some();
-                let sql = $crate::store::leased::RUNS.fenced_update(
-                    &format!(
-                        "status = $1, step_index = $2, attempt = $3, attempts_total = $4, \
-                         next_attempt_at = $5, lease_owner = CASE WHEN $6 THEN lease_owner ELSE NULL END, \
-                         lease_until = CASE WHEN $6 THEN {} ELSE NULL END, step_results = $8, last_error = $9, \
-                         finished_at = $10, updated_at = $11, step_id = $15, wait_reason = $16",
-                        $crate::store::runs_sql::lease_sql($db_clock, 7)
-                    ),
-                    12,
-                );
-                let q = sqlx::query(sqlx::AssertSqlSafe(sql))
-                    .bind(u.status.as_str())
-                    .bind(u.step_index)
-                    .bind(u.attempt)
-                    .bind(u.attempts_total)
-                    .bind(u.next_attempt_at)
-                    .bind(keep);
-                let q = $crate::store::leased::bind_lease!(q, u.lease.unwrap_or_default(), $db_clock);
-                let r = q
-                    .bind(sqlx::types::Json(storable_json(&u.step_results).as_ref()))
-                    .bind(u.last_error.as_deref().map(storable_text))
-                    .bind(u.finished_at)
-                    .bind(now)
-                    .bind(run_id)
-                    .bind(owner)
-                    .bind(token)
-                    .bind(u.step_id.as_deref())
-                    .bind(u.wait_reason.as_deref())
-                    .execute(&mut **tx)
-                    .await?;
-                if r.rows_affected() != 1 {
+                let update = $crate::store::runs_sql::save_update_sql($db_clock, 0);
+                let q = sqlx::query(sqlx::AssertSqlSafe(update));
+                let q = $crate::store::runs_sql::bind_update!(q, run_id, owner, token, u, now, $db_clock);
+                if q.execute(&mut **tx).await?.rows_affected() != 1 {
                     return Ok(false);
                 }
                 if let Some(a) = attempt {
-                    sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "INSERT INTO attempts ({}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
-                        $crate::store::runs_sql::ATTEMPT_COLUMNS
-                    )))
-                    .bind(&a.run_id)
-                    .bind(a.number)
-                    .bind(a.step_index)
-                    .bind(storable_text(&a.step_id))
-                    .bind(a.attempt)
-                    .bind(a.started_at)
-                    .bind(a.duration_ms)
-                    .bind(sqlx::types::Json(storable_json(&a.request.0).as_ref()))
-                    .bind(a.response_status)
-                    .bind(a.response_headers.as_ref().map(|h| sqlx::types::Json(storable_json(&h.0).into_owned())))
-                    .bind(a.response_body.as_deref().map(storable_text))
-                    .bind(&a.outcome)
-                    .bind(a.error_class.as_deref())
-                    .bind(a.error_message.as_deref().map(storable_text))
-                    .bind(a.next_delay_ms)
-                    .execute(&mut **tx)
-                    .await?;
+                    let insert = $crate::store::runs_sql::attempt_insert_sql(0, false);
+                    let q = sqlx::query(sqlx::AssertSqlSafe(insert));
+                    $crate::store::runs_sql::bind_attempt!(q, a).execute(&mut **tx).await?;
                 }
                 Ok(true)
             }

@@ -19,6 +19,119 @@ pub(crate) const EVENT_COLUMNS: &str = "seq, event_id, idempotency_key, event_ty
 
 pub(crate) const LAST_SEQ: &str = "SELECT COALESCE(MAX(seq), 0) FROM events";
 
+/// Statements of a transaction, run in as few round trips as the database
+/// allows. SQLite runs a multi-statement query in one call to its
+/// connection's thread (each `?` binds the next value, across the
+/// statements), and each such call costs two thread switches: at the rates
+/// users run, those switches are most of a delivery's CPU (BENCHMARKS.md,
+/// "CPU at low rates"). PostgreSQL's extended protocol takes one statement
+/// per query, so there each statement is a query of its own, in order.
+///
+/// sqlx 0.9 marks several statements in one SQLite query as deprecated (and
+/// keeps running them); every append's test fails if a later version stops.
+pub(crate) struct Statements<DB: Database> {
+    queries: Vec<QueryBuilder<DB>>,
+    count: usize,
+    joins: bool,
+}
+
+impl<DB: Database> Default for Statements<DB> {
+    fn default() -> Self {
+        Self {
+            queries: Vec::new(),
+            count: 0,
+            joins: DB::NAME == "SQLite",
+        }
+    }
+}
+
+impl<DB: Database> Statements<DB> {
+    /// The builder to write the next statement into (whole, one statement).
+    pub(crate) fn statement(&mut self) -> &mut QueryBuilder<DB> {
+        self.count += 1;
+        match self.queries.last_mut() {
+            Some(last) if self.joins => {
+                last.push("; ");
+            }
+            _ => self.queries.push(QueryBuilder::new("")),
+        }
+        self.queries.last_mut().expect("a query was just pushed")
+    }
+
+    /// The queries' texts (a query can hold several statements on SQLite).
+    #[cfg(test)]
+    pub(crate) fn texts(&self) -> Vec<String> {
+        self.queries
+            .iter()
+            .map(|q| q.sql().as_str().to_owned())
+            .collect()
+    }
+
+    /// Runs every statement, in order.
+    pub(crate) async fn execute(self, conn: &mut DB::Connection) -> Result<(), sqlx::Error>
+    where
+        for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+        DB::Arguments: sqlx::IntoArguments<DB>,
+    {
+        for mut query in self.queries {
+            query.build().execute(&mut *conn).await?;
+        }
+        Ok(())
+    }
+
+    /// Runs every statement, in order: the rows of each.
+    pub(crate) async fn fetch(
+        self,
+        conn: &mut DB::Connection,
+    ) -> Result<Vec<Vec<DB::Row>>, sqlx::Error>
+    where
+        for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+        DB::Arguments: sqlx::IntoArguments<DB>,
+    {
+        use futures_util::TryStreamExt;
+        let mut results: Vec<Vec<DB::Row>> = Vec::with_capacity(self.count);
+        for mut query in self.queries {
+            let mut current = Vec::new();
+            let mut steps = sqlx::Executor::fetch_many(&mut *conn, query.build());
+            // Rows, then the statement's result; then the next statement's.
+            while let Some(step) = steps.try_next().await? {
+                match step {
+                    sqlx::Either::Right(row) => current.push(row),
+                    sqlx::Either::Left(_) => results.push(std::mem::take(&mut current)),
+                }
+            }
+        }
+        debug_assert_eq!(results.len(), self.count, "one result per statement");
+        Ok(results)
+    }
+}
+
+/// The distinct conversations of a batch, sorted.
+pub(crate) fn conversation_ids(batch: &[NewEvent]) -> Vec<&str> {
+    let mut ids: Vec<&str> = batch
+        .iter()
+        .filter_map(|e| e.envelope.conversation_id.as_ref().map(|c| c.as_str()))
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// Writes `$n` placeholders' list `(…)` of `values` (an `IN` list).
+pub(crate) fn push_list<'v, DB: Database>(
+    qb: &mut QueryBuilder<DB>,
+    values: impl IntoIterator<Item = &'v str>,
+) where
+    for<'t> &'t str: Encode<'t, DB> + Type<DB>,
+{
+    qb.push("(");
+    let mut sep = qb.separated(", ");
+    for v in values {
+        sep.push_bind(v);
+    }
+    qb.push(")");
+}
+
 /// An `events` row without its body.
 #[derive(sqlx::FromRow)]
 pub(crate) struct EventRow {
@@ -87,7 +200,7 @@ pub(crate) struct CandidateRow {
 }
 
 /// Selects stored events sharing an envelope id, or a key within the window, with the batch.
-pub(crate) fn candidates<DB: Database>(batch: &[NewEvent]) -> QueryBuilder<DB>
+pub(crate) fn candidates<DB: Database>(qb: &mut QueryBuilder<DB>, batch: &[NewEvent])
 where
     for<'t> &'t str: Encode<'t, DB> + Type<DB>,
 {
@@ -95,23 +208,15 @@ where
     // The 24 h window of keys is applied by `existing`, not here: every recent event
     // matches `received_at >= cutoff`, and a plan that used that range scanned them all
     // (measured: 160 ms per batch at 40,000 events on PostgreSQL).
-    let mut qb = QueryBuilder::new(
-        "SELECT seq, event_id, event_type, idempotency_key, received_at FROM events WHERE event_id IN (",
-    );
-    let mut ids = qb.separated(", ");
-    for e in batch {
-        ids.push_bind(e.envelope.id.as_str());
-    }
     qb.push(
-        ") UNION ALL SELECT seq, event_id, event_type, idempotency_key, received_at FROM events \
-         WHERE idempotency_key IN (",
+        "SELECT seq, event_id, event_type, idempotency_key, received_at FROM events WHERE event_id IN ",
     );
-    let mut keys = qb.separated(", ");
-    for e in batch {
-        keys.push_bind(e.idempotency_key.as_str());
-    }
-    qb.push(")");
-    qb
+    push_list(qb, batch.iter().map(|e| e.envelope.id.as_str()));
+    qb.push(
+        " UNION ALL SELECT seq, event_id, event_type, idempotency_key, received_at FROM events \
+         WHERE idempotency_key IN ",
+    );
+    push_list(qb, batch.iter().map(|e| e.idempotency_key.as_str()));
 }
 
 /// Sorts candidate rows into what they collide on.
@@ -141,25 +246,13 @@ pub(crate) fn existing(
     existing
 }
 
-/// Selects the stored projections of the conversations in a batch, or `None` if it has none.
-pub(crate) fn conversations_of<DB: Database>(batch: &[NewEvent]) -> Option<QueryBuilder<DB>>
+/// Selects the stored projections of conversations `ids` (not empty).
+pub(crate) fn conversations_of<DB: Database>(qb: &mut QueryBuilder<DB>, ids: &[&str])
 where
     for<'t> &'t str: Encode<'t, DB> + Type<DB>,
 {
-    let ids: HashSet<&str> = batch
-        .iter()
-        .filter_map(|e| e.envelope.conversation_id.as_ref().map(|c| c.as_str()))
-        .collect();
-    if ids.is_empty() {
-        return None;
-    }
-    let mut qb = QueryBuilder::new("SELECT state FROM conversations WHERE conversation_id IN (");
-    let mut sep = qb.separated(", ");
-    for id in ids {
-        sep.push_bind(id);
-    }
-    qb.push(")");
-    Some(qb)
+    qb.push("SELECT state FROM conversations WHERE conversation_id IN ");
+    push_list(qb, ids.iter().copied());
 }
 
 /// Indexes loaded projections by conversation id.
@@ -172,8 +265,8 @@ pub(crate) fn by_conversation(
         .collect()
 }
 
-/// Inserts new events of a plan, or `None` if there are none.
-pub(crate) fn insert_events<DB: Database>(inserts: &[Insert<'_>]) -> Option<QueryBuilder<DB>>
+/// Inserts new events of a plan (nothing if there are none).
+pub(crate) fn insert_events<DB: Database>(w: &mut Statements<DB>, inserts: &[Insert<'_>])
 where
     for<'t> &'t str: Encode<'t, DB> + Type<DB>,
     for<'t> i64: Encode<'t, DB> + Type<DB>,
@@ -186,9 +279,10 @@ where
     for<'t> Option<String>: Encode<'t, DB> + Type<DB>,
 {
     if inserts.is_empty() {
-        return None;
+        return;
     }
-    let mut qb = QueryBuilder::new(format!("INSERT INTO events ({EVENT_COLUMNS}, raw_body) "));
+    let qb = w.statement();
+    qb.push(format!("INSERT INTO events ({EVENT_COLUMNS}, raw_body) "));
     qb.push_values(inserts, |mut row, insert| {
         let e = insert.event;
         let env = &e.envelope;
@@ -207,14 +301,13 @@ where
             .push_bind(e.verification.signature.as_str())
             .push_bind(e.raw_body.as_slice());
     });
-    Some(qb)
 }
 
-/// Writes projections (insert or replace), or `None` if there are none.
+/// Writes projections (insert or replace; nothing if there are none).
 pub(crate) fn upsert_conversations<'a, DB: Database>(
+    w: &mut Statements<DB>,
     states: impl IntoIterator<Item = &'a ConversationState>,
-) -> Option<QueryBuilder<DB>>
-where
+) where
     for<'t> &'t str: Encode<'t, DB> + Type<DB>,
     for<'t> i64: Encode<'t, DB> + Type<DB>,
     for<'t> Option<&'t str>: Encode<'t, DB> + Type<DB>,
@@ -222,8 +315,11 @@ where
     for<'t> Json<&'t ConversationState>: Encode<'t, DB> + Type<DB>,
 {
     let mut states = states.into_iter().peekable();
-    states.peek()?;
-    let mut qb = QueryBuilder::new(
+    if states.peek().is_none() {
+        return;
+    }
+    let qb = w.statement();
+    qb.push(
         "INSERT INTO conversations (conversation_id, agent_id, status, last_seq, last_received_at, state) ",
     );
     qb.push_values(states, |mut row, s| {
@@ -239,38 +335,36 @@ where
          status = excluded.status, last_seq = excluded.last_seq, \
          last_received_at = excluded.last_received_at, state = excluded.state",
     );
-    Some(qb)
 }
 
-/// Records match decisions, or `None` if there are none.
+/// Records match decisions (nothing if there are none).
 pub(crate) fn insert_decisions<DB: Database>(
+    w: &mut Statements<DB>,
     decisions: &[super::model::MatchRecord],
-) -> Option<QueryBuilder<DB>>
-where
+) where
     for<'t> &'t str: Encode<'t, DB> + Type<DB>,
     for<'t> i64: Encode<'t, DB> + Type<DB>,
     for<'t> bool: Encode<'t, DB> + Type<DB>,
     for<'t> Option<String>: Encode<'t, DB> + Type<DB>,
 {
     if decisions.is_empty() {
-        return None;
+        return;
     }
-    let mut qb =
-        QueryBuilder::new("INSERT INTO match_decisions (event_seq, workflow, matched, reason) ");
+    let qb = w.statement();
+    qb.push("INSERT INTO match_decisions (event_seq, workflow, matched, reason) ");
     qb.push_values(decisions, |mut row, d| {
         row.push_bind(d.event_seq)
             .push_bind(d.workflow.as_str())
             .push_bind(d.matched)
             .push_bind(sanitize::opt_text(d.reason.as_deref()).map(|c| c.into_owned()));
     });
-    Some(qb)
 }
 
-/// Stores setup answers computed in the transaction, or `None` if there are none.
+/// Stores setup answers computed in the transaction (nothing if there are none).
 pub(crate) fn insert_answers<DB: Database>(
+    w: &mut Statements<DB>,
     answers: &[(i64, String, super::model::PreparedAnswer)],
-) -> Option<QueryBuilder<DB>>
-where
+) where
     for<'t> &'t str: Encode<'t, DB> + Type<DB>,
     for<'t> i64: Encode<'t, DB> + Type<DB>,
     for<'t> bool: Encode<'t, DB> + Type<DB>,
@@ -278,10 +372,11 @@ where
     for<'t> DateTime<Utc>: Encode<'t, DB> + Type<DB>,
 {
     if answers.is_empty() {
-        return None;
+        return;
     }
     let now = chrono::Utc::now();
-    let mut qb = QueryBuilder::new(
+    let qb = w.statement();
+    qb.push(
         "INSERT INTO setup_answers (event_seq, event_id, workflow, used_fallback, reason, body, lookups, \
          duration_ms, created_at) ",
     );
@@ -296,18 +391,17 @@ where
             .push_bind(0i64)
             .push_bind(now);
     });
-    Some(qb)
 }
 
-/// Creates runs (scheduled now), or `None` if there are none; with `lease`,
+/// Creates runs (scheduled now; nothing if there are none); with `lease`,
 /// leased to its owner (status `running`, fencing token 1) until the lease
 /// expires: by the database's clock (PostgreSQL), or this host's (SQLite).
 pub(crate) fn insert_runs<DB: Database>(
+    w: &mut Statements<DB>,
     runs: &[super::model::NewRun],
     lease: Option<&super::model::LocalLease>,
     db_clock: bool,
-) -> Option<QueryBuilder<DB>>
-where
+) where
     for<'t> f64: Encode<'t, DB> + Type<DB>,
     for<'t> &'t str: Encode<'t, DB> + Type<DB>,
     for<'t> i64: Encode<'t, DB> + Type<DB>,
@@ -316,9 +410,10 @@ where
     for<'t> Json<serde_json::Value>: Encode<'t, DB> + Type<DB>,
 {
     if runs.is_empty() {
-        return None;
+        return;
     }
-    let mut qb = QueryBuilder::new(
+    let qb = w.statement();
+    qb.push(
         "INSERT INTO runs (run_id, workflow, event_seq, event_id, conversation_id, status, wait_reason, \
          next_attempt_at, context, step_results, created_at, updated_at, trace_context, version",
     );
@@ -364,7 +459,6 @@ where
         }
     });
     qb.push(" ON CONFLICT DO NOTHING");
-    Some(qb)
 }
 
 /// Appends the filters of `q` (not its cursor) to a `WHERE 1 = 1` query.
@@ -467,9 +561,7 @@ macro_rules! append_in_tx {
         let tx = $tx;
         let batch = $batch;
         let cutoff = chrono::Utc::now() - $crate::store::IDEMPOTENCY_WINDOW;
-        let last_seq: i64 = sqlx::query_scalar(sql::LAST_SEQ)
-            .fetch_one(&mut **tx)
-            .await?;
+        // The reads the plan needs: one round trip on SQLite (see [`sql::Statements`]).
         // One `dedupe` span per delivery, over the lookup of earlier deliveries.
         let dedupe: Vec<tracing::Span> = batch
             .iter()
@@ -484,51 +576,82 @@ macro_rules! append_in_tx {
                 )
             })
             .collect();
-        let rows = sql::candidates::<$db>(batch)
-            .build_query_as::<sql::CandidateRow>()
-            .fetch_all(&mut **tx)
-            .await?;
+        let convs = sql::conversation_ids(batch);
+        // SQLite (one writer) reads which pairs have unfinished runs now, with the rest;
+        // PostgreSQL locks them first (store/order.rs), after the plan.
+        let order_lock: bool = $order_lock;
+        let mut reads = sql::Statements::<$db>::default();
+        reads.statement().push(sql::LAST_SEQ);
+        sql::candidates(reads.statement(), batch);
+        if !convs.is_empty() {
+            sql::conversations_of(reads.statement(), &convs);
+            $crate::store::waits::waits_of(reads.statement(), &convs);
+            if !order_lock {
+                $crate::store::order::unfinished_of(reads.statement(), &convs);
+            }
+        }
+        let mut results = reads.fetch(&mut **tx).await?.into_iter();
+        let mut next = || results.next().unwrap_or_default();
+        let last_seq: i64 = match next().first() {
+            Some(row) => sqlx::Row::try_get(row, 0)?,
+            None => 0,
+        };
+        let rows = next()
+            .iter()
+            .map(sqlx::FromRow::from_row)
+            .collect::<Result<Vec<sql::CandidateRow>, _>>()?;
         let existing = sql::existing(batch, rows, cutoff);
         drop(dedupe);
-        let states = match sql::conversations_of::<$db>(batch) {
-            Some(mut qb) => sql::by_conversation(
-                qb.build_query_scalar::<Json<ConversationState>>()
-                    .fetch_all(&mut **tx)
-                    .await?,
-            ),
-            None => Default::default(),
+        let (states, waits, unfinished) = if convs.is_empty() {
+            (Default::default(), Vec::new(), None)
+        } else {
+            let states = sql::by_conversation(
+                next()
+                    .iter()
+                    .map(|row| sqlx::Row::try_get::<Json<ConversationState>, _>(row, 0))
+                    .collect::<Result<Vec<_>, _>>()?,
+            );
+            // Durable waits (store/waits.rs): the waits of these conversations.
+            let waits = next()
+                .iter()
+                .map(sqlx::FromRow::from_row)
+                .collect::<Result<Vec<$crate::store::waits::RunWait>, _>>()?;
+            let unfinished = if order_lock {
+                None
+            } else {
+                Some(
+                    next()
+                        .iter()
+                        .map(sqlx::FromRow::from_row)
+                        .collect::<Result<std::collections::HashSet<(String, String)>, _>>()?,
+                )
+            };
+            (states, waits, unfinished)
         };
-        // Durable waits (store/waits.rs): the waits of these conversations, and their states before the batch.
-        let waits = $crate::store::waits::waits_of_batch_in_tx!($db, tx, batch);
+        // The waits' conversations' states before the batch.
         let states_for_waits = (!waits.is_empty()).then(|| states.clone());
         let mut plan = batch::plan(batch, existing, last_seq, states, $dispatcher);
         // Per-conversation order (store/order.rs): which new runs are held behind an earlier one.
-        $crate::store::order::hold_in_tx!($db, tx, &mut plan.runs, $order_lock);
+        $crate::store::order::hold_in_tx!($db, tx, &mut plan.runs, order_lock, unfinished);
         // Each multi-row insert is cut into statements under the database's
         // bind-parameter limit (a batch of 256 events each matching many
         // workflows would pass it), all in the same transaction.
         let db_name = <$db as sqlx::Database>::NAME;
         let rows = |binds| batch::rows_per_statement(db_name, binds);
+        // One round trip for all of them on SQLite (see [`sql::Statements`]).
+        let mut writes = sql::Statements::<$db>::default();
         for chunk in plan.inserts.chunks(rows(batch::EVENT_BINDS)) {
-            if let Some(mut qb) = sql::insert_events::<$db>(chunk) {
-                qb.build().execute(&mut **tx).await?;
-            }
+            sql::insert_events(&mut writes, chunk);
         }
         let conversations: Vec<&ConversationState> = plan.conversations.values().collect();
         for chunk in conversations.chunks(rows(batch::CONVERSATION_BINDS)) {
-            if let Some(mut qb) = sql::upsert_conversations::<$db>(chunk.iter().copied()) {
-                qb.build().execute(&mut **tx).await?;
-            }
+            sql::upsert_conversations(&mut writes, chunk.iter().copied());
         }
         for chunk in plan.decisions.chunks(rows(batch::DECISION_BINDS)) {
-            if let Some(mut qb) = sql::insert_decisions::<$db>(chunk) {
-                qb.build().execute(&mut **tx).await?;
-            }
+            sql::insert_decisions(&mut writes, chunk);
         }
         for chunk in plan.answers.chunks(rows(batch::ANSWER_BINDS)) {
-            if let Some(mut qb) = sql::insert_answers::<$db>(chunk) {
-                qb.build().execute(&mut **tx).await?;
-            }
+            sql::insert_answers(&mut writes, chunk);
         }
         // The first runs go to this process's own workers, leased to them here
         // (as many as they have free slots); the rest are claimed.
@@ -546,15 +669,12 @@ macro_rules! append_in_tx {
             }
         }
         for chunk in mine.chunks(rows(batch::RUN_BINDS + 2)) {
-            if let Some(mut qb) = sql::insert_runs::<$db>(chunk, local, db_clock) {
-                qb.build().execute(&mut **tx).await?;
-            }
+            sql::insert_runs(&mut writes, chunk, local, db_clock);
         }
         for chunk in others.chunks(rows(batch::RUN_BINDS)) {
-            if let Some(mut qb) = sql::insert_runs::<$db>(chunk, None, db_clock) {
-                qb.build().execute(&mut **tx).await?;
-            }
+            sql::insert_runs(&mut writes, chunk, None, db_clock);
         }
+        writes.execute(&mut **tx).await?;
         // Durable waits: match the new events, in this transaction (exactly once).
         let resumed = match states_for_waits {
             Some(states) => $crate::store::waits::match_waits_in_tx!(tx, &plan.inserts, &waits, states),
@@ -768,11 +888,11 @@ macro_rules! rebuild_in_tx {
             }
         }
         let all: Vec<&ConversationState> = states.values().collect();
+        let mut writes = sql::Statements::<$db>::default();
         for chunk in all.chunks(500) {
-            if let Some(mut qb) = sql::upsert_conversations::<$db>(chunk.iter().copied()) {
-                qb.build().execute(&mut **tx).await?;
-            }
+            sql::upsert_conversations(&mut writes, chunk.iter().copied());
         }
+        writes.execute(&mut **tx).await?;
         read
     }};
 }

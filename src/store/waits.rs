@@ -259,36 +259,17 @@ pub(crate) fn match_batch(
     matched
 }
 
-/// Inside the append transaction: the unmatched event waits of the batch's
-/// conversations (one indexed query; nothing when no run waits on them).
-macro_rules! waits_of_batch_in_tx {
-    ($db:ty, $tx:expr, $batch:expr) => {{
-        let batch: &[$crate::store::model::NewEvent] = $batch;
-        let mut convs: Vec<String> = batch
-            .iter()
-            .filter_map(|e| e.envelope.conversation_id.as_ref().map(|c| c.to_string()))
-            .collect();
-        convs.sort();
-        convs.dedup();
-        if convs.is_empty() {
-            Vec::new()
-        } else {
-            let mut qb = sqlx::QueryBuilder::<$db>::new(format!(
-                "SELECT {} FROM run_waits WHERE matched_seq IS NULL AND kind = 'event' AND conversation_id IN (",
-                $crate::store::waits::WAIT_COLUMNS
-            ));
-            let mut sep = qb.separated(", ");
-            for c in &convs {
-                sep.push_bind(c.clone());
-            }
-            qb.push(")");
-            qb.build_query_as::<$crate::store::waits::RunWait>()
-                .fetch_all(&mut **$tx)
-                .await?
-        }
-    }};
+/// Selects the unmatched `wait_for`s of conversations `ids` (not empty),
+/// read inside the append transaction with the other reads of its plan.
+pub(crate) fn waits_of<DB: sqlx::Database>(qb: &mut sqlx::QueryBuilder<DB>, ids: &[&str])
+where
+    for<'t> &'t str: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+{
+    qb.push(format!(
+        "SELECT {WAIT_COLUMNS} FROM run_waits WHERE matched_seq IS NULL AND kind = 'event' AND conversation_id IN "
+    ));
+    super::sql::push_list(qb, ids.iter().copied());
 }
-pub(crate) use waits_of_batch_in_tx;
 
 /// Inside the append transaction, after the events are inserted: marks the
 /// waits they match and makes those runs due now. Returns how many resumed.
