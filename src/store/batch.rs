@@ -289,7 +289,7 @@ mod tests {
         use crate::store::sql;
         // One row of each insert, in PostgreSQL's numbered placeholders.
         fn binds(write: impl FnOnce(&mut sql::Statements<sqlx::Postgres>)) -> usize {
-            let mut w = sql::Statements::default();
+            let mut w = sql::Statements::writes();
             write(&mut w);
             let texts = w.texts();
             assert_eq!(texts.len(), 1, "one statement");
@@ -307,7 +307,7 @@ mod tests {
         );
         let state = ConversationState::new("conv_1");
         assert_eq!(
-            binds(|w| sql::upsert_conversations(w, [&state])),
+            binds(|w| sql::upsert_conversations(w, &[&state])),
             CONVERSATION_BINDS
         );
         let decision = MatchRecord {

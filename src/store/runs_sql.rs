@@ -71,19 +71,32 @@ pub(crate) fn save_update_sql(db_clock: bool, first: usize) -> String {
     )
 }
 
-/// An attempt's INSERT, its parameters numbered from `$first + 1`. With
-/// `if_updated` it writes only if the statement before it changed a row
-/// (SQLite's `changes()`): the attempt of a save whose fenced UPDATE matched,
-/// in the same query.
-pub(crate) fn attempt_insert_sql(first: usize, if_updated: bool) -> String {
+/// When an attempt's INSERT ([`attempt_insert_sql`]) writes.
+#[derive(Clone, Copy)]
+pub(crate) enum AttemptIf {
+    /// Always (its save's UPDATE ran before and matched).
+    Always,
+    /// If the statement before it changed a row (SQLite's `changes()`): the
+    /// attempt of a save whose fenced UPDATE matched, in the same query.
+    Changed,
+    /// For each row of the CTE `u`, the save's UPDATE … RETURNING (PostgreSQL).
+    Updated,
+}
+
+/// An attempt's INSERT, its parameters numbered from `$first + 1`.
+pub(crate) fn attempt_insert_sql(first: usize, when: AttemptIf) -> String {
     let values = (1..=ATTEMPT_BINDS)
         .map(|n| format!("${}", first + n))
         .collect::<Vec<_>>()
         .join(", ");
-    if if_updated {
-        format!("INSERT INTO attempts ({ATTEMPT_COLUMNS}) SELECT {values} WHERE changes() = 1")
-    } else {
-        format!("INSERT INTO attempts ({ATTEMPT_COLUMNS}) VALUES ({values})")
+    match when {
+        AttemptIf::Always => format!("INSERT INTO attempts ({ATTEMPT_COLUMNS}) VALUES ({values})"),
+        AttemptIf::Changed => {
+            format!("INSERT INTO attempts ({ATTEMPT_COLUMNS}) SELECT {values} WHERE changes() = 1")
+        }
+        AttemptIf::Updated => {
+            format!("INSERT INTO attempts ({ATTEMPT_COLUMNS}) SELECT {values} FROM u")
+        }
     }
 }
 
@@ -158,7 +171,7 @@ macro_rules! impl_run_store {
                 now: chrono::DateTime<chrono::Utc>,
             ) -> Result<$crate::store::runs::SavedBatch, $crate::store::StoreError> {
                 use futures_util::TryStreamExt;
-                use $crate::store::runs_sql::{attempt_insert_sql, save_update_sql, ATTEMPT_BINDS, SAVE_BINDS};
+                use $crate::store::runs_sql::{attempt_insert_sql, save_update_sql, AttemptIf, ATTEMPT_BINDS, SAVE_BINDS};
                 let mut saved = Vec::with_capacity(saves.len());
                 let mut released = 0;
                 // Parameters are numbered across the query: at most 500 saves keep the
@@ -171,7 +184,7 @@ macro_rules! impl_run_store {
                         first += SAVE_BINDS;
                         if s.attempt.is_some() {
                             sql.push_str("; ");
-                            sql.push_str(&attempt_insert_sql(first, true));
+                            sql.push_str(&attempt_insert_sql(first, AttemptIf::Changed));
                             first += ATTEMPT_BINDS;
                         }
                         sql.push_str("; ");
@@ -288,14 +301,27 @@ macro_rules! impl_run_store {
                 u: &$crate::store::runs::RunUpdate,
                 now: chrono::DateTime<chrono::Utc>,
             ) -> Result<bool, $crate::store::StoreError> {
-                let update = $crate::store::runs_sql::save_update_sql($db_clock, 0);
+                use $crate::store::runs_sql::{attempt_insert_sql, save_update_sql, AttemptIf, SAVE_BINDS};
+                let update = save_update_sql($db_clock, 0);
+                if let (Some(a), false) = (attempt, <$db as sqlx::Database>::NAME == "SQLite") {
+                    // PostgreSQL: both in one statement, the attempt written for the row updated.
+                    let sql = format!(
+                        "WITH u AS ({update} RETURNING 1), a AS ({}) SELECT COUNT(*) FROM u",
+                        attempt_insert_sql(SAVE_BINDS, AttemptIf::Updated)
+                    );
+                    let q = sqlx::query(sqlx::AssertSqlSafe(sql));
+                    let q = $crate::store::runs_sql::bind_update!(q, run_id, owner, token, u, now, $db_clock);
+                    let q = $crate::store::runs_sql::bind_attempt!(q, a);
+                    let row = q.fetch_one(&mut **tx).await?;
+                    return Ok(sqlx::Row::try_get::<i64, _>(&row, 0)? == 1);
+                }
                 let q = sqlx::query(sqlx::AssertSqlSafe(update));
                 let q = $crate::store::runs_sql::bind_update!(q, run_id, owner, token, u, now, $db_clock);
                 if q.execute(&mut **tx).await?.rows_affected() != 1 {
                     return Ok(false);
                 }
                 if let Some(a) = attempt {
-                    let insert = $crate::store::runs_sql::attempt_insert_sql(0, false);
+                    let insert = attempt_insert_sql(0, AttemptIf::Always);
                     let q = sqlx::query(sqlx::AssertSqlSafe(insert));
                     $crate::store::runs_sql::bind_attempt!(q, a).execute(&mut **tx).await?;
                 }

@@ -25,46 +25,100 @@ pub(crate) const LAST_SEQ: &str = "SELECT COALESCE(MAX(seq), 0) FROM events";
 /// statements), and each such call costs two thread switches: at the rates
 /// users run, those switches are most of a delivery's CPU (BENCHMARKS.md,
 /// "CPU at low rates"). PostgreSQL's extended protocol takes one statement
-/// per query, so there each statement is a query of its own, in order.
+/// per query: there writes that return nothing become the data-modifying
+/// CTEs of one statement (`WITH s1 AS (INSERT …), s2 AS (INSERT …) SELECT 1`,
+/// under its 65,535 parameters), and reads are a query each, in order.
 ///
 /// sqlx 0.9 marks several statements in one SQLite query as deprecated (and
 /// keeps running them); every append's test fails if a later version stops.
 pub(crate) struct Statements<DB: Database> {
-    queries: Vec<QueryBuilder<DB>>,
+    /// Each query, with how many parameters it binds.
+    queries: Vec<(QueryBuilder<DB>, usize)>,
     count: usize,
-    joins: bool,
+    join: Join,
 }
 
-impl<DB: Database> Default for Statements<DB> {
-    fn default() -> Self {
-        Self {
-            queries: Vec::new(),
-            count: 0,
-            joins: DB::NAME == "SQLite",
-        }
-    }
+/// How [`Statements`] puts statements together.
+#[derive(Clone, Copy, PartialEq)]
+enum Join {
+    /// A query each.
+    Apart,
+    /// `a; b; c` (SQLite).
+    Semicolons,
+    /// `WITH s1 AS (a), s2 AS (b) SELECT 1` (PostgreSQL writes).
+    Ctes,
 }
 
 impl<DB: Database> Statements<DB> {
-    /// The builder to write the next statement into (whole, one statement).
-    pub(crate) fn statement(&mut self) -> &mut QueryBuilder<DB> {
+    /// For reads: joined on SQLite, a query each on PostgreSQL.
+    pub(crate) fn reads() -> Self {
+        Self::new(if DB::NAME == "SQLite" {
+            Join::Semicolons
+        } else {
+            Join::Apart
+        })
+    }
+
+    /// For writes that return nothing: joined on both.
+    pub(crate) fn writes() -> Self {
+        Self::new(if DB::NAME == "SQLite" {
+            Join::Semicolons
+        } else {
+            Join::Ctes
+        })
+    }
+
+    fn new(join: Join) -> Self {
+        Self {
+            queries: Vec::new(),
+            count: 0,
+            join,
+        }
+    }
+
+    /// The builder to write the next statement into (whole, one statement,
+    /// binding `binds` parameters: with more than one query can take, it
+    /// starts the next).
+    pub(crate) fn statement(&mut self, binds: usize) -> &mut QueryBuilder<DB> {
         self.count += 1;
+        let fits = |total: usize| total + binds <= super::batch::max_binds(DB::NAME);
         match self.queries.last_mut() {
-            Some(last) if self.joins => {
+            Some((last, total)) if self.join == Join::Semicolons => {
+                // SQLite's limit is per statement.
+                *total += binds;
                 last.push("; ");
             }
-            _ => self.queries.push(QueryBuilder::new("")),
+            Some((last, total)) if self.join == Join::Ctes && fits(*total) => {
+                *total += binds;
+                last.push(format!("), s{} AS (", self.count));
+            }
+            _ => {
+                let start = if self.join == Join::Ctes {
+                    format!("WITH s{} AS (", self.count)
+                } else {
+                    String::new()
+                };
+                self.queries.push((QueryBuilder::new(start), binds));
+            }
         }
-        self.queries.last_mut().expect("a query was just pushed")
+        &mut self.queries.last_mut().expect("a query was just pushed").0
+    }
+
+    /// The queries, closed.
+    fn built(self) -> impl Iterator<Item = QueryBuilder<DB>> {
+        let join = self.join;
+        self.queries.into_iter().map(move |(mut query, _)| {
+            if join == Join::Ctes {
+                query.push(") SELECT 1");
+            }
+            query
+        })
     }
 
     /// The queries' texts (a query can hold several statements on SQLite).
     #[cfg(test)]
-    pub(crate) fn texts(&self) -> Vec<String> {
-        self.queries
-            .iter()
-            .map(|q| q.sql().as_str().to_owned())
-            .collect()
+    pub(crate) fn texts(self) -> Vec<String> {
+        self.built().map(|q| q.sql().as_str().to_owned()).collect()
     }
 
     /// Runs every statement, in order.
@@ -73,7 +127,7 @@ impl<DB: Database> Statements<DB> {
         for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
         DB::Arguments: sqlx::IntoArguments<DB>,
     {
-        for mut query in self.queries {
+        for mut query in self.built() {
             query.build().execute(&mut *conn).await?;
         }
         Ok(())
@@ -89,8 +143,10 @@ impl<DB: Database> Statements<DB> {
         DB::Arguments: sqlx::IntoArguments<DB>,
     {
         use futures_util::TryStreamExt;
-        let mut results: Vec<Vec<DB::Row>> = Vec::with_capacity(self.count);
-        for mut query in self.queries {
+        debug_assert!(self.join != Join::Ctes, "reads are not CTEs");
+        let count = self.count;
+        let mut results: Vec<Vec<DB::Row>> = Vec::with_capacity(count);
+        for mut query in self.built() {
             let mut current = Vec::new();
             let mut steps = sqlx::Executor::fetch_many(&mut *conn, query.build());
             // Rows, then the statement's result; then the next statement's.
@@ -101,7 +157,7 @@ impl<DB: Database> Statements<DB> {
                 }
             }
         }
-        debug_assert_eq!(results.len(), self.count, "one result per statement");
+        debug_assert_eq!(results.len(), count, "one result per statement");
         Ok(results)
     }
 }
@@ -281,7 +337,7 @@ where
     if inserts.is_empty() {
         return;
     }
-    let qb = w.statement();
+    let qb = w.statement(inserts.len() * super::batch::EVENT_BINDS);
     qb.push(format!("INSERT INTO events ({EVENT_COLUMNS}, raw_body) "));
     qb.push_values(inserts, |mut row, insert| {
         let e = insert.event;
@@ -304,9 +360,9 @@ where
 }
 
 /// Writes projections (insert or replace; nothing if there are none).
-pub(crate) fn upsert_conversations<'a, DB: Database>(
+pub(crate) fn upsert_conversations<DB: Database>(
     w: &mut Statements<DB>,
-    states: impl IntoIterator<Item = &'a ConversationState>,
+    states: &[&ConversationState],
 ) where
     for<'t> &'t str: Encode<'t, DB> + Type<DB>,
     for<'t> i64: Encode<'t, DB> + Type<DB>,
@@ -314,11 +370,10 @@ pub(crate) fn upsert_conversations<'a, DB: Database>(
     for<'t> Option<DateTime<Utc>>: Encode<'t, DB> + Type<DB>,
     for<'t> Json<&'t ConversationState>: Encode<'t, DB> + Type<DB>,
 {
-    let mut states = states.into_iter().peekable();
-    if states.peek().is_none() {
+    if states.is_empty() {
         return;
     }
-    let qb = w.statement();
+    let qb = w.statement(states.len() * super::batch::CONVERSATION_BINDS);
     qb.push(
         "INSERT INTO conversations (conversation_id, agent_id, status, last_seq, last_received_at, state) ",
     );
@@ -328,7 +383,7 @@ pub(crate) fn upsert_conversations<'a, DB: Database>(
             .push_bind(s.status.as_deref())
             .push_bind(s.last_seq)
             .push_bind(s.last_received_at)
-            .push_bind(Json(s));
+            .push_bind(Json(*s));
     });
     qb.push(
         " ON CONFLICT (conversation_id) DO UPDATE SET agent_id = excluded.agent_id, \
@@ -350,7 +405,7 @@ pub(crate) fn insert_decisions<DB: Database>(
     if decisions.is_empty() {
         return;
     }
-    let qb = w.statement();
+    let qb = w.statement(decisions.len() * super::batch::DECISION_BINDS);
     qb.push("INSERT INTO match_decisions (event_seq, workflow, matched, reason) ");
     qb.push_values(decisions, |mut row, d| {
         row.push_bind(d.event_seq)
@@ -375,7 +430,7 @@ pub(crate) fn insert_answers<DB: Database>(
         return;
     }
     let now = chrono::Utc::now();
-    let qb = w.statement();
+    let qb = w.statement(answers.len() * super::batch::ANSWER_BINDS);
     qb.push(
         "INSERT INTO setup_answers (event_seq, event_id, workflow, used_fallback, reason, body, lookups, \
          duration_ms, created_at) ",
@@ -412,7 +467,8 @@ pub(crate) fn insert_runs<DB: Database>(
     if runs.is_empty() {
         return;
     }
-    let qb = w.statement();
+    let per_run = super::batch::RUN_BINDS + if lease.is_some() { 2 } else { 0 };
+    let qb = w.statement(runs.len() * per_run);
     qb.push(
         "INSERT INTO runs (run_id, workflow, event_seq, event_id, conversation_id, status, wait_reason, \
          next_attempt_at, context, step_results, created_at, updated_at, trace_context, version",
@@ -580,14 +636,14 @@ macro_rules! append_in_tx {
         // SQLite (one writer) reads which pairs have unfinished runs now, with the rest;
         // PostgreSQL locks them first (store/order.rs), after the plan.
         let order_lock: bool = $order_lock;
-        let mut reads = sql::Statements::<$db>::default();
-        reads.statement().push(sql::LAST_SEQ);
-        sql::candidates(reads.statement(), batch);
+        let mut reads = sql::Statements::<$db>::reads();
+        reads.statement(0).push(sql::LAST_SEQ);
+        sql::candidates(reads.statement(2 * batch.len()), batch);
         if !convs.is_empty() {
-            sql::conversations_of(reads.statement(), &convs);
-            $crate::store::waits::waits_of(reads.statement(), &convs);
+            sql::conversations_of(reads.statement(convs.len()), &convs);
+            $crate::store::waits::waits_of(reads.statement(convs.len()), &convs);
             if !order_lock {
-                $crate::store::order::unfinished_of(reads.statement(), &convs);
+                $crate::store::order::unfinished_of(reads.statement(convs.len()), &convs);
             }
         }
         let mut results = reads.fetch(&mut **tx).await?.into_iter();
@@ -639,13 +695,13 @@ macro_rules! append_in_tx {
         let db_name = <$db as sqlx::Database>::NAME;
         let rows = |binds| batch::rows_per_statement(db_name, binds);
         // One round trip for all of them on SQLite (see [`sql::Statements`]).
-        let mut writes = sql::Statements::<$db>::default();
+        let mut writes = sql::Statements::<$db>::writes();
         for chunk in plan.inserts.chunks(rows(batch::EVENT_BINDS)) {
             sql::insert_events(&mut writes, chunk);
         }
         let conversations: Vec<&ConversationState> = plan.conversations.values().collect();
         for chunk in conversations.chunks(rows(batch::CONVERSATION_BINDS)) {
-            sql::upsert_conversations(&mut writes, chunk.iter().copied());
+            sql::upsert_conversations(&mut writes, chunk);
         }
         for chunk in plan.decisions.chunks(rows(batch::DECISION_BINDS)) {
             sql::insert_decisions(&mut writes, chunk);
@@ -888,9 +944,9 @@ macro_rules! rebuild_in_tx {
             }
         }
         let all: Vec<&ConversationState> = states.values().collect();
-        let mut writes = sql::Statements::<$db>::default();
+        let mut writes = sql::Statements::<$db>::writes();
         for chunk in all.chunks(500) {
-            sql::upsert_conversations(&mut writes, chunk.iter().copied());
+            sql::upsert_conversations(&mut writes, chunk);
         }
         writes.execute(&mut **tx).await?;
         read
