@@ -500,7 +500,16 @@ macro_rules! append_in_tx {
         };
         // Durable waits (store/waits.rs): the waits of these conversations, and their states before the batch.
         let waits = $crate::store::waits::waits_of_batch_in_tx!($db, tx, batch);
-        let states_for_waits = (!waits.is_empty()).then(|| states.clone());
+        // (Only the conversations that have waits are copied and folded again.)
+        let states_for_waits = (!waits.is_empty()).then(|| {
+            let with_waits: std::collections::HashSet<&str> =
+                waits.iter().filter_map(|w| w.conversation_id.as_deref()).collect();
+            states
+                .iter()
+                .filter(|(c, _)| with_waits.contains(c.as_str()))
+                .map(|(c, s)| (c.clone(), s.clone()))
+                .collect::<std::collections::HashMap<_, _>>()
+        });
         let mut plan = batch::plan(batch, existing, last_seq, states, $dispatcher);
         // Per-conversation order (store/order.rs): which new runs are held behind an earlier one.
         $crate::store::order::hold_in_tx!($db, tx, &mut plan.runs, $order_lock);

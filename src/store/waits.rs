@@ -210,48 +210,83 @@ pub(crate) fn first_match(
 
 /// Matches the events of a batch being appended against the waits of their
 /// conversations: `waits` are the unmatched event waits read before the
-/// plan, `states` the conversations' projections before the batch. Returns
-/// the matches to write: (run id, event id, seq).
+/// plan, `states` the conversations' projections before the batch (only
+/// those of conversations with waits are needed). Returns the matches to
+/// write: (run id, event id, seq).
+///
+/// The waits are indexed by (conversation, event type), so each event costs
+/// a hash look-up plus the waits of its own conversation and type: an event
+/// of a conversation nobody waits on costs nothing more, whatever the batch
+/// holds. Only conversations with waits are folded (their state before and
+/// after each event is what `wait_for` compares).
 pub(crate) fn match_batch(
     inserts: &[super::batch::Insert<'_>],
     waits: &[RunWait],
     mut states: std::collections::HashMap<String, super::projection::ConversationState>,
 ) -> Vec<(String, String, i64)> {
+    use std::collections::{HashMap, HashSet};
+
     use super::projection::ConversationState;
     use crate::workflow::matching::EventFacts;
+    use crate::workflow::wait::WaitFor;
     let mut matched: Vec<(String, String, i64)> = Vec::new();
-    let parsed: Vec<Option<crate::workflow::wait::WaitFor>> =
-        waits.iter().map(RunWait::wait_for).collect();
-    for insert in inserts {
-        let env = &insert.event.envelope;
-        let Some(conv) = env.conversation_id.as_ref().map(|c| c.to_string()) else {
+    // (conversation, event type) → its waits; every conversation with a wait.
+    let mut by_key: HashMap<(&str, &str), Vec<(&RunWait, WaitFor)>> = HashMap::new();
+    let mut waiting: HashSet<&str> = HashSet::new();
+    for w in waits {
+        let (Some(conv), Some(event_type), Some(wait_for)) = (
+            w.conversation_id.as_deref(),
+            w.event_type.as_deref(),
+            w.wait_for(),
+        ) else {
             continue;
         };
+        waiting.insert(conv);
+        by_key
+            .entry((conv, event_type))
+            .or_default()
+            .push((w, wait_for));
+    }
+    if by_key.is_empty() {
+        return matched;
+    }
+    let mut done: HashSet<&str> = HashSet::new();
+    for insert in inserts {
+        let env = &insert.event.envelope;
+        let Some(conv) = env.conversation_id.as_ref().map(|c| c.as_str()) else {
+            continue;
+        };
+        if !waiting.contains(conv) {
+            continue;
+        }
         let state = states
-            .entry(conv.clone())
-            .or_insert_with(|| ConversationState::new(conv.as_str()));
+            .entry(conv.to_owned())
+            .or_insert_with(|| ConversationState::new(conv));
+        let candidates: Vec<&(&RunWait, WaitFor)> = by_key
+            .get(&(conv, env.event_type.as_str()))
+            .map(|ws| {
+                ws.iter()
+                    .filter(|(w, _)| w.after_seq < insert.seq && !done.contains(w.run_id.as_str()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if candidates.is_empty() {
+            // Still folded: a later event of the batch is compared with this state.
+            state.apply(insert.seq, env, insert.event.received_at);
+            continue;
+        }
         let before = state.clone();
         state.apply(insert.seq, env, insert.event.received_at);
-        let mut json: Option<Value> = None;
-        for (w, wait_for) in waits.iter().zip(&parsed) {
-            let Some(wait_for) = wait_for else { continue };
-            if w.conversation_id.as_deref() != Some(conv.as_str())
-                || w.event_type.as_deref() != Some(env.event_type.as_str())
-                || w.after_seq >= insert.seq
-                || matched.iter().any(|(r, _, _)| *r == w.run_id)
-            {
-                continue;
-            }
-            let json = json.get_or_insert_with(|| {
-                serde_json::from_slice(&insert.event.raw_body).unwrap_or_default()
-            });
-            let facts = EventFacts {
-                envelope: env,
-                event_json: json,
-                before: Some(&before),
-                after: Some(state),
-            };
+        let json: Value = serde_json::from_slice(&insert.event.raw_body).unwrap_or_default();
+        let facts = EventFacts {
+            envelope: env,
+            event_json: &json,
+            before: Some(&before),
+            after: Some(state),
+        };
+        for (w, wait_for) in candidates {
             if wait_for.matches(&facts) {
+                done.insert(w.run_id.as_str());
                 matched.push((w.run_id.clone(), env.id.to_string(), insert.seq));
             }
         }
@@ -273,6 +308,10 @@ macro_rules! waits_of_batch_in_tx {
         if convs.is_empty() {
             Vec::new()
         } else {
+            let mut types: Vec<&str> = batch.iter().map(|e| e.envelope.event_type.as_str()).collect();
+            types.sort();
+            types.dedup();
+            // Both columns of the partial index `run_waits_by_event`.
             let mut qb = sqlx::QueryBuilder::<$db>::new(format!(
                 "SELECT {} FROM run_waits WHERE matched_seq IS NULL AND kind = 'event' AND conversation_id IN (",
                 $crate::store::waits::WAIT_COLUMNS
@@ -280,6 +319,11 @@ macro_rules! waits_of_batch_in_tx {
             let mut sep = qb.separated(", ");
             for c in &convs {
                 sep.push_bind(c.clone());
+            }
+            qb.push(") AND event_type IN (");
+            let mut sep = qb.separated(", ");
+            for t in &types {
+                sep.push_bind(t.to_string());
             }
             qb.push(")");
             qb.build_query_as::<$crate::store::waits::RunWait>()
@@ -606,3 +650,94 @@ macro_rules! impl_wait_store {
     };
 }
 pub(crate) use impl_wait_store;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::IdempotencyKey;
+    use crate::operator::envelope::Envelope;
+    use crate::store::batch::Insert;
+    use crate::store::model::{NewEvent, Verification};
+
+    fn field_event(id: &str, conv: &str, value: &str) -> NewEvent {
+        let body = serde_json::json!({
+            "id": id,
+            "conversation_id": conv,
+            "payload": {"type": "conversation.custom_fields.updated", "key": "lead_status", "value": value}
+        })
+        .to_string();
+        NewEvent {
+            envelope: Envelope::parse(body.as_bytes()).unwrap(),
+            idempotency_key: IdempotencyKey::parse(id).unwrap(),
+            raw_body: body.into_bytes(),
+            verification: Verification {
+                signed_url: "u".into(),
+                timestamp: "1".into(),
+                signature: "s".into(),
+            },
+            received_at: Utc::now(),
+            span: tracing::Span::none(),
+        }
+    }
+
+    fn wait(run: &str, conv: &str, after_seq: i64, from: &str, to: &str) -> RunWait {
+        let matcher = serde_json::json!({
+            "event": "conversation.custom_fields.updated",
+            "field": "lead_status",
+            "from": [from],
+            "to": [to],
+            "timeout": 60_000
+        });
+        RunWait {
+            run_id: run.into(),
+            step_id: "s".into(),
+            kind: "event".into(),
+            conversation_id: Some(conv.into()),
+            event_type: Some("conversation.custom_fields.updated".into()),
+            after_seq,
+            matcher: matcher.to_string(),
+            started_at: Utc::now(),
+            until_at: Utc::now(),
+            matched_event_id: None,
+            matched_seq: None,
+            matched_at: None,
+        }
+    }
+
+    #[test]
+    fn matches_each_wait_once_against_the_state_before_and_after_its_event() {
+        let events = [
+            field_event("ev_1", "conv_a", "new"),
+            field_event("ev_2", "conv_b", "qualified"),
+            field_event("ev_3", "conv_a", "qualified"), // new → qualified within the batch
+            field_event("ev_4", "conv_a", "new"),
+            field_event("ev_5", "conv_a", "qualified"), // again: run_a has matched already
+            field_event("ev_6", "conv_z", "qualified"), // nobody waits on conv_z
+        ];
+        let inserts: Vec<Insert<'_>> = events
+            .iter()
+            .enumerate()
+            .map(|(i, event)| Insert {
+                event,
+                seq: 10 + i as i64,
+                stream_version: None,
+            })
+            .collect();
+        let waits = vec![
+            wait("run_a", "conv_a", 5, "new", "qualified"),
+            // Only events after its trigger (seq 11, ev_2) count.
+            wait("run_b", "conv_b", 11, "new", "qualified"),
+            // Matches ev_5 only (ev_3 comes before its trigger, seq 13).
+            wait("run_a2", "conv_a", 13, "new", "qualified"),
+            wait("run_c", "conv_c", 5, "new", "qualified"),
+        ];
+        let matched = match_batch(&inserts, &waits, Default::default());
+        assert_eq!(
+            matched,
+            vec![
+                ("run_a".to_owned(), "ev_3".to_owned(), 12),
+                ("run_a2".to_owned(), "ev_5".to_owned(), 14),
+            ]
+        );
+    }
+}
