@@ -311,25 +311,61 @@ pub async fn run(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Resul
     let warm = Duration::from_millis(500);
     let (mut with, mut without) = (Vec::new(), Vec::new());
     let (mut with_samples, mut without_samples) = (Vec::new(), Vec::new());
+    // CPU per event of each round: the server's, and (PostgreSQL) its database's backends'.
+    let (probe_with, probe_without) = (
+        super::cost::Probe::new(backend, &db),
+        super::cost::Probe::new(backend, &base_db),
+    );
+    let (mut cpu_with, mut cpu_without) = (Vec::new(), Vec::new());
     for r in 0..ROUNDS {
         for loaded in if r % 2 == 0 {
             [true, false]
         } else {
             [false, true]
         } {
-            let s = if loaded { &server } else { &empty };
+            let (s, probe) = if loaded {
+                (&server, &probe_with)
+            } else {
+                (&empty, &probe_without)
+            };
             load::max_rate(&ingest(s), ctx.o.connections, warm, None).await;
+            let (srv0, db0) = (server::cpu_seconds(s.pid()), probe.backends().await?);
             let sample = load::max_rate(&ingest(s), ctx.o.connections, round, None).await;
+            let srv = server::cpu_seconds(s.pid()) - srv0;
+            let db_cpu: f64 = probe
+                .backends()
+                .await?
+                .into_iter()
+                .map(|(pid, cpu)| cpu - db0.get(&pid).copied().unwrap_or(0.0))
+                .sum();
+            let per = |v: f64| 1e6 * v / sample.ok.max(1) as f64;
+            let cpu = (per(srv), per(db_cpu));
             if loaded {
                 with.push(sample.rate());
                 with_samples.push(sample);
+                cpu_with.push(cpu);
             } else {
                 without.push(sample.rate());
                 without_samples.push(sample);
+                cpu_without.push(cpu);
             }
         }
     }
     let (m_with, m_without) = (median(&with), median(&without));
+    let cpu = |v: &[(f64, f64)]| {
+        let srv: Vec<f64> = v.iter().map(|c| c.0).collect();
+        let db: Vec<f64> = v.iter().map(|c| c.1).collect();
+        if backend == "sqlite" {
+            format!("server CPU {:.0} µs/event", median(&srv))
+        } else {
+            format!(
+                "server CPU {:.0} + database backends {:.0} µs/event",
+                median(&srv),
+                median(&db)
+            )
+        }
+    };
+    let (cpu_w, cpu_wo) = (cpu(&cpu_with), cpu(&cpu_without));
     let ratio = 100.0 * m_with / m_without.max(1e-9);
     let rounds = |v: &[f64]| {
         v.iter()
@@ -343,7 +379,7 @@ pub async fn run(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Resul
         &median_sample(with_samples),
         server::rss_mb(server.pid()).1,
         format!(
-            "median of {ROUNDS} rounds of {} ({} /s), alternating with the baseline (the same store, its runs finished); custom_fields.updated of the waiting conversations, none matching; latencies: median round",
+            "median of {ROUNDS} rounds of {} ({} /s), alternating with the baseline (the same store, its runs finished); custom_fields.updated of the waiting conversations, none matching; {cpu_w} (medians); latencies: median round",
             humantime::format_duration(round),
             rounds(&with)
         ),
@@ -356,16 +392,17 @@ pub async fn run(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Resul
         &median_sample(without_samples),
         server::rss_mb(empty.pid()).1,
         format!(
-            "median of {ROUNDS} rounds ({} /s); with the waiting runs {ratio:.0} % of this (target ≥ 90 %)",
+            "median of {ROUNDS} rounds ({} /s); {cpu_wo} (medians); with the waiting runs {ratio:.0} % of this (target ≥ 90 %)",
             rounds(&without)
         ),
     );
     row.rate = m_without;
     rows.push(row);
     println!(
-        "waits ({b}): ingest with {waiting:.0} waiting {m_with:.0}/s vs. the same store with its runs finished {m_without:.0}/s = {ratio:.0} % (target ≥ 90 %); rounds {} | {}",
+        "waits ({b}): ingest with {waiting:.0} waiting {m_with:.0}/s vs. the same store with its runs finished {m_without:.0}/s = {ratio:.0} % (target ≥ 90 %); rounds {} | {}; {cpu_w} | {cpu_wo}; load average {}",
         rounds(&with),
-        rounds(&without)
+        rounds(&without),
+        load_average()
     );
     drop(empty);
     drop(server);
