@@ -330,6 +330,7 @@ pub async fn run(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Resul
             };
             load::max_rate(&ingest(s), ctx.o.connections, warm, None).await;
             let (srv0, db0) = (server::cpu_seconds(s.pid()), probe.backends().await?);
+            let sw0 = server::context_switches(s.pid());
             let sample = load::max_rate(&ingest(s), ctx.o.connections, round, None).await;
             let srv = server::cpu_seconds(s.pid()) - srv0;
             let db_cpu: f64 = probe
@@ -338,8 +339,9 @@ pub async fn run(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Resul
                 .into_iter()
                 .map(|(pid, cpu)| cpu - db0.get(&pid).copied().unwrap_or(0.0))
                 .sum();
+            let switches = server::context_switches(s.pid()).saturating_sub(sw0) as f64;
             let per = |v: f64| 1e6 * v / sample.ok.max(1) as f64;
-            let cpu = (per(srv), per(db_cpu));
+            let cpu = (per(srv), per(db_cpu), per(switches) / 1e6);
             if loaded {
                 with.push(sample.rate());
                 with_samples.push(sample);
@@ -352,16 +354,22 @@ pub async fn run(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Resul
         }
     }
     let (m_with, m_without) = (median(&with), median(&without));
-    let cpu = |v: &[(f64, f64)]| {
+    let cpu = |v: &[(f64, f64, f64)]| {
         let srv: Vec<f64> = v.iter().map(|c| c.0).collect();
         let db: Vec<f64> = v.iter().map(|c| c.1).collect();
+        let sw: Vec<f64> = v.iter().map(|c| c.2).collect();
         if backend == "sqlite" {
-            format!("server CPU {:.0} µs/event", median(&srv))
+            format!(
+                "server CPU {:.0} µs/event, {:.1} context switches/event",
+                median(&srv),
+                median(&sw)
+            )
         } else {
             format!(
-                "server CPU {:.0} + database backends {:.0} µs/event",
+                "server CPU {:.0} + database backends {:.0} µs/event, {:.1} server context switches/event",
                 median(&srv),
-                median(&db)
+                median(&db),
+                median(&sw)
             )
         }
     };

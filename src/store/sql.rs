@@ -503,7 +503,7 @@ macro_rules! append_in_tx {
         // (Only the conversations that have waits are copied and folded again.)
         let states_for_waits = (!waits.is_empty()).then(|| {
             let with_waits: std::collections::HashSet<&str> =
-                waits.iter().filter_map(|w| w.conversation_id.as_deref()).collect();
+                waits.iter().map(|w| w.conversation_id.as_str()).collect();
             states
                 .iter()
                 .filter(|(c, _)| with_waits.contains(c.as_str()))

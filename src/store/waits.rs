@@ -208,6 +208,36 @@ pub(crate) fn first_match(
     None
 }
 
+/// An unmatched `wait_for` as the append's matcher reads it.
+#[derive(Clone, Debug, sqlx::FromRow, serde::Deserialize)]
+pub struct PendingWait {
+    pub run_id: String,
+    pub conversation_id: String,
+    pub event_type: String,
+    pub after_seq: i64,
+    /// The `wait_for` as JSON ([`crate::workflow::wait::WaitFor`]).
+    pub matcher: String,
+}
+
+/// [`PendingWait`]s from SQLite's one-row JSON array of
+/// `[run_id, conversation_id, event_type, after_seq, matcher]`.
+pub(crate) fn pending_from_json(rows: &str) -> Result<Vec<PendingWait>, StoreError> {
+    let rows: Vec<(String, String, String, i64, String)> = serde_json::from_str(rows)
+        .map_err(|e| StoreError::Corrupt(format!("waits of a batch: {e}")))?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(run_id, conversation_id, event_type, after_seq, matcher)| PendingWait {
+                run_id,
+                conversation_id,
+                event_type,
+                after_seq,
+                matcher,
+            },
+        )
+        .collect())
+}
+
 /// Matches the events of a batch being appended against the waits of their
 /// conversations: `waits` are the unmatched event waits read before the
 /// plan, `states` the conversations' projections before the batch (only
@@ -221,7 +251,7 @@ pub(crate) fn first_match(
 /// after each event is what `wait_for` compares).
 pub(crate) fn match_batch(
     inserts: &[super::batch::Insert<'_>],
-    waits: &[RunWait],
+    waits: &[PendingWait],
     mut states: std::collections::HashMap<String, super::projection::ConversationState>,
 ) -> Vec<(String, String, i64)> {
     use std::collections::{HashMap, HashSet};
@@ -231,19 +261,15 @@ pub(crate) fn match_batch(
     use crate::workflow::wait::WaitFor;
     let mut matched: Vec<(String, String, i64)> = Vec::new();
     // (conversation, event type) → its waits; every conversation with a wait.
-    let mut by_key: HashMap<(&str, &str), Vec<(&RunWait, WaitFor)>> = HashMap::new();
+    let mut by_key: HashMap<(&str, &str), Vec<(&PendingWait, WaitFor)>> = HashMap::new();
     let mut waiting: HashSet<&str> = HashSet::new();
     for w in waits {
-        let (Some(conv), Some(event_type), Some(wait_for)) = (
-            w.conversation_id.as_deref(),
-            w.event_type.as_deref(),
-            w.wait_for(),
-        ) else {
+        let Ok(wait_for) = serde_json::from_str::<WaitFor>(&w.matcher) else {
             continue;
         };
-        waiting.insert(conv);
+        waiting.insert(&w.conversation_id);
         by_key
-            .entry((conv, event_type))
+            .entry((&w.conversation_id, &w.event_type))
             .or_default()
             .push((w, wait_for));
     }
@@ -262,7 +288,7 @@ pub(crate) fn match_batch(
         let state = states
             .entry(conv.to_owned())
             .or_insert_with(|| ConversationState::new(conv));
-        let candidates: Vec<&(&RunWait, WaitFor)> = by_key
+        let candidates: Vec<&(&PendingWait, WaitFor)> = by_key
             .get(&(conv, env.event_type.as_str()))
             .map(|ws| {
                 ws.iter()
@@ -295,13 +321,20 @@ pub(crate) fn match_batch(
 }
 
 /// Inside the append transaction: the unmatched event waits of the batch's
-/// conversations (one indexed query; nothing when no run waits on them).
+/// conversations and event types (one probe of `run_waits_by_event` per
+/// conversation; nothing when no run waits on them), as [`PendingWait`]s.
+///
+/// On SQLite the rows come back as one JSON array in one row: sqlx hands
+/// each row of a result from its SQLite worker thread to the task over a
+/// channel, so a row per waiting conversation cost a hand-over between
+/// threads per event of the batch (bench `waits`: that, not the index probe,
+/// was most of the extra CPU per event beside 100,000 waiting runs).
 macro_rules! waits_of_batch_in_tx {
     ($db:ty, $tx:expr, $batch:expr) => {{
         let batch: &[$crate::store::model::NewEvent] = $batch;
-        let mut convs: Vec<String> = batch
+        let mut convs: Vec<&str> = batch
             .iter()
-            .filter_map(|e| e.envelope.conversation_id.as_ref().map(|c| c.to_string()))
+            .filter_map(|e| e.envelope.conversation_id.as_ref().map(|c| c.as_str()))
             .collect();
         convs.sort();
         convs.dedup();
@@ -311,24 +344,33 @@ macro_rules! waits_of_batch_in_tx {
             let mut types: Vec<&str> = batch.iter().map(|e| e.envelope.event_type.as_str()).collect();
             types.sort();
             types.dedup();
+            let sqlite = <$db as sqlx::Database>::NAME == "SQLite";
             // Both columns of the partial index `run_waits_by_event`.
-            let mut qb = sqlx::QueryBuilder::<$db>::new(format!(
-                "SELECT {} FROM run_waits WHERE matched_seq IS NULL AND kind = 'event' AND conversation_id IN (",
-                $crate::store::waits::WAIT_COLUMNS
-            ));
+            let mut qb = sqlx::QueryBuilder::<$db>::new(if sqlite {
+                "SELECT json_group_array(json_array(run_id, conversation_id, event_type, after_seq, matcher)) \
+                 FROM run_waits WHERE matched_seq IS NULL AND kind = 'event' AND conversation_id IN ("
+            } else {
+                "SELECT run_id, conversation_id, event_type, after_seq, matcher \
+                 FROM run_waits WHERE matched_seq IS NULL AND kind = 'event' AND conversation_id IN ("
+            });
             let mut sep = qb.separated(", ");
             for c in &convs {
-                sep.push_bind(c.clone());
+                sep.push_bind(*c);
             }
             qb.push(") AND event_type IN (");
             let mut sep = qb.separated(", ");
             for t in &types {
-                sep.push_bind(t.to_string());
+                sep.push_bind(*t);
             }
             qb.push(")");
-            qb.build_query_as::<$crate::store::waits::RunWait>()
-                .fetch_all(&mut **$tx)
-                .await?
+            if sqlite {
+                let rows: String = qb.build_query_scalar().fetch_one(&mut **$tx).await?;
+                $crate::store::waits::pending_from_json(&rows)?
+            } else {
+                qb.build_query_as::<$crate::store::waits::PendingWait>()
+                    .fetch_all(&mut **$tx)
+                    .await?
+            }
         }
     }};
 }
@@ -680,7 +722,7 @@ mod tests {
         }
     }
 
-    fn wait(run: &str, conv: &str, after_seq: i64, from: &str, to: &str) -> RunWait {
+    fn wait(run: &str, conv: &str, after_seq: i64, from: &str, to: &str) -> PendingWait {
         let matcher = serde_json::json!({
             "event": "conversation.custom_fields.updated",
             "field": "lead_status",
@@ -688,20 +730,24 @@ mod tests {
             "to": [to],
             "timeout": 60_000
         });
-        RunWait {
+        PendingWait {
             run_id: run.into(),
-            step_id: "s".into(),
-            kind: "event".into(),
-            conversation_id: Some(conv.into()),
-            event_type: Some("conversation.custom_fields.updated".into()),
+            conversation_id: conv.into(),
+            event_type: "conversation.custom_fields.updated".into(),
             after_seq,
             matcher: matcher.to_string(),
-            started_at: Utc::now(),
-            until_at: Utc::now(),
-            matched_event_id: None,
-            matched_seq: None,
-            matched_at: None,
         }
+    }
+
+    #[test]
+    fn reads_the_pending_waits_of_sqlites_one_row() {
+        let w = pending_from_json(
+            r#"[["run_1","conv_a","conversation.ended",7,"{\"event\":\"conversation.ended\"}"]]"#,
+        )
+        .unwrap();
+        assert_eq!(w.len(), 1);
+        assert_eq!((w[0].run_id.as_str(), w[0].after_seq), ("run_1", 7));
+        assert!(pending_from_json("[]").unwrap().is_empty());
     }
 
     #[test]
