@@ -303,7 +303,12 @@ pub(crate) fn match_batch(
         }
         let before = state.clone();
         state.apply(insert.seq, env, insert.event.received_at);
-        let json: Value = serde_json::from_slice(&insert.event.raw_body).unwrap_or_default();
+        // The body as JSON is read by `when` only: parsed only for a wait that has one.
+        let json: Value = if candidates.iter().any(|(_, w)| w.when.is_some()) {
+            serde_json::from_slice(&insert.event.raw_body).unwrap_or_default()
+        } else {
+            Value::Null
+        };
         let facts = EventFacts {
             envelope: env,
             event_json: &json,
