@@ -102,7 +102,8 @@ impl Probe {
             .collect())
     }
 
-    async fn backends(&self) -> anyhow::Result<HashMap<u32, f64>> {
+    /// CPU seconds so far of each backend serving the database (PostgreSQL; empty on SQLite).
+    pub async fn backends(&self) -> anyhow::Result<HashMap<u32, f64>> {
         match &self.pg {
             Some((_, name)) => self.pids(&format!("datname = '{name}'")).await,
             None => Ok(HashMap::new()),

@@ -28,8 +28,9 @@
 //! (see `destinations.rs`).
 //!
 //! `waits` (not in the default list): `--waits` waiting runs (half `wait`, half `wait_for`)
-//! created through the server; idle CPU and RSS over them, ingest beside them vs. an empty
-//! store, resume latency of `wait_for` and of a short `wait` (see `waits.rs`).
+//! created through the server; idle CPU and RSS over them, ingest beside them vs. the same
+//! store with its runs finished (a copy; PostgreSQL: both `VACUUM ANALYZE`d), resume latency
+//! of `wait_for` and of a short `wait` (see `waits.rs`).
 //!
 //! `outage` (not in the default list): a destination refusing connections for `--outage`
 //! with 1,000 runs queued (`max_attempts: 3`): probes per cool-down, time to drain after the

@@ -5,7 +5,15 @@
 //! Then, on a restarted server over that store: idle CPU and RSS; ingest
 //! of `custom_fields.updated` events for the waiting conversations
 //! (each one is matched against their waits, and does not match) compared
-//! with the same ingest on an empty store; resume latency of `wait_for`
+//! with the same ingest on the baseline ("the figure with no waiting runs"):
+//! a copy of the same store, taken when every run was waiting, whose runs
+//! were then marked finished (`succeeded`) and their `run_waits` rows
+//! deleted, so both stores hold the same events, the same 50,000
+//! conversations and the same number of runs, and differ only in whether
+//! those runs wait. On PostgreSQL both databases are then `VACUUM ANALYZE`d
+//! once (what autovacuum, off on the bench machine, would have done after
+//! the bulk creation; the baseline's update left a dead row per run).
+//! Resume latency of `wait_for`
 //! (matching event's ack → the next step's request at the sink) and of a
 //! short `wait: 2s` (the sink's receipt − (ack + 2 s), so it includes the
 //! run's start as well).
@@ -174,6 +182,20 @@ pub async fn run(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Resul
     ));
     drop(server);
 
+    // The like-for-like baseline for the ingest comparison (see the header).
+    let base_db = finished_copy(backend, &db).await?;
+    if backend != "sqlite" {
+        for url in [&db, &base_db] {
+            let t = Instant::now();
+            vacuum_analyze(url).await?;
+            println!(
+                "  waits ({b}): VACUUM ANALYZE of {} took {:.1} s (autovacuum is off here; a deployment's would have run)",
+                url.rsplit_once('/').map_or(url.as_str(), |(_, n)| n),
+                t.elapsed().as_secs_f64()
+            );
+        }
+    }
+
     // A restarted server over the waiting runs: idle CPU and memory.
     let server = Server::start(&ctx.bin, &db, &wf, ctx.tmp.path(), &[]).await?;
     let waiting = wait_until_waiting(&server, waiting, Duration::from_secs(5), "restarted").await?;
@@ -269,12 +291,12 @@ pub async fn run(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Resul
         ),
     ));
 
-    // Ingest with the waiting runs present vs. on an empty store (same workflows): field
-    // events that reach every wait of the waiting conversations and match none. Both
-    // servers run side by side and are loaded in turns (A B B A …), so the machine's other
-    // load falls on both sides alike; the medians of the rounds are compared.
-    let empty_db = fresh_db(backend, ctx.tmp.path()).await?;
-    let empty = Server::start(&ctx.bin, &empty_db, &wf, ctx.tmp.path(), &[]).await?;
+    // Ingest with the waiting runs present vs. on the same store with those runs finished
+    // (same workflows): field events of the waiting conversations, each reaching that
+    // conversation's `wait_for` and matching none. Both servers run side by side and are
+    // loaded in turns (A B B A …), so the machine's other load falls on both sides alike;
+    // the medians of the rounds are compared.
+    let empty = Server::start(&ctx.bin, &base_db, &wf, ctx.tmp.path(), &[]).await?;
     let ingest = |server: &Server| {
         let c = conv.clone();
         let t = tag();
@@ -289,25 +311,69 @@ pub async fn run(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Resul
     let warm = Duration::from_millis(500);
     let (mut with, mut without) = (Vec::new(), Vec::new());
     let (mut with_samples, mut without_samples) = (Vec::new(), Vec::new());
+    // CPU per event of each round: the server's, and (PostgreSQL) its database's backends'.
+    let (probe_with, probe_without) = (
+        super::cost::Probe::new(backend, &db),
+        super::cost::Probe::new(backend, &base_db),
+    );
+    let (mut cpu_with, mut cpu_without) = (Vec::new(), Vec::new());
     for r in 0..ROUNDS {
         for loaded in if r % 2 == 0 {
             [true, false]
         } else {
             [false, true]
         } {
-            let s = if loaded { &server } else { &empty };
+            let (s, probe) = if loaded {
+                (&server, &probe_with)
+            } else {
+                (&empty, &probe_without)
+            };
             load::max_rate(&ingest(s), ctx.o.connections, warm, None).await;
+            let (srv0, db0) = (server::cpu_seconds(s.pid()), probe.backends().await?);
+            let sw0 = server::context_switches(s.pid());
             let sample = load::max_rate(&ingest(s), ctx.o.connections, round, None).await;
+            let srv = server::cpu_seconds(s.pid()) - srv0;
+            let db_cpu: f64 = probe
+                .backends()
+                .await?
+                .into_iter()
+                .map(|(pid, cpu)| cpu - db0.get(&pid).copied().unwrap_or(0.0))
+                .sum();
+            let switches = server::context_switches(s.pid()).saturating_sub(sw0) as f64;
+            let per = |v: f64| 1e6 * v / sample.ok.max(1) as f64;
+            let cpu = (per(srv), per(db_cpu), per(switches) / 1e6);
             if loaded {
                 with.push(sample.rate());
                 with_samples.push(sample);
+                cpu_with.push(cpu);
             } else {
                 without.push(sample.rate());
                 without_samples.push(sample);
+                cpu_without.push(cpu);
             }
         }
     }
     let (m_with, m_without) = (median(&with), median(&without));
+    let cpu = |v: &[(f64, f64, f64)]| {
+        let srv: Vec<f64> = v.iter().map(|c| c.0).collect();
+        let db: Vec<f64> = v.iter().map(|c| c.1).collect();
+        let sw: Vec<f64> = v.iter().map(|c| c.2).collect();
+        if backend == "sqlite" {
+            format!(
+                "server CPU {:.0} µs/event, {:.1} context switches/event",
+                median(&srv),
+                median(&sw)
+            )
+        } else {
+            format!(
+                "server CPU {:.0} + database backends {:.0} µs/event, {:.1} server context switches/event",
+                median(&srv),
+                median(&db),
+                median(&sw)
+            )
+        }
+    };
+    let (cpu_w, cpu_wo) = (cpu(&cpu_with), cpu(&cpu_without));
     let ratio = 100.0 * m_with / m_without.max(1e-9);
     let rounds = |v: &[f64]| {
         v.iter()
@@ -321,7 +387,7 @@ pub async fn run(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Resul
         &median_sample(with_samples),
         server::rss_mb(server.pid()).1,
         format!(
-            "median of {ROUNDS} rounds of {} ({} /s), alternating with the empty store; custom_fields.updated of the waiting conversations, none matching; latencies: median round",
+            "median of {ROUNDS} rounds of {} ({} /s), alternating with the baseline (the same store, its runs finished); custom_fields.updated of the waiting conversations, none matching; {cpu_w} (medians); latencies: median round",
             humantime::format_duration(round),
             rounds(&with)
         ),
@@ -329,26 +395,110 @@ pub async fn run(ctx: &Ctx, backend: &str, rows: &mut Vec<Row>) -> anyhow::Resul
     row.rate = m_with;
     rows.push(row);
     let mut row = Row::from_sample(
-        "6. waits: ingest, empty store",
+        "6. waits: ingest, same store, runs finished",
         b,
         &median_sample(without_samples),
         server::rss_mb(empty.pid()).1,
         format!(
-            "median of {ROUNDS} rounds ({} /s); with the waiting runs {ratio:.0} % of this (target ≥ 90 %)",
+            "median of {ROUNDS} rounds ({} /s); {cpu_wo} (medians); with the waiting runs {ratio:.0} % of this (target ≥ 90 %)",
             rounds(&without)
         ),
     );
     row.rate = m_without;
     rows.push(row);
     println!(
-        "waits ({b}): ingest with {waiting:.0} waiting {m_with:.0}/s vs. empty {m_without:.0}/s = {ratio:.0} % (target ≥ 90 %); rounds {} | {}",
+        "waits ({b}): ingest with {waiting:.0} waiting {m_with:.0}/s vs. the same store with its runs finished {m_without:.0}/s = {ratio:.0} % (target ≥ 90 %); rounds {} | {}; {cpu_w} | {cpu_wo}; load average {}",
         rounds(&with),
-        rounds(&without)
+        rounds(&without),
+        load_average()
     );
     drop(empty);
     drop(server);
-    drop_db(backend, &empty_db).await;
+    drop_db(backend, &base_db).await;
     drop_db(backend, &db).await;
+    Ok(())
+}
+
+/// A copy of the store `url` (no server on it) whose waiting runs are finished:
+/// status `succeeded`, no wait reason, and no `run_waits` rows. SQLite: the
+/// file is copied after a checkpoint; PostgreSQL: `CREATE DATABASE … TEMPLATE`.
+async fn finished_copy(backend: &str, url: &str) -> anyhow::Result<String> {
+    use sqlx::Connection;
+    let copy = if backend == "sqlite" {
+        let path = url.trim_start_matches("sqlite://");
+        let mut c = sqlx::SqliteConnection::connect(url).await?;
+        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&mut c)
+            .await?;
+        c.close().await?;
+        let copy_path = format!("{path}.finished.db");
+        std::fs::copy(path, &copy_path)?;
+        format!("sqlite://{copy_path}")
+    } else {
+        let mut admin = sqlx::PgConnection::connect(backend).await?;
+        let (_, name) = url
+            .rsplit_once('/')
+            .ok_or_else(|| anyhow::anyhow!("no database in {url}"))?;
+        let copy_name = format!("{name}_fin");
+        // The killed server's sessions may take a moment to go.
+        let mut tries = 0;
+        loop {
+            match sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "CREATE DATABASE {copy_name} TEMPLATE {name}"
+            )))
+            .execute(&mut admin)
+            .await
+            {
+                Ok(_) => break,
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    if tries == 1 {
+                        println!("  waits: copy of {name} not yet possible ({e}); retrying");
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let mut u = reqwest::Url::parse(backend)?;
+        u.set_path(&format!("/{copy_name}"));
+        u.to_string()
+    };
+    let now = chrono::Utc::now();
+    // The same statements on both backends.
+    macro_rules! finish {
+        ($conn:ty) => {{
+            let mut c = <$conn>::connect(&copy).await?;
+            let runs = sqlx::query(
+                "UPDATE runs SET status = 'succeeded', wait_reason = NULL, finished_at = $1, updated_at = $1 \
+                 WHERE status = 'waiting'",
+            )
+            .bind(now)
+            .execute(&mut c)
+            .await?
+            .rows_affected();
+            let waits = sqlx::query("DELETE FROM run_waits")
+                .execute(&mut c)
+                .await?
+                .rows_affected();
+            c.close().await?;
+            println!("  waits: baseline {copy}: {runs} runs marked succeeded, {waits} waits deleted");
+        }};
+    }
+    if backend == "sqlite" {
+        finish!(sqlx::SqliteConnection);
+    } else {
+        finish!(sqlx::PgConnection);
+    }
+    Ok(copy)
+}
+
+/// `VACUUM ANALYZE` of a PostgreSQL database (what autovacuum would do).
+async fn vacuum_analyze(url: &str) -> anyhow::Result<()> {
+    use sqlx::Connection;
+    let mut c = sqlx::PgConnection::connect(url).await?;
+    sqlx::raw_sql("VACUUM ANALYZE").execute(&mut c).await?;
+    c.close().await?;
     Ok(())
 }
 

@@ -633,6 +633,9 @@ macro_rules! append_in_tx {
             })
             .collect();
         let convs = sql::conversation_ids(batch);
+        let mut types: Vec<&str> = batch.iter().map(|e| e.envelope.event_type.as_str()).collect();
+        types.sort_unstable();
+        types.dedup();
         // SQLite (one writer) reads which pairs have unfinished runs now, with the rest;
         // PostgreSQL locks them first (store/order.rs), after the plan.
         let order_lock: bool = $order_lock;
@@ -641,7 +644,7 @@ macro_rules! append_in_tx {
         sql::candidates(reads.statement(2 * batch.len()), batch);
         if !convs.is_empty() {
             sql::conversations_of(reads.statement(convs.len()), &convs);
-            $crate::store::waits::waits_of(reads.statement(convs.len()), &convs);
+            $crate::store::waits::waits_of(reads.statement(convs.len() + types.len()), &convs, &types);
             if !order_lock {
                 $crate::store::order::unfinished_of(reads.statement(convs.len()), &convs);
             }
@@ -668,10 +671,7 @@ macro_rules! append_in_tx {
                     .collect::<Result<Vec<_>, _>>()?,
             );
             // Durable waits (store/waits.rs): the waits of these conversations.
-            let waits = next()
-                .iter()
-                .map(sqlx::FromRow::from_row)
-                .collect::<Result<Vec<$crate::store::waits::RunWait>, _>>()?;
+            let waits = $crate::store::waits::pending_of!($db, next());
             let unfinished = if order_lock {
                 None
             } else {
@@ -684,8 +684,17 @@ macro_rules! append_in_tx {
             };
             (states, waits, unfinished)
         };
-        // The waits' conversations' states before the batch.
-        let states_for_waits = (!waits.is_empty()).then(|| states.clone());
+        // The waits' conversations' states before the batch (only those with waits
+        // are copied and folded again).
+        let states_for_waits = (!waits.is_empty()).then(|| {
+            let with_waits: std::collections::HashSet<&str> =
+                waits.iter().map(|w| w.conversation_id.as_str()).collect();
+            states
+                .iter()
+                .filter(|(c, _)| with_waits.contains(c.as_str()))
+                .map(|(c, s)| (c.clone(), s.clone()))
+                .collect::<std::collections::HashMap<_, _>>()
+        });
         let mut plan = batch::plan(batch, existing, last_seq, states, $dispatcher);
         // Per-conversation order (store/order.rs): which new runs are held behind an earlier one.
         $crate::store::order::hold_in_tx!($db, tx, &mut plan.runs, order_lock, unfinished);

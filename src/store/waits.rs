@@ -208,50 +208,116 @@ pub(crate) fn first_match(
     None
 }
 
+/// An unmatched `wait_for` as the append's matcher reads it.
+#[derive(Clone, Debug, sqlx::FromRow, serde::Deserialize)]
+pub struct PendingWait {
+    pub run_id: String,
+    pub conversation_id: String,
+    pub event_type: String,
+    pub after_seq: i64,
+    /// The `wait_for` as JSON ([`crate::workflow::wait::WaitFor`]).
+    pub matcher: String,
+}
+
+/// [`PendingWait`]s from SQLite's one-row JSON array of
+/// `[run_id, conversation_id, event_type, after_seq, matcher]`.
+pub(crate) fn pending_from_json(rows: &str) -> Result<Vec<PendingWait>, StoreError> {
+    let rows: Vec<(String, String, String, i64, String)> = serde_json::from_str(rows)
+        .map_err(|e| StoreError::Corrupt(format!("waits of a batch: {e}")))?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(run_id, conversation_id, event_type, after_seq, matcher)| PendingWait {
+                run_id,
+                conversation_id,
+                event_type,
+                after_seq,
+                matcher,
+            },
+        )
+        .collect())
+}
+
 /// Matches the events of a batch being appended against the waits of their
 /// conversations: `waits` are the unmatched event waits read before the
-/// plan, `states` the conversations' projections before the batch. Returns
-/// the matches to write: (run id, event id, seq).
+/// plan, `states` the conversations' projections before the batch (only
+/// those of conversations with waits are needed). Returns the matches to
+/// write: (run id, event id, seq).
+///
+/// The waits are indexed by (conversation, event type), so each event costs
+/// a hash look-up plus the waits of its own conversation and type: an event
+/// of a conversation nobody waits on costs nothing more, whatever the batch
+/// holds. Only conversations with waits are folded (their state before and
+/// after each event is what `wait_for` compares).
 pub(crate) fn match_batch(
     inserts: &[super::batch::Insert<'_>],
-    waits: &[RunWait],
+    waits: &[PendingWait],
     mut states: std::collections::HashMap<String, super::projection::ConversationState>,
 ) -> Vec<(String, String, i64)> {
+    use std::collections::{HashMap, HashSet};
+
     use super::projection::ConversationState;
     use crate::workflow::matching::EventFacts;
+    use crate::workflow::wait::WaitFor;
     let mut matched: Vec<(String, String, i64)> = Vec::new();
-    let parsed: Vec<Option<crate::workflow::wait::WaitFor>> =
-        waits.iter().map(RunWait::wait_for).collect();
-    for insert in inserts {
-        let env = &insert.event.envelope;
-        let Some(conv) = env.conversation_id.as_ref().map(|c| c.to_string()) else {
+    // (conversation, event type) → its waits; every conversation with a wait.
+    let mut by_key: HashMap<(&str, &str), Vec<(&PendingWait, WaitFor)>> = HashMap::new();
+    let mut waiting: HashSet<&str> = HashSet::new();
+    for w in waits {
+        let Ok(wait_for) = serde_json::from_str::<WaitFor>(&w.matcher) else {
             continue;
         };
+        waiting.insert(&w.conversation_id);
+        by_key
+            .entry((&w.conversation_id, &w.event_type))
+            .or_default()
+            .push((w, wait_for));
+    }
+    if by_key.is_empty() {
+        return matched;
+    }
+    let mut done: HashSet<&str> = HashSet::new();
+    for insert in inserts {
+        let env = &insert.event.envelope;
+        let Some(conv) = env.conversation_id.as_ref().map(|c| c.as_str()) else {
+            continue;
+        };
+        if !waiting.contains(conv) {
+            continue;
+        }
         let state = states
-            .entry(conv.clone())
-            .or_insert_with(|| ConversationState::new(conv.as_str()));
+            .entry(conv.to_owned())
+            .or_insert_with(|| ConversationState::new(conv));
+        let candidates: Vec<&(&PendingWait, WaitFor)> = by_key
+            .get(&(conv, env.event_type.as_str()))
+            .map(|ws| {
+                ws.iter()
+                    .filter(|(w, _)| w.after_seq < insert.seq && !done.contains(w.run_id.as_str()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if candidates.is_empty() {
+            // Still folded: a later event of the batch is compared with this state.
+            state.apply(insert.seq, env, insert.event.received_at);
+            continue;
+        }
         let before = state.clone();
         state.apply(insert.seq, env, insert.event.received_at);
-        let mut json: Option<Value> = None;
-        for (w, wait_for) in waits.iter().zip(&parsed) {
-            let Some(wait_for) = wait_for else { continue };
-            if w.conversation_id.as_deref() != Some(conv.as_str())
-                || w.event_type.as_deref() != Some(env.event_type.as_str())
-                || w.after_seq >= insert.seq
-                || matched.iter().any(|(r, _, _)| *r == w.run_id)
-            {
-                continue;
-            }
-            let json = json.get_or_insert_with(|| {
-                serde_json::from_slice(&insert.event.raw_body).unwrap_or_default()
-            });
-            let facts = EventFacts {
-                envelope: env,
-                event_json: json,
-                before: Some(&before),
-                after: Some(state),
-            };
+        // The body as JSON is read by `when` only: parsed only for a wait that has one.
+        let json: Value = if candidates.iter().any(|(_, w)| w.when.is_some()) {
+            serde_json::from_slice(&insert.event.raw_body).unwrap_or_default()
+        } else {
+            Value::Null
+        };
+        let facts = EventFacts {
+            envelope: env,
+            event_json: &json,
+            before: Some(&before),
+            after: Some(state),
+        };
+        for (w, wait_for) in candidates {
             if wait_for.matches(&facts) {
+                done.insert(w.run_id.as_str());
                 matched.push((w.run_id.clone(), env.id.to_string(), insert.seq));
             }
         }
@@ -259,17 +325,56 @@ pub(crate) fn match_batch(
     matched
 }
 
-/// Selects the unmatched `wait_for`s of conversations `ids` (not empty),
-/// read inside the append transaction with the other reads of its plan.
-pub(crate) fn waits_of<DB: sqlx::Database>(qb: &mut sqlx::QueryBuilder<DB>, ids: &[&str])
-where
+/// Selects the unmatched event waits of conversations `ids` (not empty) and
+/// event types `types`, read inside the append transaction with the other
+/// reads of its plan (one probe of `run_waits_by_event` per conversation),
+/// as [`PendingWait`]s ([`pending_of`]).
+///
+/// On SQLite the rows come back as one JSON array in one row: sqlx hands
+/// each row of a result from its SQLite worker thread to the task over a
+/// channel, so a row per waiting conversation cost a hand-over between
+/// threads per event of the batch (bench `waits`: that, not the index probe,
+/// was most of the extra CPU per event beside 100,000 waiting runs).
+pub(crate) fn waits_of<DB: sqlx::Database>(
+    qb: &mut sqlx::QueryBuilder<DB>,
+    ids: &[&str],
+    types: &[&str],
+) where
     for<'t> &'t str: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
 {
-    qb.push(format!(
-        "SELECT {WAIT_COLUMNS} FROM run_waits WHERE matched_seq IS NULL AND kind = 'event' AND conversation_id IN "
-    ));
+    // Both columns of the partial index `run_waits_by_event`.
+    qb.push(if DB::NAME == "SQLite" {
+        "SELECT json_group_array(json_array(run_id, conversation_id, event_type, after_seq, matcher)) \
+         FROM run_waits WHERE matched_seq IS NULL AND kind = 'event' AND conversation_id IN "
+    } else {
+        "SELECT run_id, conversation_id, event_type, after_seq, matcher \
+         FROM run_waits WHERE matched_seq IS NULL AND kind = 'event' AND conversation_id IN "
+    });
     super::sql::push_list(qb, ids.iter().copied());
+    qb.push(" AND event_type IN ");
+    super::sql::push_list(qb, types.iter().copied());
 }
+
+/// The [`PendingWait`]s of [`waits_of`]'s rows on `$db`.
+macro_rules! pending_of {
+    ($db:ty, $rows:expr) => {{
+        let rows: Vec<<$db as sqlx::Database>::Row> = $rows;
+        if <$db as sqlx::Database>::NAME == "SQLite" {
+            match rows.first() {
+                Some(row) => $crate::store::waits::pending_from_json(&sqlx::Row::try_get::<
+                    String,
+                    _,
+                >(row, 0)?)?,
+                None => Vec::new(),
+            }
+        } else {
+            rows.iter()
+                .map(sqlx::FromRow::from_row)
+                .collect::<Result<Vec<$crate::store::waits::PendingWait>, _>>()?
+        }
+    }};
+}
+pub(crate) use pending_of;
 
 /// Inside the append transaction, after the events are inserted: marks the
 /// waits they match and makes those runs due now. Returns how many resumed.
@@ -587,3 +692,98 @@ macro_rules! impl_wait_store {
     };
 }
 pub(crate) use impl_wait_store;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::IdempotencyKey;
+    use crate::operator::envelope::Envelope;
+    use crate::store::batch::Insert;
+    use crate::store::model::{NewEvent, Verification};
+
+    fn field_event(id: &str, conv: &str, value: &str) -> NewEvent {
+        let body = serde_json::json!({
+            "id": id,
+            "conversation_id": conv,
+            "payload": {"type": "conversation.custom_fields.updated", "key": "lead_status", "value": value}
+        })
+        .to_string();
+        NewEvent {
+            envelope: Envelope::parse(body.as_bytes()).unwrap(),
+            idempotency_key: IdempotencyKey::parse(id).unwrap(),
+            raw_body: body.into_bytes(),
+            verification: Verification {
+                signed_url: "u".into(),
+                timestamp: "1".into(),
+                signature: "s".into(),
+            },
+            received_at: Utc::now(),
+            span: tracing::Span::none(),
+        }
+    }
+
+    fn wait(run: &str, conv: &str, after_seq: i64, from: &str, to: &str) -> PendingWait {
+        let matcher = serde_json::json!({
+            "event": "conversation.custom_fields.updated",
+            "field": "lead_status",
+            "from": [from],
+            "to": [to],
+            "timeout": 60_000
+        });
+        PendingWait {
+            run_id: run.into(),
+            conversation_id: conv.into(),
+            event_type: "conversation.custom_fields.updated".into(),
+            after_seq,
+            matcher: matcher.to_string(),
+        }
+    }
+
+    #[test]
+    fn reads_the_pending_waits_of_sqlites_one_row() {
+        let w = pending_from_json(
+            r#"[["run_1","conv_a","conversation.ended",7,"{\"event\":\"conversation.ended\"}"]]"#,
+        )
+        .unwrap();
+        assert_eq!(w.len(), 1);
+        assert_eq!((w[0].run_id.as_str(), w[0].after_seq), ("run_1", 7));
+        assert!(pending_from_json("[]").unwrap().is_empty());
+    }
+
+    #[test]
+    fn matches_each_wait_once_against_the_state_before_and_after_its_event() {
+        let events = [
+            field_event("ev_1", "conv_a", "new"),
+            field_event("ev_2", "conv_b", "qualified"),
+            field_event("ev_3", "conv_a", "qualified"), // new → qualified within the batch
+            field_event("ev_4", "conv_a", "new"),
+            field_event("ev_5", "conv_a", "qualified"), // again: run_a has matched already
+            field_event("ev_6", "conv_z", "qualified"), // nobody waits on conv_z
+        ];
+        let inserts: Vec<Insert<'_>> = events
+            .iter()
+            .enumerate()
+            .map(|(i, event)| Insert {
+                event,
+                seq: 10 + i as i64,
+                stream_version: None,
+            })
+            .collect();
+        let waits = vec![
+            wait("run_a", "conv_a", 5, "new", "qualified"),
+            // Only events after its trigger (seq 11, ev_2) count.
+            wait("run_b", "conv_b", 11, "new", "qualified"),
+            // Matches ev_5 only (ev_3 comes before its trigger, seq 13).
+            wait("run_a2", "conv_a", 13, "new", "qualified"),
+            wait("run_c", "conv_c", 5, "new", "qualified"),
+        ];
+        let matched = match_batch(&inserts, &waits, Default::default());
+        assert_eq!(
+            matched,
+            vec![
+                ("run_a".to_owned(), "ev_3".to_owned(), 12),
+                ("run_a2".to_owned(), "ev_5".to_owned(), 14),
+            ]
+        );
+    }
+}
