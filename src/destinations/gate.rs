@@ -679,6 +679,11 @@ impl Gate {
     ) -> Result<Permit, (DateTime<Utc>, HoldReason)> {
         let now = Utc::now();
         let limits = dest.limits;
+        // The shared gate orders the held runs of a destination with a rate or a cap
+        // (in its queue, read in the admission's transaction): this process's queue
+        // does not know which of its runs another instance has let through since.
+        let shared_queue =
+            self.inner.shared.is_some() && (limits.rate.is_some() || limits.concurrency.is_some());
         let hold = {
             let mut states = self.inner.states.lock().expect("gate state");
             let s = states.entry(dest.name.clone()).or_default();
@@ -696,8 +701,10 @@ impl Gate {
                 if let Verdict::Hold(until) = verdict {
                     break 'hold Some((until, HoldReason::CircuitOpen));
                 }
-                // Oldest first: a run waits behind an older held run whose turn has come.
+                // Oldest first: a run waits behind an older held run whose turn has come
+                // (with the shared gate, in its queue instead: see `shared_queue` above).
                 if let Some(r) = run
+                    && !shared_queue
                     && let Some((turn, reason)) = older_turn(&mut s.queue, &limits, r, now)
                 {
                     break 'hold Some((turn.max(now), reason));
