@@ -215,26 +215,13 @@ fn dispatch_span(event: &NewEvent, decisions: &[super::model::DispatchDecision])
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::IdempotencyKey;
-    use crate::operator::envelope::Envelope;
-    use crate::store::model::{NoWorkflows, Verification};
+    use crate::store::model::NoWorkflows;
 
     fn new_event(id: &str, key: &str) -> NewEvent {
         let body = format!(
             r#"{{"id":"{id}","conversation_id":"conv_1","payload":{{"type":"conversation.ended","status":"completed"}}}}"#
         );
-        NewEvent {
-            envelope: Envelope::parse(body.as_bytes()).unwrap(),
-            idempotency_key: IdempotencyKey::parse(key).unwrap(),
-            raw_body: body.into_bytes(),
-            verification: Verification {
-                signed_url: "u".into(),
-                timestamp: "1".into(),
-                signature: "s".into(),
-            },
-            received_at: chrono::Utc::now(),
-            span: tracing::Span::none(),
-        }
+        NewEvent::of_body(body, key)
     }
 
     #[test]

@@ -35,6 +35,25 @@ pub struct NewEvent {
     pub span: tracing::Span,
 }
 
+#[cfg(test)]
+impl NewEvent {
+    /// A delivery of `body` (a test's own), received now under idempotency key `key`.
+    pub(crate) fn of_body(body: String, key: &str) -> Self {
+        NewEvent {
+            envelope: Envelope::parse(body.as_bytes()).unwrap(),
+            idempotency_key: IdempotencyKey::parse(key).unwrap(),
+            raw_body: body.into_bytes(),
+            verification: Verification {
+                signed_url: "u".into(),
+                timestamp: "1".into(),
+                signature: "s".into(),
+            },
+            received_at: Utc::now(),
+            span: tracing::Span::none(),
+        }
+    }
+}
+
 /// A short reference to a stored event.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EventRef {

@@ -696,10 +696,8 @@ pub(crate) use impl_wait_store;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::IdempotencyKey;
-    use crate::operator::envelope::Envelope;
     use crate::store::batch::Insert;
-    use crate::store::model::{NewEvent, Verification};
+    use crate::store::model::NewEvent;
 
     fn field_event(id: &str, conv: &str, value: &str) -> NewEvent {
         let body = serde_json::json!({
@@ -708,18 +706,7 @@ mod tests {
             "payload": {"type": "conversation.custom_fields.updated", "key": "lead_status", "value": value}
         })
         .to_string();
-        NewEvent {
-            envelope: Envelope::parse(body.as_bytes()).unwrap(),
-            idempotency_key: IdempotencyKey::parse(id).unwrap(),
-            raw_body: body.into_bytes(),
-            verification: Verification {
-                signed_url: "u".into(),
-                timestamp: "1".into(),
-                signature: "s".into(),
-            },
-            received_at: Utc::now(),
-            span: tracing::Span::none(),
-        }
+        NewEvent::of_body(body, id)
     }
 
     fn wait(run: &str, conv: &str, after_seq: i64, from: &str, to: &str) -> PendingWait {
