@@ -93,8 +93,7 @@ pub fn unfinished_of_conversations_pg(n: usize) -> String {
 }
 
 /// SQLite: the (workflow, conversation) pairs with an unfinished original
-/// run among conversations `ids` (not empty), read with the append's other
-/// reads (one writer: nothing changes them before the plan is written).
+/// run among conversations `ids` (not empty).
 pub(crate) fn unfinished_of<DB: sqlx::Database>(qb: &mut sqlx::QueryBuilder<DB>, ids: &[&str])
 where
     for<'t> &'t str: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
@@ -106,50 +105,50 @@ where
     super::sql::push_list(qb, ids.iter().copied());
 }
 
-/// Inside the append transaction, before the runs are inserted: marks the
-/// held runs of `$runs` ([`hold_new_runs`]) given which pairs have unfinished
-/// runs: `$read` if they were read already ([`unfinished_of`], SQLite), or
-/// else locked (`$lock`) and read here, one probe per conversation (PostgreSQL).
+/// Inside the append transaction, before the runs are inserted: locks the
+/// ordered pairs (`$lock`: PostgreSQL), reads which have unfinished runs,
+/// and marks the held runs of `$runs` ([`hold_new_runs`]).
 macro_rules! hold_in_tx {
-    ($db:ty, $tx:expr, $runs:expr, $lock:expr, $read:expr) => {{
+    ($db:ty, $tx:expr, $runs:expr, $lock:expr) => {{
         let runs: &mut [$crate::store::model::NewRun] = $runs;
         let keys = $crate::store::order::keys(runs);
         if !keys.is_empty() {
-            let read: Option<std::collections::HashSet<(String, String)>> = $read;
-            let unfinished = match read {
-                Some(unfinished) => unfinished,
-                None => {
-                    let lock: bool = $lock;
-                    // Binds per statement stay far under both limits: a batch is at most
-                    // 256 events; chunks of 1000 pairs.
-                    for chunk in keys.chunks(1000) {
-                        if lock {
-                            let mut qb = sqlx::QueryBuilder::<$db>::new(
-                                "SELECT pg_advisory_xact_lock(hashtext(k.w), hashtext(k.c)) FROM (",
-                            );
-                            qb.push_values(chunk, |mut row, (w, c)| {
-                                row.push_bind(w.as_str()).push_bind(c.as_str());
-                            });
-                            qb.push(") AS k(w, c)");
-                            qb.build().execute(&mut **$tx).await?;
-                        }
-                    }
-                    let mut convs: Vec<&str> = keys.iter().map(|(_, c)| c.as_str()).collect();
-                    convs.sort();
-                    convs.dedup();
-                    let mut unfinished = std::collections::HashSet::new();
-                    for chunk in convs.chunks(1000) {
-                        let sql = $crate::store::order::unfinished_of_conversations_pg(chunk.len());
-                        let mut q =
-                            sqlx::query_as::<$db, (String, String)>(sqlx::AssertSqlSafe(sql));
-                        for c in chunk {
-                            q = q.bind(*c);
-                        }
-                        unfinished.extend(q.fetch_all(&mut **$tx).await?);
-                    }
-                    unfinished
+            let lock: bool = $lock;
+            // Binds per statement stay far under both limits: a batch is at most
+            // 256 events; chunks of 1000 pairs.
+            for chunk in keys.chunks(1000) {
+                if lock {
+                    let mut qb = sqlx::QueryBuilder::<$db>::new(
+                        "SELECT pg_advisory_xact_lock(hashtext(k.w), hashtext(k.c)) FROM (",
+                    );
+                    qb.push_values(chunk, |mut row, (w, c)| {
+                        row.push_bind(w.as_str()).push_bind(c.as_str());
+                    });
+                    qb.push(") AS k(w, c)");
+                    qb.build().execute(&mut **$tx).await?;
                 }
-            };
+            }
+            let mut convs: Vec<&str> = keys.iter().map(|(_, c)| c.as_str()).collect();
+            convs.sort();
+            convs.dedup();
+            let mut unfinished: std::collections::HashSet<(String, String)> =
+                std::collections::HashSet::new();
+            for chunk in convs.chunks(1000) {
+                let rows: Vec<(String, String)> = if lock {
+                    // PostgreSQL (the backend that locks): one probe per conversation.
+                    let sql = $crate::store::order::unfinished_of_conversations_pg(chunk.len());
+                    let mut q = sqlx::query_as::<$db, (String, String)>(sqlx::AssertSqlSafe(sql));
+                    for c in chunk {
+                        q = q.bind(*c);
+                    }
+                    q.fetch_all(&mut **$tx).await?
+                } else {
+                    let mut qb = sqlx::QueryBuilder::<$db>::new("");
+                    $crate::store::order::unfinished_of(&mut qb, chunk);
+                    qb.build_query_as().fetch_all(&mut **$tx).await?
+                };
+                unfinished.extend(rows);
+            }
             $crate::store::order::hold_new_runs(runs, &unfinished);
         }
     }};

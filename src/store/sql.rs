@@ -636,18 +636,12 @@ macro_rules! append_in_tx {
         let mut types: Vec<&str> = batch.iter().map(|e| e.envelope.event_type.as_str()).collect();
         types.sort_unstable();
         types.dedup();
-        // SQLite (one writer) reads which pairs have unfinished runs now, with the rest;
-        // PostgreSQL locks them first (store/order.rs), after the plan.
-        let order_lock: bool = $order_lock;
         let mut reads = sql::Statements::<$db>::reads();
         reads.statement(0).push(sql::LAST_SEQ);
         sql::candidates(reads.statement(2 * batch.len()), batch);
         if !convs.is_empty() {
             sql::conversations_of(reads.statement(convs.len()), &convs);
             $crate::store::waits::waits_of(reads.statement(convs.len() + types.len()), &convs, &types);
-            if !order_lock {
-                $crate::store::order::unfinished_of(reads.statement(convs.len()), &convs);
-            }
         }
         let mut results = reads.fetch(&mut **tx).await?.into_iter();
         let mut next = || results.next().unwrap_or_default();
@@ -661,8 +655,8 @@ macro_rules! append_in_tx {
             .collect::<Result<Vec<sql::CandidateRow>, _>>()?;
         let existing = sql::existing(batch, rows, cutoff);
         drop(dedupe);
-        let (states, waits, unfinished) = if convs.is_empty() {
-            (Default::default(), Vec::new(), None)
+        let (states, waits) = if convs.is_empty() {
+            (Default::default(), Vec::new())
         } else {
             let states = sql::by_conversation(
                 next()
@@ -672,17 +666,7 @@ macro_rules! append_in_tx {
             );
             // Durable waits (store/waits.rs): the waits of these conversations.
             let waits = $crate::store::waits::pending_of!($db, next());
-            let unfinished = if order_lock {
-                None
-            } else {
-                Some(
-                    next()
-                        .iter()
-                        .map(sqlx::FromRow::from_row)
-                        .collect::<Result<std::collections::HashSet<(String, String)>, _>>()?,
-                )
-            };
-            (states, waits, unfinished)
+            (states, waits)
         };
         // The waits' conversations' states before the batch (only those with waits
         // are copied and folded again).
@@ -697,7 +681,7 @@ macro_rules! append_in_tx {
         });
         let mut plan = batch::plan(batch, existing, last_seq, states, $dispatcher);
         // Per-conversation order (store/order.rs): which new runs are held behind an earlier one.
-        $crate::store::order::hold_in_tx!($db, tx, &mut plan.runs, order_lock, unfinished);
+        $crate::store::order::hold_in_tx!($db, tx, &mut plan.runs, $order_lock);
         // Each multi-row insert is cut into statements under the database's
         // bind-parameter limit (a batch of 256 events each matching many
         // workflows would pass it), all in the same transaction.
