@@ -164,7 +164,7 @@ macro_rules! impl_run_store {
             /// UPDATE then its attempt's INSERT (written only if the UPDATE matched:
             /// `changes()`), then the release of the runs held behind those that end.
             /// One round trip to the connection's thread instead of up to three per
-            /// save (see [`crate::store::sql::Writes`]).
+            /// save (see [`crate::store::sql::Statements`]).
             async fn save_joined_in_tx(
                 tx: &mut sqlx::Transaction<'static, $db>,
                 saves: &[$crate::store::runs::Save],
